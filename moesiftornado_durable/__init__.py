@@ -1,0 +1,26 @@
+"""Durable, disk-spooled Moesif API analytics for Tornado: no event is lost once it has been logged."""
+
+__version__ = "0.1.0"
+
+from .config import Config  # noqa: E402
+from .errors import (  # noqa: E402
+    AuthError,
+    ConfigError,
+    DeliveryError,
+    MoesifDurableError,
+    PermanentError,
+    RetryableError,
+)
+from .middleware import MoesifMiddleware  # noqa: E402
+
+__all__ = [
+    "AuthError",
+    "Config",
+    "ConfigError",
+    "DeliveryError",
+    "MoesifDurableError",
+    "MoesifMiddleware",
+    "PermanentError",
+    "RetryableError",
+    "__version__",
+]

@@ -1,0 +1,295 @@
+"""Turn a finished Tornado request into a Moesif event (a plain dict in the ingestion API's shape).
+
+`capture_event` is pure: it reads the handler and calls the user's callables, and does no I/O. It fixes
+what moesiftornado 0.1.4 gets wrong: true request/response times, repeated headers kept, the response
+body captured (through `ResponseBodyCapture`), client IPs incl. IPv6, JSON bodies sent as JSON, and a
+`transaction_id` assigned once so Moesif can deduplicate resends. Masking happens here, before the
+event reaches the spool.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import gzip
+import ipaddress
+import json
+import logging
+import uuid
+import zlib
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
+
+from tornado.httputil import HTTPHeaders, HTTPServerRequest
+from tornado.web import OutputTransform
+
+from .config import Config, Handler
+
+logger = logging.getLogger("moesiftornado_durable")
+
+Event = Dict[str, Any]
+
+_CAPTURE_ATTRIBUTE = "_moesiftornado_durable_body"
+
+# Headers a proxy may set with the original client address, in the order they are trusted.
+_CLIENT_IP_HEADERS = (
+    "X-Client-Ip",
+    "X-Forwarded-For",
+    "Cf-Connecting-Ip",
+    "Fastly-Client-Ip",
+    "True-Client-Ip",
+    "X-Real-Ip",
+    "X-Cluster-Client-Ip",
+    "X-Forwarded",
+    "Forwarded-For",
+    "Forwarded",
+)
+
+
+def capture_event(handler: Handler, config: Config, finished_at: float) -> Optional[Event]:
+    """Build the Moesif event for `handler`'s finished request, or None when SKIP says so.
+
+    `finished_at` is the wall-clock time the response finished (`time.time()` when Tornado calls
+    log_function); the request's start is derived from Tornado's own `request_time()`.
+    """
+    if config.skip is not None and _call_user("SKIP", config.skip, handler):
+        return None
+    request: HTTPServerRequest = handler.request
+    started_at = finished_at - request.request_time()
+    request_headers = join_headers(request.headers)
+    response_headers = join_headers(getattr(handler, "_headers", None))
+    event: Event = {
+        "request": {
+            "time": format_time(started_at),
+            "uri": request.full_url(),
+            "verb": request.method,
+            "api_version": _api_version(handler, config),
+            "ip_address": client_ip(request),
+            "headers": request_headers,
+        },
+        "response": {
+            "time": format_time(finished_at),
+            "status": handler.get_status(),
+            "headers": response_headers,
+        },
+        "user_id": _as_text(_call_user("IDENTIFY_USER", config.identify_user, handler)),
+        "company_id": _as_text(_call_user("IDENTIFY_COMPANY", config.identify_company, handler)),
+        "session_token": _as_text(_call_user("GET_SESSION_TOKEN", config.get_session_token, handler)),
+        "metadata": _call_user("GET_METADATA", config.get_metadata, handler),
+        "direction": "Incoming",
+        "weight": 1,
+        "transaction_id": str(uuid.uuid4()),
+    }
+    if config.log_body:
+        raw_request = _decoded(request.body or b"", request.headers.get("Content-Encoding"), config.max_body_bytes)
+        _set_body(event["request"], raw_request, config.max_body_bytes)
+        captured: Optional[ResponseBodyCapture] = getattr(request, _CAPTURE_ATTRIBUTE, None)
+        if captured is not None:
+            _set_body(event["response"], captured.body(), config.max_body_bytes)
+    if config.mask_event_model is not None:
+        return mask_event(event, config)
+    return event
+
+
+def mask_event(event: Event, config: Config) -> Optional[Event]:
+    """Apply MASK_EVENT_MODEL to the event as a moesifapi `EventModel`, as moesiftornado does.
+
+    A mask that returns None drops the event (the original's behaviour). A mask that raises must not
+    let unmasked data reach the disk: the event is kept with its headers and bodies removed.
+    """
+    from moesifapi.models import BaseModel, EventModel
+
+    assert config.mask_event_model is not None
+    transaction_id = event["transaction_id"]
+    try:
+        masked = config.mask_event_model(EventModel.from_dictionary(event))
+    except Exception:
+        logger.exception("MASK_EVENT_MODEL raised; the event is kept with headers and bodies removed")
+        for part in ("request", "response"):
+            for field in ("headers", "body", "transfer_encoding"):
+                event[part].pop(field, None)
+        return event
+    if masked is None:
+        return None
+    result = masked.to_dictionary() if isinstance(masked, BaseModel) else masked
+    if not isinstance(result, dict):
+        logger.error("MASK_EVENT_MODEL returned %s, not an EventModel; the event is dropped", type(masked).__name__)
+        return None
+    result.setdefault("transaction_id", transaction_id)
+    result["transaction_id"] = result["transaction_id"] or transaction_id
+    return _drop_nulls(result)
+
+
+def format_time(timestamp: float) -> str:
+    """ISO 8601 in UTC without offset, to the microsecond, as Moesif's Python SDKs send it."""
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def join_headers(headers: Optional[HTTPHeaders]) -> Dict[str, str]:
+    """All headers as a dict; a repeated header keeps every value, joined with ', '."""
+    joined: Dict[str, str] = {}
+    if headers is None:
+        return joined
+    for name, value in headers.get_all():
+        joined[name] = f"{joined[name]}, {value}" if name in joined else str(value)
+    return joined
+
+
+def client_ip(request: HTTPServerRequest) -> Optional[str]:
+    """The client's address from the usual proxy headers (IPv4 or IPv6), else the peer address."""
+    for header in _CLIENT_IP_HEADERS:
+        value = request.headers.get(header)
+        if not value:
+            continue
+        for candidate in _ip_candidates(header, value):
+            address = parse_ip(candidate)
+            if address is not None:
+                return address
+    return request.remote_ip
+
+
+def _ip_candidates(header: str, value: str) -> Iterator[str]:
+    for part in value.split(","):
+        if header == "Forwarded":
+            for pair in part.split(";"):
+                name, _, found = pair.partition("=")
+                if name.strip().lower() == "for":
+                    yield found
+        else:
+            yield part
+
+
+def parse_ip(text: str) -> Optional[str]:
+    """An IP address from a header token ('1.2.3.4', '1.2.3.4:80', '[::1]:80', '"[::1]"'), else None."""
+    token = text.strip().strip('"').strip()
+    if token.startswith("["):
+        token = token[1 : token.find("]")] if "]" in token else ""
+    elif token.count(":") == 1:
+        token = token.split(":", 1)[0]
+    try:
+        return str(ipaddress.ip_address(token))
+    except ValueError:
+        return None
+
+
+def encode_body(raw: bytes) -> Tuple[Any, Optional[str]]:
+    """A body as Moesif wants it: parsed JSON with 'json', anything else base64 with 'base64'."""
+    if not raw:
+        return None, None
+    if raw.lstrip()[:1] in (b"{", b"["):
+        try:
+            return json.loads(raw), "json"
+        except ValueError:
+            pass
+    return base64.b64encode(raw).decode("ascii"), "base64"
+
+
+def _set_body(part: Dict[str, Any], raw: Optional[bytes], limit: int) -> None:
+    if raw is None:
+        part["body"], part["transfer_encoding"] = _omitted(limit), "json"
+    elif raw:
+        part["body"], part["transfer_encoding"] = encode_body(raw)
+
+
+def _omitted(limit: int) -> Dict[str, Any]:
+    return {"moesiftornado_durable": f"body omitted: larger than MAX_BODY_BYTES ({limit} bytes)"}
+
+
+def _decoded(raw: bytes, content_encoding: Optional[str], limit: int) -> Optional[bytes]:
+    """The body within the size limit, gunzipped when the client sent it gzip-encoded; None if too large."""
+    if len(raw) > limit:
+        return None
+    if content_encoding and content_encoding.strip().lower() == "gzip":
+        try:
+            decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            plain = decompressor.decompress(raw, limit + 1)
+        except (zlib.error, gzip.BadGzipFile):
+            return raw
+        return None if len(plain) > limit else plain
+    return raw
+
+
+def _call_user(option: str, function: Optional[Any], argument: Any) -> Any:
+    """Call a user callable; if it raises, log the error and return None so the event is still logged."""
+    if function is None:
+        return None
+    try:
+        return function(argument)
+    except Exception:
+        logger.exception("%s raised; the field is left empty and the event is still logged", option)
+        return None
+
+
+def _api_version(handler: Handler, config: Config) -> Optional[str]:
+    if callable(config.api_version):
+        return _as_text(_call_user("API_VERSION", config.api_version, handler))
+    return config.api_version
+
+
+def _as_text(value: Any) -> Optional[str]:
+    return None if value is None else str(value)
+
+
+def _drop_nulls(event: Event) -> Event:
+    """Remove the null keys moesifapi's `to_dictionary` adds, so the spooled JSON stays small."""
+    cleaned = {key: value for key, value in event.items() if value is not None}
+    for part in ("request", "response"):
+        if isinstance(cleaned.get(part), dict):
+            cleaned[part] = {key: value for key, value in cleaned[part].items() if value is not None}
+    return cleaned
+
+
+class ResponseBodyCapture(OutputTransform):
+    """An output transform that keeps a copy of the response body, up to a size limit.
+
+    Tornado has emptied the handler's write buffer by the time log_function runs, so the body has to be
+    seen on its way out. Installed first in `application.transforms`, it sees every chunk before
+    compression. Past the limit it keeps counting but stops copying, so streaming responses stay bounded.
+    """
+
+    limit = 0
+
+    def __init__(self, request: HTTPServerRequest) -> None:
+        super().__init__(request)
+        self._chunks: List[bytes] = []
+        self._kept = 0
+        self._overflow = False
+        setattr(request, _CAPTURE_ATTRIBUTE, self)
+
+    def transform_first_chunk(
+        self, status_code: int, headers: HTTPHeaders, chunk: bytes, finishing: bool
+    ) -> Tuple[int, HTTPHeaders, bytes]:
+        self._keep(chunk)
+        return status_code, headers, chunk
+
+    def transform_chunk(self, chunk: bytes, finishing: bool) -> bytes:
+        self._keep(chunk)
+        return chunk
+
+    def _keep(self, chunk: bytes) -> None:
+        if self._overflow or not chunk:
+            return
+        if self._kept + len(chunk) > self.limit:
+            self._overflow = True
+            self._chunks.clear()
+            return
+        self._chunks.append(bytes(chunk))
+        self._kept += len(chunk)
+
+    def body(self) -> Optional[bytes]:
+        """The captured body, or None when it was larger than the limit."""
+        return None if self._overflow else b"".join(self._chunks)
+
+
+def body_capture_transform(limit: int) -> Type[ResponseBodyCapture]:
+    """A `ResponseBodyCapture` class bound to a size limit (Tornado builds transforms from a class)."""
+    return type("MoesifResponseBodyCapture", (ResponseBodyCapture,), {"limit": limit})
+
+
+def install_body_capture(application: Any, transform: Type[ResponseBodyCapture]) -> bool:
+    """Put `transform` first in `application.transforms` unless one is there; True if it was added."""
+    transforms = application.transforms
+    if any(isinstance(t, type) and issubclass(t, ResponseBodyCapture) for t in transforms):
+        return False
+    transforms.insert(0, transform)
+    return True

@@ -1,0 +1,199 @@
+"""The middleware's options, parsed once from the user's dict into a typed, validated `Config`.
+
+Every other module reads this object, never the raw dict, so a typo or a wrong type fails here, at
+construction, with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import tempfile
+from typing import Any, Callable, Mapping, Optional, Union
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+logger = logging.getLogger("moesiftornado_durable")
+
+DEFAULT_BASE_URI = "https://api.moesif.net"
+DEFAULT_BATCH_SIZE = 25
+DEFAULT_FLUSH_INTERVAL = 1.0
+DEFAULT_SEND_TIMEOUT = 10.0
+DEFAULT_RETRY_MAX_WAIT = 60.0
+DEFAULT_MAX_BODY_BYTES = 100 * 1024
+DEFAULT_SPOOL_SYNC = "normal"
+MAX_BATCH_SIZE = 10_000
+SPOOL_SYNC_MODES = ("normal", "full")
+
+Handler = Any  # a tornado.web.RequestHandler; kept loose so that user callables type-check easily
+HandlerCallable = Callable[[Handler], Any]
+
+
+def default_spool_dir(application_id: str) -> str:
+    """Where events are spooled when SPOOL_DIR is not given.
+
+    A persistent per-user state directory (``$XDG_STATE_HOME`` or ``~/.local/state``), never a temp dir
+    that a reboot wipes, with one sub-directory per application id so two applications on one host
+    never send each other's events.
+    """
+    state_home = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    app_key = hashlib.sha256(application_id.encode("utf-8")).hexdigest()[:12]
+    return os.path.join(state_home, "moesiftornado-durable", app_key)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The validated options. Build it with `Config.from_dict`; field names are the keys in lower case."""
+
+    application_id: str
+    spool_dir: str
+    skip: Optional[HandlerCallable] = None
+    identify_user: Optional[HandlerCallable] = None
+    identify_company: Optional[HandlerCallable] = None
+    get_metadata: Optional[HandlerCallable] = None
+    get_session_token: Optional[HandlerCallable] = None
+    mask_event_model: Optional[Callable[[Any], Any]] = None
+    api_version: Union[None, str, HandlerCallable] = None
+    debug: bool = False
+    log_body: bool = True
+    batch_size: int = DEFAULT_BATCH_SIZE
+    base_uri: str = DEFAULT_BASE_URI
+    flush_interval: float = DEFAULT_FLUSH_INTERVAL
+    send_timeout: float = DEFAULT_SEND_TIMEOUT
+    retry_max_wait: float = DEFAULT_RETRY_MAX_WAIT
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    spool_sync: str = DEFAULT_SPOOL_SYNC
+
+    def __repr__(self) -> str:
+        masked = self.application_id[:4] + "…" if len(self.application_id) > 4 else "…"
+        return (
+            f"Config(application_id={masked!r}, spool_dir={self.spool_dir!r}, base_uri={self.base_uri!r}, "
+            f"batch_size={self.batch_size}, flush_interval={self.flush_interval}, "
+            f"send_timeout={self.send_timeout}, spool_sync={self.spool_sync!r})"
+        )
+
+    @classmethod
+    def from_dict(cls, options: Optional[Mapping[str, Any]]) -> Config:
+        """Validate the user's option dict; raise `ConfigError` naming the first bad key."""
+        if options is None:
+            options = {}
+        if not isinstance(options, Mapping):
+            raise ConfigError("options", f"expected a dict, got {type(options).__name__}")
+        for key in options:
+            if key not in _KNOWN_KEYS:
+                logger.warning("moesiftornado_durable: unknown option %r is ignored (a typo?)", key)
+        read = _Reader(options)
+        application_id = read.string("APPLICATION_ID", required=True)
+        base_uri = read.string("BASE_URI") or read.string("LOCAL_MOESIF_BASEURL") or DEFAULT_BASE_URI
+        spool_dir = read.string("SPOOL_DIR") or default_spool_dir(application_id)
+        config = cls(
+            application_id=application_id,
+            spool_dir=os.path.abspath(os.path.expanduser(spool_dir)),
+            skip=read.callable("SKIP"),
+            identify_user=read.callable("IDENTIFY_USER"),
+            identify_company=read.callable("IDENTIFY_COMPANY"),
+            get_metadata=read.callable("GET_METADATA"),
+            get_session_token=read.callable("GET_SESSION_TOKEN"),
+            mask_event_model=read.callable("MASK_EVENT_MODEL"),
+            api_version=read.string_or_callable("API_VERSION"),
+            debug=read.boolean("DEBUG", False),
+            log_body=read.boolean("LOG_BODY", True),
+            batch_size=read.integer("BATCH_SIZE", DEFAULT_BATCH_SIZE, low=1, high=MAX_BATCH_SIZE),
+            base_uri=_validate_base_uri(base_uri),
+            flush_interval=read.number("FLUSH_INTERVAL", DEFAULT_FLUSH_INTERVAL),
+            send_timeout=read.number("SEND_TIMEOUT", DEFAULT_SEND_TIMEOUT),
+            retry_max_wait=read.number("RETRY_MAX_WAIT", DEFAULT_RETRY_MAX_WAIT),
+            max_body_bytes=read.integer("MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, low=0),
+            spool_sync=read.choice("SPOOL_SYNC", DEFAULT_SPOOL_SYNC, SPOOL_SYNC_MODES),
+        )
+        prepare_spool_dir(config.spool_dir)
+        return config
+
+
+_KNOWN_KEYS = frozenset(
+    {
+        "APPLICATION_ID", "SKIP", "IDENTIFY_USER", "IDENTIFY_COMPANY", "GET_METADATA", "GET_SESSION_TOKEN",
+        "MASK_EVENT_MODEL", "API_VERSION", "DEBUG", "LOG_BODY", "BATCH_SIZE", "BASE_URI", "LOCAL_MOESIF_BASEURL",
+        "SPOOL_DIR", "FLUSH_INTERVAL", "SEND_TIMEOUT", "RETRY_MAX_WAIT", "MAX_BODY_BYTES", "SPOOL_SYNC",
+    }
+)
+
+
+class _Reader:
+    """Typed accessors over the raw option dict; each raises `ConfigError` with the key's name."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self._options = options
+
+    def string(self, key: str, required: bool = False) -> str:
+        value = self._options.get(key)
+        if value is None or value == "":
+            if required:
+                raise ConfigError(key, "is required (your Moesif Application Id)")
+            return ""
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {type(value).__name__}")
+        return value.strip()
+
+    def callable(self, key: str) -> Optional[HandlerCallable]:
+        value = self._options.get(key)
+        if value is None:
+            return None
+        if not callable(value):
+            raise ConfigError(key, f"expected a function, got {type(value).__name__}")
+        return value
+
+    def string_or_callable(self, key: str) -> Union[None, str, HandlerCallable]:
+        value = self._options.get(key)
+        if value is None or isinstance(value, str) or callable(value):
+            return value
+        raise ConfigError(key, f"expected a string or a function, got {type(value).__name__}")
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._options.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected True or False, got {value!r}")
+        return value
+
+    def integer(self, key: str, default: int, low: int, high: Optional[int] = None) -> int:
+        value = self._options.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected a whole number, got {value!r}")
+        if value < low or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise ConfigError(key, f"must be {bounds}, got {value}")
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        value = self._options.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number of seconds, got {value!r}")
+        if not value > 0:
+            raise ConfigError(key, f"must be greater than 0, got {value}")
+        return float(value)
+
+    def choice(self, key: str, default: str, choices: tuple) -> str:
+        value = self._options.get(key, default)
+        if value not in choices:
+            raise ConfigError(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return str(value)
+
+
+def _validate_base_uri(uri: str) -> str:
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError("BASE_URI", f"expected an http(s) URL such as {DEFAULT_BASE_URI!r}, got {uri!r}")
+    return uri.rstrip("/")
+
+
+def prepare_spool_dir(path: str) -> None:
+    """Create SPOOL_DIR (mode 0700) if needed and prove it is writable, or raise `ConfigError`."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError("SPOOL_DIR", f"cannot create or write {path!r}: {exc.strerror or exc}") from exc

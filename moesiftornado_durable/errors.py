@@ -1,0 +1,51 @@
+"""The exceptions this library raises or maps third-party failures to.
+
+    MoesifDurableError
+    ├── ConfigError            an option is missing or invalid (also a ValueError); names the key
+    └── DeliveryError          a batch did not reach Moesif
+        ├── RetryableError     worth trying again later: connection refused, timeout, 408, 429, 5xx
+        │   └── AuthError      401/402/403: wrong application id or lapsed plan; data is kept, retried slowly
+        └── PermanentError     the collector rejected the batch for good (400, 404, 422, ...): dead-lettered
+
+moesifapi's `APIException` and requests' exceptions are mapped here, in `sender.py`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class MoesifDurableError(Exception):
+    """Base of every exception this library raises."""
+
+
+class ConfigError(MoesifDurableError, ValueError):
+    """A configuration option is missing or invalid; the message and `key` name the option."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"moesiftornado_durable: {key}: {problem}")
+        self.key = key
+
+
+class DeliveryError(MoesifDurableError):
+    """A batch was not accepted by the collector; `status` is the HTTP status, None without a response."""
+
+    def __init__(self, message: str, status: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RetryableError(DeliveryError):
+    """A transient failure; `retry_after` holds the server's Retry-After in seconds, if it sent one."""
+
+    def __init__(self, message: str, status: Optional[int] = None, retry_after: Optional[float] = None) -> None:
+        super().__init__(message, status)
+        self.retry_after = retry_after
+
+
+class AuthError(RetryableError):
+    """The collector refused the application id (401/402/403). Never fatal to data: retried at a long interval."""
+
+
+class PermanentError(DeliveryError):
+    """The collector rejected the batch and would reject it again: its records go to the dead-letter store."""

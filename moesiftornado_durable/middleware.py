@@ -1,0 +1,237 @@
+"""`MoesifMiddleware`: the drop-in replacement for moesiftornado's, wired to the durable pipeline.
+
+Thin on purpose: `log_event` captures the event, commits it to the spool and returns; it never raises
+into Tornado and counts every event it could not spool, by reason. The spool and the flusher thread
+belong to one process: after a fork the child abandons the parent's (a SQLite connection or a thread
+must not cross a fork) and opens its own.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import os
+import sqlite3
+import sys
+import threading
+import time
+import weakref
+from typing import Any, Counter, Dict, Iterable, List, Mapping, Optional
+
+from .capture import body_capture_transform, capture_event, install_body_capture
+from .config import Config, Handler
+from .flusher import Flusher
+from .profiles import normalize_profile, normalize_profiles
+from .sender import Sender
+from .spool import COMPANY, EVENT, USER, Spool
+
+logger = logging.getLogger("moesiftornado_durable")
+
+DEFAULT_CLOSE_TIMEOUT = 10.0
+_ERROR_LOG_INTERVAL = 10.0  # seconds between repeated spool-failure logs
+
+
+class _Runtime:
+    """The per-process parts: the open spool and the flusher draining it."""
+
+    def __init__(self, config: Config) -> None:
+        self.pid = os.getpid()
+        self.spool = Spool(config.spool_dir, config.spool_sync)
+        sender = Sender(config.base_uri, config.application_id, config.send_timeout)
+        self.flusher = Flusher(self.spool, sender, config.batch_size, config.flush_interval, config.retry_max_wait)
+        self.flusher.start()
+
+    def close(self, timeout: float) -> None:
+        self.flusher.close(timeout)
+        if not self.flusher.is_alive:
+            self.spool.close()
+
+
+class MoesifMiddleware:
+    """Logs every finished Tornado request to Moesif through a crash-safe on-disk spool.
+
+    Use it as moesiftornado's: ``Application(routes, log_function=middleware.log_event)``. Once
+    `log_event` has returned, the event is committed to SQLite in SPOOL_DIR and survives a crash of the
+    process or an outage of Moesif of any length.
+    """
+
+    def __init__(self, moesif_config: Mapping[str, Any]) -> None:
+        self.config = Config.from_dict(moesif_config)
+        if self.config.debug and logger.level == logging.NOTSET:
+            logger.setLevel(logging.DEBUG)
+        self.counters: Counter[str] = collections.Counter()
+        self._body_capture = body_capture_transform(self.config.max_body_bytes)
+        self._attached: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._runtime: Optional[_Runtime] = None
+        self._abandoned: List[_Runtime] = []  # inherited across a fork: kept, never used or closed
+        self._last_error_log = 0.0
+        _register_process_hooks(self)
+        self._runtime_here()  # start now, so a backlog from an earlier run is sent without new traffic
+
+    # -- capture ---------------------------------------------------------------------------------
+
+    def log_event(self, handler: Handler) -> None:
+        """Tornado's log_function: capture the finished request and commit it to the spool. Never raises."""
+        try:
+            finished_at = time.time()
+            self.attach(handler.application)
+            event = capture_event(handler, self.config, finished_at)
+            if event is None:
+                self.counters["skipped"] += 1
+                return
+            self._spool_record(event, EVENT)
+        except Exception:
+            self._drop("capture_error", "could not capture the request")
+
+    def attach(self, application: Any) -> Any:
+        """Capture response bodies of `application` from its first request; returns the application.
+
+        `log_event` does this itself on the first request it sees, whose response body is then missed;
+        call this once after building the Application to capture that one too.
+        """
+        if application is not None and application not in self._attached:
+            install_body_capture(application, self._body_capture)
+            self._attached.add(application)
+        return application
+
+    # -- users and companies ---------------------------------------------------------------------
+
+    def update_user(self, user_profile: Any) -> None:
+        """Queue a user update (dict, moesifapi `UserModel` or JSON) durably; ValueError without user_id."""
+        self._spool_record(normalize_profile(user_profile, "user_id"), USER)
+
+    def update_users_batch(self, user_profiles: Iterable[Any]) -> None:
+        """Queue several user updates; all are validated before any is queued."""
+        for profile in normalize_profiles(user_profiles, "user_id"):
+            self._spool_record(profile, USER)
+
+    def update_company(self, company_profile: Any) -> None:
+        """Queue a company update (dict, moesifapi `CompanyModel` or JSON); ValueError without company_id."""
+        self._spool_record(normalize_profile(company_profile, "company_id"), COMPANY)
+
+    def update_companies_batch(self, companies_profiles: Iterable[Any]) -> None:
+        """Queue several company updates; all are validated before any is queued."""
+        for profile in normalize_profiles(companies_profiles, "company_id"):
+            self._spool_record(profile, COMPANY)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Block until everything spooled so far is delivered; False if `timeout` passed first."""
+        runtime = self._runtime_here()
+        return runtime is not None and runtime.flusher.flush(timeout)
+
+    def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
+        """Deliver what can be delivered within `timeout`, stop the flusher; the rest stays on disk.
+
+        Returns within `timeout` even during a backoff or a stalled send. A later `log_event` starts
+        the pipeline again.
+        """
+        with self._lock:
+            runtime, self._runtime = self._runtime, None
+        if runtime is not None and runtime.pid == os.getpid():
+            runtime.close(timeout)
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters of this process (spooled, sent, dropped by reason, ...) and the spool's current state."""
+        result: Dict[str, Any] = dict(self.counters)
+        runtime = self._runtime
+        if runtime is not None and runtime.pid == os.getpid():
+            result.update(runtime.flusher.counters)
+            result["last_error"] = runtime.flusher.last_error
+            spool = runtime.spool.stats()
+            result.update(
+                ready=spool.ready,
+                in_flight=spool.in_flight,
+                dead_letter=spool.dead_letter,
+                oldest_age=None if spool.oldest_spooled_at is None else time.time() - spool.oldest_spooled_at,
+                spool_bytes=spool.bytes_on_disk,
+            )
+        return result
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _spool_record(self, record: Dict[str, Any], kind: str) -> None:
+        runtime = self._runtime_here()
+        if runtime is None:
+            self._drop("spool_unavailable", "the spool could not be opened", record)
+            return
+        try:
+            runtime.spool.put(record, kind)
+        except (sqlite3.Error, OSError, ValueError, TypeError):
+            self._drop("spool_error", "could not write to the spool", record)
+            return
+        self.counters["spooled"] += 1
+
+    def _runtime_here(self) -> Optional[_Runtime]:
+        """This process's runtime, opening the spool and starting the flusher on first use."""
+        runtime = self._runtime
+        if runtime is not None and runtime.pid == os.getpid():
+            return runtime
+        with self._lock:
+            if self._runtime is None or self._runtime.pid != os.getpid():
+                try:
+                    self._runtime = _Runtime(self.config)
+                except (sqlite3.Error, OSError):
+                    self._drop("spool_unavailable", f"cannot open the spool in {self.config.spool_dir}")
+                    return None
+            return self._runtime
+
+    def _drop(self, reason: str, message: str, record: Optional[Dict[str, Any]] = None) -> None:
+        """Count a record that was not spooled, and log it (with the traceback, at most every few seconds)."""
+        self.counters[f"dropped_{reason}"] += 1
+        now = time.monotonic()
+        if now - self._last_error_log < _ERROR_LOG_INTERVAL:
+            return
+        self._last_error_log = now
+        transaction_id = (record or {}).get("transaction_id")
+        logger.error(
+            "moesiftornado_durable: %s (transaction_id=%s); dropped so far: %d",
+            message,
+            transaction_id,
+            self.counters[f"dropped_{reason}"],
+            exc_info=sys.exc_info()[0] is not None,
+        )
+
+    def _before_fork(self) -> None:
+        runtime = self._runtime
+        if runtime is not None and runtime.pid == os.getpid():
+            runtime.spool.hold_for_fork()
+
+    def _after_fork_in_parent(self) -> None:
+        runtime = self._runtime
+        if runtime is not None and runtime.pid == os.getpid():
+            runtime.spool.release_after_fork()
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+        if self._runtime is not None:
+            self._abandoned.append(self._runtime)
+            self._runtime = None
+        try:
+            self._runtime_here()
+        except Exception:
+            logger.exception("moesiftornado_durable: could not start after fork")
+
+
+def _register_process_hooks(middleware: MoesifMiddleware) -> None:
+    """Fork and exit hooks that hold only a weak reference, so a discarded middleware can be collected."""
+    ref = weakref.ref(middleware)
+
+    def call(method: str) -> Any:
+        def hook() -> None:
+            target = ref()
+            if target is not None:
+                getattr(target, method)()
+
+        return hook
+
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(
+            before=call("_before_fork"),
+            after_in_parent=call("_after_fork_in_parent"),
+            after_in_child=call("_after_fork_in_child"),
+        )
+    atexit.register(call("close"))

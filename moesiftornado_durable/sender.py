@@ -1,0 +1,207 @@
+"""Send one batch to the Moesif collector with moesifapi, and the retry policy around it.
+
+`Sender.send` makes exactly one HTTP request and either returns or raises one of `errors.py`'s classes:
+every moesifapi and requests failure is mapped here. moesifapi has no timeout and retries on its own
+(with prints to stdout); `_Client` replaces its HTTP client with one that has a timeout, no hidden
+retries, and this sender's own base URI and application id (moesifapi keeps those in process-wide
+globals). `delivery_policy` is the tenacity policy the flusher wraps around `send`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import threading
+import time
+from typing import Any, Callable, List, Mapping, Optional
+from urllib.parse import urlsplit
+
+import requests
+import tenacity
+from moesifapi.configuration import Configuration
+from moesifapi.controllers.api_controller import ApiController
+from moesifapi.exceptions.api_exception import APIException
+from moesifapi.http.http_method_enum import HttpMethodEnum
+from moesifapi.http.http_request import HttpRequest
+from moesifapi.http.http_response import HttpResponse
+from moesifapi.http.requests_client import RequestsClient
+from requests.adapters import HTTPAdapter
+
+from . import __version__
+from .errors import AuthError, DeliveryError, PermanentError, RetryableError
+from .spool import COMPANY, EVENT, USER
+
+logger = logging.getLogger("moesiftornado_durable")
+
+USER_AGENT = f"moesiftornado-durable/{__version__}"
+_RETRYABLE_STATUSES = frozenset({408, 429})
+_AUTH_STATUSES = frozenset({401, 402, 403})
+
+
+class _Client(RequestsClient):
+    """moesifapi's HTTP client with a timeout, no retries of its own, and a per-instance URI and app id."""
+
+    def __init__(self, base_uri: str, application_id: str, timeout: float) -> None:
+        # RequestsClient.__init__ would build a session that retries; this one never does.
+        self._base_uri = base_uri
+        self._application_id = application_id
+        self._timeout = timeout
+        self.session = requests.Session()
+        self.adapter = HTTPAdapter(max_retries=0, pool_connections=1, pool_maxsize=2)
+        self.session.mount("http://", self.adapter)
+        self.session.mount("https://", self.adapter)
+
+    def execute_as_string(self, request: HttpRequest) -> HttpResponse:
+        headers = dict(request.headers or {})
+        headers["X-Moesif-Application-Id"] = self._application_id
+        headers["User-Agent"] = USER_AGENT
+        response = self.session.request(
+            HttpMethodEnum.to_string(request.http_method),
+            self._base_uri + _path_of(request.query_url),
+            headers=headers,
+            params=request.query_parameters,
+            data=request.parameters,
+            timeout=self._timeout,
+        )
+        return self.convert_response(response, False)
+
+    execute_as_binary = execute_as_string
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _path_of(query_url: str) -> str:
+    """The API path of a URL moesifapi built from its global BASE_URI, e.g. '/v1/events/batch'."""
+    base = Configuration.BASE_URI.rstrip("/")
+    if query_url.startswith(base):
+        return query_url[len(base):]
+    return urlsplit(query_url).path
+
+
+class Sender:
+    """Sends batches of spooled records to one collector; one HTTP request per `send`."""
+
+    def __init__(self, base_uri: str, application_id: str, timeout: float) -> None:
+        self._client = _Client(base_uri, application_id, timeout)
+        self._api = ApiController(http_client=self._client)
+        self._endpoints: Mapping[str, Callable[[List[Any]], Any]] = {
+            EVENT: self._api.create_events_batch,
+            USER: self._api.update_users_batch,
+            COMPANY: self._api.update_companies_batch,
+        }
+
+    def send(self, kind: str, bodies: List[Any]) -> Mapping[str, str]:
+        """POST one batch of `kind` records; return the response headers or raise a `DeliveryError`."""
+        try:
+            return self._endpoints[kind](bodies)
+        except APIException as exc:
+            raise _classify(exc) from exc
+        except requests.Timeout as exc:
+            raise RetryableError(f"no answer within the send timeout ({exc.__class__.__name__})") from exc
+        except requests.RequestException as exc:
+            raise RetryableError(f"connection failed ({exc.__class__.__name__})") from exc
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self._client.close()
+
+
+def _classify(exc: APIException) -> DeliveryError:
+    status = int(exc.response_code)
+    headers = getattr(exc.context.response, "headers", None) or {}
+    if status in _AUTH_STATUSES:
+        return AuthError(f"HTTP {status}: the collector refused the application id", status)
+    if status in _RETRYABLE_STATUSES or status >= 500:
+        return RetryableError(f"HTTP {status}", status, parse_retry_after(headers.get("Retry-After")))
+    return PermanentError(f"HTTP {status}: rejected by the collector", status)
+
+
+def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - (time.time() if now is None else now))
+
+
+class ShutdownRequested(Exception):
+    """Raised by the policy's sleep when the flusher is stopping, to end a backoff at once."""
+
+
+class wait_for_collector(tenacity.wait.wait_base):
+    """Backoff that honours the server: Retry-After when sent (capped), a long wait on auth errors,
+    otherwise the `backoff` policy."""
+
+    def __init__(self, backoff: tenacity.wait.wait_base, max_wait: float, auth_wait: float) -> None:
+        if max_wait <= 0 or auth_wait <= 0:
+            raise ValueError("max_wait and auth_wait must be positive")
+        self.backoff = backoff
+        self.max_wait = max_wait
+        self.auth_wait = auth_wait
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome is not None else None
+        if isinstance(error, AuthError):
+            return self.auth_wait
+        if isinstance(error, RetryableError) and error.retry_after is not None:
+            return min(error.retry_after, self.max_wait)
+        return float(self.backoff(retry_state))
+
+
+def interruptible_sleep(stop: threading.Event) -> Callable[[float], None]:
+    """A tenacity sleep that returns early by raising `ShutdownRequested` when `stop` is set."""
+
+    def sleep(seconds: float) -> None:
+        if stop.wait(seconds):
+            raise ShutdownRequested()
+
+    return sleep
+
+
+def _log_retry(retry_state: tenacity.RetryCallState) -> None:
+    outcome = retry_state.outcome
+    error = outcome.exception() if outcome is not None else None
+    wait = retry_state.next_action.sleep if retry_state.next_action else 0.0
+    level = logging.ERROR if isinstance(error, AuthError) else logging.WARNING
+    logger.log(
+        level,
+        "delivery to Moesif failed (%s); events stay spooled, attempt %d, next in %.1f s",
+        error,
+        retry_state.attempt_number,
+        wait,
+    )
+
+
+def delivery_policy(
+    stop: threading.Event,
+    max_wait: float,
+    auth_wait: Optional[float] = None,
+    sleep: Optional[Callable[[float], None]] = None,
+) -> tenacity.Retrying:
+    """Retry `RetryableError`s indefinitely with exponential backoff and jitter until `stop` is set.
+
+    While the application id is refused the wait is `auth_wait` (default `max_wait`), so the ERROR
+    saying so comes once per interval. `PermanentError`s and anything unexpected propagate at once
+    (reraise=True); a sleep cut short by `stop` raises `ShutdownRequested`, so no extra attempt is made
+    during shutdown.
+    """
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(RetryableError),
+        wait=wait_for_collector(
+            tenacity.wait_exponential_jitter(multiplier=0.5, max=max_wait, jitter=1.0),
+            max_wait,
+            auth_wait or max_wait,
+        ),
+        stop=tenacity.stop_when_event_set(stop),
+        sleep=sleep or interruptible_sleep(stop),
+        before_sleep=_log_retry,
+        reraise=True,
+    )

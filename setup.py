@@ -1,0 +1,44 @@
+"""Packaging for moesiftornado_durable."""
+
+import os
+import re
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read(name: str) -> str:
+    with open(os.path.join(HERE, name), encoding="utf-8") as f:
+        return f.read()
+
+
+VERSION = re.search(r'^__version__ = "([^"]+)"', read("moesiftornado_durable/__init__.py"), re.M).group(1)
+
+setup(
+    name="moesiftornado-durable",
+    version=VERSION,
+    description="Durable, disk-spooled Moesif API analytics middleware for Tornado: no event lost once logged",
+    long_description=read("README.md"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["moesiftornado_durable", "moesiftornado_durable.*"]),
+    package_data={"moesiftornado_durable": ["py.typed"]},
+    python_requires=">=3.9",
+    install_requires=[
+        "tornado>=6.0,<7",
+        "moesifapi>=1.5,<2",
+        "persist-queue>=1.0,<2",
+        "tenacity>=8.2",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "ruff>=0.4", "mypy>=1.8", "types-requests"],
+    },
+    entry_points={"console_scripts": ["moesiftornado-durable=moesiftornado_durable.cli:main"]},
+    classifiers=[
+        "Framework :: Tornado",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Typing :: Typed",
+    ],
+)
