@@ -1,0 +1,155 @@
+"""Shared fixtures: a real collector on loopback, a real spool in a temp dir, a real Tornado server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import pytest
+import tornado.httpserver
+import tornado.ioloop
+import tornado.netutil
+import tornado.web
+
+from moesiftornado_durable import MoesifMiddleware
+from moesiftornado_durable.testing import Collector
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+APP_SCRIPT = os.path.join(HERE, "app_process.py")
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    with Collector() as running:
+        yield running
+
+
+@pytest.fixture
+def spool_dir(tmp_path: Any) -> str:
+    return str(tmp_path / "spool")
+
+
+@pytest.fixture
+def make_middleware(collector: Collector, spool_dir: str) -> Iterator[Callable[..., MoesifMiddleware]]:
+    """Build middlewares sending to the test collector; each is closed at the end of the test."""
+    made: List[MoesifMiddleware] = []
+
+    def make(**options: Any) -> MoesifMiddleware:
+        config: Dict[str, Any] = {
+            "APPLICATION_ID": "test-app-id",
+            "SPOOL_DIR": spool_dir,
+            "BASE_URI": collector.base_uri,
+            "FLUSH_INTERVAL": 0.05,
+            "SEND_TIMEOUT": 2.0,
+            "RETRY_MAX_WAIT": 0.2,
+        }
+        config.update(options)
+        middleware = MoesifMiddleware(config)
+        made.append(middleware)
+        return middleware
+
+    yield make
+    for middleware in made:
+        middleware.close(timeout=2.0)
+
+
+@contextlib.contextmanager
+def serve(application: tornado.web.Application) -> Iterator[str]:
+    """Run `application` on 127.0.0.1 in a thread with its own IOLoop; yields its base URL."""
+    ready = threading.Event()
+    state: Dict[str, Any] = {}
+
+    def run() -> None:
+        asyncio.set_event_loop(asyncio.new_event_loop())
+        sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+        server = tornado.httpserver.HTTPServer(application)
+        server.add_sockets(sockets)
+        state["port"] = sockets[0].getsockname()[1]
+        state["loop"] = tornado.ioloop.IOLoop.current()
+        state["server"] = server
+        ready.set()
+        state["loop"].start()
+        server.stop()
+        state["loop"].close(all_fds=True)
+
+    thread = threading.Thread(target=run, name="test-tornado", daemon=True)
+    thread.start()
+    assert ready.wait(10), "the Tornado test server did not start"
+    try:
+        yield f"http://127.0.0.1:{state['port']}"
+    finally:
+        state["loop"].add_callback(state["loop"].stop)
+        thread.join(10)
+
+
+class AppProcess:
+    """The example app (tests/app_process.py) in a real subprocess, for SIGKILL tests."""
+
+    def __init__(self, spool_dir: str, base_uri: str, tmp_dir: str, processes: int = 1, **options: Any) -> None:
+        self.port_file = os.path.join(tmp_dir, f"port-{time.monotonic_ns()}")
+        args = [sys.executable, APP_SCRIPT, "--spool-dir", spool_dir, "--base-uri", base_uri,
+                "--port-file", self.port_file, "--processes", str(processes)]
+        for key, value in options.items():
+            args += ["--option", f"{key}={value}"]
+        # its own session, so that forked children can be stopped with the group, by the leader's PID
+        self.process = subprocess.Popen(args, cwd=os.path.dirname(HERE), start_new_session=True)
+        self.url = f"http://127.0.0.1:{self._wait_for_port()}"
+
+    def _wait_for_port(self, timeout: float = 20.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"app process exited with {self.process.returncode}")
+            with contextlib.suppress(OSError, ValueError):
+                with open(self.port_file) as f:
+                    return int(f.read())
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError("app process did not report its port")
+
+    def kill(self) -> None:
+        """SIGKILL the process and any children it forked: no atexit, no flush, no goodbye."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def terminate(self, timeout: float = 15.0) -> Optional[int]:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+
+@pytest.fixture
+def app_processes(tmp_path: Any) -> Iterator[Callable[..., AppProcess]]:
+    """Start app subprocesses; every one still running is SIGKILLed by PID at the end of the test."""
+    started: List[AppProcess] = []
+
+    def start(spool_dir: str, base_uri: str, processes: int = 1, **options: Any) -> AppProcess:
+        app = AppProcess(spool_dir, base_uri, str(tmp_path), processes, **options)
+        started.append(app)
+        return app
+
+    yield start
+    for app in started:
+        app.kill()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    """Poll `predicate` until it is true or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

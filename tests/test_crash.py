@@ -1,0 +1,127 @@
+"""Real crashes: the app runs in a subprocess and is stopped with SIGKILL; nothing logged may be lost."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, List, Set
+
+import requests
+from conftest import AppProcess, wait_until
+
+from moesiftornado_durable.spool import SPOOL_FILE
+from moesiftornado_durable.testing import Collector
+
+
+def hit(url: str, count: int, workers: int = 4) -> List[int]:
+    """`count` GETs from a few concurrent clients; returns the status codes."""
+    def one(n: int) -> int:
+        return requests.get(f"{url}/hello?n={n}", timeout=10).status_code
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def spooled_transaction_ids(spool_dir: str, status: str = "status < 5") -> Set[str]:
+    """Read the spool file with a plain SQLite connection, as an operator could."""
+    import json
+
+    with sqlite3.connect(f"{spool_dir}/{SPOOL_FILE}", timeout=10) as conn:
+        rows = conn.execute(f"SELECT data FROM ack_queue_default WHERE kind = 'event' AND {status}").fetchall()
+    return {json.loads(row[0])["transaction_id"] for row in rows}
+
+
+def test_events_logged_while_the_collector_is_down_survive_sigkill(
+    app_processes: Callable[..., AppProcess], collector: Collector, spool_dir: str
+) -> None:
+    collector.go_down()
+    app = app_processes(spool_dir, collector.base_uri)
+    assert hit(app.url, 300) == [200] * 300
+    app.kill()
+    assert len(spooled_transaction_ids(spool_dir)) == 300
+
+    collector.come_up()
+    app_processes(spool_dir, collector.base_uri)  # the restart: no request is made to it
+    assert collector.wait_for_events(300, timeout=30), collector.stats()
+    ids = collector.transaction_ids()
+    assert len(ids) == 300 and len(set(ids)) == 300  # all arrive, each exactly once
+
+
+def test_sigkill_under_load_loses_no_answered_request(
+    app_processes: Callable[..., AppProcess], collector: Collector, spool_dir: str
+) -> None:
+    app = app_processes(spool_dir, collector.base_uri, BATCH_SIZE=10)
+    assert hit(app.url, 200) == [200] * 200
+    wait_until(lambda: len(collector.transaction_ids()) > 0, timeout=5)
+    app.kill()  # some delivered, some spooled, maybe a batch in flight
+    app_processes(spool_dir, collector.base_uri, BATCH_SIZE=10)
+    assert wait_until(lambda: len(set(collector.transaction_ids())) >= 200, timeout=30), collector.stats()
+    assert len(set(collector.transaction_ids())) == 200
+    uris = {e["request"]["uri"].rsplit("=", 1)[-1] for e in collector.events}
+    assert uris == {str(n) for n in range(200)}
+
+
+def test_a_kill_between_taken_and_acked_resends_with_the_same_transaction_id(
+    app_processes: Callable[..., AppProcess], collector: Collector, spool_dir: str
+) -> None:
+    collector.stall(120, times=None)  # the collector takes the batch and never answers
+    app = app_processes(spool_dir, collector.base_uri, BATCH_SIZE=5, SEND_TIMEOUT=60)
+    assert hit(app.url, 5) == [200] * 5
+    assert wait_until(lambda: len(spooled_transaction_ids(spool_dir, "status = 2")) == 5, timeout=10)
+    in_flight = spooled_transaction_ids(spool_dir, "status = 2")
+    app.kill()  # taken, sent, not acked
+    collector.reset()
+    assert collector.transaction_ids() == []
+
+    app_processes(spool_dir, collector.base_uri, BATCH_SIZE=5)
+    assert collector.wait_for_events(5, timeout=20)
+    ids = collector.transaction_ids()
+    assert set(ids) == in_flight  # resent, with the ids they were given at capture
+    assert Counter(ids).most_common(1)[0][1] == 1
+
+
+def test_tornado_fork_processes_children_deliver_through_a_middleware_built_before_the_fork(
+    app_processes: Callable[..., AppProcess], collector: Collector, spool_dir: str
+) -> None:
+    app = app_processes(spool_dir, collector.base_uri, processes=2)
+    assert hit(app.url, 120, workers=8) == [200] * 120
+    assert collector.wait_for_events(120, timeout=30), collector.stats()
+    assert {e["request"]["uri"] for e in collector.events} == {f"{app.url}/hello?n={n}" for n in range(120)}
+    assert len(set(collector.transaction_ids())) == 120
+    served_by = {e["metadata"]["pid"] for e in collector.events}
+    assert app.process.pid not in served_by  # every event came from a forked child
+    app.kill()
+
+
+def test_collector_flapping_while_serving_loses_nothing(
+    app_processes: Callable[..., AppProcess], collector: Collector, spool_dir: str
+) -> None:
+    app = app_processes(spool_dir, collector.base_uri, BATCH_SIZE=10)
+    sent = 0
+    for fault in ("503", "down", "drop", "429", "stall"):
+        if fault == "503":
+            collector.respond_with(503, times=3)
+        elif fault == "down":
+            collector.go_down(for_seconds=0.5)
+        elif fault == "drop":
+            collector.drop_connections(times=2)
+        elif fault == "429":
+            collector.respond_with(429, times=2, headers={"Retry-After": "1"})
+        else:
+            collector.stall(3, times=1)
+        assert hit(app.url, 40) == [200] * 40
+        sent += 40
+    assert wait_until(lambda: len(set(collector.transaction_ids())) >= sent, timeout=40), collector.stats()
+    assert len(set(collector.transaction_ids())) == sent
+    app.kill()
+
+
+def test_sigterm_delivers_everything_before_exit(
+    app_processes: Callable[..., AppProcess], collector: Collector, spool_dir: str
+) -> None:
+    """After a clean stop (close within its timeout) every answered request is at the collector."""
+    app = app_processes(spool_dir, collector.base_uri)
+    assert hit(app.url, 50) == [200] * 50
+    assert app.terminate() == 0
+    assert len(set(collector.transaction_ids())) == 50

@@ -1,0 +1,281 @@
+"""The flusher and the middleware's lifecycle against a real collector and a real spool."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any, Callable, Counter, List
+
+import pytest
+import requests
+import tornado.web
+from conftest import serve, wait_until
+from moesifapi.models import CompanyModel, UserModel
+
+from moesiftornado_durable import MoesifMiddleware
+from moesiftornado_durable.spool import Spool
+from moesiftornado_durable.testing import Collector
+
+
+class Hello(tornado.web.RequestHandler):
+    def get(self) -> None:
+        self.write("hello")
+
+
+def serve_requests(middleware: MoesifMiddleware, count: int) -> None:
+    app = tornado.web.Application([(r"/", Hello)], log_function=middleware.log_event)
+    with serve(app) as url:
+        with requests.Session() as session:
+            for n in range(count):
+                assert session.get(f"{url}/?n={n}", timeout=5).status_code == 200
+
+
+def assert_each_once(collector: Collector, expected: int) -> None:
+    ids = collector.transaction_ids()
+    duplicates = [tid for tid, seen in Counter(ids).items() if seen > 1]
+    assert len(set(ids)) == expected, f"{len(set(ids))} distinct of {expected}"
+    assert duplicates == []
+
+
+def test_503s_then_200_nothing_lost_nothing_twice(make_middleware: Callable[..., MoesifMiddleware],
+                                                 collector: Collector) -> None:
+    collector.respond_with(503, times=4)
+    middleware = make_middleware(BATCH_SIZE=10)
+    serve_requests(middleware, 35)
+    assert middleware.flush(15)
+    assert_each_once(collector, 35)
+    statuses = [r.status for r in collector.requests]
+    assert statuses[:4] == [503] * 4
+    stats = middleware.stats()
+    assert stats["sent"] == 35 and stats["ready"] == 0 and stats["in_flight"] == 0
+
+
+def test_429_with_retry_after_is_waited_out(make_middleware: Callable[..., MoesifMiddleware],
+                                            collector: Collector) -> None:
+    collector.respond_with(429, headers={"Retry-After": "1"})
+    middleware = make_middleware(RETRY_MAX_WAIT=5.0)
+    serve_requests(middleware, 3)
+    assert middleware.flush(10)
+    first, second = collector.requests[0], collector.requests[1]
+    assert first.status == 429 and second.time - first.time >= 0.95
+    assert_each_once(collector, 3)
+
+
+def test_permanent_rejection_goes_to_the_dead_letter_store(make_middleware: Callable[..., MoesifMiddleware],
+                                                           collector: Collector, spool_dir: str) -> None:
+    collector.respond_with(400)
+    middleware = make_middleware(BATCH_SIZE=5, FLUSH_INTERVAL=5.0)
+    serve_requests(middleware, 5)  # one full batch: rejected
+    assert middleware.flush(10)
+    serve_requests(middleware, 2)  # the next ones are delivered
+    assert middleware.flush(10)
+    assert len(collector.transaction_ids()) == 2
+    middleware.close(2)
+    spool = Spool(spool_dir)
+    try:
+        dead = spool.dead_letters()
+    finally:
+        spool.close()
+    assert len(dead) == 5
+    assert {d["http_status"] for d in dead} == {400}
+    assert all("400" in d["reason"] and d["dead_at"] > 0 and d["body"]["transaction_id"] for d in dead)
+    assert middleware.stats().get("dead_lettered", 0) in (0, 5)  # counters belong to the closed runtime
+
+
+def test_backlog_from_an_earlier_run_is_sent_without_new_requests(make_middleware: Callable[..., MoesifMiddleware],
+                                                                  collector: Collector) -> None:
+    collector.go_down()
+    first = make_middleware()
+    serve_requests(first, 12)
+    assert not first.flush(0.5)
+    started = time.monotonic()
+    first.close(timeout=2)
+    assert time.monotonic() - started < 2.5
+    collector.come_up()
+    make_middleware()  # a new process would do exactly this at start; no request follows
+    assert collector.wait_for_events(12, timeout=10)
+    assert_each_once(collector, 12)
+
+
+def test_flush_returns_false_within_its_timeout_while_down(make_middleware: Callable[..., MoesifMiddleware],
+                                                           collector: Collector) -> None:
+    collector.go_down()
+    middleware = make_middleware()
+    serve_requests(middleware, 2)
+    started = time.monotonic()
+    assert middleware.flush(0.5) is False
+    assert 0.45 <= time.monotonic() - started < 1.5
+    collector.come_up()
+    assert middleware.flush(10) is True
+
+
+def test_close_returns_within_its_timeout_during_a_stalled_send(make_middleware: Callable[..., MoesifMiddleware],
+                                                                collector: Collector, spool_dir: str) -> None:
+    collector.stall(60, times=None)
+    middleware = make_middleware(SEND_TIMEOUT=30.0)
+    serve_requests(middleware, 3)
+    assert wait_until(lambda: middleware.stats()["in_flight"] == 3, timeout=5)
+    started = time.monotonic()
+    middleware.close(timeout=1.0)
+    assert time.monotonic() - started < 1.6
+    spool = Spool(spool_dir)  # the in-flight events are still on disk, ready for the next start
+    try:
+        assert spool.stats().ready == 3
+    finally:
+        spool.close()
+
+
+def test_close_returns_at_once_during_a_backoff(make_middleware: Callable[..., MoesifMiddleware],
+                                                collector: Collector) -> None:
+    collector.respond_with(503, times=None)
+    middleware = make_middleware(RETRY_MAX_WAIT=30.0)
+    serve_requests(middleware, 2)
+    assert wait_until(lambda: len(collector.requests) >= 3, timeout=10)  # now in a growing backoff
+    started = time.monotonic()
+    middleware.close(timeout=5.0)
+    assert time.monotonic() - started < 1.0
+
+
+def test_log_event_after_close_starts_again(make_middleware: Callable[..., MoesifMiddleware],
+                                            collector: Collector) -> None:
+    middleware = make_middleware()
+    serve_requests(middleware, 1)
+    middleware.close(2)
+    serve_requests(middleware, 1)
+    assert middleware.flush(5)
+    assert_each_once(collector, 2)
+
+
+def test_user_and_company_updates_are_spooled_and_delivered(make_middleware: Callable[..., MoesifMiddleware],
+                                                            collector: Collector) -> None:
+    collector.go_down()
+    middleware = make_middleware()
+    middleware.update_user({"user_id": "u-1", "metadata": {"plan": "gold"}})
+    middleware.update_user(UserModel(user_id="u-2"))
+    middleware.update_user('{"user_id": "u-3"}')
+    middleware.update_users_batch([{"user_id": "u-4"}, UserModel(user_id="u-5")])
+    middleware.update_company({"company_id": "c-1"})
+    middleware.update_companies_batch([CompanyModel(company_id="c-2"), {"company_id": "c-3"}])
+    assert middleware.stats()["ready"] == 8
+    collector.come_up()
+    assert middleware.flush(10)
+    assert sorted(u["user_id"] for u in collector.users) == ["u-1", "u-2", "u-3", "u-4", "u-5"]
+    assert sorted(c["company_id"] for c in collector.companies) == ["c-1", "c-2", "c-3"]
+    assert collector.users[0]["metadata"] == {"plan": "gold"}
+
+
+@pytest.mark.parametrize(
+    "call, argument, field",
+    [
+        ("update_user", {"email": "x@example.com"}, "user_id"),
+        ("update_user", UserModel(), "user_id"),
+        ("update_company", {"company_id": ""}, "company_id"),
+        ("update_users_batch", [{"user_id": "ok"}, {"nope": 1}], "user_id"),
+        ("update_companies_batch", [{}], "company_id"),
+    ],
+)
+def test_updates_without_their_id_raise_naming_the_field(make_middleware: Callable[..., MoesifMiddleware],
+                                                         call: str, argument: Any, field: str) -> None:
+    middleware = make_middleware()
+    with pytest.raises(ValueError, match=field):
+        getattr(middleware, call)(argument)
+    assert middleware.stats()["ready"] == 0  # a bad batch queues nothing
+
+
+def test_updates_reject_wrong_types_and_bad_json(make_middleware: Callable[..., MoesifMiddleware]) -> None:
+    middleware = make_middleware()
+    for bad in (None, 42, "{not json", ["user_id"]):
+        with pytest.raises(ValueError):
+            middleware.update_user(bad)
+
+
+def run_script(code: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=repo, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_pending_events_are_sent_at_interpreter_exit(collector: Collector, spool_dir: str) -> None:
+    result = run_script(f"""
+        from moesiftornado_durable import MoesifMiddleware
+        mw = MoesifMiddleware({{"APPLICATION_ID": "x", "SPOOL_DIR": {spool_dir!r},
+                               "BASE_URI": {collector.base_uri!r}, "FLUSH_INTERVAL": 30.0}})
+        for n in range(3):
+            mw.update_user({{"user_id": "exit-%d" % n}})
+        # no flush, no close: the atexit hook must deliver within its timeout
+    """)
+    assert result.returncode == 0, result.stderr
+    assert sorted(u["user_id"] for u in collector.users) == ["exit-0", "exit-1", "exit-2"]
+
+
+def test_exit_does_not_hang_while_the_collector_is_down(collector: Collector, spool_dir: str) -> None:
+    collector.go_down()
+    started = time.monotonic()
+    result = run_script(f"""
+        from moesiftornado_durable import MoesifMiddleware
+        mw = MoesifMiddleware({{"APPLICATION_ID": "x", "SPOOL_DIR": {spool_dir!r},
+                               "BASE_URI": {collector.base_uri!r}, "FLUSH_INTERVAL": 0.01}})
+        mw.update_user({{"user_id": "kept"}})
+        import time; time.sleep(0.5)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 12  # close(timeout=10) at exit, never longer
+    spool = Spool(spool_dir)
+    try:
+        assert spool.stats().ready == 1  # kept on disk for the next start
+    finally:
+        spool.close()
+
+
+def test_stdout_stays_clean_when_the_collector_is_unreachable(collector: Collector, spool_dir: str) -> None:
+    collector.go_down()
+    result = run_script(f"""
+        from moesiftornado_durable import MoesifMiddleware
+        mw = MoesifMiddleware({{"APPLICATION_ID": "x", "SPOOL_DIR": {spool_dir!r},
+                               "BASE_URI": {collector.base_uri!r}, "FLUSH_INTERVAL": 0.01, "RETRY_MAX_WAIT": 0.1}})
+        mw.update_user({{"user_id": "kept"}})
+        import time; time.sleep(1.0)
+        mw.close(0.5)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""  # moesifapi's client prints on connection errors; ours must not
+    assert "delivery to Moesif failed" in result.stderr
+
+
+def fork_and_log(spool_dir: str, base_uri: str, children: int, per_child: int) -> List[str]:
+    """Build the middleware, fork children that each log events through it, return their exit codes."""
+    result = run_script(f"""
+        import os, sys
+        import tornado.web
+        from moesiftornado_durable import MoesifMiddleware
+        mw = MoesifMiddleware({{"APPLICATION_ID": "x", "SPOOL_DIR": {spool_dir!r},
+                               "BASE_URI": {base_uri!r}, "FLUSH_INTERVAL": 0.05}})
+        mw.update_user({{"user_id": "parent"}})
+        pids = []
+        for c in range({children}):
+            pid = os.fork()
+            if pid == 0:
+                for n in range({per_child}):
+                    mw.update_user({{"user_id": "child-%d-%d" % (c, n)}})
+                ok = mw.flush(15)
+                mw.close(5)
+                os._exit(0 if ok else 3)
+            pids.append(pid)
+        codes = [os.waitpid(pid, 0)[1] for pid in pids]
+        print(codes)
+        ok = mw.flush(15)
+        sys.exit(0 if ok and not any(codes) else 1)
+    """, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.split()
+
+
+def test_a_middleware_built_before_fork_works_in_each_child(collector: Collector, spool_dir: str) -> None:
+    fork_and_log(spool_dir, collector.base_uri, children=3, per_child=20)
+    users = [u["user_id"] for u in collector.users]
+    assert "parent" in users
+    for c in range(3):
+        assert {f"child-{c}-{n}" for n in range(20)} <= set(users)

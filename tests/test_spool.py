@@ -1,0 +1,125 @@
+"""The spool: persist-queue's SQLiteAckQueue on real SQLite files in a temp dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+from typing import Any
+
+import pytest
+
+from moesiftornado_durable.spool import COMPANY, EVENT, SPOOL_FILE, USER, Spool
+
+
+@pytest.fixture
+def spool(tmp_path: Any) -> Any:
+    opened = Spool(str(tmp_path / "spool"))
+    yield opened
+    opened.close()
+
+
+def test_put_commits_json_readable_by_any_sqlite_client(spool: Spool) -> None:
+    spool.put({"transaction_id": "t-1", "text": "héllo"})
+    # a second, independent connection sees the committed row, and it is JSON, not pickle
+    with sqlite3.connect(spool.path) as other:
+        [(data,)] = other.execute("SELECT data FROM ack_queue_default").fetchall()
+    assert json.loads(data) == {"transaction_id": "t-1", "text": "héllo"}
+
+
+def test_claim_ack_nack_dead_letter(spool: Spool) -> None:
+    ids = [spool.put({"n": n}) for n in range(5)]
+    first = spool.claim(3)
+    assert [item.body["n"] for item in first] == [0, 1, 2]
+    assert spool.stats().in_flight == 3 and spool.stats().ready == 2
+    assert spool.claim(10) and spool.claim(10) == []  # nothing is claimed twice
+    spool.ack([first[0].id])
+    spool.nack([first[1].id])
+    spool.dead_letter([first[2].id], 400, "HTTP 400: rejected")
+    stats = spool.stats()
+    assert (stats.ready, stats.in_flight, stats.dead_letter) == (1, 2, 1)
+    again = spool.claim(10)
+    assert [item.id for item in again] == [ids[1]]  # a nacked record keeps its place
+    [dead] = spool.dead_letters()
+    assert dead["body"] == {"n": 2} and dead["http_status"] == 400 and "rejected" in dead["reason"]
+
+
+def test_kinds_are_claimed_separately(spool: Spool) -> None:
+    spool.put({"transaction_id": "e"}, EVENT)
+    spool.put({"user_id": "u"}, USER)
+    spool.put({"company_id": "c"}, COMPANY)
+    assert [i.body for i in spool.claim(10, USER)] == [{"user_id": "u"}]
+    assert [i.body for i in spool.claim(10, EVENT)] == [{"transaction_id": "e"}]
+    assert spool.ready_count() == 1
+
+
+def test_records_survive_reopen_and_in_flight_ones_become_ready(tmp_path: Any) -> None:
+    directory = str(tmp_path / "spool")
+    first = Spool(directory)
+    for n in range(4):
+        first.put({"n": n})
+    first.claim(2)  # in flight, as when a process dies mid-send
+    first.close()
+    second = Spool(directory)
+    try:
+        assert second.stats().in_flight == 0
+        assert [item.body["n"] for item in second.claim(10)] == [0, 1, 2, 3]
+    finally:
+        second.close()
+
+
+def test_acked_rows_are_deleted_not_kept(spool: Spool) -> None:
+    for n in range(50):
+        spool.put({"n": n})
+    spool.ack([item.id for item in spool.claim(50)])
+    with sqlite3.connect(spool.path) as other:
+        assert other.execute("SELECT COUNT(*) FROM ack_queue_default").fetchone()[0] == 0
+
+
+def test_pending_through_a_mark(spool: Spool) -> None:
+    spool.put({"n": 1})
+    mark = spool.last_id()
+    spool.put({"n": 2})
+    assert spool.pending_through(mark) == 1
+    [item] = spool.claim(1)
+    assert spool.pending_through(mark) == 1  # in flight still counts
+    spool.ack([item.id])
+    assert spool.pending_through(mark) == 0
+    assert spool.ready_count() == 1
+
+
+def test_files_are_private(tmp_path: Any) -> None:
+    directory = tmp_path / "private"
+    spool = Spool(str(directory))
+    spool.put({"n": 1})
+    try:
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+        for name in os.listdir(directory):
+            assert stat.S_IMODE(os.stat(directory / name).st_mode) == 0o600, name
+        assert SPOOL_FILE in os.listdir(directory)
+    finally:
+        spool.close()
+
+
+@pytest.mark.parametrize("mode, expected", [("normal", 1), ("full", 2)])
+def test_spool_sync_sets_the_synchronous_pragma(tmp_path: Any, mode: str, expected: int) -> None:
+    spool = Spool(str(tmp_path / mode), sync=mode)
+    try:
+        assert spool._conn().execute("PRAGMA synchronous").fetchone()[0] == expected
+        assert spool._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        spool.close()
+
+
+def test_values_json_cannot_express_are_stored_as_text(spool: Spool) -> None:
+    spool.put({"metadata": {"when": object.__new__(object), "set": {1}}})
+    [item] = spool.claim(1)
+    assert isinstance(item.body["metadata"]["when"], str)
+
+
+def test_close_is_idempotent(tmp_path: Any) -> None:
+    spool = Spool(str(tmp_path / "s"))
+    spool.close()
+    spool.close()
+    assert spool.closed
