@@ -121,8 +121,8 @@ def mask_event(event: Event, config: Config) -> Optional[Event]:
 
 def format_time(timestamp: float) -> str:
     """ISO 8601 in UTC without offset, to the microsecond, as Moesif's Python SDKs send it."""
-    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc).replace(tzinfo=None)
+    return moment.isoformat(timespec="microseconds")
 
 
 def join_headers(headers: Optional[HTTPHeaders]) -> Dict[str, str]:

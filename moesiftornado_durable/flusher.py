@@ -120,7 +120,7 @@ class Flusher:
         """Return when a full batch is ready, when a partial one has waited FLUSH_INTERVAL, or on flush/stop."""
         waiting_since: Optional[float] = None
         while not self._stop.is_set():
-            ready = self._spool.ready_count()
+            ready = self._spool.ready_count(limit=self._batch_size)
             now = time.monotonic()
             if ready >= self._batch_size or (ready and now < self._urgent_until):
                 return

@@ -150,6 +150,9 @@ class Spool:
                     f"WHERE kind = ? AND status < {_READY_BELOW} ORDER BY {self._key} LIMIT ?",
                     (kind, limit),
                 ).fetchall()
+                if not rows:
+                    conn.rollback()  # nothing to mark: end the transaction without writing
+                    return []
                 conn.executemany(
                     f"UPDATE {self._table} SET status = {_IN_FLIGHT} WHERE {self._key} = ?",
                     [(row[0],) for row in rows],
@@ -209,16 +212,19 @@ class Spool:
             ).fetchone()
         return int(row[0])
 
-    def ready_count(self, kind: Optional[str] = None) -> int:
-        """How many records wait to be claimed (of one kind, or of all)."""
-        kinds = [kind] if kind else list(KINDS)
+    def ready_count(self, kind: Optional[str] = None, limit: Optional[int] = None) -> int:
+        """How many records wait to be claimed (of one kind, or of all), counting at most `limit` per kind.
+
+        The flusher only asks "is a batch ready?", so it passes its batch size and never scans a backlog.
+        """
+        cap = -1 if limit is None else limit
         total = 0
         with self._queue.tran_lock:
-            for k in kinds:
+            for k in [kind] if kind else KINDS:
                 row = self._conn().execute(
-                    f"SELECT COUNT(*) FROM {self._table} INDEXED BY takeable "
-                    f"WHERE kind = ? AND status < {_READY_BELOW}",
-                    (k,),
+                    f"SELECT COUNT(*) FROM (SELECT 1 FROM {self._table} INDEXED BY takeable "
+                    f"WHERE kind = ? AND status < {_READY_BELOW} LIMIT ?)",
+                    (k, cap),
                 ).fetchone()
                 total += int(row[0])
         return total
@@ -291,6 +297,30 @@ class Spool:
             return
         with self._queue.tran_lock, self._conn() as conn:
             conn.executemany(sql, params)
+
+
+def read_stats(directory: str) -> SpoolStats:
+    """Stats of the spool in `directory` through a read-only connection: safe next to a live app.
+
+    Opening a `Spool` would make in-flight rows ready again (persist-queue's resume), so an operator's
+    look must not do that.
+    """
+    path = os.path.join(directory, SPOOL_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no spool file at {path}")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        table = "ack_queue_default"
+        ready, in_flight, oldest = conn.execute(
+            f"SELECT SUM(status < {_READY_BELOW}), SUM(status = {_IN_FLIGHT}), MIN(timestamp) FROM {table} "
+            f"WHERE status <= {_IN_FLIGHT}"
+        ).fetchone()
+        has_dead = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'dead_letter'").fetchone()
+        dead = conn.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0] if has_dead else 0
+    finally:
+        conn.close()
+    size = sum(os.path.getsize(path + s) for s in ("", "-wal", "-shm") if os.path.exists(path + s))
+    return SpoolStats(int(ready or 0), int(in_flight or 0), int(dead), oldest, size)
 
 
 def _create_private_file(path: str) -> None:

@@ -22,7 +22,7 @@ from moesiftornado_durable import MoesifMiddleware
 from moesiftornado_durable.testing import Collector
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-APP_SCRIPT = os.path.join(HERE, "app_process.py")
+APP_SCRIPT = os.path.join(os.path.dirname(HERE), "examples", "app.py")
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def serve(application: tornado.web.Application) -> Iterator[str]:
 
 
 class AppProcess:
-    """The example app (tests/app_process.py) in a real subprocess, for SIGKILL tests."""
+    """The example app (examples/app.py) in a real subprocess, for SIGKILL tests."""
 
     def __init__(self, spool_dir: str, base_uri: str, tmp_dir: str, processes: int = 1, **options: Any) -> None:
         self.port_file = os.path.join(tmp_dir, f"port-{time.monotonic_ns()}")

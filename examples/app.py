@@ -1,8 +1,11 @@
-"""A small Tornado app with the durable middleware, run as a real subprocess by the crash tests.
+"""An example Tornado app that logs every API call to Moesif through the durable spool.
 
-    python tests/app_process.py --spool-dir DIR --base-uri URL --port-file FILE [--option KEY=JSON ...]
+    python examples/app.py --spool-dir DIR --base-uri URL [--port-file FILE] [--processes N]
+                           [--option KEY=JSON ...]
 
-It listens on 127.0.0.1 (a free port, written to FILE once it is serving) until SIGTERM or SIGKILL.
+It listens on 127.0.0.1 (a free port, printed and written to FILE once it serves) until SIGTERM,
+when it closes the middleware (delivering what it can) and exits. The demo and the crash tests run it
+as a real process and SIGKILL it.
 """
 
 from __future__ import annotations
@@ -13,10 +16,9 @@ import json
 import os
 import signal
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import tornado.httpserver
-import tornado.ioloop
 import tornado.netutil
 import tornado.process
 import tornado.web
@@ -36,7 +38,24 @@ class EchoHandler(tornado.web.RequestHandler):
         self.write(self.request.body)
 
 
-def parse_options(pairs: list) -> Dict[str, Any]:
+def moesif_options(spool_dir: str, base_uri: str, extra: Dict[str, Any]) -> Dict[str, Any]:
+    """The middleware's configuration: the original moesiftornado options plus the durable ones."""
+    options: Dict[str, Any] = {
+        "APPLICATION_ID": os.environ.get("MOESIF_APPLICATION_ID", "example-application-id"),
+        "SPOOL_DIR": spool_dir,
+        "BASE_URI": base_uri,
+        "IDENTIFY_USER": lambda handler: handler.request.headers.get("X-User-Id"),
+        "GET_METADATA": lambda handler: {"pid": os.getpid()},
+        "FLUSH_INTERVAL": 0.05,
+        "SEND_TIMEOUT": 2.0,
+        "RETRY_MAX_WAIT": 0.5,
+    }
+    options.update(extra)
+    return options
+
+
+def parse_pairs(pairs: List[str]) -> Dict[str, Any]:
+    """KEY=VALUE pairs; values are JSON when they parse as JSON, else strings."""
     options: Dict[str, Any] = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
@@ -48,27 +67,24 @@ def parse_options(pairs: list) -> Dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spool-dir", required=True)
     parser.add_argument("--base-uri", required=True)
-    parser.add_argument("--port-file", required=True)
-    parser.add_argument("--option", action="append", default=[])
+    parser.add_argument("--port-file", help="write the port here once serving")
+    parser.add_argument("--option", action="append", default=[], help="an extra middleware option, KEY=JSON")
     parser.add_argument("--processes", type=int, default=1, help="fork this many children with Tornado")
     args = parser.parse_args()
 
-    config = {"APPLICATION_ID": "crash-test-app", "SPOOL_DIR": args.spool_dir, "BASE_URI": args.base_uri,
-              "FLUSH_INTERVAL": 0.05, "SEND_TIMEOUT": 2.0, "RETRY_MAX_WAIT": 0.5,
-              "GET_METADATA": lambda handler: {"pid": os.getpid()}}
-    config.update(parse_options(args.option))
-    middleware = MoesifMiddleware(config)
+    middleware = MoesifMiddleware(moesif_options(args.spool_dir, args.base_uri, parse_pairs(args.option)))
     app = tornado.web.Application([(r"/hello", HelloHandler), (r"/echo", EchoHandler)],
                                   log_function=middleware.log_event)
-    middleware.attach(app)
+    middleware.attach(app)  # capture response bodies from the very first request
     sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
-    tmp = args.port_file + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(str(sockets[0].getsockname()[1]))
-    os.replace(tmp, args.port_file)
+    port = sockets[0].getsockname()[1]
+    if args.port_file:
+        with open(args.port_file + ".tmp", "w") as f:
+            f.write(str(port))
+        os.replace(args.port_file + ".tmp", args.port_file)
     if args.processes > 1:
         # The middleware exists before the fork, as in a real pre-fork deployment.
         tornado.process.fork_processes(args.processes, max_restarts=100)

@@ -1,0 +1,200 @@
+"""Benchmarks of the durable pipeline, each against a baseline measured in the same run.
+
+    python benchmarks/pipeline.py           # full run (~1 minute)
+    python benchmarks/pipeline.py --quick   # smoke mode for CI (a few seconds); asserts nothing about speed
+
+1. log_event on the IOLoop thread: µs per call (p50, p99) for a ~1.5 KB event with bodies, committed
+   to the spool before return, against building the same event and json.dumps only (no disk).
+2. Drain: events/s from a spool backlog to the local collector through the flusher, against a plain
+   moesifapi `create_events_batch` loop over the same events from memory, at the same batch size.
+
+The machine is shared and noisy: each figure is the median of several rounds, and the ratio is what
+to compare across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List
+
+import requests
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
+from conftest import serve  # noqa: E402
+from moesifapi.configuration import Configuration  # noqa: E402
+from moesifapi.controllers.api_controller import ApiController  # noqa: E402
+
+from moesiftornado_durable import MoesifMiddleware  # noqa: E402
+from moesiftornado_durable.capture import capture_event  # noqa: E402
+from moesiftornado_durable.spool import Spool  # noqa: E402
+from moesiftornado_durable.testing import Collector  # noqa: E402
+
+BODY = {"order": {"id": 12345, "items": [{"sku": f"SKU-{n:04d}", "qty": n, "price": 9.99} for n in range(8)],
+                  "customer": {"name": "Ada Lovelace", "email": "ada@example.com"}}}
+
+
+class OrderHandler(tornado.web.RequestHandler):
+    def post(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.write(self.request.body)
+
+
+def percentile(values: List[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def timed(function: Callable[[Any], None], samples: List[float]) -> Callable[[Any], None]:
+    def wrapper(handler: Any) -> None:
+        started = time.perf_counter()
+        function(handler)
+        samples.append((time.perf_counter() - started) * 1e6)
+
+    return wrapper
+
+
+LOAD_CLIENT = """
+import http.client, sys
+port, count, body = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].encode()
+connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+for _ in range(count):
+    connection.request("POST", "/orders", body=body, headers={"Content-Type": "application/json"})
+    connection.getresponse().read()
+"""
+
+
+async def _serve_load(app: tornado.web.Application, count: int) -> None:
+    """Serve `app` on this thread's IOLoop while a separate client process makes `count` requests.
+
+    The client must be another process: in this one it would compete for the GIL with the IOLoop and
+    its waits would be counted as log_event's.
+    """
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    server = tornado.httpserver.HTTPServer(app)
+    server.add_sockets(sockets)
+    client = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LOAD_CLIENT, str(sockets[0].getsockname()[1]), str(count), json.dumps(BODY))
+    await client.wait()
+    server.stop()
+
+
+def bench_log_event(collector: Collector, requests_per_round: int, rounds: int) -> Dict[str, float]:
+    """Alternate rounds of the baseline and the real log_event inside a served app; µs percentiles."""
+    results: Dict[str, List[float]] = {"baseline": [], "durable": []}
+    collector.go_down()  # measure the request path only; the flusher just backs off
+    for _ in range(rounds):
+        for mode in ("baseline", "durable"):
+            spool_dir = tempfile.mkdtemp(prefix="bench-spool-")
+            middleware = MoesifMiddleware({"APPLICATION_ID": "bench", "SPOOL_DIR": spool_dir,
+                                           "BASE_URI": collector.base_uri, "RETRY_MAX_WAIT": 5.0})
+            samples: List[float] = []
+            if mode == "durable":
+                log_function = timed(middleware.log_event, samples)
+            else:
+                def capture_only(handler: Any) -> None:
+                    json.dumps(capture_event(handler, middleware.config, time.time())).encode()
+
+                log_function = timed(capture_only, samples)
+            app = tornado.web.Application([(r"/orders", OrderHandler)], log_function=log_function)
+            middleware.attach(app)
+            asyncio.run(_serve_load(app, requests_per_round))
+            middleware.close(0.5)
+            shutil.rmtree(spool_dir, ignore_errors=True)
+            results[mode].extend(samples[10:])  # skip warm-up
+    collector.come_up()
+    return {
+        "baseline_p50": percentile(results["baseline"], 0.5),
+        "baseline_p99": percentile(results["baseline"], 0.99),
+        "durable_p50": percentile(results["durable"], 0.5),
+        "durable_p99": percentile(results["durable"], 0.99),
+    }
+
+
+def sample_event(collector: Collector) -> Dict[str, Any]:
+    """One real captured event (~1.5 KB), taken from the collector after a real request."""
+    spool_dir = tempfile.mkdtemp(prefix="bench-sample-")
+    middleware = MoesifMiddleware({"APPLICATION_ID": "bench", "SPOOL_DIR": spool_dir,
+                                   "BASE_URI": collector.base_uri, "FLUSH_INTERVAL": 0.01})
+    app = middleware.attach(tornado.web.Application([(r"/orders", OrderHandler)], log_function=middleware.log_event))
+    with serve(app) as url:
+        requests.post(url + "/orders", json=BODY, timeout=5)
+    middleware.flush(5)
+    middleware.close(1)
+    shutil.rmtree(spool_dir, ignore_errors=True)
+    event = collector.events[-1]
+    collector.clear()
+    return event
+
+
+def bench_drain(collector: Collector, events: int, batch_size: int, rounds: int) -> Dict[str, float]:
+    """Events/s: the flusher draining a spool backlog vs a plain moesifapi loop from memory."""
+    template = sample_event(collector)
+    bodies = [dict(template, transaction_id=f"bench-{n}") for n in range(events)]
+    rates: Dict[str, List[float]] = {"baseline": [], "durable": []}
+    for _ in range(rounds):
+        # baseline: moesifapi's own client, batches from memory, no spool, no retries
+        Configuration.BASE_URI = collector.base_uri
+        Configuration.application_id = "bench"
+        api = ApiController()
+        started = time.perf_counter()
+        for first in range(0, events, batch_size):
+            api.create_events_batch(bodies[first:first + batch_size])
+        rates["baseline"].append(events / (time.perf_counter() - started))
+        collector.clear()
+
+        spool_dir = tempfile.mkdtemp(prefix="bench-drain-")
+        spool = Spool(spool_dir)
+        for body in bodies:
+            spool.put(body)
+        spool.close()
+        started = time.perf_counter()
+        middleware = MoesifMiddleware({"APPLICATION_ID": "bench", "SPOOL_DIR": spool_dir,
+                                       "BASE_URI": collector.base_uri, "BATCH_SIZE": batch_size})
+        assert collector.wait_for_events(events, timeout=600), collector.stats()
+        rates["durable"].append(events / (time.perf_counter() - started))
+        middleware.close(2)
+        collector.clear()
+        shutil.rmtree(spool_dir, ignore_errors=True)
+    return {"baseline": statistics.median(rates["baseline"]), "durable": statistics.median(rates["durable"])}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (CI)")
+    args = parser.parse_args()
+    requests_per_round, rounds, events = (200, 1, 1000) if args.quick else (2000, 3, 10000)
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"{'quick' if args.quick else 'full'} run", flush=True)
+    with Collector() as collector:
+        latency = bench_log_event(collector, requests_per_round, rounds)
+        drain = bench_drain(collector, events, batch_size=25, rounds=rounds)
+
+    print()
+    print("| measure | baseline | moesiftornado_durable | ratio |")
+    print("|---|---|---|---|")
+    print(f"| log_event p50, µs (baseline: capture + json only) | {latency['baseline_p50']:.0f} | "
+          f"{latency['durable_p50']:.0f} | {latency['durable_p50'] / latency['baseline_p50']:.2f} |")
+    print(f"| log_event p99, µs | {latency['baseline_p99']:.0f} | {latency['durable_p99']:.0f} | "
+          f"{latency['durable_p99'] / latency['baseline_p99']:.2f} |")
+    print(f"| drain at BATCH_SIZE 25, events/s (baseline: moesifapi loop from memory) | "
+          f"{drain['baseline']:,.0f} | {drain['durable']:,.0f} | {drain['durable'] / drain['baseline']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
