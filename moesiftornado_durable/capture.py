@@ -71,7 +71,8 @@ def capture_event(handler: Handler, config: Config, finished_at: float) -> Optio
             "status": handler.get_status(),
             "headers": response_headers,
         },
-        "user_id": _as_text(_call_user("IDENTIFY_USER", config.identify_user, handler)),
+        "user_id": _as_text(_call_user("IDENTIFY_USER", config.identify_user, handler))
+        or user_from_authorization(request.headers, config),
         "company_id": _as_text(_call_user("IDENTIFY_COMPANY", config.identify_company, handler)),
         "session_token": _as_text(_call_user("GET_SESSION_TOKEN", config.get_session_token, handler)),
         "metadata": _call_user("GET_METADATA", config.get_metadata, handler),
@@ -207,6 +208,37 @@ def _decoded(raw: bytes, content_encoding: Optional[str], limit: int) -> Optiona
             return raw
         return None if len(plain) > limit else plain
     return raw
+
+
+def user_from_authorization(headers: HTTPHeaders, config: Config) -> Optional[str]:
+    """The user id from the first AUTHORIZATION_HEADER_NAME header present, as moesiftornado does.
+
+    `Bearer <JWT>` (or a bare JWT) gives the payload's AUTHORIZATION_USER_ID_FIELD, without checking
+    the signature; `Basic` gives the username. Anything malformed gives None, never an exception.
+    """
+    for name in config.authorization_header_names:
+        value = headers.get(name)
+        if value:
+            return _user_from_token(value.split(",")[0].strip(), config.authorization_user_id_field)
+    return None
+
+
+def _user_from_token(token: str, field: str) -> Optional[str]:
+    scheme, _, credentials = token.partition(" ")
+    try:
+        if scheme.lower() == "basic":
+            username = base64.b64decode(credentials.strip() + "==").decode("utf-8").split(":", 1)[0]
+            return username.strip() or None
+        jwt = credentials.strip() if scheme.lower() == "bearer" else token
+        parts = jwt.split(".")
+        if len(parts) < 2 or not parts[1]:
+            return None
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        claims = {str(key).lower(): value for key, value in payload.items()} if isinstance(payload, dict) else {}
+        value = claims.get(field.lower())
+        return None if value is None else str(value)
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def _call_user(option: str, function: Optional[Any], argument: Any) -> Any:

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
@@ -25,6 +25,8 @@ DEFAULT_SEND_TIMEOUT = 10.0
 DEFAULT_RETRY_MAX_WAIT = 60.0
 DEFAULT_MAX_BODY_BYTES = 100 * 1024
 DEFAULT_SPOOL_SYNC = "normal"
+DEFAULT_AUTHORIZATION_HEADER_NAME = "authorization"
+DEFAULT_AUTHORIZATION_USER_ID_FIELD = "sub"
 MAX_BATCH_SIZE = 10_000
 SPOOL_SYNC_MODES = ("normal", "full")
 
@@ -66,6 +68,8 @@ class Config:
     retry_max_wait: float = DEFAULT_RETRY_MAX_WAIT
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     spool_sync: str = DEFAULT_SPOOL_SYNC
+    authorization_header_names: Tuple[str, ...] = (DEFAULT_AUTHORIZATION_HEADER_NAME,)
+    authorization_user_id_field: str = DEFAULT_AUTHORIZATION_USER_ID_FIELD
 
     def __repr__(self) -> str:
         masked = self.application_id[:4] + "…" if len(self.application_id) > 4 else "…"
@@ -108,6 +112,13 @@ class Config:
             retry_max_wait=read.number("RETRY_MAX_WAIT", DEFAULT_RETRY_MAX_WAIT),
             max_body_bytes=read.integer("MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, low=0),
             spool_sync=read.choice("SPOOL_SYNC", DEFAULT_SPOOL_SYNC, SPOOL_SYNC_MODES),
+            authorization_header_names=tuple(
+                name.strip().lower()
+                for name in (read.string("AUTHORIZATION_HEADER_NAME") or DEFAULT_AUTHORIZATION_HEADER_NAME).split(",")
+                if name.strip()
+            ),
+            authorization_user_id_field=read.string("AUTHORIZATION_USER_ID_FIELD")
+            or DEFAULT_AUTHORIZATION_USER_ID_FIELD,
         )
         prepare_spool_dir(config.spool_dir)
         return config
@@ -118,6 +129,7 @@ _KNOWN_KEYS = frozenset(
         "APPLICATION_ID", "SKIP", "IDENTIFY_USER", "IDENTIFY_COMPANY", "GET_METADATA", "GET_SESSION_TOKEN",
         "MASK_EVENT_MODEL", "API_VERSION", "DEBUG", "LOG_BODY", "BATCH_SIZE", "BASE_URI", "LOCAL_MOESIF_BASEURL",
         "SPOOL_DIR", "FLUSH_INTERVAL", "SEND_TIMEOUT", "RETRY_MAX_WAIT", "MAX_BODY_BYTES", "SPOOL_SYNC",
+        "AUTHORIZATION_HEADER_NAME", "AUTHORIZATION_USER_ID_FIELD",
     }
 )
 

@@ -47,6 +47,10 @@ class _Client(RequestsClient):
         self._application_id = application_id
         self._timeout = timeout
         self.session = requests.Session()
+        # Proxy and CA-bundle settings from the environment, read once: requests would re-read the
+        # environment on every request, which cost ~1 ms per batch here.
+        self._environment = self.session.merge_environment_settings(base_uri, {}, None, None, None)
+        self.session.trust_env = False
         self.adapter = HTTPAdapter(max_retries=0, pool_connections=1, pool_maxsize=2)
         self.session.mount("http://", self.adapter)
         self.session.mount("https://", self.adapter)
@@ -62,6 +66,7 @@ class _Client(RequestsClient):
             params=request.query_parameters,
             data=request.parameters,
             timeout=self._timeout,
+            **self._environment,
         )
         return self.convert_response(response, False)
 

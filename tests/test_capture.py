@@ -339,3 +339,38 @@ def test_log_event_never_raises_into_tornado(make_middleware: Any, collector: Co
     middleware.log_event(Broken())  # must not raise
     middleware.log_event(None)
     assert middleware.stats()["dropped_capture_error"] == 2
+
+
+def jwt(payload: Dict[str, Any]) -> str:
+    import json
+
+    encoded = base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+    return f"eyJhbGciOiJIUzI1NiJ9.{encoded}.signature-not-checked"
+
+
+@pytest.mark.parametrize(
+    "options, headers, expected",
+    [
+        ({}, {"Authorization": "Bearer " + jwt({"sub": "jwt-user"})}, "jwt-user"),
+        ({}, {"Authorization": "Basic " + base64.b64encode(b"basic-user:pw").decode()}, "basic-user"),
+        ({"AUTHORIZATION_USER_ID_FIELD": "uid"}, {"Authorization": "Bearer " + jwt({"UID": 42})}, "42"),
+        ({"AUTHORIZATION_HEADER_NAME": "X-Api-Token, X-Other"}, {"X-Other": jwt({"sub": "other"})}, "other"),
+        ({}, {"Authorization": "Bearer not.a.jwt"}, None),
+        ({}, {"Authorization": "Bearer"}, None),
+        ({}, {"Authorization": "Basic %%%"}, None),
+        ({}, {"Authorization": "Bearer " + jwt({"no_sub": 1})}, None),
+    ],
+)
+def test_user_id_from_the_authorization_header(
+    make_middleware: Any, collector: Collector, options: Dict[str, Any], headers: Dict[str, str],
+    expected: Optional[str]
+) -> None:
+    [event] = run_requests(make_middleware(**options), collector, [get("/json", headers=headers)])
+    assert event["user_id"] == expected
+
+
+def test_identify_user_wins_over_the_authorization_header(make_middleware: Any, collector: Collector) -> None:
+    middleware = make_middleware(IDENTIFY_USER=lambda handler: "from-callable")
+    [event] = run_requests(middleware, collector, [get("/json", headers={"Authorization": "Bearer " + jwt(
+        {"sub": "from-token"})})])
+    assert event["user_id"] == "from-callable"
