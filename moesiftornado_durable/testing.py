@@ -1,0 +1,1003 @@
+"""A local, Moesif-compatible collector for tests, benchmarks and demos.
+
+``Collector`` is a real HTTP server on the loopback interface that speaks the part of Moesif's ingestion API this
+library uses: ``POST /v1/events``, ``/v1/events/batch``, ``/v1/users[/batch]``, ``/v1/companies[/batch]``,
+``/v1/subscriptions[/batch]``, ``GET /v1/config`` (and ``GET /v1/rules``, answered with no governance rules). It
+records everything it accepts, so a test can assert on what arrived, and it can be told to misbehave -- answer 503
+or 429, stall, drop the connection, stop listening for a while -- so retries and spooling can be exercised without a
+Moesif account::
+
+    with Collector() as collector:
+        point_the_logger_at(collector.base_uri)
+        ...
+        assert collector.wait_for_events(3, timeout=5.0)
+        collector.respond_with(503, times=2)   # the next two ingestion requests fail
+
+A collector in another process (``python -m moesiftornado_durable.testing``) is controlled over HTTP instead:
+``POST /_control/fault``, ``GET /_control/stats``, ``GET /_control/events`` (see ``Collector`` and ``main``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import ipaddress
+import json
+import logging
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple, Type, Union
+from urllib.parse import urlsplit
+
+__all__ = ["DEFAULT_APP_CONFIG", "Collector", "ReceivedRequest", "main"]
+
+logger = logging.getLogger("moesiftornado_durable.testing")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_APP_CONFIG: Mapping[str, Any] = {
+    "sample_rate": 100,
+    "user_sample_rate": {},
+    "company_sample_rate": {},
+    "regex_config": [],
+}
+APPLICATION_ID_HEADER = "X-Moesif-Application-Id"
+CONFIG_ETAG_HEADER = "X-Moesif-Config-ETag"
+MAX_BODY_BYTES = 50 * 1024 * 1024  # Moesif's documented limit for one batch
+CONTROL_PREFIX = "/_control/"
+
+# How often the accept loop checks for shutdown: go_down() and stop() take at most this long to stop accepting.
+_POLL_INTERVAL = 0.05
+# How long stop() waits, in total, for the threads the collector started to finish.
+_JOIN_TIMEOUT = 1.0
+
+# Ingestion path -> (what it carries, whether the body is a list of them).
+_INGESTION_ROUTES: Dict[str, Tuple[str, bool]] = {
+    "/v1/events": ("events", False),
+    "/v1/events/batch": ("events", True),
+    "/v1/users": ("users", False),
+    "/v1/users/batch": ("users", True),
+    "/v1/companies": ("companies", False),
+    "/v1/companies/batch": ("companies", True),
+    "/v1/subscriptions": ("subscriptions", False),
+    "/v1/subscriptions/batch": ("subscriptions", True),
+}
+_KINDS = ("events", "users", "companies", "subscriptions")
+
+JSONObject = Dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ReceivedRequest:
+    """One request the collector received, whatever became of it, so tests can check what a client tried.
+
+    ``status`` is the status answered (0 when the connection was dropped without an answer), ``items`` how many
+    events, users, companies or subscriptions were recorded from it, ``time`` its arrival (``time.time()``).
+    ``headers`` keep the case the client sent; a repeated header keeps its last value.
+    """
+
+    method: str
+    path: str
+    headers: Dict[str, str]
+    status: int
+    items: int
+    time: float
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What a request asks, and what the collector answers
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Incoming:
+    """A request as read off the wire, before the collector decides what to do with it."""
+
+    method: str
+    path: str
+    headers: Dict[str, str]
+    body: bytes
+    arrived: float
+
+    def header(self, name: str) -> Optional[str]:
+        """The value of header ``name``, compared case-insensitively, or None."""
+        wanted = name.lower()
+        for key, value in self.headers.items():
+            if key.lower() == wanted:
+                return value
+        return None
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What to send back; status 0 means close the connection without any answer."""
+
+    status: int
+    body: bytes = b""
+    headers: Dict[str, str] = field(default_factory=dict)
+    close: bool = False
+    # Run with the request's socket just before the answer is written (used to go down, sparing that socket).
+    before_write: Optional[Callable[[socket.socket], None]] = None
+
+
+_DROP = _Answer(0, close=True)
+
+
+def _json_answer(status: int, payload: Any, headers: Optional[Mapping[str, str]] = None, close: bool = False,
+                 before_write: Optional[Callable[[socket.socket], None]] = None) -> _Answer:
+    """An answer whose body is ``payload`` as JSON."""
+    all_headers = {"Content-Type": "application/json; charset=utf-8"}
+    all_headers.update(headers or {})
+    body = json.dumps(payload).encode("utf-8")
+    return _Answer(status, body, all_headers, close, before_write)
+
+
+def _error(status: int, message: str, close: bool = False) -> _Answer:
+    """A short JSON error answer, like Moesif's."""
+    return _json_answer(status, {"error": message}, close=close)
+
+
+class _BadRequest(Exception):
+    """The request could not be read; carries the answer to send before closing the connection."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.answer = _error(status, message, close=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Faults
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Fault:
+    """One kind of misbehaviour: answer ``status``, stall ``seconds`` then answer normally, or drop."""
+
+    kind: str  # "status", "stall" or "drop"
+    status: int = 0
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        """A short label for logs and for ``faults_pending`` readers."""
+        if self.kind == "status":
+            return f"status {self.status}"
+        if self.kind == "stall":
+            return f"stall {self.seconds:.3g}s"
+        return "drop"
+
+
+class _FaultQueue:
+    """Faults waiting for ingestion requests, applied in FIFO order, each to its number of requests.
+
+    A fault with ``times=None`` applies to every request until ``reset()``, so faults queued behind it wait.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: Deque[Tuple[_Fault, Optional[int]]] = deque()
+
+    def add(self, fault: _Fault, times: Optional[int]) -> None:
+        """Queue ``fault`` for the next ``times`` requests (None: until reset)."""
+        if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 1):
+            raise ValueError(f"times must be a positive int or None, not {times!r}")
+        with self._lock:
+            self._pending.append((fault, times))
+        logger.debug("fault queued: %s x %s", fault.describe(), "until reset" if times is None else times)
+
+    def take(self) -> Optional[_Fault]:
+        """The fault for the request being served, if any, counting it as used once."""
+        with self._lock:
+            if not self._pending:
+                return None
+            fault, times = self._pending[0]
+            if times is not None:
+                if times <= 1:
+                    self._pending.popleft()
+                else:
+                    self._pending[0] = (fault, times - 1)
+            return fault
+
+    def reset(self) -> None:
+        """Forget every pending fault."""
+        with self._lock:
+            self._pending.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+
+def _fault_headers(headers: Optional[Mapping[str, str]]) -> Dict[str, str]:
+    """Validated response headers for an injected answer: no line breaks, no Content-Length (we set it)."""
+    checked: Dict[str, str] = {}
+    for name, value in (headers or {}).items():
+        name, value = str(name), str(value)
+        if not name or any(c in name + value for c in "\r\n") or ":" in name:
+            raise ValueError(f"invalid response header {name!r}: {value!r}")
+        if name.lower() in ("content-length", "transfer-encoding"):
+            raise ValueError(f"header {name!r} is set by the collector")
+        checked[name] = value
+    return checked
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Recordings and the app config
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Everything the collector received, under one lock; waiters are woken on every change."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._items: Dict[str, List[JSONObject]] = {kind: [] for kind in _KINDS}
+        self._requests: List[ReceivedRequest] = []
+
+    def record(self, request: ReceivedRequest, kind: Optional[str] = None,
+               items: Optional[List[JSONObject]] = None) -> None:
+        """Remember ``request`` and, if it was accepted, what it carried."""
+        with self._changed:
+            self._requests.append(request)
+            if kind is not None and items:
+                self._items[kind].extend(items)
+            self._changed.notify_all()
+
+    def items(self, kind: str) -> List[JSONObject]:
+        """A copy of the list of recorded ``kind`` items, in arrival order."""
+        with self._changed:
+            return list(self._items[kind])
+
+    def requests(self) -> List[ReceivedRequest]:
+        """A copy of the list of received requests, in arrival order."""
+        with self._changed:
+            return list(self._requests)
+
+    def transaction_ids(self) -> List[str]:
+        """The ``transaction_id`` of each recorded event that has one, duplicates kept."""
+        with self._changed:
+            return [str(e["transaction_id"]) for e in self._items["events"] if e.get("transaction_id") is not None]
+
+    def wait_until(self, kind: str, count: int, timeout: float) -> bool:
+        """Block until at least ``count`` ``kind`` are recorded ("requests" counts requests); False on timeout."""
+        def enough() -> bool:
+            recorded = self._requests if kind == "requests" else self._items[kind]
+            return len(recorded) >= count
+
+        with self._changed:
+            return self._changed.wait_for(enough, timeout)
+
+    def counts(self) -> Dict[str, int]:
+        """How many of each were recorded, plus the number of distinct transaction ids."""
+        with self._changed:
+            counts = {kind: len(items) for kind, items in self._items.items()}
+            counts["unique_transaction_ids"] = len(
+                {e.get("transaction_id") for e in self._items["events"] if e.get("transaction_id") is not None}
+            )
+            counts["requests"] = len(self._requests)
+            return counts
+
+    def clear(self) -> None:
+        """Forget every recording."""
+        with self._changed:
+            for items in self._items.values():
+                items.clear()
+            self._requests.clear()
+            self._changed.notify_all()
+
+
+class _AppConfig:
+    """The app config served on ``GET /v1/config``, kept as JSON bytes with an etag derived from them."""
+
+    def __init__(self, initial: Mapping[str, Any]) -> None:
+        self._lock = threading.Lock()
+        self._body = b"{}"
+        self._etag = ""
+        self.set(initial)
+
+    def set(self, config: Mapping[str, Any]) -> None:
+        """Replace the config; the etag changes whenever the JSON does."""
+        if not isinstance(config, Mapping):
+            raise TypeError(f"app_config must be a dict, not {type(config).__name__}")
+        body = json.dumps(dict(config), sort_keys=True, separators=(",", ":")).encode("utf-8")
+        with self._lock:
+            self._body = body
+            self._etag = hashlib.sha256(body).hexdigest()[:32]
+
+    def get(self) -> JSONObject:
+        """A fresh copy of the config."""
+        body, _ = self.snapshot()
+        result: JSONObject = json.loads(body)
+        return result
+
+    def snapshot(self) -> Tuple[bytes, str]:
+        """The config's JSON bytes and etag, read together."""
+        with self._lock:
+            return self._body, self._etag
+
+
+# --------------------------------------------------------------------------------------------------------------
+# HTTP plumbing
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _Server(ThreadingHTTPServer):
+    """One listening period of a Collector: the bound socket and the connections it accepted.
+
+    ``closing`` is set when this period ends; stalled requests wait on it, so they wake at once.
+    """
+
+    daemon_threads = True
+    block_on_close = False  # server_close() must not wait for stalled or kept-alive connections
+    allow_reuse_address = True  # come_up() binds the same port again at once
+    request_queue_size = 128
+
+    def __init__(self, address: Tuple[str, int], collector: Collector) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.collector = collector
+        self.closing = threading.Event()
+        self._connections_lock = threading.Lock()
+        self._connections: Set[socket.socket] = set()
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        """Bind without HTTPServer's reverse DNS lookup of the host, which can be slow and is never needed here."""
+        socketserver.TCPServer.server_bind(self)
+        address: Any = self.server_address
+        self.server_name = str(address[0])
+        self.server_port = int(address[1])
+
+    def track(self, connection: socket.socket) -> None:
+        """Remember an accepted connection so ``close_connections`` can end it; end it now if already closing."""
+        with self._connections_lock:
+            if not self.closing.is_set():
+                self._connections.add(connection)
+                return
+        _shut(connection)
+
+    def untrack(self, connection: socket.socket) -> None:
+        """Forget a connection its handler has finished with."""
+        with self._connections_lock:
+            self._connections.discard(connection)
+
+    def close_connections(self, spare: Optional[socket.socket] = None) -> None:
+        """Wake stalled requests and end every open connection but ``spare``, so their threads finish promptly."""
+        with self._connections_lock:
+            self.closing.set()
+            connections = [c for c in self._connections if c is not spare]
+            self._connections.clear()
+        for connection in connections:
+            _shut(connection)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection in a named daemon thread that the collector tracks, so ``stop()`` can join it.
+
+        Tracking happens here, in the accept loop, so every thread started before ``stop()`` is known to it.
+        """
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                  name="moesif-collector-request", daemon=self.daemon_threads)
+        thread.start()
+        self.collector._track_thread(thread)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log handler errors (mostly clients that went away) at DEBUG instead of printing them to stderr."""
+        logger.debug("error while serving %s", client_address, exc_info=True)
+
+
+def _shut(connection: socket.socket) -> None:
+    """Shut a socket down both ways, so a thread blocked reading it wakes up; its handler closes it."""
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed by the peer or by its handler
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Reads a request, lets the Collector decide the answer, writes it. Keeps connections alive (HTTP/1.1)."""
+
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; with Nagle on, the second waits ~40 ms for the client's delayed ACK.
+    disable_nagle_algorithm = True
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.track(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.untrack(self.connection)
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("%s %s", self.address_string(), format % args)
+
+    def _serve(self, method: str) -> None:
+        arrived = time.time()
+        path = urlsplit(self.path).path
+        headers = dict(self.headers.items())
+        try:
+            body = self._read_body()
+        except _BadRequest as exc:
+            answer = self.server.collector._reject(method, path, headers, arrived, exc.answer)
+        else:
+            incoming = _Incoming(method, path, headers, body, arrived)
+            answer = self.server.collector._answer(incoming, self.server.closing)
+        self._write(answer)
+
+    def _read_body(self) -> bytes:
+        """The request body, from Content-Length or chunked transfer encoding."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            return self._read_chunked()
+        length_header = self.headers.get("Content-Length")
+        if length_header is None:
+            return b""
+        try:
+            length = int(length_header)
+        except ValueError:
+            raise _BadRequest(400, "invalid Content-Length") from None
+        if length < 0:
+            raise _BadRequest(400, "invalid Content-Length")
+        if length > MAX_BODY_BYTES:
+            raise _BadRequest(413, f"body larger than {MAX_BODY_BYTES} bytes")
+        return self.rfile.read(length)
+
+    def _read_chunked(self) -> bytes:
+        body = bytearray()
+        while True:
+            size_line = self.rfile.readline(1024)
+            try:
+                size = int(size_line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise _BadRequest(400, "invalid chunked encoding") from None
+            if size == 0:
+                break
+            if len(body) + size > MAX_BODY_BYTES:
+                raise _BadRequest(413, f"body larger than {MAX_BODY_BYTES} bytes")
+            body += self.rfile.read(size)
+            self.rfile.readline(1024)  # the CRLF after each chunk
+        while self.rfile.readline(1024).strip():  # trailers, up to the blank line
+            pass
+        return bytes(body)
+
+    def _write(self, answer: _Answer) -> None:
+        if answer.before_write is not None:
+            answer.before_write(self.connection)
+        if answer.close:
+            self.close_connection = True
+        if answer.status == 0:
+            return  # a dropped connection: no answer at all
+        self.send_response(answer.status)
+        for name, value in answer.headers.items():
+            self.send_header(name, value)
+        if answer.status >= 200 and answer.status not in (204, 304):
+            self.send_header("Content-Length", str(len(answer.body)))
+        if answer.close:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if answer.body and answer.status not in (204, 304):
+            self.wfile.write(answer.body)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The collector
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_loopback(host: str) -> None:
+    """Refuse anything but a loopback host: the collector is for local tests and must never face a network."""
+    if host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    raise ValueError(f"Collector only listens on loopback (127.0.0.0/8, localhost, ::1), not {host!r}")
+
+
+class Collector:
+    """A local HTTP server speaking Moesif's ingestion API, recording what it accepts and misbehaving on demand.
+
+    Use it as a context manager (``with Collector() as c:``) or call ``start()`` and ``stop()``. It listens on
+    loopback only; ``port=0`` picks a free port, read back from ``port`` or ``base_uri``. When ``application_id``
+    is given, requests carrying another ``X-Moesif-Application-Id`` get 401; otherwise any non-empty id is taken.
+
+    Besides Moesif's paths it answers, without faults and without an application id:
+
+    - ``POST /_control/fault`` with one of ``{"status": 503, "times": 3, "headers": {...}, "body": "..."}``,
+      ``{"stall": 5.0, "times": 1}``, ``{"drop": true, "times": 2}``, ``{"reset": true}`` or
+      ``{"down_for": 2.5}`` (stops listening, answers, and listens again by itself after that long);
+      ``"times": null`` means until reset, and the default is 1.
+    - ``GET /_control/stats`` (counts), ``GET /_control/events`` (recorded events), ``POST /_control/clear``,
+      ``GET`` or ``POST /_control/config`` (read or replace ``app_config``).
+
+    Control requests are not listed in ``requests``.
+    """
+
+    def __init__(self, host: str = DEFAULT_HOST, port: int = 0, application_id: Optional[str] = None) -> None:
+        _check_loopback(host)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port must be an int from 0 to 65535, not {port!r}")
+        self._host = host
+        self._port = port
+        self._application_id = application_id
+        self._recorder = _Recorder()
+        self._faults = _FaultQueue()
+        self._config = _AppConfig(DEFAULT_APP_CONFIG)
+
+        self._lifecycle = threading.RLock()  # start, stop, go_down and come_up, one at a time
+        self._server: Optional[_Server] = None
+        self._serve_thread: Optional[threading.Thread] = None
+        self._started = False
+        self._stopped = threading.Event()
+        self._downtime_token = 0  # bumped by every go_down/come_up, so an older down_for timer stands aside
+        self._threads_lock = threading.Lock()
+        self._threads: Set[threading.Thread] = set()  # request and downtime threads, joined by stop()
+
+    def __repr__(self) -> str:
+        state = "stopped" if self._stopped.is_set() else ("up" if self.is_up else "down")
+        return f"<Collector {self._host}:{self._port} {state} events={self._recorder.counts()['events']}>"
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------------
+
+    def start(self) -> Collector:
+        """Bind and serve in a daemon thread named "moesif-collector"; calling it again is harmless."""
+        with self._lifecycle:
+            if self._stopped.is_set():
+                raise RuntimeError("this Collector was stopped; create a new one")
+            if not self._started:
+                self._listen()
+                self._started = True
+        return self
+
+    def stop(self) -> None:
+        """Stop listening, end open and stalled connections, and wait briefly for the threads; idempotent."""
+        self._stopped.set()  # cancels a pending down_for timer
+        with self._lifecycle:
+            self._close()
+        deadline = time.monotonic() + _JOIN_TIMEOUT
+        with self._threads_lock:
+            threads = [t for t in self._threads if t is not threading.current_thread()]
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def __enter__(self) -> Collector:
+        return self.start()
+
+    def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
+                 traceback: Optional[TracebackType]) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the one picked by the system once started with port 0)."""
+        return self._port
+
+    @property
+    def base_uri(self) -> str:
+        """The URI to give a Moesif client, such as ``http://127.0.0.1:54321``."""
+        if not self._started:
+            raise RuntimeError("the Collector has not been started")
+        if self._host == "localhost":
+            host = "127.0.0.1"  # what "localhost" was bound as (IPv4), and no name lookup for clients
+        elif ":" in self._host:
+            host = f"[{self._host}]"
+        else:
+            host = self._host
+        return f"http://{host}:{self._port}"
+
+    @property
+    def is_up(self) -> bool:
+        """Whether the collector is accepting connections right now."""
+        return self._server is not None
+
+    def go_down(self, for_seconds: Optional[float] = None) -> None:
+        """Stop listening, so clients get "connection refused", as during an outage; ``come_up()`` ends it.
+
+        With ``for_seconds``, the collector comes up again by itself after that long.
+        """
+        self._go_down(for_seconds)
+
+    def _go_down(self, for_seconds: Optional[float], spare: Optional[socket.socket] = None) -> None:
+        """``go_down``, leaving the connection ``spare`` open (to answer the control request that asked for it)."""
+        if for_seconds is not None and not for_seconds >= 0:
+            raise ValueError(f"for_seconds must be >= 0, not {for_seconds!r}")
+        with self._lifecycle:
+            self._require_running()
+            self._downtime_token += 1
+            self._close(spare)
+            logger.info("collector down on port %d%s", self._port,
+                        "" if for_seconds is None else f" for {for_seconds:.3g}s")
+            if for_seconds is not None:
+                self._spawn(self._come_up_after, (for_seconds, self._downtime_token), "moesif-collector-downtime")
+
+    def come_up(self) -> None:
+        """Listen again on the same port after ``go_down()``; harmless when already up."""
+        with self._lifecycle:
+            self._require_running()
+            self._downtime_token += 1
+            if self._server is None:
+                self._listen()
+                logger.info("collector up again on port %d", self._port)
+
+    def _require_running(self) -> None:
+        if not self._started or self._stopped.is_set():
+            raise RuntimeError("the Collector is not running (start() it; a stopped one cannot come back)")
+
+    def _listen(self) -> None:
+        server = _Server((self._host, self._port), self)
+        self._port = int(server.server_port)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": _POLL_INTERVAL},
+                                  name="moesif-collector", daemon=True)
+        thread.start()
+        self._server, self._serve_thread = server, thread
+        logger.debug("collector listening on port %d", self._port)
+
+    def _close(self, spare: Optional[socket.socket] = None) -> None:
+        server, thread = self._server, self._serve_thread
+        if server is None or thread is None:
+            return
+        self._server = self._serve_thread = None
+        server.shutdown()  # returns once the accept loop has exited
+        server.server_close()  # from here on the port refuses connections
+        server.close_connections(spare)  # wake stalled requests, end kept-alive connections
+        thread.join(_JOIN_TIMEOUT)
+
+    def _come_up_after(self, seconds: float, token: int) -> None:
+        if self._stopped.wait(seconds):
+            return
+        with self._lifecycle:
+            if token != self._downtime_token or self._stopped.is_set() or self._server is not None:
+                return  # someone called go_down/come_up since, or the collector was stopped
+            try:
+                self._listen()
+            except OSError:
+                logger.warning("collector could not listen on port %d again", self._port, exc_info=True)
+                return
+        logger.info("collector up again on port %d", self._port)
+
+    def _spawn(self, target: Callable[..., None], args: Tuple[Any, ...], name: str) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._track_thread(thread)
+
+    def _track_thread(self, thread: threading.Thread) -> None:
+        """Remember a started thread for ``stop()`` to join, forgetting those that have ended."""
+        with self._threads_lock:
+            self._threads = {t for t in self._threads if t.is_alive()}
+            self._threads.add(thread)
+
+    # ---- recordings --------------------------------------------------------------------------------------------
+
+    @property
+    def events(self) -> List[JSONObject]:
+        """The events accepted so far, in arrival order (a new list; the event dicts are the recorded ones)."""
+        return self._recorder.items("events")
+
+    @property
+    def users(self) -> List[JSONObject]:
+        """The user updates accepted so far, in arrival order."""
+        return self._recorder.items("users")
+
+    @property
+    def companies(self) -> List[JSONObject]:
+        """The company updates accepted so far, in arrival order."""
+        return self._recorder.items("companies")
+
+    @property
+    def subscriptions(self) -> List[JSONObject]:
+        """The subscription updates accepted so far, in arrival order."""
+        return self._recorder.items("subscriptions")
+
+    @property
+    def requests(self) -> List[ReceivedRequest]:
+        """Every request received except control ones, faulted and rejected ones included, in arrival order."""
+        return self._recorder.requests()
+
+    def transaction_ids(self) -> List[str]:
+        """The ``transaction_id`` of each recorded event that has one, in order, duplicates kept (to count them)."""
+        return self._recorder.transaction_ids()
+
+    def wait_for_events(self, n: int, timeout: float) -> bool:
+        """Block until at least ``n`` events are recorded; False if ``timeout`` seconds pass first."""
+        return self._recorder.wait_until("events", n, timeout)
+
+    def wait_for_requests(self, n: int, timeout: float) -> bool:
+        """Block until at least ``n`` requests are listed in ``requests``, e.g. to see a client's retries."""
+        return self._recorder.wait_until("requests", n, timeout)
+
+    def clear(self) -> None:
+        """Forget every recording (events, users, companies, subscriptions and requests), not the faults."""
+        self._recorder.clear()
+
+    def stats(self) -> Dict[str, int]:
+        """Counts of what was recorded and of pending faults, as served on ``GET /_control/stats``."""
+        stats = self._recorder.counts()
+        stats["faults_pending"] = len(self._faults)
+        return stats
+
+    # ---- app config --------------------------------------------------------------------------------------------
+
+    @property
+    def app_config(self) -> JSONObject:
+        """The config served on ``GET /v1/config`` (a copy: assign a new dict to change it)."""
+        return self._config.get()
+
+    @app_config.setter
+    def app_config(self, config: Mapping[str, Any]) -> None:
+        self._config.set(config)
+
+    @property
+    def config_etag(self) -> str:
+        """The etag of ``app_config``, sent as ``X-Moesif-Config-ETag``; it changes when the config does."""
+        return self._config.snapshot()[1]
+
+    # ---- fault injection ---------------------------------------------------------------------------------------
+
+    def respond_with(self, status: int, times: Optional[int] = 1, headers: Optional[Mapping[str, str]] = None,
+                     body: Optional[Union[bytes, str]] = None) -> None:
+        """Answer the next ``times`` ingestion requests (None: until reset) with ``status``, recording nothing.
+
+        For example ``respond_with(503, times=2)`` or ``respond_with(429, headers={"Retry-After": "2"})``.
+        """
+        if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
+            raise ValueError(f"status must be an int from 200 to 599, not {status!r}")
+        fault_headers = _fault_headers(headers)
+        if body is None:
+            payload = json.dumps({"error": f"injected {status}"}).encode("utf-8")
+            fault_headers.setdefault("Content-Type", "application/json; charset=utf-8")
+        else:
+            payload = body.encode("utf-8") if isinstance(body, str) else bytes(body)
+            fault_headers.setdefault("Content-Type", "text/plain; charset=utf-8")
+        self._faults.add(_Fault("status", status=status, headers=fault_headers, body=payload), times)
+
+    def stall(self, seconds: float, times: Optional[int] = 1) -> None:
+        """Hold the next ``times`` ingestion requests ``seconds`` before answering normally, like a slow server.
+
+        ``stop()`` or ``go_down()`` cut a stall short; the stalled connection is then dropped unanswered.
+        """
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+            raise ValueError(f"seconds must be a number >= 0, not {seconds!r}")
+        self._faults.add(_Fault("stall", seconds=float(seconds)), times)
+
+    def drop_connections(self, times: Optional[int] = 1) -> None:
+        """Read the next ``times`` ingestion requests, then close their connections without any answer."""
+        self._faults.add(_Fault("drop"), times)
+
+    def reset(self) -> None:
+        """Forget every pending fault (the collector stays up or down as it is)."""
+        self._faults.reset()
+
+    @property
+    def faults_pending(self) -> int:
+        """How many queued faults have not been used up yet."""
+        return len(self._faults)
+
+    # ---- answering (called from request threads) ---------------------------------------------------------------
+
+    def _answer(self, request: _Incoming, closing: threading.Event) -> _Answer:
+        """Decide the answer to a request and record it, before the answer is written."""
+        if request.path.startswith(CONTROL_PREFIX):
+            return self._answer_control(request)
+        answer, kind, items = self._answer_api(request, closing)
+        record = ReceivedRequest(request.method, request.path, request.headers, answer.status, len(items),
+                                 request.arrived)
+        self._recorder.record(record, kind, items)
+        if kind is not None:
+            logger.info("accepted %s: %d %s", request.path, len(items), kind)
+        return answer
+
+    def _reject(self, method: str, path: str, headers: Dict[str, str], arrived: float, answer: _Answer) -> _Answer:
+        """Record a request whose body could not be read, and pass its error answer on."""
+        if not path.startswith(CONTROL_PREFIX):
+            self._recorder.record(ReceivedRequest(method, path, headers, answer.status, 0, arrived))
+        return answer
+
+    def _answer_api(self, request: _Incoming,
+                    closing: threading.Event) -> Tuple[_Answer, Optional[str], List[JSONObject]]:
+        """The answer to a Moesif API request, with the kind and items to record if it is accepted."""
+        nothing: List[JSONObject] = []
+        if request.path in ("/v1/config", "/v1/rules"):  # read-only, never faulted
+            if request.method != "GET":
+                return _error(405, "use GET"), None, nothing
+            auth_error = self._auth_error(request)
+            if auth_error:
+                return _error(401, auth_error), None, nothing
+            return (self._answer_config() if request.path == "/v1/config" else _json_answer(200, [])), None, nothing
+        route = _INGESTION_ROUTES.get(request.path)
+        if route is None:
+            return _error(404, "no such path"), None, nothing
+        if request.method != "POST":
+            return _error(405, "use POST"), None, nothing
+
+        fault = self._faults.take()
+        if fault is not None:
+            logger.debug("fault applied to %s: %s", request.path, fault.describe())
+            if fault.kind == "status":
+                return _Answer(fault.status, fault.body, dict(fault.headers)), None, nothing
+            if fault.kind == "drop":
+                return _DROP, None, nothing
+            if closing.wait(fault.seconds):  # a stall, cut short by stop() or go_down()
+                return _DROP, None, nothing
+
+        auth_error = self._auth_error(request)
+        if auth_error:
+            return _error(401, auth_error), None, nothing
+        kind, is_batch = route
+        try:
+            items = _parse_items(request, is_batch)
+        except ValueError as exc:
+            return _error(400, str(exc)), None, nothing
+        headers = {CONFIG_ETAG_HEADER: self.config_etag} if kind == "events" else {}
+        return _json_answer(201, {}, headers), kind, items
+
+    def _auth_error(self, request: _Incoming) -> Optional[str]:
+        application_id = request.header(APPLICATION_ID_HEADER)
+        if not application_id:
+            return f"missing {APPLICATION_ID_HEADER} header"
+        if self._application_id is not None and application_id != self._application_id:
+            return "unknown application id"
+        return None
+
+    def _answer_config(self) -> _Answer:
+        body, etag = self._config.snapshot()
+        return _Answer(200, body, {"Content-Type": "application/json; charset=utf-8", CONFIG_ETAG_HEADER: etag})
+
+    def _answer_control(self, request: _Incoming) -> _Answer:
+        """Answer ``/_control/...``: statistics, recorded events, config, and fault injection from afar."""
+        route = (request.method, request.path[len(CONTROL_PREFIX):])
+        try:
+            if route == ("GET", "stats"):
+                return _json_answer(200, self.stats())
+            if route == ("GET", "events"):
+                return _json_answer(200, self.events)
+            if route == ("POST", "clear"):
+                self.clear()
+                return _json_answer(200, {"ok": True})
+            if route == ("GET", "config"):
+                return _json_answer(200, self.app_config)
+            if route == ("POST", "config"):
+                self.app_config = _parse_json(request.body)
+                return _json_answer(200, {"ok": True, "etag": self.config_etag})
+            if route == ("POST", "fault"):
+                return self._apply_fault_spec(_parse_json(request.body))
+        except (TypeError, ValueError) as exc:
+            return _error(400, str(exc))
+        if route[1] in ("stats", "events", "clear", "config", "fault"):
+            return _error(405, "wrong method")
+        return _error(404, "no such control path")
+
+    def _apply_fault_spec(self, spec: Any) -> _Answer:
+        """Queue the fault a ``POST /_control/fault`` body describes, and say how many are pending."""
+        if not isinstance(spec, dict):
+            raise ValueError("expected a JSON object")
+        times = spec.get("times", 1)
+        if spec.get("reset"):
+            self.reset()
+        elif "down_for" in spec:
+            seconds = float(spec["down_for"])
+            if not seconds >= 0:
+                raise ValueError("down_for must be >= 0")
+            # Stop listening first, then answer on the still-open connection: once the client has the answer,
+            # new connections are refused for sure.
+            return _json_answer(200, {"ok": True, "down_for": seconds}, close=True,
+                                before_write=lambda connection: self._go_down(seconds, spare=connection))
+        elif "status" in spec:
+            self.respond_with(spec["status"], times, headers=spec.get("headers"), body=spec.get("body"))
+        elif "stall" in spec:
+            self.stall(spec["stall"], times)
+        elif spec.get("drop"):
+            self.drop_connections(times)
+        else:
+            raise ValueError("expected one of: status, stall, drop, reset, down_for")
+        return _json_answer(200, {"ok": True, "faults_pending": self.faults_pending})
+
+
+def _parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise ValueError("body is not valid JSON") from None
+
+
+def _parse_items(request: _Incoming, is_batch: bool) -> List[JSONObject]:
+    """The JSON objects an ingestion request carries: one, or a list for a batch path. Raises ValueError."""
+    encoding = (request.header("Content-Encoding") or "identity").strip().lower()
+    body = request.body
+    if encoding in ("gzip", "x-gzip"):
+        try:
+            body = gzip.decompress(body)
+        except (OSError, EOFError, zlib.error):
+            raise ValueError("body is not valid gzip") from None
+    elif encoding != "identity":
+        raise ValueError(f"unsupported Content-Encoding {encoding!r}")
+    payload = _parse_json(body)
+    if not is_batch:
+        payload = [payload]
+    if not isinstance(payload, list):
+        raise ValueError("a batch must be a JSON list")
+    if not all(isinstance(item, dict) for item in payload):
+        raise ValueError("expected JSON objects")
+    return payload
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m moesiftornado_durable.testing",
+        description="Run a local Moesif-compatible collector until Ctrl-C or SIGTERM. The first line of stdout "
+                    "is its base URI; control it with POST /_control/fault and GET /_control/stats.",
+    )
+    parser.add_argument("--host", default=DEFAULT_HOST, help="loopback address to listen on (default %(default)s)")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on; 0 picks a free one (default)")
+    parser.add_argument("--application-id", default=None,
+                        help="accept only this X-Moesif-Application-Id (default: any non-empty id)")
+    parser.add_argument("--quiet", action="store_true", help="log warnings only, not each accepted request")
+    args = parser.parse_args(argv)
+    try:
+        _check_loopback(args.host)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run a collector in the foreground until Ctrl-C or SIGTERM, printing its base URI on stdout's first line.
+
+    A parent process (the demo, a benchmark) reads that line to find the port; logs go to stderr. Returns 0 after
+    a clean stop, 1 if the port could not be bound (argument errors exit with 2, as argparse does).
+    """
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    collector = Collector(args.host, args.port, args.application_id)
+    # SIGTERM stops us like Ctrl-C; signal handlers can only be set from the main thread.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.getsignal(signal.SIGTERM) if in_main_thread else None
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        try:
+            collector.start()
+        except OSError as exc:
+            logger.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
+            return 1
+        print(collector.base_uri, flush=True)
+        logger.info("collector listening on %s", collector.base_uri)
+        idle = threading.Event()
+        while not idle.wait(1.0):  # a timed wait, so Ctrl-C is delivered promptly on every platform
+            pass
+    except KeyboardInterrupt:
+        logger.info("stopping")
+    finally:
+        collector.stop()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_sigterm is None else previous_sigterm)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
