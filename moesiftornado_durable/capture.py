@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import datetime
-import gzip
 import ipaddress
 import json
 import logging
@@ -19,6 +18,7 @@ import uuid
 import zlib
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
 
+from moesifapi.models import BaseModel, EventModel
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
 from tornado.web import OutputTransform
 
@@ -97,8 +97,6 @@ def mask_event(event: Event, config: Config) -> Optional[Event]:
     A mask that returns None drops the event (the original's behaviour). A mask that raises must not
     let unmasked data reach the disk: the event is kept with its headers and bodies removed.
     """
-    from moesifapi.models import BaseModel, EventModel
-
     assert config.mask_event_model is not None
     transaction_id = event["transaction_id"]
     try:
@@ -202,9 +200,8 @@ def _decoded(raw: bytes, content_encoding: Optional[str], limit: int) -> Optiona
         return None
     if content_encoding and content_encoding.strip().lower() == "gzip":
         try:
-            decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            plain = decompressor.decompress(raw, limit + 1)
-        except (zlib.error, gzip.BadGzipFile):
+            plain = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw, limit + 1)
+        except zlib.error:
             return raw
         return None if len(plain) > limit else plain
     return raw

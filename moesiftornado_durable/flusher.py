@@ -71,14 +71,17 @@ class Flusher:
         """True while the last delivery attempt failed and the flusher is backing off."""
         return self._failing
 
-    def flush(self, timeout: float) -> bool:
-        """Send everything spooled before this call; True if it was all delivered within `timeout` seconds."""
+    def flush(self, timeout: float, while_healthy: bool = False) -> bool:
+        """Send everything spooled before this call; True if it was all delivered within `timeout` seconds.
+
+        With `while_healthy`, stop waiting as soon as a delivery attempt fails (used by `close`).
+        """
         deadline = time.monotonic() + timeout
         mark = self._spool.last_id()
         self._urgent_until = max(self._urgent_until, deadline)
         self._spool.wake()
         while self._spool.pending_through(mark) > 0:
-            if time.monotonic() >= deadline or not self.is_alive:
+            if time.monotonic() >= deadline or not self.is_alive or (while_healthy and self._failing):
                 return False
             time.sleep(_POLL)
         return True
@@ -87,7 +90,7 @@ class Flusher:
         """Deliver what can be delivered within `timeout`, then stop; undelivered records stay on disk."""
         deadline = time.monotonic() + timeout
         if self.is_alive and not self._failing:
-            self.flush(timeout)
+            self.flush(timeout, while_healthy=True)
         self._stop.set()
         self._spool.wake()
         if self._thread is not None and self._pid == os.getpid():

@@ -9,20 +9,17 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, Iterable, List
 
+from moesifapi.models import BaseModel
+
 Profile = Dict[str, Any]
 
 
 def normalize_profile(profile: Any, id_field: str) -> Profile:
     """One update as a dict with a non-empty `id_field`; raises ValueError otherwise."""
-    from moesifapi.models import BaseModel
-
     if isinstance(profile, BaseModel):
         profile = {key: value for key, value in profile.to_dictionary().items() if value is not None}
     elif isinstance(profile, (str, bytes)):
-        try:
-            profile = json.loads(profile)
-        except ValueError as exc:
-            raise ValueError(f"expected a JSON object, could not parse it: {exc}") from exc
+        profile = _parse_json(profile)
     if not isinstance(profile, dict):
         raise ValueError(f"expected a dict, a moesifapi model or a JSON string, got {type(profile).__name__}")
     if profile.get(id_field) in (None, ""):
@@ -33,10 +30,14 @@ def normalize_profile(profile: Any, id_field: str) -> Profile:
 def normalize_profiles(profiles: Iterable[Any], id_field: str) -> List[Profile]:
     """Every update of a batch, validated before any is accepted, so a bad one rejects the whole call."""
     if isinstance(profiles, (str, bytes)):
-        try:
-            profiles = json.loads(profiles)
-        except ValueError as exc:
-            raise ValueError(f"expected a JSON list, could not parse it: {exc}") from exc
+        profiles = _parse_json(profiles)
     if isinstance(profiles, dict) or not isinstance(profiles, Iterable):
         raise ValueError(f"expected a list of updates, got {type(profiles).__name__}")
     return [normalize_profile(profile, id_field) for profile in profiles]
+
+
+def _parse_json(text: Any) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"could not parse the JSON given: {exc}") from exc
