@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import sqlite3
 import threading
 import time
 from typing import Counter, List, Optional
@@ -77,13 +78,17 @@ class Flusher:
         With `while_healthy`, stop waiting as soon as a delivery attempt fails (used by `close`).
         """
         deadline = time.monotonic() + timeout
-        mark = self._spool.last_id()
-        self._urgent_until = max(self._urgent_until, deadline)
-        self._spool.wake()
-        while self._spool.pending_through(mark) > 0:
-            if time.monotonic() >= deadline or not self.is_alive or (while_healthy and self._failing):
-                return False
-            time.sleep(_POLL)
+        try:
+            mark = self._spool.last_id()
+            self._urgent_until = max(self._urgent_until, deadline)
+            self._spool.wake()
+            while self._spool.pending_through(mark) > 0:
+                if time.monotonic() >= deadline or not self.is_alive or (while_healthy and self._failing):
+                    return False
+                time.sleep(_POLL)
+        except sqlite3.Error:
+            logger.exception("flush could not read the spool")
+            return False
         return True
 
     def close(self, timeout: float) -> None:

@@ -141,7 +141,11 @@ class MoesifMiddleware:
         if runtime is not None and runtime.pid == os.getpid():
             result.update(runtime.flusher.counters)
             result["last_error"] = runtime.flusher.last_error
-            spool = runtime.spool.stats()
+            try:
+                spool = runtime.spool.stats()
+            except sqlite3.Error as exc:
+                result["spool_error"] = repr(exc)
+                return result
             result.update(
                 ready=spool.ready,
                 in_flight=spool.in_flight,

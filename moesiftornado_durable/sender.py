@@ -158,7 +158,7 @@ class wait_for_collector(tenacity.wait.wait_base):
             return self.auth_wait
         if isinstance(error, RetryableError) and error.retry_after is not None:
             return min(error.retry_after, self.max_wait)
-        return float(self.backoff(retry_state))
+        return min(float(self.backoff(retry_state)), self.max_wait)
 
 
 def interruptible_sleep(stop: threading.Event) -> Callable[[float], None]:
@@ -201,7 +201,8 @@ def delivery_policy(
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(RetryableError),
         wait=wait_for_collector(
-            tenacity.wait_exponential_jitter(multiplier=0.5, max=max_wait, jitter=1.0),
+            # exponential backoff plus up to 1 s of jitter (composed: stable across tenacity 8.2 to 9.x)
+            tenacity.wait_exponential(multiplier=0.5, max=max_wait) + tenacity.wait_random(0, 1.0),
             max_wait,
             auth_wait or max_wait,
         ),

@@ -272,3 +272,18 @@ def test_a_middleware_built_before_fork_works_in_each_child(collector: Collector
     assert "parent" in users
     for c in range(3):
         assert {f"child-{c}-{n}" for n in range(20)} <= set(users)
+
+
+def test_a_spool_that_fails_is_counted_and_logged_and_never_raises(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, caplog: Any
+) -> None:
+    middleware = make_middleware()
+    serve_requests(middleware, 1)
+    middleware._runtime_here().spool.close()  # type: ignore[union-attr]  # the real spool, really broken
+    import logging
+
+    with caplog.at_level(logging.ERROR, logger="moesiftornado_durable"):
+        serve_requests(middleware, 3)  # every request still answered 200
+    stats = middleware.stats()
+    assert stats["dropped_spool_error"] == 3 and stats["spooled"] == 1
+    assert any("could not write to the spool" in record.getMessage() for record in caplog.records)
