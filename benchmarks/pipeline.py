@@ -157,7 +157,7 @@ def bench_drain(collector: Collector, events: int, batch_size: int, rounds: int)
         collector.clear()
 
         spool_dir = tempfile.mkdtemp(prefix="bench-drain-")
-        spool = Spool(spool_dir)
+        spool = Spool(os.path.join(spool_dir, "spool-0.db"))
         for body in bodies:
             spool.put(body)
         spool.close()

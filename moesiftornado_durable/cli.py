@@ -1,7 +1,9 @@
-"""The `moesiftornado-durable` command: look at a spool, run the local collector.
+"""The `moesiftornado-durable` command: look at spools, drain a backlog, handle dead letters.
 
-Each command is a small function over the library's API; exit codes mean something (0 done, 1 the
-command failed, 2 bad usage), and errors are one line on stderr.
+Each command is a small function over the spool API. Nothing a command does can lose an event: a replay
+that fails leaves the events where they were, and only `dead-letter purge` deletes (after asking).
+Exit codes: 0 done, 1 the command failed, 2 bad usage, 3 a spool was locked by a live process,
+130 interrupted. Errors are one line on stderr.
 """
 
 from __future__ import annotations
@@ -9,55 +11,430 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import re
+import signal
 import sys
+import threading
 import time
-from typing import List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, TextIO, Tuple
 
-from . import __version__, testing
-from .spool import read_stats
+from . import __version__, locks, testing
+from .config import DEFAULT_BASE_URI
+from .flusher import Courier, Outcome, remove_spool_files
+from .sender import Sender, delivery_policy
+from .spool import EVENT, KINDS, Spool, read_stats, salvage
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+DEFAULT_REPLAY_BATCH_SIZE = 500
+REPLAY_ATTEMPTS = 5  # per batch, before replay gives up and says why
+REPLAY_MAX_WAIT = 5.0
+
+
+class CommandError(Exception):
+    """A failure to report as one line on stderr, with its exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the console script and of ``python -m moesiftornado_durable``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["collector"]:  # its options are the collector's own
+        return testing.main(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except CommandError as exc:
+        print(f"moesiftornado-durable: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("moesiftornado-durable: interrupted; nothing was lost", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moesiftornado-durable", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    status = commands.add_parser("status", help="counts of a spool (read-only, safe next to a live app)")
-    status.add_argument("--spool-dir", required=True, help="the SPOOL_DIR to look at")
-    status.add_argument("--json", action="store_true", help="print JSON instead of text")
-    status.set_defaults(run=_status)
+    def command(name: str, run: Callable[[argparse.Namespace], int], text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.set_defaults(run=run)
+        return sub
 
-    collector = commands.add_parser(
-        "collector", help="run the local Moesif-compatible collector in the foreground", add_help=False
-    )
-    collector.set_defaults(run=None)
+    status = command("status", _status, "counts per spool file and in total (read-only, safe next to a live app)")
+    status.add_argument("--spool-dir", required=True)
+    status.add_argument("--json", action="store_true", help="print JSON")
 
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "collector":
-        return testing.main(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return int(args.run(args))
+    replay = command("replay", _replay, "send the backlog of every spool file not owned by a live process")
+    replay.add_argument("--spool-dir", required=True)
+    replay.add_argument("--application-id", help="default: $MOESIF_APPLICATION_ID (safer: not shown in ps)")
+    replay.add_argument("--base-uri", default=DEFAULT_BASE_URI)
+    replay.add_argument("--batch-size", type=int, default=DEFAULT_REPLAY_BATCH_SIZE)
+    replay.add_argument("--max-events", type=int, help="stop after this many")
+    replay.add_argument("--send-timeout", type=float, default=30.0, help="seconds per request (default 30)")
+    replay.add_argument("--dry-run", action="store_true", help="count what would be sent; send nothing")
+
+    dead = command("dead-letter", _dead_letter, "list, requeue, purge or export dead-lettered records")
+    dead.add_argument("action", choices=["list", "requeue", "purge", "export"])
+    dead.add_argument("--spool-dir", required=True)
+    dead.add_argument("--reason", help="only records whose reason contains this text")
+    dead.add_argument("--older-than", type=_age, help="only records dead-lettered longer ago, e.g. 90s, 30m, 12h, 7d")
+    dead.add_argument("--out", help="export: write JSONL here instead of stdout")
+    dead.add_argument("--yes", action="store_true", help="purge: do not ask for confirmation")
+    dead.add_argument("--json", action="store_true", help="list: print JSONL")
+
+    export = command("export", _export, "write every record of every spool file as JSONL (for an audit)")
+    export.add_argument("--spool-dir", required=True)
+    export.add_argument("--out", required=True, help="the JSONL file to write")
+
+    imp = command("import", _import, "add the records of a JSONL export to a spool (as ready records)")
+    imp.add_argument("file")
+    imp.add_argument("--spool-dir", required=True)
+
+    salv = command("salvage", _salvage, "copy every readable record of a damaged spool file into a spool")
+    salv.add_argument("file")
+    salv.add_argument("--spool-dir", required=True)
+
+    command("collector", lambda args: EXIT_OK, "run the local Moesif-compatible collector in the foreground "
+            "(see: collector --help)")
+    return parser
+
+
+# -- status --------------------------------------------------------------------------------------
 
 
 def _status(args: argparse.Namespace) -> int:
-    try:
-        stats = read_stats(args.spool_dir)
-    except (OSError, ValueError) as exc:
-        print(f"moesiftornado-durable: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # sqlite3.DatabaseError and kin: the file is not a readable spool
-        print(f"moesiftornado-durable: cannot read the spool in {args.spool_dir}: {exc}", file=sys.stderr)
-        return 1
-    oldest_age = None if stats.oldest_spooled_at is None else round(time.time() - stats.oldest_spooled_at, 1)
+    rows = [_file_status(args.spool_dir, slot) for slot in _existing_slots(args.spool_dir)]
+    totals = {key: sum(row[key] for row in rows) for key in ("ready", "in_flight", "dead_letter", "bytes_on_disk")}
+    ages = [row["oldest_age_seconds"] for row in rows if row["oldest_age_seconds"] is not None]
+    totals["oldest_age_seconds"] = max(ages) if ages else None
     if args.json:
-        print(json.dumps(dict(dataclasses.asdict(stats), oldest_age_seconds=oldest_age, spool_dir=args.spool_dir)))
-        return 0
-    print(f"spool:        {args.spool_dir}")
-    print(f"ready:        {stats.ready}")
-    print(f"in flight:    {stats.in_flight}")
-    print(f"dead letter:  {stats.dead_letter}")
-    print(f"oldest event: {'-' if oldest_age is None else f'{oldest_age} s ago'}")
-    print(f"on disk:      {stats.bytes_on_disk} bytes")
-    return 0
+        print(json.dumps({"spool_dir": args.spool_dir, "files": rows, "total": totals}))
+        return EXIT_OK
+    header = ("file", "owner", "alive", "ready", "in flight", "dead", "oldest", "bytes")
+    print(f"{header[0]:<16} " + " ".join(f"{h:>{w}}" for h, w in zip(header[1:], (8, 5, 9, 9, 7, 10, 12))))
+    for row in rows + [dict(totals, file="total", owner_pid=None, owner_alive=None)]:
+        owner = "-" if row["owner_pid"] is None else str(row["owner_pid"])
+        alive = {True: "yes", False: "no", None: ""}[row["owner_alive"]]
+        oldest = "-" if row["oldest_age_seconds"] is None else _duration(row["oldest_age_seconds"])
+        print(f"{row['file']:<16} {owner:>8} {alive:>5} {row['ready']:>9} {row['in_flight']:>9} "
+              f"{row['dead_letter']:>7} {oldest:>10} {row['bytes_on_disk']:>12}")
+    return EXIT_OK
+
+
+def _file_status(directory: str, slot: int) -> Dict[str, Any]:
+    path = locks.spool_path(directory, slot)
+    try:
+        stats = read_stats(path)
+    except Exception as exc:  # sqlite3.DatabaseError and kin: not a readable spool
+        raise CommandError(f"cannot read {path}: {exc}") from exc
+    pid, alive = locks.owner(directory, slot)
+    age = None if stats.oldest_spooled_at is None else round(time.time() - stats.oldest_spooled_at, 1)
+    return dict(dataclasses.asdict(stats), file=os.path.basename(path), owner_pid=pid, owner_alive=alive,
+                oldest_age_seconds=age)
+
+
+# -- replay --------------------------------------------------------------------------------------
+
+
+def _replay(args: argparse.Namespace) -> int:
+    application_id = args.application_id or os.environ.get("MOESIF_APPLICATION_ID")
+    if not application_id and not args.dry_run:
+        raise CommandError("no application id: set MOESIF_APPLICATION_ID (or pass --application-id)", EXIT_USAGE)
+    if args.batch_size < 1:
+        raise CommandError("--batch-size must be at least 1", EXIT_USAGE)
+    stop = threading.Event()
+    sender = Sender(args.base_uri, application_id or "", args.send_timeout)
+    courier = Courier(sender, delivery_policy(stop, max_wait=REPLAY_MAX_WAIT, attempts=REPLAY_ATTEMPTS,
+                                              retry_auth=False))
+    owned = list(_lock_all(args.spool_dir))
+    skipped = sorted(set(_existing_slots(args.spool_dir)) - {lock.slot for lock in owned})
+    spools: List[Tuple[locks.SlotLock, Spool]] = []
+    try:
+        for lock in owned:
+            spools.append((lock, Spool(lock.spool_path)))
+        total = sum(spool.ready_count() for _, spool in spools)
+        if args.max_events is not None:
+            total = min(total, args.max_events)
+        if args.dry_run:
+            print(f"would send {total} record(s) from {len(spools)} spool file(s); "
+                  f"{len(skipped)} file(s) locked by a live process")
+            return EXIT_OK
+        progress = Progress(total, sys.stderr)
+        with _stop_on_sigint(stop):
+            outcome = _drain_all(courier, spools, args, stop, progress)
+        progress.finish()
+    finally:
+        for lock, spool in spools:
+            empty = spool.is_empty()
+            spool.close()
+            if empty:
+                remove_spool_files(lock.spool_path)
+        for lock in owned:
+            lock.release()
+        sender.close()
+    print(f"sent {courier.counters['sent']} record(s), dead-lettered {courier.counters['dead_lettered']}")
+    if stop.is_set():
+        print("stopped by Ctrl-C; the rest stays in the spool", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if outcome is Outcome.RETURNED:
+        raise CommandError(f"delivery failed ({courier.last_error}); unsent records stay in the spool")
+    if skipped:
+        names = ", ".join(os.path.basename(locks.spool_path(args.spool_dir, slot)) for slot in skipped)
+        raise CommandError(f"{len(skipped)} spool file(s) locked by a live process, not replayed: {names}",
+                           EXIT_LOCKED)
+    return EXIT_OK
+
+
+def _drain_all(courier: Courier, spools: List[Tuple[locks.SlotLock, Spool]], args: argparse.Namespace,
+               stop: threading.Event, progress: Progress) -> Outcome:
+    remaining = args.max_events
+    for _, spool in spools:
+        outcome = courier.drain(spool, args.batch_size, stop, max_records=remaining, on_batch=progress.advance)
+        if outcome is Outcome.RETURNED or stop.is_set():
+            return outcome
+        if remaining is not None:
+            remaining = max(0, args.max_events - courier.counters["sent"] - courier.counters["dead_lettered"])
+            if remaining == 0:
+                break
+    return Outcome.DELIVERED
+
+
+class _stop_on_sigint:
+    """First Ctrl-C: finish the current batch and stop. Second: abort at once (the batch goes back)."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self._stop = stop
+        self._previous: Any = None
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        print("\nstopping after the current batch (Ctrl-C again to abort)", file=sys.stderr)
+        self._stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+class Progress:
+    """Events, events/s and ETA: a redrawn line on a terminal, a plain line every few seconds otherwise."""
+
+    def __init__(self, total: int, stream: TextIO, every: float = 2.0) -> None:
+        self.total, self.done = total, 0
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._every = every
+        self._started = self._last = time.monotonic()
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        now = time.monotonic()
+        if self._tty or now - self._last >= self._every:
+            self._last = now
+            self._write(now)
+
+    def finish(self) -> None:
+        self._write(time.monotonic())
+        if self._tty:
+            self._stream.write("\n")
+
+    def _write(self, now: float) -> None:
+        elapsed = max(now - self._started, 1e-9)
+        rate = self.done / elapsed
+        eta = "-" if not rate else _duration(max(0, self.total - self.done) / rate)
+        line = f"{self.done}/{self.total} events  {rate:,.0f} ev/s  ETA {eta}"
+        self._stream.write(f"\r{line}" if self._tty else line + "\n")
+        self._stream.flush()
+
+
+# -- dead letters, export, import, salvage -------------------------------------------------------
+
+
+def _dead_letter(args: argparse.Namespace) -> int:
+    found = list(_dead_letters(args.spool_dir, args.reason, args.older_than))
+    if args.action == "list":
+        for path, record in found:
+            if args.json:
+                print(json.dumps(dict(record, file=os.path.basename(path))))
+            else:
+                print(f"{os.path.basename(path)}:{record['id']}  HTTP {record['http_status']}  "
+                      f"{_iso(record['dead_at'])}  {record['kind']}  {_transaction_id(record)}  {record['reason']}")
+        if not args.json:
+            print(f"{len(found)} dead-lettered record(s)")
+        return EXIT_OK
+    if args.action == "export":
+        with _output(args.out) as out:
+            for path, record in found:
+                out.write(json.dumps(dict(record, file=os.path.basename(path))) + "\n")
+        print(f"exported {len(found)} dead-lettered record(s)", file=sys.stderr)
+        return EXIT_OK
+    if args.action == "purge" and found and not args.yes:
+        if not sys.stdin.isatty():
+            raise CommandError("purge deletes records for good: confirm with --yes when not on a terminal")
+        answer = input(f"Delete {len(found)} dead-lettered record(s) for good? Type 'yes': ")
+        if answer.strip().lower() != "yes":
+            raise CommandError("not confirmed; nothing deleted")
+    changed = 0
+    for path, ids in _group_ids(found).items():
+        spool = Spool(path, resume=False)
+        try:
+            changed += spool.requeue_dead_letters(ids) if args.action == "requeue" else spool.purge_dead_letters(ids)
+        finally:
+            spool.close()
+    print(f"{'requeued' if args.action == 'requeue' else 'purged'} {changed} record(s)")
+    return EXIT_OK
+
+
+def _dead_letters(directory: str, reason: Optional[str], older_than: Optional[float]) -> Iterator[Tuple[str, Any]]:
+    for slot in _existing_slots(directory):
+        path = locks.spool_path(directory, slot)
+        spool = Spool(path, resume=False)
+        try:
+            for record in spool.dead_letters(reason, older_than):
+                yield path, record
+        finally:
+            spool.close()
+
+
+def _group_ids(found: List[Tuple[str, Any]]) -> Dict[str, List[int]]:
+    grouped: Dict[str, List[int]] = {}
+    for path, record in found:
+        grouped.setdefault(path, []).append(record["id"])
+    return grouped
+
+
+def _export(args: argparse.Namespace) -> int:
+    count = 0
+    with _output(args.out) as out:
+        for slot in _existing_slots(args.spool_dir):
+            path = locks.spool_path(args.spool_dir, slot)
+            spool = Spool(path, resume=False)
+            try:
+                for record in spool.records():
+                    out.write(json.dumps(dict(record, file=os.path.basename(path))) + "\n")
+                    count += 1
+            finally:
+                spool.close()
+    print(f"exported {count} record(s) to {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _import(args: argparse.Namespace) -> int:
+    records: List[Tuple[str, Any, float]] = []
+    try:
+        with open(args.file, encoding="utf-8") as source:
+            for number, line in enumerate(source, 1):
+                if line.strip():
+                    records.append(_import_record(json.loads(line), number))
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.file}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise CommandError(f"{args.file}: {exc}") from exc
+    added = _into_new_slot(args.spool_dir, lambda spool: spool.put_many(records))
+    print(f"imported {added} record(s) into {args.spool_dir}; a running app or `replay` will send them")
+    return EXIT_OK
+
+
+def _import_record(record: Any, number: int) -> Tuple[str, Any, float]:
+    if not isinstance(record, dict) or "body" not in record:
+        raise ValueError(f"line {number}: expected an exported record with a 'body'")
+    kind = record.get("kind", EVENT)
+    if kind not in KINDS:
+        raise ValueError(f"line {number}: unknown kind {kind!r}")
+    return kind, record["body"], float(record.get("spooled_at") or time.time())
+
+
+def _salvage(args: argparse.Namespace) -> int:
+    if not os.path.isfile(args.file):
+        raise CommandError(f"no such file: {args.file}")
+    try:
+        copied, unreadable = _into_new_slot(args.spool_dir, lambda spool: salvage(args.file, spool))
+    except Exception as exc:  # sqlite3.DatabaseError: nothing could be read at all
+        raise CommandError(f"cannot read {args.file}: {exc}") from exc
+    print(f"salvaged {copied} record(s) from {args.file}; {unreadable} unreadable; the file was not changed")
+    return EXIT_OK
+
+
+def _into_new_slot(directory: str, fill: Callable[[Spool], Any]) -> Any:
+    """Fill a free slot, then release it: a live app adopts it, or `replay` sends it."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    lock = locks.lock_free_slot(directory)
+    try:
+        spool = Spool(lock.spool_path)
+        try:
+            return fill(spool)
+        finally:
+            spool.close()
+    finally:
+        lock.release()
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _existing_slots(directory: str) -> List[int]:
+    if not os.path.isdir(directory):
+        raise CommandError(f"no spool directory at {directory}")
+    return locks.slots(directory)
+
+
+def _lock_all(directory: str) -> Iterator[locks.SlotLock]:
+    for slot in _existing_slots(directory):
+        lock = locks.try_lock(directory, slot)
+        if lock is not None:
+            yield lock
+
+
+class _output:
+    """A file to write, or stdout for '-' / None."""
+
+    def __init__(self, path: Optional[str]) -> None:
+        self._path = path
+        self._file: Optional[TextIO] = None
+
+    def __enter__(self) -> TextIO:
+        if self._path in (None, "-"):
+            return sys.stdout
+        try:
+            self._file = open(self._path, "w", encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise CommandError(f"cannot write {self._path}: {exc.strerror or exc}") from exc
+        os.chmod(self._path, 0o600)  # it holds event data
+        return self._file
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _age(text: str) -> float:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected an age such as 90s, 30m, 12h or 7d, got {text!r}")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _iso(timestamp: Optional[float]) -> str:
+    return "-" if timestamp is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def _transaction_id(record: Dict[str, Any]) -> str:
+    body = record.get("body")
+    return str(body.get("transaction_id", "-")) if isinstance(body, dict) else "-"

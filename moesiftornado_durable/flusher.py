@@ -2,7 +2,8 @@
 
 One daemon thread per process. Its loop reads top to bottom: wait for a batch → claim it → send it
 (with the tenacity policy) → ack on a 2xx, dead-letter on a permanent rejection, nack when stopping.
-A record is deleted from the spool only after the collector accepted it.
+A record is deleted from the spool only after the collector accepted it. Between batches it adopts
+orphans: spool files in the same SPOOL_DIR whose owning process is gone (see `locks.py`).
 
 The contract follows sentry-python's worker: `flush(timeout)` blocks at most `timeout` and says whether
 everything spooled before the call was delivered; `close(timeout)` returns within `timeout` even in a
@@ -12,24 +13,105 @@ backoff or a stalled send, leaving undelivered records on disk for the next star
 from __future__ import annotations
 
 import collections
+import enum
 import logging
 import os
 import sqlite3
 import threading
 import time
-from typing import Counter, List, Optional
+from typing import Callable, Counter, List, Optional
 
-from .errors import PermanentError, RetryableError
+from . import locks
+from .errors import DeliveryError, PermanentError, RetryableError
 from .sender import Sender, ShutdownRequested, delivery_policy
 from .spool import KINDS, Spool, SpooledItem
 
 logger = logging.getLogger("moesiftornado_durable")
 
 _POLL = 0.05  # seconds between looks at a partial batch, and while waiting for a flush to finish
+ORPHAN_SCAN_INTERVAL = 5.0  # seconds between looks for spool files whose owner is gone
+_ORPHAN_EVENTS_PER_SCAN = 5_000  # then back to our own spool, so our own events never wait long
+
+
+class Outcome(enum.Enum):
+    """What became of one claimed batch."""
+
+    DELIVERED = "delivered"
+    DEAD_LETTERED = "dead_lettered"
+    RETURNED = "returned"  # not delivered (stopping, or the policy gave up): back in the ready queue
+
+
+class Courier:
+    """Takes claimed batches to the collector: send under the retry policy, then ack, dead-letter or nack.
+
+    Shared by the flusher thread and the replay command, so both treat every answer the same way.
+    """
+
+    def __init__(self, sender: Sender, policy: Callable[..., object]) -> None:
+        self._sender = sender
+        self._policy = policy
+        self.counters: Counter[str] = collections.Counter()
+        self.last_error: Optional[DeliveryError] = None
+        self.last_error_at: Optional[float] = None
+        self.failing = False
+
+    def deliver(self, spool: Spool, kind: str, batch: List[SpooledItem]) -> Outcome:
+        """Deliver one claimed batch; the records end acked, dead-lettered or ready again."""
+        ids = [item.id for item in batch]
+        try:
+            self._policy(self._send, kind, [item.body for item in batch])
+        except (ShutdownRequested, RetryableError):
+            spool.nack(ids)
+            return Outcome.RETURNED
+        except PermanentError as exc:
+            spool.dead_letter(ids, exc.status, str(exc))
+            self.counters["dead_lettered"] += len(ids)
+            self.failing = False
+            logger.error("Moesif rejected a batch of %d %s record(s) (%s); moved to the dead-letter store",
+                         len(ids), kind, exc)
+            return Outcome.DEAD_LETTERED
+        except BaseException:
+            spool.nack(ids)
+            raise
+        spool.ack(ids)
+        self.counters["sent"] += len(ids)
+        self.failing = False
+        return Outcome.DELIVERED
+
+    def drain(self, spool: Spool, batch_size: int, stop: threading.Event, max_records: Optional[int] = None,
+              on_batch: Optional[Callable[[int], None]] = None) -> Outcome:
+        """Deliver `spool`'s ready records batch by batch until none is left, `max_records` are done,
+        `stop` is set, or a batch comes back undelivered (that outcome is returned)."""
+        done = 0
+        while not stop.is_set() and (max_records is None or done < max_records):
+            size = batch_size if max_records is None else min(batch_size, max_records - done)
+            claimed = False
+            for kind in KINDS:
+                batch = spool.claim(size, kind)
+                if not batch:
+                    continue
+                claimed = True
+                if self.deliver(spool, kind, batch) is Outcome.RETURNED:
+                    return Outcome.RETURNED
+                done += len(batch)
+                if on_batch is not None:
+                    on_batch(len(batch))
+            if not claimed:
+                break
+        return Outcome.DELIVERED
+
+    def _send(self, kind: str, bodies: List[object]) -> None:
+        self.counters["send_attempts"] += 1
+        try:
+            self._sender.send(kind, bodies)
+        except DeliveryError as exc:
+            self.failing = True
+            self.last_error, self.last_error_at = exc, time.time()
+            raise
 
 
 class Flusher:
-    """Drains one `Spool` through one `Sender` on a named daemon thread."""
+    """Drains one `Spool` (and any orphans beside it) through one `Sender` on a named daemon thread."""
 
     def __init__(
         self,
@@ -38,17 +120,18 @@ class Flusher:
         batch_size: int,
         flush_interval: float,
         retry_max_wait: float,
+        adopt_orphans: bool = True,
     ) -> None:
         self._spool = spool
         self._sender = sender
         self._batch_size = batch_size
         self._flush_interval = flush_interval
         self._stop = threading.Event()
-        self._policy = delivery_policy(self._stop, max_wait=retry_max_wait)
+        self.courier = Courier(sender, delivery_policy(self._stop, max_wait=retry_max_wait))
+        self._adopt_orphans = adopt_orphans
+        self._next_orphan_scan = 0.0
         self._urgent_until = 0.0  # while monotonic() is below this, partial batches are sent at once
-        self._failing = False
-        self.counters: Counter[str] = collections.Counter()
-        self.last_error: Optional[str] = None
+        self.counters: Counter[str] = self.courier.counters
         self._thread: Optional[threading.Thread] = None
         self._pid = 0
 
@@ -70,7 +153,15 @@ class Flusher:
     @property
     def is_failing(self) -> bool:
         """True while the last delivery attempt failed and the flusher is backing off."""
-        return self._failing
+        return self.courier.failing
+
+    @property
+    def last_error(self) -> Optional[str]:
+        """The last delivery error with its UTC time, or None."""
+        error, when = self.courier.last_error, self.courier.last_error_at
+        if error is None or when is None:
+            return None
+        return f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(when))} {error}"
 
     def flush(self, timeout: float, while_healthy: bool = False) -> bool:
         """Send everything spooled before this call; True if it was all delivered within `timeout` seconds.
@@ -83,7 +174,7 @@ class Flusher:
             self._urgent_until = max(self._urgent_until, deadline)
             self._spool.wake()
             while self._spool.pending_through(mark) > 0:
-                if time.monotonic() >= deadline or not self.is_alive or (while_healthy and self._failing):
+                if time.monotonic() >= deadline or not self.is_alive or (while_healthy and self.is_failing):
                     return False
                 time.sleep(_POLL)
         except sqlite3.Error:
@@ -94,7 +185,7 @@ class Flusher:
     def close(self, timeout: float) -> None:
         """Deliver what can be delivered within `timeout`, then stop; undelivered records stay on disk."""
         deadline = time.monotonic() + timeout
-        if self.is_alive and not self._failing:
+        if self.is_alive and not self.is_failing:
             self.flush(timeout, while_healthy=True)
         self._stop.set()
         self._spool.wake()
@@ -117,24 +208,27 @@ class Flusher:
                         break
                     batch = self._spool.claim(self._batch_size, kind)
                     if batch:
-                        self._deliver(kind, batch)
-            except Exception as exc:  # the loop must survive anything: a spool error, a bug
-                self.last_error = repr(exc)
+                        self.courier.deliver(self._spool, kind, batch)
+                self._drain_orphans()
+            except Exception:  # the loop must survive anything: a spool error, a bug
                 self.counters["loop_errors"] += 1
                 logger.exception("moesiftornado_durable flusher error; retrying in 1 s")
                 self._stop.wait(1.0)
 
     def _wait_for_batch(self) -> None:
-        """Return when a full batch is ready, when a partial one has waited FLUSH_INTERVAL, or on flush/stop."""
+        """Return when a full batch is ready, when a partial one has waited FLUSH_INTERVAL, when it is
+        time to look for orphans, or on flush/stop."""
         waiting_since: Optional[float] = None
         while not self._stop.is_set():
             ready = self._spool.ready_count(limit=self._batch_size)
             now = time.monotonic()
             if ready >= self._batch_size or (ready and now < self._urgent_until):
                 return
+            if self._adopt_orphans and now >= self._next_orphan_scan:
+                return
             if not ready:
                 waiting_since = None
-                self._spool.wait_for_put(self._flush_interval)
+                self._spool.wait_for_put(min(self._flush_interval, max(0.0, self._next_orphan_scan - now)))
                 continue
             waiting_since = waiting_since or now
             remaining = self._flush_interval - (now - waiting_since)
@@ -142,33 +236,37 @@ class Flusher:
                 return
             self._stop.wait(min(remaining, _POLL))
 
-    def _deliver(self, kind: str, batch: List[SpooledItem]) -> None:
-        ids = [item.id for item in batch]
-        bodies = [item.body for item in batch]
-        try:
-            self._policy(self._send, kind, bodies)
-        except (ShutdownRequested, RetryableError):  # stopping: in a backoff, or after a failed last try
-            self._spool.nack(ids)
+    def _drain_orphans(self) -> None:
+        """Adopt spool files whose owner is gone: drain them (a bounded amount per scan) under their lock,
+        and delete a file once it holds nothing at all."""
+        if not self._adopt_orphans or time.monotonic() < self._next_orphan_scan or self.is_failing:
             return
-        except PermanentError as exc:
-            self._spool.dead_letter(ids, exc.status, str(exc))
-            self.counters["dead_lettered"] += len(ids)
-            self._failing = False
-            logger.error("Moesif rejected a batch of %d %s record(s) (%s); moved to the dead-letter store",
-                         len(ids), kind, exc)
-            return
-        except BaseException:
-            self._spool.nack(ids)
-            raise
-        self._spool.ack(ids)
-        self.counters["sent"] += len(ids)
-        self._failing = False
+        self._next_orphan_scan = time.monotonic() + ORPHAN_SCAN_INTERVAL
+        own = os.path.abspath(self._spool.path)
+        for lock in locks.orphans(self._spool.directory):
+            try:
+                if os.path.abspath(lock.spool_path) == own:
+                    continue
+                orphan = Spool(lock.spool_path)
+                try:
+                    if orphan.stats().ready:
+                        logger.info("adopting orphan spool %s", lock.spool_path)
+                    self.courier.drain(orphan, self._batch_size, self._stop, max_records=_ORPHAN_EVENTS_PER_SCAN)
+                    empty = orphan.is_empty()
+                finally:
+                    orphan.close()
+                if empty:
+                    remove_spool_files(lock.spool_path)
+            finally:
+                lock.release()
+            if self._stop.is_set() or self.is_failing:
+                return
 
-    def _send(self, kind: str, bodies: List[object]) -> None:
-        self.counters["send_attempts"] += 1
+
+def remove_spool_files(path: str) -> None:
+    """Delete a spool file and its WAL and shared-memory files (only ever with its lock held)."""
+    for suffix in ("-wal", "-shm", ""):
         try:
-            self._sender.send(kind, bodies)
-        except Exception as exc:
-            self._failing = True
-            self.last_error = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {exc}"
-            raise
+            os.remove(path + suffix)
+        except FileNotFoundError:
+            pass

@@ -19,6 +19,7 @@ import time
 import weakref
 from typing import Any, Counter, Dict, Iterable, List, Mapping, Optional
 
+from . import locks
 from .capture import body_capture_transform, capture_event, install_body_capture
 from .config import Config, Handler
 from .flusher import Flusher
@@ -33,11 +34,16 @@ _ERROR_LOG_INTERVAL = 10.0  # seconds between repeated spool-failure logs
 
 
 class _Runtime:
-    """The per-process parts: the open spool and the flusher draining it."""
+    """The per-process parts: this process's spool slot (locked), its spool and the flusher draining it."""
 
     def __init__(self, config: Config) -> None:
         self.pid = os.getpid()
-        self.spool = Spool(config.spool_dir, config.spool_sync)
+        self.lock = locks.lock_free_slot(config.spool_dir)
+        try:
+            self.spool = Spool(self.lock.spool_path, config.spool_sync)
+        except BaseException:
+            self.lock.release()
+            raise
         sender = Sender(config.base_uri, config.application_id, config.send_timeout)
         self.flusher = Flusher(self.spool, sender, config.batch_size, config.flush_interval, config.retry_max_wait)
         self.flusher.start()
@@ -46,6 +52,12 @@ class _Runtime:
         self.flusher.close(timeout)
         if not self.flusher.is_alive:
             self.spool.close()
+            self.lock.release()
+
+    def abandon_after_fork(self) -> None:
+        """In a forked child: drop the child's copy of the parent's lock fd. The SQLite connections are left
+        alone (closing them here could write to the parent's files); the parent keeps its lock."""
+        self.lock.release()
 
 
 class MoesifMiddleware:
@@ -212,6 +224,7 @@ class MoesifMiddleware:
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
         if self._runtime is not None:
+            self._runtime.abandon_after_fork()
             self._abandoned.append(self._runtime)
             self._runtime = None
         try:

@@ -190,23 +190,31 @@ def delivery_policy(
     max_wait: float,
     auth_wait: Optional[float] = None,
     sleep: Optional[Callable[[float], None]] = None,
+    attempts: Optional[int] = None,
+    retry_auth: bool = True,
 ) -> tenacity.Retrying:
-    """Retry `RetryableError`s indefinitely with exponential backoff and jitter until `stop` is set.
+    """Retry `RetryableError`s with exponential backoff and jitter until `stop` is set (or `attempts`).
 
     While the application id is refused the wait is `auth_wait` (default `max_wait`), so the ERROR
-    saying so comes once per interval. `PermanentError`s and anything unexpected propagate at once
-    (reraise=True); a sleep cut short by `stop` raises `ShutdownRequested`, so no extra attempt is made
-    during shutdown.
+    saying so comes once per interval; `retry_auth=False` gives up on it at once instead (the replay
+    command). `PermanentError`s and anything unexpected propagate at once (reraise=True); a sleep cut
+    short by `stop` raises `ShutdownRequested`, so no extra attempt is made during shutdown.
     """
+    retryable: tenacity.retry_base = tenacity.retry_if_exception_type(RetryableError)
+    if not retry_auth:
+        retryable = retryable & tenacity.retry_if_not_exception_type(AuthError)
+    give_up: tenacity.stop.stop_base = tenacity.stop_when_event_set(stop)
+    if attempts is not None:
+        give_up = give_up | tenacity.stop_after_attempt(attempts)
     return tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(RetryableError),
+        retry=retryable,
         wait=wait_for_collector(
             # exponential backoff plus up to 1 s of jitter (composed: stable across tenacity 8.2 to 9.x)
             tenacity.wait_exponential(multiplier=0.5, max=max_wait) + tenacity.wait_random(0, 1.0),
             max_wait,
             auth_wait or max_wait,
         ),
-        stop=tenacity.stop_when_event_set(stop),
+        stop=give_up,
         sleep=sleep or interruptible_sleep(stop),
         before_sleep=_log_retry,
         reraise=True,

@@ -1,4 +1,4 @@
-"""The on-disk queue: persist-queue's `SQLiteAckQueue` in SPOOL_DIR, behind a small vocabulary.
+"""The on-disk queue: persist-queue's `SQLiteAckQueue` in one SQLite file, behind a small vocabulary.
 
 An item is committed to SQLite before `put` returns (WAL; ``synchronous`` from SPOOL_SYNC), stored as
 JSON (never pickle: a spool file is data and must not run code when read). The flusher `claim`s a batch
@@ -16,14 +16,14 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from persistqueue import SQLiteAckQueue
 from persistqueue.sqlackqueue import AckStatus
 
 logger = logging.getLogger("moesiftornado_durable")
 
-SPOOL_FILE = "spool.db"
+TABLE = "ack_queue_default"  # persist-queue's table name for a queue named "default"
 
 EVENT = "event"
 USER = "user"
@@ -81,14 +81,14 @@ class _AckQueue(SQLiteAckQueue):
     )
     _SQL_INSERT = "INSERT INTO {table_name} (data, timestamp, status, kind) VALUES (?, ?, " + AckStatus.inited + ", ?)"
 
-    def __init__(self, path: str, sync: str) -> None:
+    def __init__(self, path: str, sync: str, resume: bool) -> None:
         self._sync = sync
         super().__init__(
-            path,
-            auto_resume=True,
+            os.path.dirname(path),
+            auto_resume=resume,
             multithreading=True,
             serializer=_JsonSerializer,
-            db_file_name=SPOOL_FILE,
+            db_file_name=os.path.basename(path),
         )
 
     def _new_db_connection(self, path: str, multithreading: bool, timeout: float) -> sqlite3.Connection:
@@ -118,18 +118,20 @@ class _AckQueue(SQLiteAckQueue):
 
 
 class Spool:
-    """A durable queue of Moesif records in one SQLite file under `directory`.
+    """A durable queue of Moesif records in the SQLite file `path`.
 
     Safe to use from the IOLoop thread (put) and the flusher thread (claim/ack) at once: every
-    statement runs under persist-queue's transaction lock on one connection.
+    statement runs under persist-queue's transaction lock on one connection. Opening makes rows left
+    in flight by a dead owner ready again; pass ``resume=False`` when the owner may be alive (the CLI's
+    dead-letter commands on a live app's file).
     """
 
-    def __init__(self, directory: str, sync: str = "normal") -> None:
-        self.directory = directory
-        self.path = os.path.join(directory, SPOOL_FILE)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        _create_private_file(self.path)
-        self._queue = _AckQueue(directory, sync)
+    def __init__(self, path: str, sync: str = "normal", resume: bool = True) -> None:
+        self.path = path
+        self.directory = os.path.dirname(path)
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        _create_private_file(path)
+        self._queue = _AckQueue(path, sync, resume)
         self._table = self._queue._table_name
         self._key = self._queue._key_column
         self._closed = False
@@ -184,17 +186,65 @@ class Spool:
             )
             conn.executemany(f"DELETE FROM {self._table} WHERE {self._key} = ?", [(i,) for i in ids])
 
-    def dead_letters(self) -> List[Dict[str, Any]]:
-        """Every dead-lettered record with its status, reason and time, oldest first."""
+    def dead_letters(self, reason: Optional[str] = None, older_than: Optional[float] = None) -> List[Dict[str, Any]]:
+        """Dead-lettered records, oldest first; optionally only those whose reason contains `reason`
+        and that were dead-lettered more than `older_than` seconds ago."""
+        sql = "SELECT id, kind, data, timestamp, http_status, reason, dead_at FROM dead_letter WHERE 1"
+        params: List[Any] = []
+        if reason:
+            sql, params = sql + " AND instr(reason, ?) > 0", params + [reason]
+        if older_than is not None:
+            sql, params = sql + " AND dead_at < ?", params + [time.time() - older_than]
         with self._queue.tran_lock:
-            rows = self._conn().execute(
-                "SELECT id, kind, data, timestamp, http_status, reason, dead_at FROM dead_letter ORDER BY id"
-            ).fetchall()
+            rows = self._conn().execute(sql + " ORDER BY id", params).fetchall()
         return [
             {"id": r[0], "kind": r[1], "body": _JsonSerializer.loads(r[2]), "spooled_at": r[3],
              "http_status": r[4], "reason": r[5], "dead_at": r[6]}
             for r in rows
         ]
+
+    def requeue_dead_letters(self, ids: Sequence[int]) -> int:
+        """Put dead-lettered records back in the ready queue, unchanged (same transaction_id); returns how many."""
+        with self._queue.tran_lock, self._conn() as conn:
+            moved = 0
+            for dead_id in ids:
+                cursor = conn.execute(
+                    f"INSERT INTO {self._table} (data, timestamp, status, kind) "
+                    f"SELECT data, timestamp, {AckStatus.ready}, kind FROM dead_letter WHERE id = ?",
+                    (dead_id,),
+                )
+                if cursor.rowcount:
+                    conn.execute("DELETE FROM dead_letter WHERE id = ?", (dead_id,))
+                    moved += 1
+        self.wake()
+        return moved
+
+    def purge_dead_letters(self, ids: Sequence[int]) -> int:
+        """Delete dead-lettered records for good; returns how many were deleted."""
+        with self._queue.tran_lock, self._conn() as conn:
+            return sum(conn.execute("DELETE FROM dead_letter WHERE id = ?", (i,)).rowcount for i in ids)
+
+    def put_many(self, records: Iterable[Tuple[str, Any, float]]) -> int:
+        """Commit (kind, body, spooled_at) records in one transaction, keeping their original times."""
+        rows = [(_JsonSerializer.dumps(body), spooled_at, kind) for kind, body, spooled_at in records]
+        with self._queue.tran_lock, self._conn() as conn:
+            conn.executemany(f"INSERT INTO {self._table} (data, timestamp, status, kind) VALUES (?, ?, 0, ?)", rows)
+        self.wake()
+        return len(rows)
+
+    def records(self) -> Iterator[Dict[str, Any]]:
+        """Every record in the file, live ones then dead letters, with its state (for export and audit)."""
+        with self._queue.tran_lock:
+            live = self._conn().execute(
+                f"SELECT {self._key}, kind, data, timestamp, status FROM {self._table} "
+                f"WHERE status <= {_IN_FLIGHT} ORDER BY {self._key}"
+            ).fetchall()
+        for row_id, kind, data, spooled_at, status in live:
+            state = "in_flight" if status == _IN_FLIGHT else "ready"
+            yield {"state": state, "id": row_id, "kind": kind, "spooled_at": spooled_at,
+                   "body": _JsonSerializer.loads(data)}
+        for dead in self.dead_letters():
+            yield dict(dead, state="dead_letter")
 
     def last_id(self) -> int:
         """The highest record id ever assigned (0 for a new spool): a mark for `pending_through`."""
@@ -245,15 +295,17 @@ class Spool:
             bytes_on_disk=self.bytes_on_disk(),
         )
 
+    def is_empty(self) -> bool:
+        """True when the file holds no record at all: none ready, in flight or dead-lettered."""
+        with self._queue.tran_lock:
+            conn = self._conn()
+            live = conn.execute(f"SELECT EXISTS (SELECT 1 FROM {self._table} WHERE status <= {_IN_FLIGHT})")
+            dead = conn.execute("SELECT EXISTS (SELECT 1 FROM dead_letter)")
+            return not live.fetchone()[0] and not dead.fetchone()[0]
+
     def bytes_on_disk(self) -> int:
         """Size of the database and its WAL and shared-memory files."""
-        total = 0
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                total += os.path.getsize(self.path + suffix)
-            except OSError:
-                pass
-        return total
+        return bytes_on_disk(self.path)
 
     def wait_for_put(self, timeout: float) -> bool:
         """Block until a record is put in this process or `timeout` passes; True if one was put."""
@@ -299,28 +351,81 @@ class Spool:
             conn.executemany(sql, params)
 
 
-def read_stats(directory: str) -> SpoolStats:
-    """Stats of the spool in `directory` through a read-only connection: safe next to a live app.
+def bytes_on_disk(path: str) -> int:
+    """Size of a spool file with its WAL and shared-memory files."""
+    total = 0
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            total += os.path.getsize(path + suffix)
+        except OSError:
+            pass
+    return total
+
+
+def read_stats(path: str) -> SpoolStats:
+    """Stats of the spool file `path` through a read-only connection: safe next to a live app.
 
     Opening a `Spool` would make in-flight rows ready again (persist-queue's resume), so an operator's
     look must not do that.
     """
-    path = os.path.join(directory, SPOOL_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no spool file at {path}")
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
-        table = "ack_queue_default"
         ready, in_flight, oldest = conn.execute(
-            f"SELECT SUM(status < {_READY_BELOW}), SUM(status = {_IN_FLIGHT}), MIN(timestamp) FROM {table} "
+            f"SELECT SUM(status < {_READY_BELOW}), SUM(status = {_IN_FLIGHT}), MIN(timestamp) FROM {TABLE} "
             f"WHERE status <= {_IN_FLIGHT}"
         ).fetchone()
         has_dead = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'dead_letter'").fetchone()
         dead = conn.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0] if has_dead else 0
     finally:
         conn.close()
-    size = sum(os.path.getsize(path + s) for s in ("", "-wal", "-shm") if os.path.exists(path + s))
-    return SpoolStats(int(ready or 0), int(in_flight or 0), int(dead), oldest, size)
+    return SpoolStats(int(ready or 0), int(in_flight or 0), int(dead), oldest, bytes_on_disk(path))
+
+
+def directory_stats(directory: str) -> SpoolStats:
+    """Stats of every spool file in a SPOOL_DIR added up (read-only); the oldest record of any file."""
+    from .locks import slots, spool_path
+
+    parts = [read_stats(spool_path(directory, slot)) for slot in slots(directory)]
+    oldest = [p.oldest_spooled_at for p in parts if p.oldest_spooled_at is not None]
+    return SpoolStats(
+        ready=sum(p.ready for p in parts),
+        in_flight=sum(p.in_flight for p in parts),
+        dead_letter=sum(p.dead_letter for p in parts),
+        oldest_spooled_at=min(oldest) if oldest else None,
+        bytes_on_disk=sum(p.bytes_on_disk for p in parts),
+    )
+
+
+def salvage(source: str, into: Spool) -> Tuple[int, int]:
+    """Copy every readable record of a damaged spool file into `into`; returns (copied, unreadable).
+
+    The source is opened read-only and never changed. Rows are read one by one, so a damaged page
+    costs only the rows on it. Dead letters come back as dead letters' bodies in the ready queue.
+    """
+    conn = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=10)
+    copied = unreadable = 0
+    try:
+        for table, key, kind_column in ((TABLE, "_id", "kind"), ("dead_letter", "id", "kind")):
+            try:
+                highest = conn.execute(f"SELECT MAX({key}) FROM {table}").fetchone()[0] or 0
+            except sqlite3.DatabaseError:
+                continue  # the table itself is unreadable or missing
+            found: List[Tuple[str, Any, float]] = []
+            for row_id in range(1, int(highest) + 1):
+                try:
+                    row = conn.execute(
+                        f"SELECT {kind_column}, data, timestamp FROM {table} WHERE {key} = ?", (row_id,)
+                    ).fetchone()
+                    if row is not None:
+                        found.append((row[0] or EVENT, _JsonSerializer.loads(row[1]), row[2] or time.time()))
+                except (sqlite3.DatabaseError, ValueError, TypeError):
+                    unreadable += 1
+            copied += into.put_many(found)
+    finally:
+        conn.close()
+    return copied, unreadable
 
 
 def _create_private_file(path: str) -> None:

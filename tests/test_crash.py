@@ -10,7 +10,7 @@ from typing import Callable, List, Set
 import requests
 from conftest import AppProcess, wait_until
 
-from moesiftornado_durable.spool import SPOOL_FILE
+from moesiftornado_durable.locks import slots, spool_path
 from moesiftornado_durable.testing import Collector
 
 
@@ -27,9 +27,12 @@ def spooled_transaction_ids(spool_dir: str, status: str = "status < 5") -> Set[s
     """Read the spool file with a plain SQLite connection, as an operator could."""
     import json
 
-    with sqlite3.connect(f"{spool_dir}/{SPOOL_FILE}", timeout=10) as conn:
-        rows = conn.execute(f"SELECT data FROM ack_queue_default WHERE kind = 'event' AND {status}").fetchall()
-    return {json.loads(row[0])["transaction_id"] for row in rows}
+    found: Set[str] = set()
+    for slot in slots(spool_dir):
+        with sqlite3.connect(spool_path(spool_dir, slot), timeout=10) as conn:
+            rows = conn.execute(f"SELECT data FROM ack_queue_default WHERE kind = 'event' AND {status}").fetchall()
+        found.update(json.loads(row[0])["transaction_id"] for row in rows)
+    return found
 
 
 def test_events_logged_while_the_collector_is_down_survive_sigkill(

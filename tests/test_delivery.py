@@ -16,7 +16,8 @@ from conftest import serve, wait_until
 from moesifapi.models import CompanyModel, UserModel
 
 from moesiftornado_durable import MoesifMiddleware
-from moesiftornado_durable.spool import Spool, read_stats
+from moesiftornado_durable.locks import spool_path
+from moesiftornado_durable.spool import Spool, directory_stats
 from moesiftornado_durable.testing import Collector
 
 
@@ -74,7 +75,7 @@ def test_permanent_rejection_goes_to_the_dead_letter_store(make_middleware: Call
     assert middleware.flush(10)
     assert len(collector.transaction_ids()) == 2
     middleware.close(2)
-    spool = Spool(spool_dir)
+    spool = Spool(spool_path(spool_dir, 0))
     try:
         dead = spool.dead_letters()
     finally:
@@ -121,7 +122,7 @@ def test_close_returns_within_its_timeout_during_a_stalled_send(make_middleware:
     started = time.monotonic()
     middleware.close(timeout=1.0)
     assert time.monotonic() - started < 1.6
-    stats = read_stats(spool_dir)  # the in-flight events are still on disk, for the next start
+    stats = directory_stats(spool_dir)  # the in-flight events are still on disk, for the next start
     assert stats.ready + stats.in_flight == 3
 
 
@@ -220,7 +221,7 @@ def test_exit_does_not_hang_while_the_collector_is_down(collector: Collector, sp
     """)
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 12  # close(timeout=10) at exit, never longer
-    assert read_stats(spool_dir).ready == 1  # kept on disk for the next start
+    assert directory_stats(spool_dir).ready == 1  # kept on disk for the next start
 
 
 def test_stdout_stays_clean_when_the_collector_is_unreachable(collector: Collector, spool_dir: str) -> None:

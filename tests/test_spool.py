@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from moesiftornado_durable.spool import COMPANY, EVENT, SPOOL_FILE, USER, Spool
+from moesiftornado_durable.spool import COMPANY, EVENT, USER, Spool
 
 
 @pytest.fixture
 def spool(tmp_path: Any) -> Any:
-    opened = Spool(str(tmp_path / "spool"))
+    opened = Spool(str(tmp_path / "spool" / "spool-0.db"))
     yield opened
     opened.close()
 
@@ -55,13 +55,13 @@ def test_kinds_are_claimed_separately(spool: Spool) -> None:
 
 
 def test_records_survive_reopen_and_in_flight_ones_become_ready(tmp_path: Any) -> None:
-    directory = str(tmp_path / "spool")
-    first = Spool(directory)
+    path = str(tmp_path / "spool" / "spool-0.db")
+    first = Spool(path)
     for n in range(4):
         first.put({"n": n})
     first.claim(2)  # in flight, as when a process dies mid-send
     first.close()
-    second = Spool(directory)
+    second = Spool(path)
     try:
         assert second.stats().in_flight == 0
         assert [item.body["n"] for item in second.claim(10)] == [0, 1, 2, 3]
@@ -91,20 +91,20 @@ def test_pending_through_a_mark(spool: Spool) -> None:
 
 def test_files_are_private(tmp_path: Any) -> None:
     directory = tmp_path / "private"
-    spool = Spool(str(directory))
+    spool = Spool(str(directory / "spool-0.db"))
     spool.put({"n": 1})
     try:
         assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
         for name in os.listdir(directory):
             assert stat.S_IMODE(os.stat(directory / name).st_mode) == 0o600, name
-        assert SPOOL_FILE in os.listdir(directory)
+        assert "spool-0.db" in os.listdir(directory)
     finally:
         spool.close()
 
 
 @pytest.mark.parametrize("mode, expected", [("normal", 1), ("full", 2)])
 def test_spool_sync_sets_the_synchronous_pragma(tmp_path: Any, mode: str, expected: int) -> None:
-    spool = Spool(str(tmp_path / mode), sync=mode)
+    spool = Spool(str(tmp_path / mode / "s.db"), sync=mode)
     try:
         assert spool._conn().execute("PRAGMA synchronous").fetchone()[0] == expected
         assert spool._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -119,7 +119,7 @@ def test_values_json_cannot_express_are_stored_as_text(spool: Spool) -> None:
 
 
 def test_close_is_idempotent(tmp_path: Any) -> None:
-    spool = Spool(str(tmp_path / "s"))
+    spool = Spool(str(tmp_path / "s" / "s.db"))
     spool.close()
     spool.close()
     assert spool.closed

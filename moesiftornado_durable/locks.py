@@ -1,0 +1,127 @@
+"""Who owns which spool file: one SQLite file per live process, claimed with an OS file lock.
+
+persist-queue is not safe for several processes on one database, so processes sharing a SPOOL_DIR each
+take a *slot*: ``spool-N.db``, owned through an exclusive `flock` on ``spool-N.lock`` for the life of the
+process. The kernel drops the lock when the owner dies, however it dies, so a free lock means an orphan
+whose backlog any live process (or the replay command) may adopt. Holding the lock is also what lets a
+process drain a file: two drainers never take from the same file at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+from typing import Iterator, List, Optional
+
+SPOOL_PATTERN = re.compile(r"^spool-(\d+)\.db$")
+
+
+def spool_path(directory: str, slot: int) -> str:
+    """The SQLite file of `slot` in `directory`."""
+    return os.path.join(directory, f"spool-{slot}.db")
+
+
+def lock_path(directory: str, slot: int) -> str:
+    """The lock file of `slot` in `directory`."""
+    return os.path.join(directory, f"spool-{slot}.lock")
+
+
+def slots(directory: str) -> List[int]:
+    """The slots that have a spool file in `directory`, in order."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(int(m.group(1)) for m in map(SPOOL_PATTERN.match, names) if m)
+
+
+class SlotLock:
+    """An exclusive lock on one slot, held until `release` (or the process's death)."""
+
+    def __init__(self, directory: str, slot: int, fd: int) -> None:
+        self.directory = directory
+        self.slot = slot
+        self._fd: Optional[int] = fd
+        self.pid = os.getpid()
+
+    @property
+    def spool_path(self) -> str:
+        return spool_path(self.directory, self.slot)
+
+    @property
+    def held(self) -> bool:
+        """True while this process holds the lock (a forked child does not)."""
+        return self._fd is not None and self.pid == os.getpid()
+
+    def release(self) -> None:
+        """Give the slot up; idempotent. In a forked child this only closes the child's copy of the fd."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        if self.pid == os.getpid():
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def __repr__(self) -> str:
+        return f"SlotLock({self.directory!r}, slot={self.slot}, held={self.held})"
+
+
+def try_lock(directory: str, slot: int) -> Optional[SlotLock]:
+    """Take `slot` if no live process holds it; None if one does. Records our pid in the lock file."""
+    fd = os.open(lock_path(directory, slot), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode("ascii"))
+    return SlotLock(directory, slot, fd)
+
+
+def lock_free_slot(directory: str) -> SlotLock:
+    """Take the lowest slot no live process holds, creating a new one if all are taken."""
+    taken = set(slots(directory))
+    slot = 0
+    while True:
+        lock = try_lock(directory, slot)
+        if lock is not None:
+            return lock
+        slot += 1
+        if slot > max(taken, default=0) + 1024:  # a bound that no real deployment reaches
+            raise RuntimeError(f"no free spool slot in {directory}")
+
+
+def orphans(directory: str, exclude: int = -1) -> Iterator[SlotLock]:
+    """Lock, one at a time, every slot whose owner is gone; the caller must `release` each one it gets."""
+    for slot in slots(directory):
+        if slot == exclude:
+            continue
+        lock = try_lock(directory, slot)
+        if lock is not None:
+            yield lock
+
+
+def owner(directory: str, slot: int) -> tuple:
+    """(pid recorded in the lock file or None, whether a live process holds the lock). Changes nothing."""
+    path = lock_path(directory, slot)
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("ascii", "replace").strip()
+    except FileNotFoundError:
+        return None, False
+    pid = int(text) if text.isdigit() else None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return pid, True
+    finally:
+        os.close(fd)  # closing drops the shared lock we may have taken
+    return pid, False
