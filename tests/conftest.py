@@ -145,6 +145,22 @@ def app_processes(tmp_path: Any) -> Iterator[Callable[..., AppProcess]]:
         app.kill()
 
 
+def children_of(pid: int) -> List[int]:
+    """The PIDs of the live child processes of `pid`, read from /proc (Linux)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry))
+    return sorted(found)
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
     """Poll `predicate` until it is true or `timeout` passes."""
     deadline = time.monotonic() + timeout

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, List, Set
 
 import requests
-from conftest import AppProcess, wait_until
+from conftest import AppProcess, children_of, wait_until
 
 from moesiftornado_durable.locks import slots, spool_path
 from moesiftornado_durable.testing import Collector
@@ -128,3 +130,40 @@ def test_sigterm_delivers_everything_before_exit(
     assert hit(app.url, 50) == [200] * 50
     assert app.terminate() == 0
     assert len(set(collector.transaction_ids())) == 50
+
+
+def test_forked_children_sigkilled_and_restarted_deliver_every_event_once(
+    app_processes: Callable[..., AppProcess], collector: Collector, spool_dir: str
+) -> None:
+    collector.go_down()  # events pile up in the children's spools, some of them in flight
+    app = app_processes(spool_dir, collector.base_uri, processes=2)
+    assert hit(app.url, 200, workers=8) == [200] * 200
+    first_children = children_of(app.process.pid)
+    assert len(first_children) == 2
+    for child in first_children:
+        os.kill(child, signal.SIGKILL)  # tornado.process restarts each one
+    assert wait_until(lambda: len(set(children_of(app.process.pid)) - set(first_children)) == 2, timeout=20)
+    assert hit(app.url, 100, workers=8) == [200] * 100  # the restarted children serve too
+    collector.come_up()
+    assert wait_until(lambda: len(set(collector.transaction_ids())) >= 300, timeout=40), collector.stats()
+    counts = Counter(collector.transaction_ids())
+    assert len(counts) == 300 and max(counts.values()) == 1
+    assert len({e["metadata"]["pid"] for e in collector.events}) >= 2
+
+
+def test_an_orphan_spool_is_drained_by_a_live_process(
+    app_processes: Callable[..., AppProcess], collector: Collector, spool_dir: str
+) -> None:
+    collector.go_down()
+    doomed = app_processes(spool_dir, collector.base_uri)
+    survivor = app_processes(spool_dir, collector.base_uri)  # shares the SPOOL_DIR, takes its own slot
+    assert hit(doomed.url, 60) == [200] * 60
+    doomed.kill()  # its spool file is now an orphan
+    assert len(slots(spool_dir)) == 2
+    collector.come_up()
+    # the survivor adopts the orphan within its scan interval, without any request of its own
+    assert wait_until(lambda: len(set(collector.transaction_ids())) >= 60, timeout=30), collector.stats()
+    counts = Counter(collector.transaction_ids())
+    assert len(counts) == 60 and max(counts.values()) == 1
+    assert wait_until(lambda: slots(spool_dir) == [1] or slots(spool_dir) == [0], timeout=10)  # emptied, removed
+    survivor.kill()
