@@ -1,6 +1,6 @@
 """An example Tornado app that logs every API call to Moesif through the durable spool.
 
-    python examples/app.py --spool-dir DIR --base-uri URL [--port-file FILE] [--processes N]
+    python examples/app.py --spool-dir DIR --base-uri URL [--port-file FILE] [--processes N] [--strict]
                            [--option KEY=JSON ...]
 
 It listens on 127.0.0.1 (a free port, printed and written to FILE once it serves) until SIGTERM,
@@ -24,7 +24,7 @@ import tornado.process
 import tornado.web
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from moesiftornado_durable import MoesifMiddleware  # noqa: E402
+from moesiftornado_durable import MoesifMiddleware, SpoolBeforeSendMixin  # noqa: E402
 
 
 class HelloHandler(tornado.web.RequestHandler):
@@ -36,6 +36,14 @@ class EchoHandler(tornado.web.RequestHandler):
     def post(self) -> None:
         self.set_header("Content-Type", "application/json")
         self.write(self.request.body)
+
+
+class StrictHelloHandler(SpoolBeforeSendMixin, HelloHandler):
+    """Strict mode: the event is in the spool before the client gets the response."""
+
+
+class StrictEchoHandler(SpoolBeforeSendMixin, EchoHandler):
+    pass
 
 
 def moesif_options(spool_dir: str, base_uri: str, extra: Dict[str, Any]) -> Dict[str, Any]:
@@ -73,11 +81,13 @@ def main() -> None:
     parser.add_argument("--port-file", help="write the port here once serving")
     parser.add_argument("--option", action="append", default=[], help="an extra middleware option, KEY=JSON")
     parser.add_argument("--processes", type=int, default=1, help="fork this many children with Tornado")
+    parser.add_argument("--strict", action="store_true", help="spool each event before its response is sent")
     args = parser.parse_args()
 
     middleware = MoesifMiddleware(moesif_options(args.spool_dir, args.base_uri, parse_pairs(args.option)))
-    app = tornado.web.Application([(r"/hello", HelloHandler), (r"/echo", EchoHandler)],
-                                  log_function=middleware.log_event)
+    routes = [(r"/hello", StrictHelloHandler if args.strict else HelloHandler),
+              (r"/echo", StrictEchoHandler if args.strict else EchoHandler)]
+    app = tornado.web.Application(routes, log_function=middleware.log_event)
     middleware.attach(app)  # capture response bodies from the very first request
     sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
     port = sockets[0].getsockname()[1]

@@ -11,7 +11,7 @@ from .errors import (  # noqa: E402
     PermanentError,
     RetryableError,
 )
-from .middleware import MoesifMiddleware  # noqa: E402
+from .middleware import MoesifMiddleware, SpoolBeforeSendMixin  # noqa: E402
 
 __all__ = [
     "AuthError",
@@ -22,5 +22,6 @@ __all__ = [
     "MoesifMiddleware",
     "PermanentError",
     "RetryableError",
+    "SpoolBeforeSendMixin",
     "__version__",
 ]

@@ -45,11 +45,12 @@ _CLIENT_IP_HEADERS = (
 )
 
 
-def capture_event(handler: Handler, config: Config, finished_at: float) -> Optional[Event]:
+def capture_event(handler: Handler, config: Config, finished_at: float, unsent_body: bytes = b"") -> Optional[Event]:
     """Build the Moesif event for `handler`'s finished request, or None when SKIP says so.
 
     `finished_at` is the wall-clock time the response finished (`time.time()` when Tornado calls
-    log_function); the request's start is derived from Tornado's own `request_time()`.
+    log_function); the request's start is derived from Tornado's own `request_time()`. `unsent_body` is
+    the part of the response still in the handler's buffer (strict mode captures before the last flush).
     """
     if config.skip is not None and _call_user("SKIP", config.skip, handler):
         return None
@@ -85,7 +86,10 @@ def capture_event(handler: Handler, config: Config, finished_at: float) -> Optio
         _set_body(event["request"], raw_request, config.max_body_bytes)
         captured: Optional[ResponseBodyCapture] = getattr(request, _CAPTURE_ATTRIBUTE, None)
         if captured is not None:
-            _set_body(event["response"], captured.body(), config.max_body_bytes)
+            _set_body(event["response"], captured.body(unsent_body), config.max_body_bytes)
+        elif unsent_body:
+            _set_body(event["response"], unsent_body if len(unsent_body) <= config.max_body_bytes else None,
+                      config.max_body_bytes)
     if config.mask_event_model is not None:
         return mask_event(event, config)
     return event
@@ -305,9 +309,11 @@ class ResponseBodyCapture(OutputTransform):
         self._chunks.append(bytes(chunk))
         self._kept += len(chunk)
 
-    def body(self) -> Optional[bytes]:
-        """The captured body, or None when it was larger than the limit."""
-        return None if self._overflow else b"".join(self._chunks)
+    def body(self, unsent: bytes = b"") -> Optional[bytes]:
+        """The captured body (plus `unsent`, bytes not yet flushed), or None when larger than the limit."""
+        if self._overflow or self._kept + len(unsent) > self.limit:
+            return None
+        return b"".join(self._chunks) + unsent
 
 
 def body_capture_transform(limit: int) -> Type[ResponseBodyCapture]:

@@ -30,6 +30,8 @@ from .spool import COMPANY, EVENT, USER, Spool
 logger = logging.getLogger("moesiftornado_durable")
 
 DEFAULT_CLOSE_TIMEOUT = 10.0
+_LOGGED_ATTRIBUTE = "_moesiftornado_durable_logged"
+_SETTINGS_KEY = "moesiftornado_durable"
 _ERROR_LOG_INTERVAL = 10.0  # seconds between repeated spool-failure logs
 
 
@@ -86,10 +88,20 @@ class MoesifMiddleware:
 
     def log_event(self, handler: Handler) -> None:
         """Tornado's log_function: capture the finished request and commit it to the spool. Never raises."""
+        if getattr(handler, _LOGGED_ATTRIBUTE, False):
+            return  # strict mode spooled it before the response was sent
+        self._capture_and_spool(handler, b"")
+
+    def log_event_before_send(self, handler: Handler) -> None:
+        """Strict mode (`SpoolBeforeSendMixin`): spool the event while the last bytes are still unsent."""
+        setattr(handler, _LOGGED_ATTRIBUTE, True)
+        self._capture_and_spool(handler, b"".join(getattr(handler, "_write_buffer", [])))
+
+    def _capture_and_spool(self, handler: Handler, unsent_body: bytes) -> None:
         try:
             finished_at = time.time()
             self.attach(handler.application)
-            event = capture_event(handler, self.config, finished_at)
+            event = capture_event(handler, self.config, finished_at, unsent_body)
             if event is None:
                 self.counters["skipped"] += 1
                 return
@@ -105,6 +117,7 @@ class MoesifMiddleware:
         """
         if application is not None and application not in self._attached:
             install_body_capture(application, self._body_capture)
+            application.settings.setdefault(_SETTINGS_KEY, self)  # where SpoolBeforeSendMixin finds us
             self._attached.add(application)
         return application
 
@@ -252,3 +265,29 @@ def _register_process_hooks(middleware: MoesifMiddleware) -> None:
             after_in_child=call("_after_fork_in_child"),
         )
     atexit.register(call("close"))
+
+
+class SpoolBeforeSendMixin:
+    """Strict mode: commit each request's event to the spool before the response's last bytes are sent.
+
+    Tornado calls log_function after the response is written, so a crash in between can lose an event
+    whose client got its answer. Mix this into a RequestHandler (``class H(SpoolBeforeSendMixin,
+    RequestHandler)``) and the event is committed first; the client never receives a complete response
+    that is not in the spool. It costs the commit's latency on every response. If spooling fails, the
+    response is still sent and the failure counted, as everywhere else.
+    """
+
+    def flush(self, include_footers: bool = False) -> Any:
+        if include_footers and not getattr(self, _LOGGED_ATTRIBUTE, False):
+            middleware = _middleware_of(self)
+            if middleware is not None:
+                middleware.log_event_before_send(self)
+        return super().flush(include_footers)  # type: ignore[misc]
+
+
+def _middleware_of(handler: Any) -> Optional[MoesifMiddleware]:
+    settings = getattr(handler, "application", None) and handler.application.settings
+    if not settings:
+        return None
+    found = settings.get(_SETTINGS_KEY) or getattr(settings.get("log_function"), "__self__", None)
+    return found if isinstance(found, MoesifMiddleware) else None
