@@ -23,7 +23,7 @@ from . import __version__, locks, testing
 from .config import DEFAULT_BASE_URI
 from .flusher import Courier, Outcome, remove_spool_files
 from .sender import Sender, delivery_policy
-from .spool import EVENT, KINDS, Spool, read_stats, salvage
+from .spool import EVENT, KINDS, Spool, open_spool, read_stats, salvage
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_REPLAY_BATCH_SIZE = 500
@@ -156,7 +156,7 @@ def _replay(args: argparse.Namespace) -> int:
     spools: List[Tuple[locks.SlotLock, Spool]] = []
     try:
         for lock in owned:
-            spools.append((lock, Spool(lock.spool_path)))
+            spools.append((lock, open_spool(lock.spool_path)))
         total = sum(spool.ready_count() for _, spool in spools)
         if args.max_events is not None:
             total = min(total, args.max_events)

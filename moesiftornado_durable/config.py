@@ -23,6 +23,11 @@ DEFAULT_BATCH_SIZE = 25
 DEFAULT_FLUSH_INTERVAL = 1.0
 DEFAULT_SEND_TIMEOUT = 10.0
 DEFAULT_RETRY_MAX_WAIT = 60.0
+DEFAULT_AUTH_RETRY_INTERVAL = 300.0
+DEFAULT_EVENT_MAX_AGE = 29 * 86400.0  # Moesif rejects events older than 30 days
+DEFAULT_SPOOL_MAX_BYTES = 1024 ** 3
+DEFAULT_WHEN_FULL = "drop_newest"
+WHEN_FULL_POLICIES = ("drop_newest", "drop_oldest")
 DEFAULT_MAX_BODY_BYTES = 100 * 1024
 DEFAULT_SPOOL_SYNC = "normal"
 DEFAULT_AUTHORIZATION_HEADER_NAME = "authorization"
@@ -68,6 +73,10 @@ class Config:
     retry_max_wait: float = DEFAULT_RETRY_MAX_WAIT
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     spool_sync: str = DEFAULT_SPOOL_SYNC
+    auth_retry_interval: float = DEFAULT_AUTH_RETRY_INTERVAL
+    event_max_age: float = DEFAULT_EVENT_MAX_AGE
+    spool_max_bytes: Optional[int] = DEFAULT_SPOOL_MAX_BYTES
+    when_full: str = DEFAULT_WHEN_FULL
     authorization_header_names: Tuple[str, ...] = (DEFAULT_AUTHORIZATION_HEADER_NAME,)
     authorization_user_id_field: str = DEFAULT_AUTHORIZATION_USER_ID_FIELD
 
@@ -112,6 +121,10 @@ class Config:
             retry_max_wait=read.number("RETRY_MAX_WAIT", DEFAULT_RETRY_MAX_WAIT),
             max_body_bytes=read.integer("MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, low=0),
             spool_sync=read.choice("SPOOL_SYNC", DEFAULT_SPOOL_SYNC, SPOOL_SYNC_MODES),
+            auth_retry_interval=read.number("AUTH_RETRY_INTERVAL", DEFAULT_AUTH_RETRY_INTERVAL),
+            event_max_age=read.number("EVENT_MAX_AGE", DEFAULT_EVENT_MAX_AGE),
+            spool_max_bytes=read.optional_integer("SPOOL_MAX_BYTES", DEFAULT_SPOOL_MAX_BYTES, low=1),
+            when_full=read.choice("WHEN_FULL", DEFAULT_WHEN_FULL, WHEN_FULL_POLICIES),
             authorization_header_names=tuple(
                 name.strip().lower()
                 for name in (read.string("AUTHORIZATION_HEADER_NAME") or DEFAULT_AUTHORIZATION_HEADER_NAME).split(",")
@@ -129,7 +142,8 @@ _KNOWN_KEYS = frozenset(
         "APPLICATION_ID", "SKIP", "IDENTIFY_USER", "IDENTIFY_COMPANY", "GET_METADATA", "GET_SESSION_TOKEN",
         "MASK_EVENT_MODEL", "API_VERSION", "DEBUG", "LOG_BODY", "BATCH_SIZE", "BASE_URI", "LOCAL_MOESIF_BASEURL",
         "SPOOL_DIR", "FLUSH_INTERVAL", "SEND_TIMEOUT", "RETRY_MAX_WAIT", "MAX_BODY_BYTES", "SPOOL_SYNC",
-        "AUTHORIZATION_HEADER_NAME", "AUTHORIZATION_USER_ID_FIELD",
+        "AUTHORIZATION_HEADER_NAME", "AUTHORIZATION_USER_ID_FIELD", "AUTH_RETRY_INTERVAL", "EVENT_MAX_AGE",
+        "SPOOL_MAX_BYTES", "WHEN_FULL",
     }
 )
 
@@ -178,6 +192,12 @@ class _Reader:
             bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
             raise ConfigError(key, f"must be {bounds}, got {value}")
         return value
+
+    def optional_integer(self, key: str, default: Optional[int], low: int) -> Optional[int]:
+        """A whole number, or None when the user passes None explicitly (no limit)."""
+        if key in self._options and self._options[key] is None:
+            return None
+        return self.integer(key, default if default is not None else low, low)
 
     def number(self, key: str, default: float) -> float:
         value = self._options.get(key, default)

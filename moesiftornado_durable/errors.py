@@ -2,10 +2,12 @@
 
     MoesifDurableError
     ├── ConfigError            an option is missing or invalid (also a ValueError); names the key
+    ├── SpoolFullError         the spool holds SPOOL_MAX_BYTES and WHEN_FULL is 'drop_newest'
     └── DeliveryError          a batch did not reach Moesif
         ├── RetryableError     worth trying again later: connection refused, timeout, 408, 429, 5xx
         │   └── AuthError      401/402/403: wrong application id or lapsed plan; data is kept, retried slowly
         └── PermanentError     the collector rejected the batch for good (400, 404, 422, ...): dead-lettered
+            └── PayloadTooLargeError  413: the batch is split and retried; a lone event too large is dead-lettered
 
 moesifapi's `APIException` and requests' exceptions are mapped here, in `sender.py`, and nowhere else.
 """
@@ -25,6 +27,10 @@ class ConfigError(MoesifDurableError, ValueError):
     def __init__(self, key: str, problem: str) -> None:
         super().__init__(f"moesiftornado_durable: {key}: {problem}")
         self.key = key
+
+
+class SpoolFullError(MoesifDurableError):
+    """The spool already holds SPOOL_MAX_BYTES of records and WHEN_FULL is 'drop_newest': this one is refused."""
 
 
 class DeliveryError(MoesifDurableError):
@@ -49,3 +55,7 @@ class AuthError(RetryableError):
 
 class PermanentError(DeliveryError):
     """The collector rejected the batch and would reject it again: its records go to the dead-letter store."""
+
+
+class PayloadTooLargeError(PermanentError):
+    """413: the batch was too large. Halves are retried; only a single record still too large is dead-lettered."""

@@ -19,12 +19,13 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Callable, Counter, List, Optional
+from typing import Callable, Counter, List, Optional, Tuple
 
 from . import locks
-from .errors import DeliveryError, PermanentError, RetryableError
+from .config import Config
+from .errors import DeliveryError, PayloadTooLargeError, PermanentError, RetryableError
 from .sender import Sender, ShutdownRequested, delivery_policy
-from .spool import KINDS, Spool, SpooledItem
+from .spool import EVENT, KINDS, Spool, SpooledItem, open_spool
 
 logger = logging.getLogger("moesiftornado_durable")
 
@@ -47,36 +48,89 @@ class Courier:
     Shared by the flusher thread and the replay command, so both treat every answer the same way.
     """
 
-    def __init__(self, sender: Sender, policy: Callable[..., object]) -> None:
+    def __init__(self, sender: Sender, policy: Callable[..., object],
+                 event_max_age: Optional[float] = None) -> None:
         self._sender = sender
         self._policy = policy
+        self._event_max_age = event_max_age
         self.counters: Counter[str] = collections.Counter()
         self.last_error: Optional[DeliveryError] = None
         self.last_error_at: Optional[float] = None
         self.failing = False
+        self._unacked: List[Tuple[Spool, List[int]]] = []  # delivered, but the ack failed (e.g. disk full)
 
     def deliver(self, spool: Spool, kind: str, batch: List[SpooledItem]) -> Outcome:
-        """Deliver one claimed batch; the records end acked, dead-lettered or ready again."""
+        """Deliver one claimed batch; every record ends acked, dead-lettered or ready again.
+
+        Events older than EVENT_MAX_AGE are dead-lettered as 'expired' instead of sent (Moesif rejects
+        events older than 30 days). A 413 splits the batch in halves; a single record still too large
+        is dead-lettered.
+        """
+        self.retry_acks()
+        if kind == EVENT and self._event_max_age is not None:
+            batch = self._expire(spool, batch)
+            if not batch:
+                return Outcome.DEAD_LETTERED
         ids = [item.id for item in batch]
         try:
             self._policy(self._send, kind, [item.body for item in batch])
         except (ShutdownRequested, RetryableError):
             spool.nack(ids)
             return Outcome.RETURNED
+        except PayloadTooLargeError as exc:
+            if len(batch) == 1:
+                return self._dead_letter(spool, kind, batch, exc.status, str(exc))
+            half = len(batch) // 2
+            first = self.deliver(spool, kind, batch[:half])
+            if first is Outcome.RETURNED:
+                spool.nack([item.id for item in batch[half:]])
+                return first
+            return self.deliver(spool, kind, batch[half:])
         except PermanentError as exc:
-            spool.dead_letter(ids, exc.status, str(exc))
-            self.counters["dead_lettered"] += len(ids)
-            self.failing = False
-            logger.error("Moesif rejected a batch of %d %s record(s) (%s); moved to the dead-letter store",
-                         len(ids), kind, exc)
-            return Outcome.DEAD_LETTERED
+            return self._dead_letter(spool, kind, batch, exc.status, str(exc))
         except BaseException:
             spool.nack(ids)
             raise
-        spool.ack(ids)
         self.counters["sent"] += len(ids)
         self.failing = False
+        self._ack(spool, ids)
         return Outcome.DELIVERED
+
+    def _ack(self, spool: Spool, ids: List[int]) -> None:
+        """Ack delivered records; if the spool cannot take the write now, remember them and try again later
+        (until then they stay in flight: never claimed twice by this process, resent only after a restart)."""
+        try:
+            spool.ack(ids)
+        except sqlite3.Error:
+            self._unacked.append((spool, ids))
+            raise
+
+    def retry_acks(self) -> None:
+        """Ack what was delivered while the spool could not be written."""
+        while self._unacked:
+            spool, ids = self._unacked[0]
+            if not spool.closed:
+                spool.ack(ids)
+            self._unacked.pop(0)
+
+    def _expire(self, spool: Spool, batch: List[SpooledItem]) -> List[SpooledItem]:
+        """Dead-letter the events older than EVENT_MAX_AGE; return the rest."""
+        assert self._event_max_age is not None
+        oldest_allowed = time.time() - self._event_max_age
+        expired = [item for item in batch if item.spooled_at < oldest_allowed]
+        if expired:
+            days = self._event_max_age / 86400
+            self._dead_letter(spool, EVENT, expired, None, f"expired: older than EVENT_MAX_AGE ({days:g} days)")
+        return [item for item in batch if item.spooled_at >= oldest_allowed]
+
+    def _dead_letter(self, spool: Spool, kind: str, batch: List[SpooledItem], status: Optional[int],
+                     reason: str) -> Outcome:
+        spool.dead_letter([item.id for item in batch], status, reason)
+        self.counters["dead_lettered"] += len(batch)
+        if status is not None:
+            self.failing = False  # the collector answered
+        logger.error("%d %s record(s) moved to the dead-letter store: %s", len(batch), kind, reason)
+        return Outcome.DEAD_LETTERED
 
     def drain(self, spool: Spool, batch_size: int, stop: threading.Event, max_records: Optional[int] = None,
               on_batch: Optional[Callable[[int], None]] = None) -> Outcome:
@@ -113,21 +167,14 @@ class Courier:
 class Flusher:
     """Drains one `Spool` (and any orphans beside it) through one `Sender` on a named daemon thread."""
 
-    def __init__(
-        self,
-        spool: Spool,
-        sender: Sender,
-        batch_size: int,
-        flush_interval: float,
-        retry_max_wait: float,
-        adopt_orphans: bool = True,
-    ) -> None:
+    def __init__(self, spool: Spool, sender: Sender, config: Config, adopt_orphans: bool = True) -> None:
         self._spool = spool
         self._sender = sender
-        self._batch_size = batch_size
-        self._flush_interval = flush_interval
+        self._batch_size = config.batch_size
+        self._flush_interval = config.flush_interval
         self._stop = threading.Event()
-        self.courier = Courier(sender, delivery_policy(self._stop, max_wait=retry_max_wait))
+        policy = delivery_policy(self._stop, max_wait=config.retry_max_wait, auth_wait=config.auth_retry_interval)
+        self.courier = Courier(sender, policy, event_max_age=config.event_max_age)
         self._adopt_orphans = adopt_orphans
         self._next_orphan_scan = 0.0
         self._urgent_until = 0.0  # while monotonic() is below this, partial batches are sent at once
@@ -202,6 +249,7 @@ class Flusher:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                self.courier.retry_acks()
                 self._wait_for_batch()
                 for kind in KINDS:
                     if self._stop.is_set():
@@ -247,7 +295,7 @@ class Flusher:
             try:
                 if os.path.abspath(lock.spool_path) == own:
                     continue
-                orphan = Spool(lock.spool_path)
+                orphan = open_spool(lock.spool_path)
                 try:
                     if orphan.stats().ready:
                         logger.info("adopting orphan spool %s", lock.spool_path)

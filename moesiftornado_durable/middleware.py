@@ -17,15 +17,16 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Counter, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Callable, Counter, Dict, Iterable, List, Mapping, Optional
 
 from . import locks
 from .capture import body_capture_transform, capture_event, install_body_capture
 from .config import Config, Handler
+from .errors import SpoolFullError
 from .flusher import Flusher
 from .profiles import normalize_profile, normalize_profiles
 from .sender import Sender
-from .spool import COMPANY, EVENT, USER, Spool
+from .spool import COMPANY, EVENT, USER, open_spool
 
 logger = logging.getLogger("moesiftornado_durable")
 
@@ -38,16 +39,17 @@ _ERROR_LOG_INTERVAL = 10.0  # seconds between repeated spool-failure logs
 class _Runtime:
     """The per-process parts: this process's spool slot (locked), its spool and the flusher draining it."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, on_evict: Callable[[List[str]], None]) -> None:
         self.pid = os.getpid()
         self.lock = locks.lock_free_slot(config.spool_dir)
         try:
-            self.spool = Spool(self.lock.spool_path, config.spool_sync)
+            self.spool = open_spool(self.lock.spool_path, sync=config.spool_sync, max_bytes=config.spool_max_bytes,
+                                    when_full=config.when_full, on_evict=on_evict)
         except BaseException:
             self.lock.release()
             raise
         sender = Sender(config.base_uri, config.application_id, config.send_timeout)
-        self.flusher = Flusher(self.spool, sender, config.batch_size, config.flush_interval, config.retry_max_wait)
+        self.flusher = Flusher(self.spool, sender, config)
         self.flusher.start()
 
     def close(self, timeout: float) -> None:
@@ -189,10 +191,25 @@ class MoesifMiddleware:
             return
         try:
             runtime.spool.put(record, kind)
+        except SpoolFullError:
+            self._drop("spool_full", f"the spool is full (SPOOL_MAX_BYTES, WHEN_FULL={self.config.when_full!r}); "
+                                     f"this record was refused", record)
+            return
+        except sqlite3.OperationalError as exc:
+            reason = "disk_full" if "full" in str(exc).lower() else "spool_error"
+            self._drop(reason, f"could not write to the spool ({exc})", record)
+            return
         except (sqlite3.Error, OSError, ValueError, TypeError):
             self._drop("spool_error", "could not write to the spool", record)
             return
         self.counters["spooled"] += 1
+
+    def _evicted(self, record_ids: List[str]) -> None:
+        """WHEN_FULL='drop_oldest' deleted these waiting records to make room: count and log them."""
+        self.counters["dropped_oldest"] += len(record_ids)
+        shown = ", ".join(record_ids[:20]) + (" …" if len(record_ids) > 20 else "")
+        self._log_drop(f"the spool is full (SPOOL_MAX_BYTES); dropped the {len(record_ids)} oldest waiting "
+                       f"record(s): {shown}", self.counters["dropped_oldest"])
 
     def _runtime_here(self) -> Optional[_Runtime]:
         """This process's runtime, opening the spool and starting the flusher on first use."""
@@ -202,7 +219,7 @@ class MoesifMiddleware:
         with self._lock:
             if self._runtime is None or self._runtime.pid != os.getpid():
                 try:
-                    self._runtime = _Runtime(self.config)
+                    self._runtime = _Runtime(self.config, self._evicted)
                 except (sqlite3.Error, OSError):
                     self._drop("spool_unavailable", f"cannot open the spool in {self.config.spool_dir}")
                     return None
@@ -211,18 +228,16 @@ class MoesifMiddleware:
     def _drop(self, reason: str, message: str, record: Optional[Dict[str, Any]] = None) -> None:
         """Count a record that was not spooled, and log it (with the traceback, at most every few seconds)."""
         self.counters[f"dropped_{reason}"] += 1
+        transaction_id = (record or {}).get("transaction_id")
+        self._log_drop(f"{message} (transaction_id={transaction_id})", self.counters[f"dropped_{reason}"])
+
+    def _log_drop(self, message: str, so_far: int) -> None:
         now = time.monotonic()
         if now - self._last_error_log < _ERROR_LOG_INTERVAL:
             return
         self._last_error_log = now
-        transaction_id = (record or {}).get("transaction_id")
-        logger.error(
-            "moesiftornado_durable: %s (transaction_id=%s); dropped so far: %d",
-            message,
-            transaction_id,
-            self.counters[f"dropped_{reason}"],
-            exc_info=sys.exc_info()[0] is not None,
-        )
+        logger.error("moesiftornado_durable: %s; dropped so far for this reason: %d", message, so_far,
+                     exc_info=sys.exc_info()[0] is not None)
 
     def _before_fork(self) -> None:
         runtime = self._runtime

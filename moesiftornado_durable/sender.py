@@ -28,7 +28,7 @@ from moesifapi.http.requests_client import RequestsClient
 from requests.adapters import HTTPAdapter
 
 from . import __version__
-from .errors import AuthError, DeliveryError, PermanentError, RetryableError
+from .errors import AuthError, DeliveryError, PayloadTooLargeError, PermanentError, RetryableError
 from .spool import COMPANY, EVENT, USER
 
 logger = logging.getLogger("moesiftornado_durable")
@@ -117,6 +117,8 @@ def _classify(exc: APIException) -> DeliveryError:
     headers = getattr(exc.context.response, "headers", None) or {}
     if status in _AUTH_STATUSES:
         return AuthError(f"HTTP {status}: the collector refused the application id", status)
+    if status == 413:
+        return PayloadTooLargeError(f"HTTP {status}: the batch is too large for the collector", status)
     if status in _RETRYABLE_STATUSES or status >= 500:
         return RetryableError(f"HTTP {status}", status, parse_retry_after(headers.get("Retry-After")))
     return PermanentError(f"HTTP {status}: rejected by the collector", status)

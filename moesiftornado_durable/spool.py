@@ -16,10 +16,12 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from persistqueue import SQLiteAckQueue
 from persistqueue.sqlackqueue import AckStatus
+
+from .errors import SpoolFullError
 
 logger = logging.getLogger("moesiftornado_durable")
 
@@ -111,11 +113,6 @@ class _AckQueue(SQLiteAckQueue):
                 "data BLOB, timestamp FLOAT, http_status INTEGER, reason TEXT, dead_at FLOAT)"
             )
 
-    def put_kind(self, item: Any, kind: str) -> int:
-        row_id = self._insert_into(self._serializer.dumps(item), time.time(), kind)
-        self.put_event.set()
-        return int(row_id)
-
 
 class Spool:
     """A durable queue of Moesif records in the SQLite file `path`.
@@ -126,7 +123,15 @@ class Spool:
     dead-letter commands on a live app's file).
     """
 
-    def __init__(self, path: str, sync: str = "normal", resume: bool = True) -> None:
+    def __init__(
+        self,
+        path: str,
+        sync: str = "normal",
+        resume: bool = True,
+        max_bytes: Optional[int] = None,
+        when_full: str = "drop_newest",
+        on_evict: Optional[Callable[[List[str]], None]] = None,
+    ) -> None:
         self.path = path
         self.directory = os.path.dirname(path)
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
@@ -134,12 +139,59 @@ class Spool:
         self._queue = _AckQueue(path, sync, resume)
         self._table = self._queue._table_name
         self._key = self._queue._key_column
+        self._max_bytes = max_bytes
+        self._when_full = when_full
+        self._on_evict = on_evict
         self._closed = False
         self._close_lock = threading.Lock()
+        with self._queue.tran_lock:
+            row = self._conn().execute(
+                f"SELECT COALESCE(SUM(length(data)), 0) FROM {self._table} WHERE status <= {_IN_FLIGHT}"
+            ).fetchone()
+        self._live_bytes = int(row[0])  # JSON bytes of the ready and in-flight records: what SPOOL_MAX_BYTES bounds
+        self._size_lock = threading.Lock()  # put (IOLoop thread) and ack (flusher) both move _live_bytes
 
     def put(self, body: Any, kind: str = EVENT) -> int:
-        """Commit one record to disk; returns its id once SQLite has committed it."""
-        return self._queue.put_kind(body, kind)
+        """Commit one record to disk; returns its id once SQLite has committed it.
+
+        At SPOOL_MAX_BYTES, 'drop_newest' refuses this record (`SpoolFullError`); 'drop_oldest' deletes the
+        oldest ready records to make room and reports their ids through `on_evict`.
+        """
+        data = _JsonSerializer.dumps(body)
+        if self._max_bytes is not None and self._live_bytes + len(data) > self._max_bytes:
+            if self._when_full == "drop_newest":
+                raise SpoolFullError(f"the spool holds {self._live_bytes} bytes (SPOOL_MAX_BYTES {self._max_bytes})")
+            self._evict_oldest(len(data))
+        row_id = self._queue._insert_into(data, time.time(), kind)
+        self._grow(len(data))
+        self._queue.put_event.set()
+        return int(row_id)
+
+    @property
+    def live_bytes(self) -> int:
+        """JSON bytes of the records waiting or in flight (what SPOOL_MAX_BYTES bounds)."""
+        return self._live_bytes
+
+    def _evict_oldest(self, needed: int) -> None:
+        """Delete the oldest ready records until `needed` more bytes fit; report their ids."""
+        assert self._max_bytes is not None
+        evicted: List[str] = []
+        with self._queue.tran_lock, self._conn() as conn:
+            while self._live_bytes + needed > self._max_bytes:
+                rows = conn.execute(
+                    f"SELECT {self._key}, data FROM {self._table} WHERE status < {_READY_BELOW} "
+                    f"ORDER BY {self._key} LIMIT 100"
+                ).fetchall()
+                if not rows:
+                    break  # everything left is in flight: let this one in rather than block
+                for row_id, data in rows:
+                    conn.execute(f"DELETE FROM {self._table} WHERE {self._key} = ?", (row_id,))
+                    self._grow(-len(data))
+                    evicted.append(_record_id(data))
+                    if self._live_bytes + needed <= self._max_bytes:
+                        break
+        if evicted and self._on_evict is not None:
+            self._on_evict(evicted)
 
     def claim(self, limit: int, kind: str = EVENT) -> List[SpooledItem]:
         """Take up to `limit` of the oldest ready records of `kind` and mark them in flight, in one transaction."""
@@ -167,7 +219,27 @@ class Spool:
 
     def ack(self, ids: Sequence[int]) -> None:
         """Delivered: delete the rows, in one transaction."""
-        self._execute_many(f"DELETE FROM {self._table} WHERE {self._key} = ?", [(i,) for i in ids])
+        with self._queue.tran_lock, self._conn() as conn:
+            freed = self._bytes_of(conn, ids)
+            conn.executemany(f"DELETE FROM {self._table} WHERE {self._key} = ?", [(i,) for i in ids])
+        self._grow(-freed)
+
+    def _grow(self, delta: int) -> None:
+        with self._size_lock:
+            self._live_bytes += delta
+
+    def _bytes_of(self, conn: sqlite3.Connection, ids: Sequence[int]) -> int:
+        total = 0
+        for first in range(0, len(ids), 500):
+            chunk = list(ids[first:first + 500])
+            marks = ",".join("?" * len(chunk))
+            row = conn.execute(
+                f"SELECT COALESCE(SUM(length(data)), 0) FROM {self._table} "
+                f"WHERE {self._key} IN ({marks}) AND status <= {_IN_FLIGHT}",
+                chunk,
+            ).fetchone()
+            total += int(row[0])
+        return total
 
     def nack(self, ids: Sequence[int]) -> None:
         """Not delivered: make the rows ready again, keeping their place in the queue."""
@@ -179,12 +251,14 @@ class Spool:
         """Permanently rejected: move the rows to the dead-letter table with the status, reason and time."""
         now = time.time()
         with self._queue.tran_lock, self._conn() as conn:
+            freed = self._bytes_of(conn, ids)
             conn.executemany(
                 f"INSERT OR REPLACE INTO dead_letter (id, kind, data, timestamp, http_status, reason, dead_at) "
                 f"SELECT {self._key}, kind, data, timestamp, ?, ?, ? FROM {self._table} WHERE {self._key} = ?",
                 [(http_status, reason, now, i) for i in ids],
             )
             conn.executemany(f"DELETE FROM {self._table} WHERE {self._key} = ?", [(i,) for i in ids])
+        self._grow(-freed)
 
     def dead_letters(self, reason: Optional[str] = None, older_than: Optional[float] = None) -> List[Dict[str, Any]]:
         """Dead-lettered records, oldest first; optionally only those whose reason contains `reason`
@@ -214,7 +288,9 @@ class Spool:
                     (dead_id,),
                 )
                 if cursor.rowcount:
+                    size = conn.execute("SELECT length(data) FROM dead_letter WHERE id = ?", (dead_id,)).fetchone()
                     conn.execute("DELETE FROM dead_letter WHERE id = ?", (dead_id,))
+                    self._grow(int(size[0] or 0))
                     moved += 1
         self.wake()
         return moved
@@ -229,6 +305,7 @@ class Spool:
         rows = [(_JsonSerializer.dumps(body), spooled_at, kind) for kind, body, spooled_at in records]
         with self._queue.tran_lock, self._conn() as conn:
             conn.executemany(f"INSERT INTO {self._table} (data, timestamp, status, kind) VALUES (?, ?, 0, ?)", rows)
+        self._grow(sum(len(row[0]) for row in rows))
         self.wake()
         return len(rows)
 
@@ -294,6 +371,16 @@ class Spool:
             oldest_spooled_at=oldest,
             bytes_on_disk=self.bytes_on_disk(),
         )
+
+    def check(self) -> Optional[str]:
+        """SQLite's quick integrity check: None when the file is sound, else what is wrong."""
+        try:
+            with self._queue.tran_lock:
+                rows = self._conn().execute("PRAGMA quick_check").fetchall()
+        except sqlite3.DatabaseError as exc:
+            return str(exc)
+        result = "; ".join(str(row[0]) for row in rows)
+        return None if result == "ok" else result
 
     def is_empty(self) -> bool:
         """True when the file holds no record at all: none ready, in flight or dead-lettered."""
@@ -383,6 +470,34 @@ def read_stats(path: str) -> SpoolStats:
     return SpoolStats(int(ready or 0), int(in_flight or 0), int(dead), oldest, bytes_on_disk(path))
 
 
+def open_spool(path: str, **options: Any) -> Spool:
+    """Open the spool at `path`; a file SQLite cannot open, or that fails its integrity check, is renamed
+    aside (kept, never deleted, for `salvage`), an ERROR names it, and a fresh spool starts in its place."""
+    try:
+        spool = Spool(path, **options)
+    except sqlite3.DatabaseError as exc:
+        quarantine(path, str(exc))
+        return Spool(path, **options)
+    problem = spool.check()
+    if problem is None:
+        return spool
+    spool.close()
+    quarantine(path, problem)
+    return Spool(path, **options)
+
+
+def quarantine(path: str, problem: str) -> str:
+    """Rename a damaged spool file (and its WAL and shared-memory files) aside; returns the new name."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = f"{path}.corrupt-{stamp}-{os.getpid()}"
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.replace(path + suffix, aside + suffix)
+    logger.error("spool file %s is damaged (%s); kept as %s for `moesiftornado-durable salvage`, "
+                 "a fresh spool starts in its place", path, problem, aside)
+    return aside
+
+
 def directory_stats(directory: str) -> SpoolStats:
     """Stats of every spool file in a SPOOL_DIR added up (read-only); the oldest record of any file."""
     from .locks import slots, spool_path
@@ -426,6 +541,19 @@ def salvage(source: str, into: Spool) -> Tuple[int, int]:
     finally:
         conn.close()
     return copied, unreadable
+
+
+def _record_id(data: bytes) -> str:
+    """The id that names a record in logs: its transaction_id (events) or user/company id."""
+    try:
+        body = _JsonSerializer.loads(data)
+    except ValueError:
+        return "?"
+    if isinstance(body, dict):
+        for key in ("transaction_id", "user_id", "company_id", "subscription_id"):
+            if body.get(key):
+                return str(body[key])
+    return "?"
 
 
 def _create_private_file(path: str) -> None:

@@ -456,8 +456,12 @@ class _Handler(BaseHTTPRequestHandler):
             raise _BadRequest(400, "invalid Content-Length") from None
         if length < 0:
             raise _BadRequest(400, "invalid Content-Length")
-        if length > MAX_BODY_BYTES:
-            raise _BadRequest(413, f"body larger than {MAX_BODY_BYTES} bytes")
+        limit = self.server.collector.max_request_bytes
+        if length > limit:
+            remaining = length  # read it anyway (and drop it), so the connection stays usable
+            while remaining > 0:
+                remaining -= len(self.rfile.read(min(65536, remaining))) or remaining
+            raise _BadRequest(413, f"body larger than {limit} bytes")
         return self.rfile.read(length)
 
     def _read_chunked(self) -> bytes:
@@ -470,8 +474,9 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _BadRequest(400, "invalid chunked encoding") from None
             if size == 0:
                 break
-            if len(body) + size > MAX_BODY_BYTES:
-                raise _BadRequest(413, f"body larger than {MAX_BODY_BYTES} bytes")
+            limit = self.server.collector.max_request_bytes
+            if len(body) + size > limit:
+                raise _BadRequest(413, f"body larger than {limit} bytes")
             body += self.rfile.read(size)
             self.rfile.readline(1024)  # the CRLF after each chunk
         while self.rfile.readline(1024).strip():  # trailers, up to the blank line
@@ -543,6 +548,8 @@ class Collector:
         self._recorder = _Recorder()
         self._faults = _FaultQueue()
         self._config = _AppConfig(DEFAULT_APP_CONFIG)
+        # Requests with a larger body (as sent, i.e. gzipped) are answered 413, as Moesif does past its limits.
+        self.max_request_bytes = MAX_BODY_BYTES
 
         self._lifecycle = threading.RLock()  # start, stop, go_down and come_up, one at a time
         self._server: Optional[_Server] = None
