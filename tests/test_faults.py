@@ -1,0 +1,267 @@
+"""Faults and limits: nothing lost, nothing silently dropped — against the real spool and collector."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from typing import Any, Callable, Iterator, List
+
+import pytest
+
+from moesiftornado_durable import MoesifMiddleware
+from moesiftornado_durable.locks import spool_path
+from moesiftornado_durable.spool import Spool, directory_stats, open_spool
+from moesiftornado_durable.testing import Collector
+
+
+def event(n: int, padding: int = 0) -> dict:
+    return {"transaction_id": f"f-{n}", "request": {"uri": f"http://x/{n}", "verb": "GET",
+            "time": "2026-01-01T00:00:00.000000", "body": "p" * padding, "transfer_encoding": "base64"},
+            "response": {"status": 200, "time": "2026-01-01T00:00:00.100000"}, "direction": "Incoming"}
+
+
+def spool_events(middleware: MoesifMiddleware, events: List[dict]) -> None:
+    """Spool events through the middleware's own spool, as log_event does after capture."""
+    for body in events:
+        middleware._spool_record(body, "event")
+
+
+# -- 413 -------------------------------------------------------------------------------------------
+
+
+def test_413_splits_the_batch_and_dead_letters_only_the_event_too_large_alone(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, spool_dir: str
+) -> None:
+    collector.max_request_bytes = 12_000  # gzipped bytes; random padding does not compress
+    middleware = make_middleware(BATCH_SIZE=8, FLUSH_INTERVAL=5.0)
+    bodies = [event(n) for n in range(8)]
+    bodies[5]["request"]["body"] = os.urandom(16000).hex()  # 32 KB of hex: ~16 KB gzipped, too large alone
+    for n in (0, 1, 2, 3):
+        bodies[n]["request"]["body"] = os.urandom(2000).hex()  # ~2.2 KB each gzipped; 4 fit together
+    spool_events(middleware, bodies)
+    assert middleware.flush(15)
+    assert sorted(collector.transaction_ids()) == sorted(f"f-{n}" for n in range(8) if n != 5)
+    assert Counter(r.status for r in collector.requests)[413] >= 2  # the whole batch, then halves
+    middleware.close(2)
+    spool = Spool(spool_path(spool_dir, 0))
+    try:
+        [dead] = spool.dead_letters()
+    finally:
+        spool.close()
+    assert dead["body"]["transaction_id"] == "f-5" and dead["http_status"] == 413
+
+
+# -- expiry ----------------------------------------------------------------------------------------
+
+
+def test_events_older_than_event_max_age_are_dead_lettered_as_expired(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, spool_dir: str
+) -> None:
+    os.makedirs(spool_dir, exist_ok=True)
+    spool = Spool(spool_path(spool_dir, 0))
+    now = time.time()
+    spool.put_many([("event", event(1), now - 31 * 86400), ("event", event(2), now - 10), ("user",
+                    {"user_id": "old-user"}, now - 31 * 86400)])
+    spool.close()
+    middleware = make_middleware()
+    assert middleware.flush(10)
+    assert collector.transaction_ids() == ["f-2"]
+    assert [u["user_id"] for u in collector.users] == ["old-user"]  # profile updates do not expire
+    assert middleware.stats()["dead_letter"] == 1
+    middleware.close(2)
+    spool = Spool(spool_path(spool_dir, 0))
+    try:
+        [dead] = spool.dead_letters(reason="expired")
+    finally:
+        spool.close()
+    assert dead["body"]["transaction_id"] == "f-1" and dead["http_status"] is None
+
+
+# -- bounded spool ---------------------------------------------------------------------------------
+
+
+def test_spool_max_bytes_drop_newest_refuses_new_events_and_keeps_the_old(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, caplog: Any
+) -> None:
+    collector.go_down()
+    middleware = make_middleware(SPOOL_MAX_BYTES=20_000)
+    with caplog.at_level(logging.ERROR, logger="moesiftornado_durable"):
+        spool_events(middleware, [event(n, padding=900) for n in range(40)])  # ~1.1 KB each
+    stats = middleware.stats()
+    assert 15 <= stats["spooled"] < 20 and stats["spooled"] + stats["dropped_spool_full"] == 40
+    assert any("f-" in r.getMessage() and "full" in r.getMessage() for r in caplog.records)  # with its id
+    collector.come_up()
+    assert middleware.flush(10)
+    assert sorted(collector.transaction_ids(), key=lambda t: int(t[2:])) == [
+        f"f-{n}" for n in range(stats["spooled"])]  # the oldest kept, the newest refused
+
+
+def test_spool_max_bytes_drop_oldest_evicts_waiting_events(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, caplog: Any
+) -> None:
+    collector.go_down()
+    middleware = make_middleware(SPOOL_MAX_BYTES=20_000, WHEN_FULL="drop_oldest")
+    with caplog.at_level(logging.ERROR, logger="moesiftornado_durable"):
+        spool_events(middleware, [event(n, padding=900) for n in range(40)])
+    stats = middleware.stats()
+    assert stats["spooled"] == 40 and stats["dropped_oldest"] > 0
+    assert any("oldest" in r.getMessage() and "f-" in r.getMessage() for r in caplog.records)
+    collector.come_up()
+    assert middleware.flush(10)
+    delivered = sorted(int(t[2:]) for t in collector.transaction_ids())
+    assert delivered[-1] == 39 and len(delivered) == 40 - stats["dropped_oldest"]  # the newest kept
+    assert stats["dropped_oldest"] + len(delivered) == 40
+
+
+def test_the_app_never_blocks_on_a_full_spool(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector
+) -> None:
+    collector.go_down()
+    middleware = make_middleware(SPOOL_MAX_BYTES=5_000)
+    started = time.monotonic()
+    spool_events(middleware, [event(n, padding=900) for n in range(500)])
+    assert time.monotonic() - started < 5
+    assert middleware.stats()["dropped_spool_full"] >= 490
+
+
+# -- disk full -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tiny_filesystem(path: str, size: str = "2m") -> Iterator[str]:
+    """A real tmpfs of `size` mounted at `path` (root only); skipped where mounting is not allowed."""
+    os.makedirs(path, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", path],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def test_a_full_disk_is_counted_and_survived_and_spooling_resumes_when_space_returns(
+    collector: Collector, tmp_path: Any, caplog: Any
+) -> None:
+    with tiny_filesystem(str(tmp_path / "small")) as mount:
+        spool_dir = os.path.join(mount, "spool")
+        collector.go_down()  # nothing leaves the spool while the disk fills
+        middleware = MoesifMiddleware({"APPLICATION_ID": "x", "SPOOL_DIR": spool_dir, "BASE_URI": collector.base_uri,
+                                       "FLUSH_INTERVAL": 0.05, "RETRY_MAX_WAIT": 0.2})
+        filler = os.path.join(mount, "filler")
+        with open(filler, "wb") as f:  # take most of the space with another file
+            with contextlib.suppress(OSError):
+                f.write(b"\0" * (1900 * 1024))
+        with caplog.at_level(logging.ERROR, logger="moesiftornado_durable"):
+            spool_events(middleware, [event(n, padding=2000) for n in range(300)])  # never raises
+        stats = middleware.stats()
+        assert stats.get("dropped_disk_full", 0) > 0, stats
+        assert stats["spooled"] + stats["dropped_disk_full"] == 300
+        assert any("full" in r.getMessage() for r in caplog.records)
+
+        os.remove(filler)  # space returns
+        spool_events(middleware, [event(n, padding=2000) for n in range(300, 310)])
+        assert middleware.stats()["spooled"] == stats["spooled"] + 10  # spooling resumed by itself
+        collector.come_up()
+        assert middleware.flush(20), middleware.stats()
+        ids = set(collector.transaction_ids())
+        assert {f"f-{n}" for n in range(300, 310)} <= ids and len(ids) == stats["spooled"] + 10
+        middleware.close(2)
+
+
+# -- corrupt spool ---------------------------------------------------------------------------------
+
+
+def test_a_spool_file_sqlite_cannot_open_is_quarantined_and_a_fresh_one_starts(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, spool_dir: str, caplog: Any
+) -> None:
+    os.makedirs(spool_dir, exist_ok=True)
+    with open(spool_path(spool_dir, 0), "wb") as f:
+        f.write(b"definitely not a database " * 400)
+    with caplog.at_level(logging.ERROR, logger="moesiftornado_durable"):
+        middleware = make_middleware()
+    [aside] = [name for name in os.listdir(spool_dir) if ".corrupt-" in name and not name.endswith(("-wal", "-shm"))]
+    assert aside.startswith("spool-0.db.corrupt-")
+    assert any(aside in r.getMessage() for r in caplog.records)  # the ERROR names the kept file
+    with open(os.path.join(spool_dir, aside), "rb") as f:
+        assert f.read().startswith(b"definitely not a database")  # kept, unchanged
+    spool_events(middleware, [event(1)])
+    assert middleware.flush(10) and collector.transaction_ids() == ["f-1"]
+
+
+def test_a_spool_failing_its_integrity_check_is_quarantined_and_salvageable(
+    collector: Collector, spool_dir: str, tmp_path: Any
+) -> None:
+    os.makedirs(spool_dir, exist_ok=True)
+    path = spool_path(spool_dir, 0)
+    spool = Spool(path)
+    spool.put_many([("event", event(n, padding=300), time.time()) for n in range(300)])
+    spool.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with open(path, "r+b") as f:  # damage one page in the middle
+        f.seek(os.path.getsize(path) // 2 // 4096 * 4096)
+        f.write(b"\xff" * 4096)
+    fresh = open_spool(path)
+    try:
+        assert fresh.stats().ready == 0  # a fresh spool
+    finally:
+        fresh.close()
+    [aside] = [n for n in os.listdir(spool_dir) if ".corrupt-" in n and not n.endswith(("-wal", "-shm"))]
+    rescued_dir = str(tmp_path / "rescued")
+    from moesiftornado_durable.cli import main
+
+    assert main(["salvage", os.path.join(spool_dir, aside), "--spool-dir", rescued_dir]) == 0
+    assert 250 <= directory_stats(rescued_dir).ready < 300
+
+
+def test_a_torn_write_after_a_crash_loses_no_committed_event(spool_dir: str, collector: Collector) -> None:
+    os.makedirs(spool_dir, exist_ok=True)
+    path = spool_path(spool_dir, 0)
+    code = f"""
+import os, signal, time
+from moesiftornado_durable.spool import Spool
+spool = Spool({path!r})
+for n in range(200):
+    spool.put({{"transaction_id": "torn-%d" % n}})
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True).returncode != 0
+    with open(path + "-wal", "ab") as wal:  # half a frame, as a crash in the middle of a write leaves it
+        wal.write(os.urandom(2000))
+    spool = open_spool(path)
+    try:
+        assert [item.body["transaction_id"] for item in spool.claim(500)] == [f"torn-{n}" for n in range(200)]
+    finally:
+        spool.close()
+    assert not [n for n in os.listdir(spool_dir) if ".corrupt-" in n]
+
+
+# -- auth errors -----------------------------------------------------------------------------------
+
+
+def test_auth_errors_keep_every_event_and_log_one_error_per_interval(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, caplog: Any
+) -> None:
+    collector.respond_with(401, times=None)
+    with caplog.at_level(logging.ERROR, logger="moesiftornado_durable"):
+        middleware = make_middleware(AUTH_RETRY_INTERVAL=0.5, RETRY_MAX_WAIT=0.05)
+        spool_events(middleware, [event(n) for n in range(5)])
+        time.sleep(1.8)
+    attempts = len([r for r in collector.requests if r.status == 401])
+    assert 2 <= attempts <= 5  # every ~0.5 s, not every RETRY_MAX_WAIT
+    auth_errors = [r for r in caplog.records if "refused the application id" in r.getMessage()]
+    assert 2 <= len(auth_errors) <= attempts
+    assert middleware.stats()["ready"] + middleware.stats()["in_flight"] == 5  # nothing lost, nothing dead
+    assert middleware.stats()["dead_letter"] == 0
+    collector.reset()
+    assert middleware.flush(10)
+    assert sorted(collector.transaction_ids()) == [f"f-{n}" for n in range(5)]
