@@ -77,12 +77,15 @@ class Config:
     event_max_age: float = DEFAULT_EVENT_MAX_AGE
     spool_max_bytes: Optional[int] = DEFAULT_SPOOL_MAX_BYTES
     when_full: str = DEFAULT_WHEN_FULL
+    spool_encryption_keys: Tuple[Union[str, bytes], ...] = ()
+    dead_letter_retention: Optional[float] = None
     authorization_header_names: Tuple[str, ...] = (DEFAULT_AUTHORIZATION_HEADER_NAME,)
     authorization_user_id_field: str = DEFAULT_AUTHORIZATION_USER_ID_FIELD
 
     def __repr__(self) -> str:
         masked = self.application_id[:4] + "…" if len(self.application_id) > 4 else "…"
-        return (
+        return (  # never the encryption keys
+
             f"Config(application_id={masked!r}, spool_dir={self.spool_dir!r}, base_uri={self.base_uri!r}, "
             f"batch_size={self.batch_size}, flush_interval={self.flush_interval}, "
             f"send_timeout={self.send_timeout}, spool_sync={self.spool_sync!r})"
@@ -125,6 +128,8 @@ class Config:
             event_max_age=read.number("EVENT_MAX_AGE", DEFAULT_EVENT_MAX_AGE),
             spool_max_bytes=read.optional_integer("SPOOL_MAX_BYTES", DEFAULT_SPOOL_MAX_BYTES, low=1),
             when_full=read.choice("WHEN_FULL", DEFAULT_WHEN_FULL, WHEN_FULL_POLICIES),
+            spool_encryption_keys=read.keys("SPOOL_ENCRYPTION_KEY"),
+            dead_letter_retention=read.optional_number("DEAD_LETTER_RETENTION"),
             authorization_header_names=tuple(
                 name.strip().lower()
                 for name in (read.string("AUTHORIZATION_HEADER_NAME") or DEFAULT_AUTHORIZATION_HEADER_NAME).split(",")
@@ -143,7 +148,7 @@ _KNOWN_KEYS = frozenset(
         "MASK_EVENT_MODEL", "API_VERSION", "DEBUG", "LOG_BODY", "BATCH_SIZE", "BASE_URI", "LOCAL_MOESIF_BASEURL",
         "SPOOL_DIR", "FLUSH_INTERVAL", "SEND_TIMEOUT", "RETRY_MAX_WAIT", "MAX_BODY_BYTES", "SPOOL_SYNC",
         "AUTHORIZATION_HEADER_NAME", "AUTHORIZATION_USER_ID_FIELD", "AUTH_RETRY_INTERVAL", "EVENT_MAX_AGE",
-        "SPOOL_MAX_BYTES", "WHEN_FULL",
+        "SPOOL_MAX_BYTES", "WHEN_FULL", "SPOOL_ENCRYPTION_KEY", "DEAD_LETTER_RETENTION",
     }
 )
 
@@ -198,6 +203,23 @@ class _Reader:
         if key in self._options and self._options[key] is None:
             return None
         return self.integer(key, default if default is not None else low, low)
+
+    def optional_number(self, key: str) -> Optional[float]:
+        """A number of seconds, or None when absent or None (no limit)."""
+        return None if self._options.get(key) is None else self.number(key, 0.0)
+
+    def keys(self, key: str) -> Tuple[Union[str, bytes], ...]:
+        """One key or a list of keys (newest first, for rotation); each checked by building a cipher."""
+        value = self._options.get(key)
+        if value is None or value == "" or value == []:
+            return ()
+        keys = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        if not all(isinstance(k, (str, bytes)) and k for k in keys):
+            raise ConfigError(key, "expected a Fernet key (str or bytes) or a list of them")
+        from .codec import Codec
+
+        Codec(keys)  # raises ConfigError naming the key when one is malformed or cryptography is missing
+        return keys
 
     def number(self, key: str, default: float) -> float:
         value = self._options.get(key, default)

@@ -176,6 +176,8 @@ class Flusher:
         policy = delivery_policy(self._stop, max_wait=config.retry_max_wait, auth_wait=config.auth_retry_interval)
         self.courier = Courier(sender, policy, event_max_age=config.event_max_age)
         self._adopt_orphans = adopt_orphans
+        self._dead_letter_retention = config.dead_letter_retention
+        self._scrubbed_at_sent = 0  # counters["sent"] when the WAL was last emptied
         self._next_orphan_scan = 0.0
         self._urgent_until = 0.0  # while monotonic() is below this, partial batches are sent at once
         self.counters: Counter[str] = self.courier.counters
@@ -257,6 +259,7 @@ class Flusher:
                     batch = self._spool.claim(self._batch_size, kind)
                     if batch:
                         self.courier.deliver(self._spool, kind, batch)
+                self._scrub_when_idle()
                 self._drain_orphans()
             except Exception:  # the loop must survive anything: a spool error, a bug
                 self.counters["loop_errors"] += 1
@@ -284,18 +287,29 @@ class Flusher:
                 return
             self._stop.wait(min(remaining, _POLL))
 
+    def _scrub_when_idle(self) -> None:
+        """Once everything is delivered, empty the WAL so no delivered record's bytes stay on disk."""
+        sent = self.counters["sent"] + self.counters["dead_lettered"]
+        if sent != self._scrubbed_at_sent and not self._spool.ready_count(limit=1):
+            if self._spool.scrub():
+                self._scrubbed_at_sent = sent
+
     def _drain_orphans(self) -> None:
         """Adopt spool files whose owner is gone: drain them (a bounded amount per scan) under their lock,
         and delete a file once it holds nothing at all."""
-        if not self._adopt_orphans or time.monotonic() < self._next_orphan_scan or self.is_failing:
+        if time.monotonic() < self._next_orphan_scan:
             return
         self._next_orphan_scan = time.monotonic() + ORPHAN_SCAN_INTERVAL
+        if self._dead_letter_retention is not None:
+            self._spool.expire_dead_letters(self._dead_letter_retention)
+        if not self._adopt_orphans or self.is_failing:
+            return
         own = os.path.abspath(self._spool.path)
         for lock in locks.orphans(self._spool.directory):
             try:
                 if os.path.abspath(lock.spool_path) == own:
                     continue
-                orphan = open_spool(lock.spool_path)
+                orphan = open_spool(lock.spool_path, codec=self._spool.codec)
                 try:
                     if orphan.stats().ready:
                         logger.info("adopting orphan spool %s", lock.spool_path)

@@ -19,14 +19,15 @@ import time
 import weakref
 from typing import Any, Callable, Counter, Dict, Iterable, List, Mapping, Optional
 
-from . import locks
+from . import audit, locks
 from .capture import body_capture_transform, capture_event, install_body_capture
+from .codec import Codec
 from .config import Config, Handler
-from .errors import SpoolFullError
+from .errors import ConfigError, SpoolFullError
 from .flusher import Flusher
 from .profiles import normalize_profile, normalize_profiles
 from .sender import Sender
-from .spool import COMPANY, EVENT, USER, open_spool
+from .spool import COMPANY, EVENT, USER, open_spool, record_id
 
 logger = logging.getLogger("moesiftornado_durable")
 
@@ -44,7 +45,13 @@ class _Runtime:
         self.lock = locks.lock_free_slot(config.spool_dir)
         try:
             self.spool = open_spool(self.lock.spool_path, sync=config.spool_sync, max_bytes=config.spool_max_bytes,
-                                    when_full=config.when_full, on_evict=on_evict)
+                                    when_full=config.when_full, on_evict=on_evict,
+                                    codec=Codec(config.spool_encryption_keys))
+            problem = self.spool.unreadable_sample()
+            if problem is not None:
+                self.spool.close()
+                raise ConfigError("SPOOL_ENCRYPTION_KEY", f"{problem} ({self.lock.spool_path}); "
+                                  "start with the key the spool was written with (a list keeps old keys readable)")
         except BaseException:
             self.lock.release()
             raise
@@ -192,6 +199,7 @@ class MoesifMiddleware:
         try:
             runtime.spool.put(record, kind)
         except SpoolFullError:
+            audit.record_left([record_id(record)], "refused: spool full (WHEN_FULL='drop_newest')", kind)
             self._drop("spool_full", f"the spool is full (SPOOL_MAX_BYTES, WHEN_FULL={self.config.when_full!r}); "
                                      f"this record was refused", record)
             return

@@ -21,6 +21,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 from persistqueue import SQLiteAckQueue
 from persistqueue.sqlackqueue import AckStatus
 
+from . import audit
+from .codec import Codec, UndecryptableError, is_encrypted
 from .errors import SpoolFullError
 
 logger = logging.getLogger("moesiftornado_durable")
@@ -34,10 +36,11 @@ KINDS = (EVENT, USER, COMPANY)
 
 _READY_BELOW = int(AckStatus.unack)  # persist-queue: 0 inited and 1 ready are both takeable
 _IN_FLIGHT = int(AckStatus.unack)
+_UNDECRYPTABLE = 7  # our own status: no configured key opens it; kept untouched, retried at the next open
 
 
 class _JsonSerializer:
-    """Compact JSON for persist-queue; values JSON cannot express are written as their str()."""
+    """Compact JSON for persist-queue's own calls; this module writes and reads through a `Codec`."""
 
     @staticmethod
     def dumps(value: Any) -> bytes:
@@ -67,6 +70,7 @@ class SpoolStats:
     dead_letter: int
     oldest_spooled_at: Optional[float]
     bytes_on_disk: int
+    undecryptable: int = 0
 
 
 class _AckQueue(SQLiteAckQueue):
@@ -96,6 +100,7 @@ class _AckQueue(SQLiteAckQueue):
     def _new_db_connection(self, path: str, multithreading: bool, timeout: float) -> sqlite3.Connection:
         conn = super()._new_db_connection(path, multithreading, timeout)
         conn.execute(f"PRAGMA synchronous={self._sync.upper()}")
+        conn.execute("PRAGMA secure_delete=ON")  # deleted records are overwritten, not left in free pages
         return conn
 
     def _init(self) -> None:
@@ -131,8 +136,10 @@ class Spool:
         max_bytes: Optional[int] = None,
         when_full: str = "drop_newest",
         on_evict: Optional[Callable[[List[str]], None]] = None,
+        codec: Optional[Codec] = None,
     ) -> None:
         self.path = path
+        self._codec = codec or Codec()
         self.directory = os.path.dirname(path)
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         _create_private_file(path)
@@ -150,6 +157,9 @@ class Spool:
             ).fetchone()
         self._live_bytes = int(row[0])  # JSON bytes of the ready and in-flight records: what SPOOL_MAX_BYTES bounds
         self._size_lock = threading.Lock()  # put (IOLoop thread) and ack (flusher) both move _live_bytes
+        if resume:  # records no key opened last time: try again with today's keys
+            self._execute_many(f"UPDATE {self._table} SET status = {AckStatus.ready} WHERE status = ?",
+                               [(_UNDECRYPTABLE,)])
 
     def put(self, body: Any, kind: str = EVENT) -> int:
         """Commit one record to disk; returns its id once SQLite has committed it.
@@ -157,7 +167,7 @@ class Spool:
         At SPOOL_MAX_BYTES, 'drop_newest' refuses this record (`SpoolFullError`); 'drop_oldest' deletes the
         oldest ready records to make room and reports their ids through `on_evict`.
         """
-        data = _JsonSerializer.dumps(body)
+        data = self._codec.encode(body)
         if self._max_bytes is not None and self._live_bytes + len(data) > self._max_bytes:
             if self._when_full == "drop_newest":
                 raise SpoolFullError(f"the spool holds {self._live_bytes} bytes (SPOOL_MAX_BYTES {self._max_bytes})")
@@ -166,6 +176,11 @@ class Spool:
         self._grow(len(data))
         self._queue.put_event.set()
         return int(row_id)
+
+    @property
+    def codec(self) -> Codec:
+        """How this spool encodes records (JSON, encrypted with SPOOL_ENCRYPTION_KEY if set)."""
+        return self._codec
 
     @property
     def live_bytes(self) -> int:
@@ -187,14 +202,19 @@ class Spool:
                 for row_id, data in rows:
                     conn.execute(f"DELETE FROM {self._table} WHERE {self._key} = ?", (row_id,))
                     self._grow(-len(data))
-                    evicted.append(_record_id(data))
+                    evicted.append(self._record_id(data))
                     if self._live_bytes + needed <= self._max_bytes:
                         break
+        audit.record_left(evicted, "dropped: spool full (WHEN_FULL='drop_oldest')")
         if evicted and self._on_evict is not None:
             self._on_evict(evicted)
 
     def claim(self, limit: int, kind: str = EVENT) -> List[SpooledItem]:
-        """Take up to `limit` of the oldest ready records of `kind` and mark them in flight, in one transaction."""
+        """Take up to `limit` of the oldest ready records of `kind` and mark them in flight, in one transaction.
+
+        A record no configured key decrypts is set aside (status 'undecryptable'), untouched, for `status`
+        to report and the next start with the right key to retry.
+        """
         with self._queue.tran_lock:
             conn = self._conn()
             conn.execute("BEGIN IMMEDIATE")
@@ -207,15 +227,29 @@ class Spool:
                 if not rows:
                     conn.rollback()  # nothing to mark: end the transaction without writing
                     return []
-                conn.executemany(
-                    f"UPDATE {self._table} SET status = {_IN_FLIGHT} WHERE {self._key} = ?",
-                    [(row[0],) for row in rows],
-                )
+                claimed, unreadable = self._decode_rows(kind, rows)
+                conn.executemany(f"UPDATE {self._table} SET status = {_IN_FLIGHT} WHERE {self._key} = ?",
+                                 [(item.id,) for item in claimed])
+                conn.executemany(f"UPDATE {self._table} SET status = {_UNDECRYPTABLE} WHERE {self._key} = ?",
+                                 [(row_id,) for row_id in unreadable])
                 conn.commit()
             except BaseException:
                 conn.rollback()
                 raise
-        return [SpooledItem(row[0], kind, _JsonSerializer.loads(row[1]), row[2]) for row in rows]
+        if unreadable:
+            logger.error("%d spooled record(s) in %s cannot be decrypted with the configured "
+                         "SPOOL_ENCRYPTION_KEY; kept untouched", len(unreadable), self.path)
+        return claimed
+
+    def _decode_rows(self, kind: str, rows: List[Tuple[int, bytes, float]]) -> Tuple[List[SpooledItem], List[int]]:
+        claimed: List[SpooledItem] = []
+        unreadable: List[int] = []
+        for row_id, data, spooled_at in rows:
+            try:
+                claimed.append(SpooledItem(row_id, kind, self._codec.decode(data), spooled_at))
+            except (UndecryptableError, ValueError):
+                unreadable.append(row_id)
+        return claimed, unreadable
 
     def ack(self, ids: Sequence[int]) -> None:
         """Delivered: delete the rows, in one transaction."""
@@ -223,6 +257,16 @@ class Spool:
             freed = self._bytes_of(conn, ids)
             conn.executemany(f"DELETE FROM {self._table} WHERE {self._key} = ?", [(i,) for i in ids])
         self._grow(-freed)
+
+    def _record_id(self, data: bytes) -> str:
+        """The id that names a record in logs: its transaction_id (events) or user/company id."""
+        return record_id(self._decode_or_none(data))
+
+    def _decode_or_none(self, data: bytes) -> Any:
+        try:
+            return self._codec.decode(data)
+        except (UndecryptableError, ValueError):
+            return None
 
     def _grow(self, delta: int) -> None:
         with self._size_lock:
@@ -252,6 +296,7 @@ class Spool:
         now = time.time()
         with self._queue.tran_lock, self._conn() as conn:
             freed = self._bytes_of(conn, ids)
+            self._audit(conn, self._table, self._key, ids, f"dead-lettered: {reason}")
             conn.executemany(
                 f"INSERT OR REPLACE INTO dead_letter (id, kind, data, timestamp, http_status, reason, dead_at) "
                 f"SELECT {self._key}, kind, data, timestamp, ?, ?, ? FROM {self._table} WHERE {self._key} = ?",
@@ -272,7 +317,7 @@ class Spool:
         with self._queue.tran_lock:
             rows = self._conn().execute(sql + " ORDER BY id", params).fetchall()
         return [
-            {"id": r[0], "kind": r[1], "body": _JsonSerializer.loads(r[2]), "spooled_at": r[3],
+            {"id": r[0], "kind": r[1], "body": self._decode_or_none(r[2]), "spooled_at": r[3],
              "http_status": r[4], "reason": r[5], "dead_at": r[6]}
             for r in rows
         ]
@@ -295,31 +340,75 @@ class Spool:
         self.wake()
         return moved
 
-    def purge_dead_letters(self, ids: Sequence[int]) -> int:
-        """Delete dead-lettered records for good; returns how many were deleted."""
+    def purge_dead_letters(self, ids: Sequence[int], reason: str = "purged by an operator") -> int:
+        """Delete dead-lettered records for good (each one audited); returns how many were deleted."""
         with self._queue.tran_lock, self._conn() as conn:
+            self._audit(conn, "dead_letter", "id", ids, reason)
             return sum(conn.execute("DELETE FROM dead_letter WHERE id = ?", (i,)).rowcount for i in ids)
+
+    def expire_dead_letters(self, retention: float) -> int:
+        """Delete dead letters older than `retention` seconds (DEAD_LETTER_RETENTION); returns how many."""
+        with self._queue.tran_lock:
+            ids = [row[0] for row in self._conn().execute(
+                "SELECT id FROM dead_letter WHERE dead_at < ?", (time.time() - retention,)).fetchall()]
+        return self.purge_dead_letters(ids, "dead-letter retention (DEAD_LETTER_RETENTION) passed") if ids else 0
+
+    def _audit(self, conn: sqlite3.Connection, table: str, key: str, ids: Sequence[int], reason: str) -> None:
+        """One audit record per row about to leave, by its transaction_id (read before the row goes)."""
+        for row_id in ids:
+            row = conn.execute(f"SELECT kind, data FROM {table} WHERE {key} = ?", (row_id,)).fetchone()
+            if row is not None:
+                audit.record_left([self._record_id(row[1])], reason, row[0])
+
+    def unreadable_sample(self) -> Optional[str]:
+        """Why the oldest waiting record and the oldest dead letter cannot be decoded with this spool's
+        keys, or None when they can (or there are none): the start-up check of SPOOL_ENCRYPTION_KEY."""
+        with self._queue.tran_lock:
+            conn = self._conn()
+            samples = [conn.execute(f"SELECT data FROM {self._table} WHERE status <= {_IN_FLIGHT} "
+                                    f"ORDER BY {self._key} LIMIT 1").fetchone(),
+                       conn.execute("SELECT data FROM dead_letter ORDER BY id LIMIT 1").fetchone()]
+        for sample in samples:
+            if sample is not None:
+                try:
+                    self._codec.decode(sample[0])
+                except UndecryptableError as exc:
+                    return str(exc)
+                except ValueError:
+                    pass  # a damaged record is the integrity check's business, not the key's
+        return None
+
+    def scrub(self) -> bool:
+        """Fold the WAL into the database and truncate it, so delivered records leave no bytes behind
+        (deleted rows are already overwritten: secure_delete). True if the WAL was emptied."""
+        with self._queue.tran_lock:
+            busy, _, _ = self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
 
     def put_many(self, records: Iterable[Tuple[str, Any, float]]) -> int:
         """Commit (kind, body, spooled_at) records in one transaction, keeping their original times."""
-        rows = [(_JsonSerializer.dumps(body), spooled_at, kind) for kind, body, spooled_at in records]
+        return self.put_raw_many((kind, self._codec.encode(body), spooled_at) for kind, body, spooled_at in records)
+
+    def put_raw_many(self, rows: Iterable[Tuple[str, bytes, float]]) -> int:
+        """Commit (kind, stored bytes, spooled_at) rows as they are, e.g. still encrypted (salvage)."""
+        values = [(data, spooled_at, kind) for kind, data, spooled_at in rows]
         with self._queue.tran_lock, self._conn() as conn:
-            conn.executemany(f"INSERT INTO {self._table} (data, timestamp, status, kind) VALUES (?, ?, 0, ?)", rows)
-        self._grow(sum(len(row[0]) for row in rows))
+            conn.executemany(f"INSERT INTO {self._table} (data, timestamp, status, kind) VALUES (?, ?, 0, ?)", values)
+        self._grow(sum(len(v[0]) for v in values))
         self.wake()
-        return len(rows)
+        return len(values)
 
     def records(self) -> Iterator[Dict[str, Any]]:
         """Every record in the file, live ones then dead letters, with its state (for export and audit)."""
         with self._queue.tran_lock:
             live = self._conn().execute(
                 f"SELECT {self._key}, kind, data, timestamp, status FROM {self._table} "
-                f"WHERE status <= {_IN_FLIGHT} ORDER BY {self._key}"
+                f"WHERE status <= {_IN_FLIGHT} OR status = {_UNDECRYPTABLE} ORDER BY {self._key}"
             ).fetchall()
         for row_id, kind, data, spooled_at, status in live:
-            state = "in_flight" if status == _IN_FLIGHT else "ready"
+            state = {_IN_FLIGHT: "in_flight", _UNDECRYPTABLE: "undecryptable"}.get(status, "ready")
             yield {"state": state, "id": row_id, "kind": kind, "spooled_at": spooled_at,
-                   "body": _JsonSerializer.loads(data)}
+                   "body": self._decode_or_none(data)}
         for dead in self.dead_letters():
             yield dict(dead, state="dead_letter")
 
@@ -364,12 +453,15 @@ class Spool:
                 f"SELECT SUM(status = {_IN_FLIGHT}), MIN(timestamp) FROM {self._table} WHERE status <= {_IN_FLIGHT}"
             ).fetchone()
             dead = conn.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0]
+            undecryptable = conn.execute(
+                f"SELECT COUNT(*) FROM {self._table} WHERE status = {_UNDECRYPTABLE}").fetchone()[0]
         return SpoolStats(
             ready=self.ready_count(),
             in_flight=int(in_flight or 0),
             dead_letter=int(dead),
             oldest_spooled_at=oldest,
             bytes_on_disk=self.bytes_on_disk(),
+            undecryptable=int(undecryptable),
         )
 
     def check(self) -> Optional[str]:
@@ -465,9 +557,10 @@ def read_stats(path: str) -> SpoolStats:
         ).fetchone()
         has_dead = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'dead_letter'").fetchone()
         dead = conn.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0] if has_dead else 0
+        undecryptable = conn.execute(f"SELECT COUNT(*) FROM {TABLE} WHERE status = {_UNDECRYPTABLE}").fetchone()[0]
     finally:
         conn.close()
-    return SpoolStats(int(ready or 0), int(in_flight or 0), int(dead), oldest, bytes_on_disk(path))
+    return SpoolStats(int(ready or 0), int(in_flight or 0), int(dead), oldest, bytes_on_disk(path), int(undecryptable))
 
 
 def open_spool(path: str, **options: Any) -> Spool:
@@ -510,6 +603,7 @@ def directory_stats(directory: str) -> SpoolStats:
         dead_letter=sum(p.dead_letter for p in parts),
         oldest_spooled_at=min(oldest) if oldest else None,
         bytes_on_disk=sum(p.bytes_on_disk for p in parts),
+        undecryptable=sum(p.undecryptable for p in parts),
     )
 
 
@@ -517,7 +611,8 @@ def salvage(source: str, into: Spool) -> Tuple[int, int]:
     """Copy every readable record of a damaged spool file into `into`; returns (copied, unreadable).
 
     The source is opened read-only and never changed. Rows are read one by one, so a damaged page
-    costs only the rows on it. Dead letters come back as dead letters' bodies in the ready queue.
+    costs only the rows on it. Records are copied as stored (encrypted ones stay encrypted); dead
+    letters come back as ready records.
     """
     conn = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=10)
     copied = unreadable = 0
@@ -527,28 +622,27 @@ def salvage(source: str, into: Spool) -> Tuple[int, int]:
                 highest = conn.execute(f"SELECT MAX({key}) FROM {table}").fetchone()[0] or 0
             except sqlite3.DatabaseError:
                 continue  # the table itself is unreadable or missing
-            found: List[Tuple[str, Any, float]] = []
+            found: List[Tuple[str, bytes, float]] = []
             for row_id in range(1, int(highest) + 1):
                 try:
                     row = conn.execute(
                         f"SELECT {kind_column}, data, timestamp FROM {table} WHERE {key} = ?", (row_id,)
                     ).fetchone()
                     if row is not None:
-                        found.append((row[0] or EVENT, _JsonSerializer.loads(row[1]), row[2] or time.time()))
+                        data = bytes(row[1])
+                        if not is_encrypted(data):
+                            json.loads(data)  # a torn row is not worth copying
+                        found.append((row[0] if row[0] in KINDS else EVENT, data, row[2] or time.time()))
                 except (sqlite3.DatabaseError, ValueError, TypeError):
                     unreadable += 1
-            copied += into.put_many(found)
+            copied += into.put_raw_many(found)
     finally:
         conn.close()
     return copied, unreadable
 
 
-def _record_id(data: bytes) -> str:
-    """The id that names a record in logs: its transaction_id (events) or user/company id."""
-    try:
-        body = _JsonSerializer.loads(data)
-    except ValueError:
-        return "?"
+def record_id(body: Any) -> str:
+    """The id that names a record in logs: its transaction_id (events) or user/company/subscription id."""
     if isinstance(body, dict):
         for key in ("transaction_id", "user_id", "company_id", "subscription_id"):
             if body.get(key):

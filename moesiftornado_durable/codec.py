@@ -1,0 +1,69 @@
+"""How a record becomes bytes on disk: compact JSON, encrypted when SPOOL_ENCRYPTION_KEY is set.
+
+JSON, never pickle: a spool file is data and must not run code when read. Encryption uses the
+`cryptography` package's Fernet (AES-128-CBC with HMAC-SHA256), with several keys for rotation as
+`MultiFernet` does: new records use the first key, older ones stay readable with the rest. Encrypted
+and plain records can sit side by side in one file (a spool that gains a key keeps its old rows).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional, Sequence, Union
+
+from .errors import ConfigError, MoesifDurableError
+
+KeyInput = Union[str, bytes]
+_FERNET_PREFIX = b"gAAAAA"  # every Fernet token starts with version byte 0x80, base64-encoded
+
+
+class UndecryptableError(MoesifDurableError):
+    """A spooled record is encrypted and none of the configured keys opens it (or no key is configured)."""
+
+
+class Codec:
+    """Encodes records for the spool and decodes them back."""
+
+    def __init__(self, keys: Sequence[KeyInput] = ()) -> None:
+        self._cipher: Any = _multi_fernet(keys) if keys else None
+
+    @property
+    def encrypts(self) -> bool:
+        return self._cipher is not None
+
+    def encode(self, body: Any) -> bytes:
+        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
+        return self._cipher.encrypt(data) if self._cipher is not None else data
+
+    def decode(self, data: bytes) -> Any:
+        if is_encrypted(data):
+            if self._cipher is None:
+                raise UndecryptableError("the record is encrypted and no SPOOL_ENCRYPTION_KEY is set")
+            from cryptography.fernet import InvalidToken
+
+            try:
+                data = self._cipher.decrypt(bytes(data))
+            except InvalidToken:
+                raise UndecryptableError("none of the SPOOL_ENCRYPTION_KEY keys opens the record") from None
+        return json.loads(data)
+
+
+def is_encrypted(data: Optional[bytes]) -> bool:
+    """True for a Fernet token (plain records are JSON and start with '{' or '[')."""
+    return data is not None and bytes(data[:6]) == _FERNET_PREFIX
+
+
+def _multi_fernet(keys: Sequence[KeyInput]) -> Any:
+    try:
+        from cryptography.fernet import Fernet, MultiFernet
+    except ImportError:
+        raise ConfigError("SPOOL_ENCRYPTION_KEY", "needs the 'cryptography' package: "
+                          "pip install 'moesiftornado-durable[encryption]'") from None
+    fernets = []
+    for position, key in enumerate(keys):
+        try:
+            fernets.append(Fernet(key))
+        except (ValueError, TypeError):
+            raise ConfigError("SPOOL_ENCRYPTION_KEY", f"key #{position + 1} is not a Fernet key "
+                              "(32 url-safe base64-encoded bytes, as Fernet.generate_key() makes)") from None
+    return MultiFernet(fernets)
