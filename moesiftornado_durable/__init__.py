@@ -11,6 +11,7 @@ from .errors import (  # noqa: E402
     PermanentError,
     RetryableError,
 )
+from .metrics import HealthHandler, MetricsHandler  # noqa: E402
 from .middleware import MoesifMiddleware, SpoolBeforeSendMixin  # noqa: E402
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "DeliveryError",
+    "HealthHandler",
+    "MetricsHandler",
     "MoesifDurableError",
     "MoesifMiddleware",
     "PermanentError",

@@ -73,7 +73,7 @@ class Courier:
                 return Outcome.DEAD_LETTERED
         ids = [item.id for item in batch]
         try:
-            self._policy(self._send, kind, [item.body for item in batch])
+            self._send_with_retries(kind, [item.body for item in batch])
         except (ShutdownRequested, RetryableError):
             spool.nack(ids)
             return Outcome.RETURNED
@@ -153,6 +153,13 @@ class Courier:
             if not claimed:
                 break
         return Outcome.DELIVERED
+
+    def _send_with_retries(self, kind: str, bodies: List[object]) -> None:
+        attempts_before = self.counters["send_attempts"]
+        try:
+            self._policy(self._send, kind, bodies)
+        finally:
+            self.counters["retries"] += max(0, self.counters["send_attempts"] - attempts_before - 1)
 
     def _send(self, kind: str, bodies: List[object]) -> None:
         self.counters["send_attempts"] += 1

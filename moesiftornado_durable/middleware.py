@@ -32,9 +32,10 @@ from .spool import COMPANY, EVENT, USER, open_spool, record_id
 logger = logging.getLogger("moesiftornado_durable")
 
 DEFAULT_CLOSE_TIMEOUT = 10.0
-_LOGGED_ATTRIBUTE = "_moesiftornado_durable_logged"
+LOGGED_ATTRIBUTE = "_moesiftornado_durable_logged"
 _SETTINGS_KEY = "moesiftornado_durable"
 _ERROR_LOG_INTERVAL = 10.0  # seconds between repeated spool-failure logs
+_SPOOL_FAILING_FOR = 60.0  # seconds a failed spool write keeps stats()["spool_failing"] true
 
 
 class _Runtime:
@@ -90,6 +91,7 @@ class MoesifMiddleware:
         self._runtime: Optional[_Runtime] = None
         self._abandoned: List[_Runtime] = []  # inherited across a fork: kept, never used or closed
         self._last_error_log = 0.0
+        self._last_spool_failure = -_SPOOL_FAILING_FOR
         _register_process_hooks(self)
         self._runtime_here()  # start now, so a backlog from an earlier run is sent without new traffic
 
@@ -97,13 +99,13 @@ class MoesifMiddleware:
 
     def log_event(self, handler: Handler) -> None:
         """Tornado's log_function: capture the finished request and commit it to the spool. Never raises."""
-        if getattr(handler, _LOGGED_ATTRIBUTE, False):
+        if getattr(handler, LOGGED_ATTRIBUTE, False):
             return  # strict mode spooled it before the response was sent
         self._capture_and_spool(handler, b"")
 
     def log_event_before_send(self, handler: Handler) -> None:
         """Strict mode (`SpoolBeforeSendMixin`): spool the event while the last bytes are still unsent."""
-        setattr(handler, _LOGGED_ATTRIBUTE, True)
+        setattr(handler, LOGGED_ATTRIBUTE, True)
         self._capture_and_spool(handler, b"".join(getattr(handler, "_write_buffer", [])))
 
     def _capture_and_spool(self, handler: Handler, unsent_body: bytes) -> None:
@@ -169,24 +171,39 @@ class MoesifMiddleware:
             runtime.close(timeout)
 
     def stats(self) -> Dict[str, Any]:
-        """Counters of this process (spooled, sent, dropped by reason, ...) and the spool's current state."""
-        result: Dict[str, Any] = dict(self.counters)
+        """Counters of this process and the spool's current state; never raises.
+
+        Keys: spooled, skipped, sent, send_attempts, retries, dead_lettered, dropped_<reason> (one per
+        reason seen), ready, in_flight, dead_letter, undecryptable, oldest_age (seconds), spool_bytes,
+        last_error and last_error_at (the last delivery error), spool_failing (a write to the spool failed
+        in the last minute, or the spool cannot be read) and spool_error.
+        """
+        result: Dict[str, Any] = {name: 0 for name in ("spooled", "skipped", "sent", "send_attempts", "retries",
+                                                       "dead_lettered")}
+        result.update(self.counters)
+        result.update(ready=None, in_flight=None, dead_letter=None, undecryptable=None, oldest_age=None,
+                      spool_bytes=None, last_error=None, last_error_at=None, spool_error=None)
+        result["spool_failing"] = time.monotonic() - self._last_spool_failure < _SPOOL_FAILING_FOR
         runtime = self._runtime
-        if runtime is not None and runtime.pid == os.getpid():
-            result.update(runtime.flusher.counters)
-            result["last_error"] = runtime.flusher.last_error
-            try:
-                spool = runtime.spool.stats()
-            except sqlite3.Error as exc:
-                result["spool_error"] = repr(exc)
-                return result
-            result.update(
-                ready=spool.ready,
-                in_flight=spool.in_flight,
-                dead_letter=spool.dead_letter,
-                oldest_age=None if spool.oldest_spooled_at is None else time.time() - spool.oldest_spooled_at,
-                spool_bytes=spool.bytes_on_disk,
-            )
+        if runtime is None or runtime.pid != os.getpid():
+            return result
+        courier = runtime.flusher.courier
+        result.update(courier.counters)
+        result["last_error"] = None if courier.last_error is None else str(courier.last_error)
+        result["last_error_at"] = courier.last_error_at
+        try:
+            spool = runtime.spool.stats()
+        except sqlite3.Error as exc:
+            result.update(spool_error=repr(exc), spool_failing=True)
+            return result
+        result.update(
+            ready=spool.ready,
+            in_flight=spool.in_flight,
+            dead_letter=spool.dead_letter,
+            undecryptable=spool.undecryptable,
+            oldest_age=None if spool.oldest_spooled_at is None else max(0.0, time.time() - spool.oldest_spooled_at),
+            spool_bytes=spool.bytes_on_disk,
+        )
         return result
 
     # -- internals -------------------------------------------------------------------------------
@@ -194,6 +211,7 @@ class MoesifMiddleware:
     def _spool_record(self, record: Dict[str, Any], kind: str) -> None:
         runtime = self._runtime_here()
         if runtime is None:
+            self._last_spool_failure = time.monotonic()
             self._drop("spool_unavailable", "the spool could not be opened", record)
             return
         try:
@@ -204,10 +222,12 @@ class MoesifMiddleware:
                                      f"this record was refused", record)
             return
         except sqlite3.OperationalError as exc:
+            self._last_spool_failure = time.monotonic()
             reason = "disk_full" if "full" in str(exc).lower() else "spool_error"
             self._drop(reason, f"could not write to the spool ({exc})", record)
             return
         except (sqlite3.Error, OSError, ValueError, TypeError):
+            self._last_spool_failure = time.monotonic()
             self._drop("spool_error", "could not write to the spool", record)
             return
         self.counters["spooled"] += 1
@@ -301,7 +321,7 @@ class SpoolBeforeSendMixin:
     """
 
     def flush(self, include_footers: bool = False) -> Any:
-        if include_footers and not getattr(self, _LOGGED_ATTRIBUTE, False):
+        if include_footers and not getattr(self, LOGGED_ATTRIBUTE, False):
             middleware = _middleware_of(self)
             if middleware is not None:
                 middleware.log_event_before_send(self)

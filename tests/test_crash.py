@@ -44,6 +44,7 @@ def test_events_logged_while_the_collector_is_down_survive_sigkill(
     collector.go_down()
     app = app_processes(spool_dir, collector.base_uri)
     assert hit(app.url, 300) == [200] * 300
+    time.sleep(0.2)  # past the response/log_function gap (chaos.py measures that gap)
     app.kill()
     assert len(spooled_transaction_ids(spool_dir)) == 300
 
@@ -142,6 +143,7 @@ def test_forked_children_sigkilled_and_restarted_deliver_every_event_once(
     assert hit(app.url, 200, workers=8) == [200] * 200
     first_children = children_of(app.process.pid)
     assert len(first_children) == 2
+    time.sleep(0.2)  # past the response/log_function gap
     for child in first_children:
         os.kill(child, signal.SIGKILL)  # tornado.process restarts each one
     assert wait_until(lambda: len(set(children_of(app.process.pid)) - set(first_children)) == 2, timeout=20)
@@ -160,6 +162,7 @@ def test_an_orphan_spool_is_drained_by_a_live_process(
     doomed = app_processes(spool_dir, collector.base_uri)
     survivor = app_processes(spool_dir, collector.base_uri)  # shares the SPOOL_DIR, takes its own slot
     assert hit(doomed.url, 60) == [200] * 60
+    time.sleep(0.2)  # past the response/log_function gap
     doomed.kill()  # its spool file is now an orphan
     assert len(slots(spool_dir)) == 2
     collector.come_up()
