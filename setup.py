@@ -32,7 +32,8 @@ setup(
         "tenacity>=8.2",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.4", "mypy>=1.8", "types-requests"],
+        "encryption": ["cryptography>=41"],
+        "test": ["pytest>=7", "ruff>=0.4", "mypy>=1.8", "types-requests", "cryptography>=41"],
     },
     entry_points={"console_scripts": ["moesiftornado-durable=moesiftornado_durable.cli:main"]},
     classifiers=[

@@ -20,7 +20,9 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, TextIO, Tuple
 
 from . import __version__, locks, testing
+from .codec import Codec
 from .config import DEFAULT_BASE_URI
+from .errors import ConfigError
 from .flusher import Courier, Outcome, remove_spool_files
 from .sender import Sender, delivery_policy
 from .spool import EVENT, KINDS, Spool, open_spool, read_stats, salvage
@@ -29,6 +31,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 13
 DEFAULT_REPLAY_BATCH_SIZE = 500
 REPLAY_ATTEMPTS = 5  # per batch, before replay gives up and says why
 REPLAY_MAX_WAIT = 5.0
+KEY_ENVIRONMENT_VARIABLE = "MOESIF_SPOOL_ENCRYPTION_KEY"
 
 
 class CommandError(Exception):
@@ -109,11 +112,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _status(args: argparse.Namespace) -> int:
     rows = [_file_status(args.spool_dir, slot) for slot in _existing_slots(args.spool_dir)]
-    totals = {key: sum(row[key] for row in rows) for key in ("ready", "in_flight", "dead_letter", "bytes_on_disk")}
+    totals = {key: sum(row[key] for row in rows)
+              for key in ("ready", "in_flight", "dead_letter", "undecryptable", "bytes_on_disk")}
     ages = [row["oldest_age_seconds"] for row in rows if row["oldest_age_seconds"] is not None]
     totals["oldest_age_seconds"] = max(ages) if ages else None
     if args.json:
-        print(json.dumps({"spool_dir": args.spool_dir, "files": rows, "total": totals}))
+        print(json.dumps({"spool_dir": args.spool_dir, "files": rows, "total": totals,
+                          "quarantined": _quarantined(args.spool_dir)}))
         return EXIT_OK
     header = ("file", "owner", "alive", "ready", "in flight", "dead", "oldest", "bytes")
     print(f"{header[0]:<16} " + " ".join(f"{h:>{w}}" for h, w in zip(header[1:], (8, 5, 9, 9, 7, 10, 12))))
@@ -123,7 +128,17 @@ def _status(args: argparse.Namespace) -> int:
         oldest = "-" if row["oldest_age_seconds"] is None else _duration(row["oldest_age_seconds"])
         print(f"{row['file']:<16} {owner:>8} {alive:>5} {row['ready']:>9} {row['in_flight']:>9} "
               f"{row['dead_letter']:>7} {oldest:>10} {row['bytes_on_disk']:>12}")
+    if totals["undecryptable"]:
+        print(f"{totals['undecryptable']} record(s) cannot be decrypted with the configured key(s); kept untouched")
+    for name in _quarantined(args.spool_dir):
+        print(f"quarantined (damaged, kept for `salvage`): {name}")
     return EXIT_OK
+
+
+def _quarantined(directory: str) -> List[str]:
+    """Damaged spool files renamed aside at start (see spool.quarantine)."""
+    return [name for name in sorted(os.listdir(directory))
+            if ".corrupt-" in name and not name.endswith(("-wal", "-shm"))]
 
 
 def _file_status(directory: str, slot: int) -> Dict[str, Any]:
@@ -156,7 +171,7 @@ def _replay(args: argparse.Namespace) -> int:
     spools: List[Tuple[locks.SlotLock, Spool]] = []
     try:
         for lock in owned:
-            spools.append((lock, open_spool(lock.spool_path)))
+            spools.append((lock, open_spool(lock.spool_path, codec=_codec())))
         total = sum(spool.ready_count() for _, spool in spools)
         if args.max_events is not None:
             total = min(total, args.max_events)
@@ -285,7 +300,7 @@ def _dead_letter(args: argparse.Namespace) -> int:
             raise CommandError("not confirmed; nothing deleted")
     changed = 0
     for path, ids in _group_ids(found).items():
-        spool = Spool(path, resume=False)
+        spool = Spool(path, resume=False, codec=_codec())
         try:
             changed += spool.requeue_dead_letters(ids) if args.action == "requeue" else spool.purge_dead_letters(ids)
         finally:
@@ -297,7 +312,7 @@ def _dead_letter(args: argparse.Namespace) -> int:
 def _dead_letters(directory: str, reason: Optional[str], older_than: Optional[float]) -> Iterator[Tuple[str, Any]]:
     for slot in _existing_slots(directory):
         path = locks.spool_path(directory, slot)
-        spool = Spool(path, resume=False)
+        spool = Spool(path, resume=False, codec=_codec())
         try:
             for record in spool.dead_letters(reason, older_than):
                 yield path, record
@@ -317,7 +332,7 @@ def _export(args: argparse.Namespace) -> int:
     with _output(args.out) as out:
         for slot in _existing_slots(args.spool_dir):
             path = locks.spool_path(args.spool_dir, slot)
-            spool = Spool(path, resume=False)
+            spool = Spool(path, resume=False, codec=_codec())
             try:
                 for record in spool.records():
                     out.write(json.dumps(dict(record, file=os.path.basename(path))) + "\n")
@@ -369,7 +384,7 @@ def _into_new_slot(directory: str, fill: Callable[[Spool], Any]) -> Any:
     os.makedirs(directory, mode=0o700, exist_ok=True)
     lock = locks.lock_free_slot(directory)
     try:
-        spool = Spool(lock.spool_path)
+        spool = Spool(lock.spool_path, codec=_codec())
         try:
             return fill(spool)
         finally:
@@ -379,6 +394,16 @@ def _into_new_slot(directory: str, fill: Callable[[Spool], Any]) -> Any:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _codec() -> Codec:
+    """Records are read and written with the keys in $MOESIF_SPOOL_ENCRYPTION_KEY (comma-separated,
+    newest first), like the app's SPOOL_ENCRYPTION_KEY; never taken from the command line (ps shows it)."""
+    keys = [key.strip() for key in os.environ.get(KEY_ENVIRONMENT_VARIABLE, "").split(",") if key.strip()]
+    try:
+        return Codec(keys)
+    except ConfigError as exc:
+        raise CommandError(f"{KEY_ENVIRONMENT_VARIABLE}: {exc}", EXIT_USAGE) from exc
 
 
 def _existing_slots(directory: str) -> List[int]:
