@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from moesiftornado_durable.spool import directory_stats  # noqa: E402
+from moesiftornado_durable.spool import waiting  # noqa: E402
 from moesiftornado_durable.testing import Collector  # noqa: E402
 
 
@@ -83,9 +83,8 @@ def main() -> int:
 
                 collector.go_down()
                 say("2. collector DOWN: 30 requests answered", str(serve(url, 20, 30)))
-                wait_for(lambda: directory_stats(spool_dir).ready + directory_stats(spool_dir).in_flight >= 30, 10)
-                stats = directory_stats(spool_dir)
-                say("   waiting in the spool on disk", f"{stats.ready + stats.in_flight} events")
+                wait_for(lambda: waiting(spool_dir) >= 30, 10)
+                say("   waiting in the spool on disk", f"{waiting(spool_dir)} events")
 
                 os.kill(app.pid, signal.SIGKILL)
                 app.wait(10)
@@ -101,7 +100,7 @@ def main() -> int:
                 duplicates = sum(seen - 1 for seen in Counter(ids).values())
                 say("   distinct events at the collector", f"{len(set(ids))} of 50")
                 say("   sent twice (harmless: Moesif dedups on transaction_id)", str(duplicates))
-                say("   left in the spool", str(directory_stats(spool_dir).ready))
+                say("   left in the spool", str(waiting(spool_dir)))
                 app.send_signal(signal.SIGTERM)
                 app.wait(15)
         print("\nNothing lost." if delivered and len(set(ids)) == 50 else "\nEVENTS MISSING", flush=True)

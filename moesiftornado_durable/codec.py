@@ -36,16 +36,20 @@ class Codec:
         return self._cipher.encrypt(data) if self._cipher is not None else data
 
     def decode(self, data: bytes) -> Any:
-        if is_encrypted(data):
-            if self._cipher is None:
-                raise UndecryptableError("the record is encrypted and no SPOOL_ENCRYPTION_KEY is set")
-            from cryptography.fernet import InvalidToken
+        return json.loads(self.decrypt(data))
 
-            try:
-                data = self._cipher.decrypt(bytes(data))
-            except InvalidToken:
-                raise UndecryptableError("none of the SPOOL_ENCRYPTION_KEY keys opens the record") from None
-        return json.loads(data)
+    def decrypt(self, data: bytes) -> bytes:
+        """The record's JSON bytes (decrypted if it was encrypted), not parsed."""
+        if not is_encrypted(data):
+            return bytes(data)
+        if self._cipher is None:
+            raise UndecryptableError("the record is encrypted and no SPOOL_ENCRYPTION_KEY is set")
+        from cryptography.fernet import InvalidToken
+
+        try:
+            return bytes(self._cipher.decrypt(bytes(data)))
+        except InvalidToken:
+            raise UndecryptableError("none of the SPOOL_ENCRYPTION_KEY keys opens the record") from None
 
 
 def is_encrypted(data: Optional[bytes]) -> bool:

@@ -73,7 +73,7 @@ class Courier:
                 return Outcome.DEAD_LETTERED
         ids = [item.id for item in batch]
         try:
-            self._send_with_retries(kind, [item.body for item in batch])
+            self._send_with_retries(kind, batch)
         except (ShutdownRequested, RetryableError):
             spool.nack(ids)
             return Outcome.RETURNED
@@ -154,17 +154,17 @@ class Courier:
                 break
         return Outcome.DELIVERED
 
-    def _send_with_retries(self, kind: str, bodies: List[object]) -> None:
+    def _send_with_retries(self, kind: str, batch: List[SpooledItem]) -> None:
         attempts_before = self.counters["send_attempts"]
         try:
-            self._policy(self._send, kind, bodies)
+            self._policy(self._send, kind, batch)
         finally:
             self.counters["retries"] += max(0, self.counters["send_attempts"] - attempts_before - 1)
 
-    def _send(self, kind: str, bodies: List[object]) -> None:
+    def _send(self, kind: str, batch: List[SpooledItem]) -> None:
         self.counters["send_attempts"] += 1
         try:
-            self._sender.send(kind, bodies)
+            self._sender.send(kind, batch)
         except DeliveryError as exc:
             self.failing = True
             self.last_error, self.last_error_at = exc, time.time()

@@ -10,6 +10,7 @@ flight by a killed process are made ready again when the spool is next opened: a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -53,12 +54,17 @@ class _JsonSerializer:
 
 @dataclasses.dataclass(frozen=True)
 class SpooledItem:
-    """One claimed row: its id in the spool, what kind of record it is, the record, and when it was spooled."""
+    """One claimed row: its id in the spool, what kind of record it is, the record as JSON bytes (decrypted),
+    and when it was spooled. `body` parses the JSON on first use; event batches are sent without it."""
 
     id: int
     kind: str
-    body: Any
+    json: bytes
     spooled_at: float
+
+    @functools.cached_property
+    def body(self) -> Any:
+        return json.loads(self.json)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,8 +252,8 @@ class Spool:
         unreadable: List[int] = []
         for row_id, data, spooled_at in rows:
             try:
-                claimed.append(SpooledItem(row_id, kind, self._codec.decode(data), spooled_at))
-            except (UndecryptableError, ValueError):
+                claimed.append(SpooledItem(row_id, kind, self._codec.decrypt(data), spooled_at))
+            except UndecryptableError:
                 unreadable.append(row_id)
         return claimed, unreadable
 
@@ -446,22 +452,22 @@ class Spool:
         return total
 
     def stats(self) -> SpoolStats:
-        """Ready, in-flight and dead-letter counts, the oldest record's time and the files' size."""
+        """Ready, in-flight, dead-letter and undecryptable counts, the oldest record's time and the files'
+        size, as one consistent snapshot."""
         with self._queue.tran_lock:
             conn = self._conn()
-            in_flight, oldest = conn.execute(
-                f"SELECT SUM(status = {_IN_FLIGHT}), MIN(timestamp) FROM {self._table} WHERE status <= {_IN_FLIGHT}"
+            ready, in_flight, undecryptable, oldest = conn.execute(
+                f"SELECT SUM(status < {_READY_BELOW}), SUM(status = {_IN_FLIGHT}), SUM(status = {_UNDECRYPTABLE}), "
+                f"MIN(CASE WHEN status <= {_IN_FLIGHT} THEN timestamp END) FROM {self._table}"
             ).fetchone()
             dead = conn.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0]
-            undecryptable = conn.execute(
-                f"SELECT COUNT(*) FROM {self._table} WHERE status = {_UNDECRYPTABLE}").fetchone()[0]
         return SpoolStats(
-            ready=self.ready_count(),
+            ready=int(ready or 0),
             in_flight=int(in_flight or 0),
             dead_letter=int(dead),
             oldest_spooled_at=oldest,
             bytes_on_disk=self.bytes_on_disk(),
-            undecryptable=int(undecryptable),
+            undecryptable=int(undecryptable or 0),
         )
 
     def check(self) -> Optional[str]:
@@ -605,6 +611,12 @@ def directory_stats(directory: str) -> SpoolStats:
         bytes_on_disk=sum(p.bytes_on_disk for p in parts),
         undecryptable=sum(p.undecryptable for p in parts),
     )
+
+
+def waiting(directory: str) -> int:
+    """Records of a SPOOL_DIR not yet delivered (ready or in flight), from one snapshot of each file."""
+    stats = directory_stats(directory)
+    return stats.ready + stats.in_flight
 
 
 def salvage(source: str, into: Spool) -> Tuple[int, int]:

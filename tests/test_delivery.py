@@ -157,7 +157,8 @@ def test_user_and_company_updates_are_spooled_and_delivered(make_middleware: Cal
     middleware.update_users_batch([{"user_id": "u-4"}, UserModel(user_id="u-5")])
     middleware.update_company({"company_id": "c-1"})
     middleware.update_companies_batch([CompanyModel(company_id="c-2"), {"company_id": "c-3"}])
-    assert middleware.stats()["ready"] + middleware.stats()["in_flight"] == 8
+    snapshot = middleware.stats()
+    assert snapshot["ready"] + snapshot["in_flight"] == 8
     collector.come_up()
     assert middleware.flush(10)
     assert sorted(u["user_id"] for u in collector.users) == ["u-1", "u-2", "u-3", "u-4", "u-5"]

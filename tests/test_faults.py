@@ -260,7 +260,8 @@ def test_auth_errors_keep_every_event_and_log_one_error_per_interval(
     assert 2 <= attempts <= 5  # every ~0.5 s, not every RETRY_MAX_WAIT
     auth_errors = [r for r in caplog.records if "refused the application id" in r.getMessage()]
     assert 2 <= len(auth_errors) <= attempts
-    assert middleware.stats()["ready"] + middleware.stats()["in_flight"] == 5  # nothing lost, nothing dead
+    snapshot = middleware.stats()
+    assert snapshot["ready"] + snapshot["in_flight"] == 5  # nothing lost, nothing dead
     assert middleware.stats()["dead_letter"] == 0
     collector.reset()
     assert middleware.flush(10)

@@ -19,7 +19,7 @@ from cryptography.fernet import Fernet
 from moesiftornado_durable import ConfigError, HealthHandler, MetricsHandler, MoesifMiddleware
 from moesiftornado_durable.codec import Codec
 from moesiftornado_durable.locks import spool_path
-from moesiftornado_durable.spool import Spool, directory_stats
+from moesiftornado_durable.spool import Spool, directory_stats, waiting
 from moesiftornado_durable.testing import Collector
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +57,7 @@ def test_an_encrypted_spool_never_holds_the_plaintext_and_still_delivers(
     collector.go_down()
     middleware = make_middleware(SPOOL_ENCRYPTION_KEY=Fernet.generate_key())
     post_marker(middleware)
-    assert directory_stats(spool_dir).ready + directory_stats(spool_dir).in_flight == 3
+    assert waiting(spool_dir) == 3
     assert files_containing(spool_dir, MARKER.encode()) == []  # not in the db, the WAL, anywhere
     collector.come_up()
     assert middleware.flush(10)
@@ -98,7 +98,7 @@ def test_a_wrong_or_missing_key_at_start_is_a_clear_error(
         make_middleware()
     with pytest.raises(ConfigError, match="SPOOL_ENCRYPTION_KEY"):
         make_middleware(SPOOL_ENCRYPTION_KEY="not-a-fernet-key")
-    assert directory_stats(spool_dir).ready + directory_stats(spool_dir).in_flight == 1  # untouched
+    assert waiting(spool_dir) == 1  # untouched
 
 
 def test_records_no_key_opens_stay_untouched_and_status_reports_them(
@@ -151,7 +151,7 @@ def test_masked_values_never_reach_disk_even_with_a_backlog(
 
     middleware = make_middleware(MASK_EVENT_MODEL=mask)
     post_marker(middleware, 5)
-    assert directory_stats(spool_dir).ready + directory_stats(spool_dir).in_flight == 5
+    assert waiting(spool_dir) == 5
     assert files_containing(spool_dir, MARKER.encode()) == []
 
 
