@@ -96,6 +96,7 @@ class Answered:
     received: float
     status: int
     correct: bool  # 200 with the body the handler writes for this n
+    wrong_body: str = ""  # the start of a wrong answer, to say what went wrong
 
     @property
     def latency(self) -> float:
@@ -120,7 +121,10 @@ def client_main(run: str, rate: float, deadline: float, out: str) -> int:
         next_at = time.monotonic()
         while not stop.is_set() and time.monotonic() < ends_at:
             target = port[0]
-            if target is None:
+            if target is None:  # the app is being restarted
+                if connection is not None:
+                    connection.close()
+                    connection = None
                 stop.wait(0.005)
                 continue
             if connection is None or connected_to != target:
@@ -146,7 +150,8 @@ def client_main(run: str, rate: float, deadline: float, out: str) -> int:
             except ValueError:
                 correct = False
             with lock:
-                answered.append(Answered(n, target, sent, received, response.status, correct))
+                answered.append(Answered(n, target, sent, received, response.status, correct,
+                                         "" if correct else repr(body[:200])))
             next_at += interval
             delay = next_at - time.monotonic()
             if delay > 0:
@@ -173,9 +178,9 @@ def client_main(run: str, rate: float, deadline: float, out: str) -> int:
 
 
 def _read_ports(port: List[Optional[int]], stop: threading.Event) -> None:
-    """Each line on stdin is the port to send to from now on; end of input means stop."""
+    """Each line on stdin is the port to send to from now on (0: pause); end of input means stop."""
     for line in sys.stdin:
-        port[0] = int(line)
+        port[0] = int(line) or None
     stop.set()
 
 
@@ -190,9 +195,11 @@ class LoadClient:
             stdin=subprocess.PIPE, text=True,
         )
 
-    def target(self, port: int) -> None:
+    def target(self, port: Optional[int]) -> None:
+        """Send to `port` from now on; None pauses the client (so it never knocks on a dead app's port, which
+        another process on the machine may have taken by then)."""
         assert self._process.stdin is not None
-        self._process.stdin.write(f"{port}\n")
+        self._process.stdin.write(f"{port or 0}\n")
         self._process.stdin.flush()
 
     def stop(self, timeout: float = 30.0) -> Tuple[List[Answered], Dict[str, int]]:
@@ -290,6 +297,7 @@ class Result:
     mode: str
     answered: int = 0
     wrong: int = 0
+    wrong_examples: List[str] = dataclasses.field(default_factory=list)
     client_failures: int = 0
     events: int = 0
     distinct: int = 0
@@ -322,7 +330,7 @@ class Result:
         if self.logged_twice:
             reasons.append(f"{len(self.logged_twice)} request(s) logged twice, e.g. n={self.logged_twice[:5]}")
         if self.wrong:
-            reasons.append(f"{self.wrong} wrong response(s)")
+            reasons.append(f"{self.wrong} wrong response(s), e.g. {self.wrong_examples}")
         return reasons
 
 
@@ -359,6 +367,7 @@ def run_mode(mode: str, profile: Profile, seed: int, workdir: str, processes: in
                 time.sleep(kill_rng.uniform(*profile.uptime))
                 instances[-1].killed = time.monotonic()
                 app.kill()
+                client.target(None)
                 result.kills += 1
                 print(f"  {mode}: kill {kill + 1}/{profile.kills} at {time.monotonic() - started:.1f} s",
                       file=sys.stderr, flush=True)
@@ -413,6 +422,7 @@ def _analyse(result: Result, answered: List[Answered], failures: Dict[str, int],
              instances: List[Instance], cycler: FaultCycler) -> None:
     result.client_failures = sum(failures.values())
     result.wrong = sum(1 for a in answered if not a.correct)
+    result.wrong_examples = [f"n={a.n} status {a.status}: {a.wrong_body}" for a in answered if not a.correct][:3]
     good = [a for a in answered if a.correct]
     result.answered = len(good)
 
@@ -494,7 +504,7 @@ def print_table(results: List[Result]) -> None:
         ("kills (SIGKILL, restarted on the same SPOOL_DIR)", lambda r: f"{r.kills}"),
         ("collector faults injected", faults),
         ("events of requests cut off by a kill (delivered, no response)", lambda r: f"{r.unanswered_delivered:,}"),
-        ("client attempts without a complete response", lambda r: f"{r.client_failures:,}"),
+        ("client attempts without a complete response (cut off by a kill)", lambda r: f"{r.client_failures:,}"),
         ("left in the spool after the drain", lambda r: f"{r.left_in_spool:,}"),
         ("wall time, s", lambda r: f"{r.wall:.1f}"),
         ("app p50 latency, ms: healthy / during faults",
