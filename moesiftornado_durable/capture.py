@@ -98,8 +98,9 @@ def capture_event(handler: Handler, config: Config, finished_at: float, unsent_b
 def mask_event(event: Event, config: Config) -> Optional[Event]:
     """Apply MASK_EVENT_MODEL to the event as a moesifapi `EventModel`, as moesiftornado does.
 
-    A mask that returns None drops the event (the original's behaviour). A mask that raises must not
-    let unmasked data reach the disk: the event is kept with its headers and bodies removed.
+    A mask that returns None drops the event (the original's behaviour). A mask that raises, or returns
+    something that is neither an `EventModel` nor a dict, must not let unmasked data reach the disk, nor
+    lose the event: it is kept with its headers and bodies removed.
     """
     assert config.mask_event_model is not None
     transaction_id = event["transaction_id"]
@@ -107,19 +108,25 @@ def mask_event(event: Event, config: Config) -> Optional[Event]:
         masked = config.mask_event_model(EventModel.from_dictionary(event))
     except Exception:
         logger.exception("MASK_EVENT_MODEL raised; the event is kept with headers and bodies removed")
-        for part in ("request", "response"):
-            for field in ("headers", "body", "transfer_encoding"):
-                event[part].pop(field, None)
-        return event
+        return _without_payload(event)
     if masked is None:
         return None
     result = masked.to_dictionary() if isinstance(masked, BaseModel) else masked
     if not isinstance(result, dict):
-        logger.error("MASK_EVENT_MODEL returned %s, not an EventModel; the event is dropped", type(masked).__name__)
-        return None
+        logger.error("MASK_EVENT_MODEL returned %s, not an EventModel; the event is kept with headers and bodies "
+                     "removed", type(masked).__name__)
+        return _without_payload(event)
     result.setdefault("transaction_id", transaction_id)
     result["transaction_id"] = result["transaction_id"] or transaction_id
     return _drop_nulls(result)
+
+
+def _without_payload(event: Event) -> Event:
+    """The event with its request and response headers and bodies removed (masking failed: fail closed)."""
+    for part in ("request", "response"):
+        for field in ("headers", "body", "transfer_encoding"):
+            event[part].pop(field, None)
+    return event
 
 
 def format_time(timestamp: float) -> str:

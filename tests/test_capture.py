@@ -326,6 +326,17 @@ def test_a_mask_that_raises_keeps_the_event_without_headers_or_bodies(
     assert event["response"]["status"] == 200
 
 
+@pytest.mark.parametrize("returned", [0, False, "masked", b"bytes", {"a", "set"}, ["a", "list"]])
+def test_a_mask_that_returns_the_wrong_type_keeps_the_event_without_headers_or_bodies(
+    make_middleware: Any, collector: Collector, returned: Any
+) -> None:
+    middleware = make_middleware(MASK_EVENT_MODEL=lambda event: returned)
+    [event] = run_requests(middleware, collector, [post("/json", json={"password": "hunter2"})])
+    assert "hunter2" not in str(event)
+    assert event["response"]["status"] == 200
+    assert middleware.stats()["spooled"] == 1 and "skipped" not in middleware.stats()
+
+
 def test_log_event_never_raises_into_tornado(make_middleware: Any, collector: Collector) -> None:
     middleware = make_middleware()
 
