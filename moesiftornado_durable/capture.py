@@ -72,10 +72,11 @@ def capture_event(handler: Handler, config: Config, finished_at: float, unsent_b
             "status": handler.get_status(),
             "headers": response_headers,
         },
-        "user_id": _as_text(_call_user("IDENTIFY_USER", config.identify_user, handler))
+        "user_id": _as_text("IDENTIFY_USER", _call_user("IDENTIFY_USER", config.identify_user, handler))
         or user_from_authorization(request.headers, config),
-        "company_id": _as_text(_call_user("IDENTIFY_COMPANY", config.identify_company, handler)),
-        "session_token": _as_text(_call_user("GET_SESSION_TOKEN", config.get_session_token, handler)),
+        "company_id": _as_text("IDENTIFY_COMPANY", _call_user("IDENTIFY_COMPANY", config.identify_company, handler)),
+        "session_token": _as_text("GET_SESSION_TOKEN",
+                                  _call_user("GET_SESSION_TOKEN", config.get_session_token, handler)),
         "metadata": _call_user("GET_METADATA", config.get_metadata, handler),
         "direction": "Incoming",
         "weight": 1,
@@ -262,12 +263,20 @@ def _call_user(option: str, function: Optional[Any], argument: Any) -> Any:
 
 def _api_version(handler: Handler, config: Config) -> Optional[str]:
     if callable(config.api_version):
-        return _as_text(_call_user("API_VERSION", config.api_version, handler))
+        return _as_text("API_VERSION", _call_user("API_VERSION", config.api_version, handler))
     return config.api_version
 
 
-def _as_text(value: Any) -> Optional[str]:
-    return None if value is None else str(value)
+def _as_text(option: str, value: Any) -> Optional[str]:
+    """A callback's result as text; None if there is none or if its str() raises (the event is still logged)."""
+    if value is None:
+        return None
+    try:
+        return str(value)
+    except Exception:
+        logger.exception("%s returned a %s whose str() raised; the field is left empty and the event is still "
+                         "logged", option, type(value).__name__)
+        return None
 
 
 def _drop_nulls(event: Event) -> Event:

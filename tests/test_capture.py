@@ -337,6 +337,23 @@ def test_a_mask_that_returns_the_wrong_type_keeps_the_event_without_headers_or_b
     assert middleware.stats()["spooled"] == 1 and "skipped" not in middleware.stats()
 
 
+class Unprintable:
+    """Like a lazy ORM object whose session has closed: str() raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("detached instance")
+
+
+@pytest.mark.parametrize("option", ["IDENTIFY_USER", "IDENTIFY_COMPANY", "GET_SESSION_TOKEN", "API_VERSION"])
+def test_a_callback_result_whose_str_raises_leaves_the_field_empty_and_keeps_the_event(
+    make_middleware: Any, collector: Collector, option: str
+) -> None:
+    middleware = make_middleware(**{option: lambda handler: Unprintable()})
+    [event] = run_requests(middleware, collector, [post("/json", json={"a": 1})])
+    assert event["response"]["status"] == 200
+    assert not any(key.startswith("dropped_") for key in middleware.stats())
+
+
 def test_log_event_never_raises_into_tornado(make_middleware: Any, collector: Collector) -> None:
     middleware = make_middleware()
 
