@@ -16,7 +16,7 @@ import json
 import logging
 import uuid
 import zlib
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Type
 
 from moesifapi.models import BaseModel, EventModel
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
@@ -29,6 +29,7 @@ logger = logging.getLogger("moesiftornado_durable")
 Event = Dict[str, Any]
 
 _CAPTURE_ATTRIBUTE = "_moesiftornado_durable_body"
+MAX_JSON_DEPTH = 100  # JSON bodies nested deeper are sent as base64 (see encode_body)
 
 # Headers a proxy may set with the original client address, in the order they are trusted.
 _CLIENT_IP_HEADERS = (
@@ -184,15 +185,41 @@ def parse_ip(text: str) -> Optional[str]:
 
 
 def encode_body(raw: bytes) -> Tuple[Any, Optional[str]]:
-    """A body as Moesif wants it: parsed JSON with 'json', anything else base64 with 'base64'."""
+    """A body as Moesif wants it: parsed JSON with 'json', anything else base64 with 'base64'.
+
+    JSON nested deeper than `MAX_JSON_DEPTH` is sent as base64 too: Python's JSON parser and encoders
+    recurse, so such a body (any client can send one) would make the parse, or a later encode on the way
+    to the spool or to Moesif, raise RecursionError and lose the event.
+    """
     if not raw:
         return None, None
     if raw.lstrip()[:1] in (b"{", b"["):
         try:
-            return json.loads(raw), "json"
-        except ValueError:
+            parsed = json.loads(raw)
+        except (ValueError, RecursionError):
             pass
+        else:
+            # A body with few brackets cannot be deep: only count-heavy bodies pay for the walk.
+            if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH or not _deeper_than(parsed, MAX_JSON_DEPTH):
+                return parsed, "json"
     return base64.b64encode(raw).decode("ascii"), "base64"
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """True if lists and dicts in `value` nest more than `limit` levels (an iterative walk: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _set_body(part: Dict[str, Any], raw: Optional[bytes], limit: int) -> None:
@@ -246,7 +273,7 @@ def _user_from_token(token: str, field: str) -> Optional[str]:
         claims = {str(key).lower(): value for key, value in payload.items()} if isinstance(payload, dict) else {}
         value = claims.get(field.lower())
         return None if value is None else str(value)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: a deeply nested JSON payload
         return None
 
 
