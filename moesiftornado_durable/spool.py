@@ -35,15 +35,54 @@ _IN_FLIGHT = int(AckStatus.unack)
 
 
 class _JsonSerializer:
-    """Compact JSON for persist-queue; values JSON cannot express are written as their str()."""
+    """Compact, strict JSON for persist-queue; values JSON cannot express are written as text.
+
+    The fast path writes objects JSON does not know as their str(). Whatever else would make json.dumps
+    fail -- keys that are not strings, a circular reference, nesting too deep, an object whose str()
+    raises, NaN or infinity (not JSON: Moesif would reject the whole batch) -- takes the slow path, which
+    rewrites those values as text, so a record is never lost for what a user callback put in it.
+    """
 
     @staticmethod
     def dumps(value: Any) -> bytes:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
+        try:
+            text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
+        except Exception:  # default=str runs user code: its str() may raise anything
+            text = json.dumps(_as_json(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return text.encode("utf-8")
 
     @staticmethod
     def loads(data: bytes) -> Any:
         return json.loads(data)
+
+
+_MAX_RECORD_DEPTH = 200
+
+
+def _as_json(value: Any, depth: int = 0, parents: Tuple[int, ...] = ()) -> Any:
+    """`value` with everything strict JSON cannot hold replaced by text (see `_JsonSerializer`)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else str(value)
+    if isinstance(value, (dict, list, tuple)):
+        if id(value) in parents:
+            return "<circular reference>"
+        if depth >= _MAX_RECORD_DEPTH:
+            return "<nested too deep>"
+        inner = parents + (id(value),)
+        if isinstance(value, dict):
+            return {key if isinstance(key, str) else _text(key): _as_json(item, depth + 1, inner)
+                    for key, item in value.items()}
+        return [_as_json(item, depth + 1, inner) for item in value]
+    return _text(value)
+
+
+def _text(value: Any) -> str:
+    try:
+        return str(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
 
 
 @dataclasses.dataclass(frozen=True)

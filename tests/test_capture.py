@@ -370,6 +370,15 @@ def test_a_deeply_nested_jwt_payload_gives_no_user_and_keeps_the_event(
     assert not any(key.startswith("dropped_") for key in middleware.stats())
 
 
+def test_metadata_json_cannot_hold_is_sent_as_text_and_the_event_kept(
+    make_middleware: Any, collector: Collector
+) -> None:
+    middleware = make_middleware(GET_METADATA=lambda handler: {(1, 2): "pair", "score": float("nan")})
+    [event] = run_requests(middleware, collector, [get("/json")])
+    assert event["metadata"] == {"(1, 2)": "pair", "score": "nan"}
+    assert not any(key.startswith("dropped_") for key in middleware.stats())
+
+
 class Unprintable:
     """Like a lazy ORM object whose session has closed: str() raises."""
 
