@@ -204,25 +204,25 @@ class MoesifMiddleware:
                 try:
                     self._runtime = _Runtime(self.config)
                 except (sqlite3.Error, OSError):
-                    self._drop("spool_unavailable", f"cannot open the spool in {self.config.spool_dir}")
+                    # logged here, with the cause; a record that this costs is counted by the caller
+                    self._log_error(f"cannot open the spool in {self.config.spool_dir}")
                     return None
             return self._runtime
 
     def _drop(self, reason: str, message: str, record: Optional[Dict[str, Any]] = None) -> None:
         """Count a record that was not spooled, and log it (with the traceback, at most every few seconds)."""
         self.counters[f"dropped_{reason}"] += 1
+        transaction_id = (record or {}).get("transaction_id")
+        self._log_error(f"{message} (transaction_id={transaction_id}); dropped so far: "
+                        f"{self.counters[f'dropped_{reason}']}")
+
+    def _log_error(self, message: str) -> None:
+        """Log an ERROR with the current traceback, at most once every few seconds."""
         now = time.monotonic()
         if now - self._last_error_log < _ERROR_LOG_INTERVAL:
             return
         self._last_error_log = now
-        transaction_id = (record or {}).get("transaction_id")
-        logger.error(
-            "moesiftornado_durable: %s (transaction_id=%s); dropped so far: %d",
-            message,
-            transaction_id,
-            self.counters[f"dropped_{reason}"],
-            exc_info=sys.exc_info()[0] is not None,
-        )
+        logger.error("moesiftornado_durable: %s", message, exc_info=sys.exc_info()[0] is not None)
 
     def _before_fork(self) -> None:
         runtime = self._runtime
