@@ -32,7 +32,7 @@ setup(
         "tenacity>=8.2",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.4", "mypy>=1.8", "types-requests"],
+        "test": ["pytest>=7", "hypothesis>=6", "ruff>=0.4", "mypy>=1.8", "types-requests"],
     },
     entry_points={"console_scripts": ["moesiftornado-durable=moesiftornado_durable.cli:main"]},
     classifiers=[
