@@ -33,7 +33,7 @@ setup(
     ],
     extras_require={
         "encryption": ["cryptography>=41"],
-        "test": ["pytest>=7", "ruff>=0.4", "mypy>=1.8", "types-requests", "cryptography>=41"],
+        "test": ["pytest>=7", "hypothesis>=6", "ruff>=0.4", "mypy>=1.8", "types-requests", "cryptography>=41"],
     },
     entry_points={"console_scripts": ["moesiftornado-durable=moesiftornado_durable.cli:main"]},
     classifiers=[

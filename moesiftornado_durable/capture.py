@@ -16,7 +16,7 @@ import json
 import logging
 import uuid
 import zlib
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Type
 
 from moesifapi.models import BaseModel, EventModel
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
@@ -29,6 +29,7 @@ logger = logging.getLogger("moesiftornado_durable")
 Event = Dict[str, Any]
 
 _CAPTURE_ATTRIBUTE = "_moesiftornado_durable_body"
+MAX_JSON_DEPTH = 100  # JSON bodies nested deeper are sent as base64 (see encode_body)
 
 # Headers a proxy may set with the original client address, in the order they are trusted.
 _CLIENT_IP_HEADERS = (
@@ -72,10 +73,11 @@ def capture_event(handler: Handler, config: Config, finished_at: float, unsent_b
             "status": handler.get_status(),
             "headers": response_headers,
         },
-        "user_id": _as_text(_call_user("IDENTIFY_USER", config.identify_user, handler))
+        "user_id": _as_text("IDENTIFY_USER", _call_user("IDENTIFY_USER", config.identify_user, handler))
         or user_from_authorization(request.headers, config),
-        "company_id": _as_text(_call_user("IDENTIFY_COMPANY", config.identify_company, handler)),
-        "session_token": _as_text(_call_user("GET_SESSION_TOKEN", config.get_session_token, handler)),
+        "company_id": _as_text("IDENTIFY_COMPANY", _call_user("IDENTIFY_COMPANY", config.identify_company, handler)),
+        "session_token": _as_text("GET_SESSION_TOKEN",
+                                  _call_user("GET_SESSION_TOKEN", config.get_session_token, handler)),
         "metadata": _call_user("GET_METADATA", config.get_metadata, handler),
         "direction": "Incoming",
         "weight": 1,
@@ -98,8 +100,9 @@ def capture_event(handler: Handler, config: Config, finished_at: float, unsent_b
 def mask_event(event: Event, config: Config) -> Optional[Event]:
     """Apply MASK_EVENT_MODEL to the event as a moesifapi `EventModel`, as moesiftornado does.
 
-    A mask that returns None drops the event (the original's behaviour). A mask that raises must not
-    let unmasked data reach the disk: the event is kept with its headers and bodies removed.
+    A mask that returns None drops the event (the original's behaviour). A mask that raises, or returns
+    something that is neither an `EventModel` nor a dict, must not let unmasked data reach the disk, nor
+    lose the event: it is kept with its headers and bodies removed.
     """
     assert config.mask_event_model is not None
     transaction_id = event["transaction_id"]
@@ -107,19 +110,25 @@ def mask_event(event: Event, config: Config) -> Optional[Event]:
         masked = config.mask_event_model(EventModel.from_dictionary(event))
     except Exception:
         logger.exception("MASK_EVENT_MODEL raised; the event is kept with headers and bodies removed")
-        for part in ("request", "response"):
-            for field in ("headers", "body", "transfer_encoding"):
-                event[part].pop(field, None)
-        return event
+        return _without_payload(event)
     if masked is None:
         return None
     result = masked.to_dictionary() if isinstance(masked, BaseModel) else masked
     if not isinstance(result, dict):
-        logger.error("MASK_EVENT_MODEL returned %s, not an EventModel; the event is dropped", type(masked).__name__)
-        return None
+        logger.error("MASK_EVENT_MODEL returned %s, not an EventModel; the event is kept with headers and bodies "
+                     "removed", type(masked).__name__)
+        return _without_payload(event)
     result.setdefault("transaction_id", transaction_id)
     result["transaction_id"] = result["transaction_id"] or transaction_id
     return _drop_nulls(result)
+
+
+def _without_payload(event: Event) -> Event:
+    """The event with its request and response headers and bodies removed (masking failed: fail closed)."""
+    for part in ("request", "response"):
+        for field in ("headers", "body", "transfer_encoding"):
+            event[part].pop(field, None)
+    return event
 
 
 def format_time(timestamp: float) -> str:
@@ -176,15 +185,41 @@ def parse_ip(text: str) -> Optional[str]:
 
 
 def encode_body(raw: bytes) -> Tuple[Any, Optional[str]]:
-    """A body as Moesif wants it: parsed JSON with 'json', anything else base64 with 'base64'."""
+    """A body as Moesif wants it: parsed JSON with 'json', anything else base64 with 'base64'.
+
+    JSON nested deeper than `MAX_JSON_DEPTH` is sent as base64 too: Python's JSON parser and encoders
+    recurse, so such a body (any client can send one) would make the parse, or a later encode on the way
+    to the spool or to Moesif, raise RecursionError and lose the event.
+    """
     if not raw:
         return None, None
     if raw.lstrip()[:1] in (b"{", b"["):
         try:
-            return json.loads(raw), "json"
-        except ValueError:
+            parsed = json.loads(raw)
+        except (ValueError, RecursionError):
             pass
+        else:
+            # A body with few brackets cannot be deep: only count-heavy bodies pay for the walk.
+            if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH or not _deeper_than(parsed, MAX_JSON_DEPTH):
+                return parsed, "json"
     return base64.b64encode(raw).decode("ascii"), "base64"
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """True if lists and dicts in `value` nest more than `limit` levels (an iterative walk: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _set_body(part: Dict[str, Any], raw: Optional[bytes], limit: int) -> None:
@@ -238,7 +273,7 @@ def _user_from_token(token: str, field: str) -> Optional[str]:
         claims = {str(key).lower(): value for key, value in payload.items()} if isinstance(payload, dict) else {}
         value = claims.get(field.lower())
         return None if value is None else str(value)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: a deeply nested JSON payload
         return None
 
 
@@ -255,12 +290,20 @@ def _call_user(option: str, function: Optional[Any], argument: Any) -> Any:
 
 def _api_version(handler: Handler, config: Config) -> Optional[str]:
     if callable(config.api_version):
-        return _as_text(_call_user("API_VERSION", config.api_version, handler))
+        return _as_text("API_VERSION", _call_user("API_VERSION", config.api_version, handler))
     return config.api_version
 
 
-def _as_text(value: Any) -> Optional[str]:
-    return None if value is None else str(value)
+def _as_text(option: str, value: Any) -> Optional[str]:
+    """A callback's result as text; None if there is none or if its str() raises (the event is still logged)."""
+    if value is None:
+        return None
+    try:
+        return str(value)
+    except Exception:
+        logger.exception("%s returned a %s whose str() raised; the field is left empty and the event is still "
+                         "logged", option, type(value).__name__)
+        return None
 
 
 def _drop_nulls(event: Event) -> Event:

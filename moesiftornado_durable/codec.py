@@ -9,7 +9,7 @@ and plain records can sit side by side in one file (a spool that gains a key kee
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 from .errors import ConfigError, MoesifDurableError
 
@@ -32,7 +32,7 @@ class Codec:
         return self._cipher is not None
 
     def encode(self, body: Any) -> bytes:
-        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
+        data = to_json_bytes(body)
         return self._cipher.encrypt(data) if self._cipher is not None else data
 
     def decode(self, data: bytes) -> Any:
@@ -50,6 +50,50 @@ class Codec:
             return bytes(self._cipher.decrypt(bytes(data)))
         except InvalidToken:
             raise UndecryptableError("none of the SPOOL_ENCRYPTION_KEY keys opens the record") from None
+
+
+def to_json_bytes(value: Any) -> bytes:
+    """Compact, strict JSON; values JSON cannot express are written as text.
+
+    The fast path writes objects JSON does not know as their str(). Whatever else would make json.dumps
+    fail -- keys that are not strings, a circular reference, nesting too deep, an object whose str()
+    raises, NaN or infinity (not JSON: Moesif would reject the whole batch) -- takes the slow path, which
+    rewrites those values as text, so a record is never lost for what a user callback put in it.
+    """
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
+    except Exception:  # default=str runs user code: its str() may raise anything
+        text = json.dumps(_as_json(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return text.encode("utf-8")
+
+
+_MAX_RECORD_DEPTH = 200
+
+
+def _as_json(value: Any, depth: int = 0, parents: Tuple[int, ...] = ()) -> Any:
+    """`value` with everything strict JSON cannot hold replaced by text (see `to_json_bytes`)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else str(value)
+    if isinstance(value, (dict, list, tuple)):
+        if id(value) in parents:
+            return "<circular reference>"
+        if depth >= _MAX_RECORD_DEPTH:
+            return "<nested too deep>"
+        inner = parents + (id(value),)
+        if isinstance(value, dict):
+            return {key if isinstance(key, str) else _text(key): _as_json(item, depth + 1, inner)
+                    for key, item in value.items()}
+        return [_as_json(item, depth + 1, inner) for item in value]
+    return _text(value)
+
+
+def _text(value: Any) -> str:
+    try:
+        return str(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
 
 
 def is_encrypted(data: Optional[bytes]) -> bool:

@@ -236,8 +236,8 @@ class MoesifMiddleware:
         """WHEN_FULL='drop_oldest' deleted these waiting records to make room: count and log them."""
         self.counters["dropped_oldest"] += len(record_ids)
         shown = ", ".join(record_ids[:20]) + (" …" if len(record_ids) > 20 else "")
-        self._log_drop(f"the spool is full (SPOOL_MAX_BYTES); dropped the {len(record_ids)} oldest waiting "
-                       f"record(s): {shown}", self.counters["dropped_oldest"])
+        self._log_error(f"the spool is full (SPOOL_MAX_BYTES); dropped the {len(record_ids)} oldest waiting "
+                        f"record(s): {shown}; dropped so far: {self.counters['dropped_oldest']}")
 
     def _runtime_here(self) -> Optional[_Runtime]:
         """This process's runtime, opening the spool and starting the flusher on first use."""
@@ -249,7 +249,8 @@ class MoesifMiddleware:
                 try:
                     self._runtime = _Runtime(self.config, self._evicted)
                 except (sqlite3.Error, OSError):
-                    self._drop("spool_unavailable", f"cannot open the spool in {self.config.spool_dir}")
+                    # logged here, with the cause; a record that this costs is counted by the caller
+                    self._log_error(f"cannot open the spool in {self.config.spool_dir}")
                     return None
             return self._runtime
 
@@ -257,15 +258,16 @@ class MoesifMiddleware:
         """Count a record that was not spooled, and log it (with the traceback, at most every few seconds)."""
         self.counters[f"dropped_{reason}"] += 1
         transaction_id = (record or {}).get("transaction_id")
-        self._log_drop(f"{message} (transaction_id={transaction_id})", self.counters[f"dropped_{reason}"])
+        self._log_error(f"{message} (transaction_id={transaction_id}); dropped so far: "
+                        f"{self.counters[f'dropped_{reason}']}")
 
-    def _log_drop(self, message: str, so_far: int) -> None:
+    def _log_error(self, message: str) -> None:
+        """Log an ERROR with the current traceback, at most once every few seconds."""
         now = time.monotonic()
         if now - self._last_error_log < _ERROR_LOG_INTERVAL:
             return
         self._last_error_log = now
-        logger.error("moesiftornado_durable: %s; dropped so far for this reason: %d", message, so_far,
-                     exc_info=sys.exc_info()[0] is not None)
+        logger.error("moesiftornado_durable: %s", message, exc_info=sys.exc_info()[0] is not None)
 
     def _before_fork(self) -> None:
         runtime = self._runtime

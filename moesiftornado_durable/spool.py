@@ -23,7 +23,7 @@ from persistqueue import SQLiteAckQueue
 from persistqueue.sqlackqueue import AckStatus
 
 from . import audit
-from .codec import Codec, UndecryptableError, is_encrypted
+from .codec import Codec, UndecryptableError, is_encrypted, to_json_bytes
 from .errors import SpoolFullError
 
 logger = logging.getLogger("moesiftornado_durable")
@@ -41,11 +41,11 @@ _UNDECRYPTABLE = 7  # our own status: no configured key opens it; kept untouched
 
 
 class _JsonSerializer:
-    """Compact JSON for persist-queue's own calls; this module writes and reads through a `Codec`."""
+    """Compact, strict JSON for persist-queue's own calls; this module writes and reads through a `Codec`."""
 
     @staticmethod
     def dumps(value: Any) -> bytes:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
+        return to_json_bytes(value)
 
     @staticmethod
     def loads(data: bytes) -> Any:

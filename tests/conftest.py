@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 import tornado.httpserver
@@ -92,15 +92,21 @@ def serve(application: tornado.web.Application) -> Iterator[str]:
 class AppProcess:
     """The example app (examples/app.py) in a real subprocess, for SIGKILL tests."""
 
-    def __init__(self, spool_dir: str, base_uri: str, tmp_dir: str, processes: int = 1, **options: Any) -> None:
+    def __init__(self, spool_dir: str, base_uri: str, tmp_dir: str, processes: int = 1, *, strict: bool = False,
+                 output: Optional[IO[Any]] = None, **options: Any) -> None:
+        """`strict` runs the app with --strict (SpoolBeforeSendMixin); `output` receives its stdout and stderr."""
         self.port_file = os.path.join(tmp_dir, f"port-{time.monotonic_ns()}")
         args = [sys.executable, APP_SCRIPT, "--spool-dir", spool_dir, "--base-uri", base_uri,
                 "--port-file", self.port_file, "--processes", str(processes)]
+        if strict:
+            args.append("--strict")
         for key, value in options.items():
             args += ["--option", f"{key}={value}"]
         # its own session, so that forked children can be stopped with the group, by the leader's PID
-        self.process = subprocess.Popen(args, cwd=os.path.dirname(HERE), start_new_session=True)
-        self.url = f"http://127.0.0.1:{self._wait_for_port()}"
+        self.process = subprocess.Popen(args, cwd=os.path.dirname(HERE), start_new_session=True,
+                                        stdout=output, stderr=output)
+        self.port = self._wait_for_port()
+        self.url = f"http://127.0.0.1:{self.port}"
 
     def _wait_for_port(self, timeout: float = 20.0) -> int:
         deadline = time.monotonic() + timeout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime
 import gzip
+import json
 import logging
 import time
 import uuid
@@ -324,6 +325,75 @@ def test_a_mask_that_raises_keeps_the_event_without_headers_or_bodies(
                            [post("/json", json={"password": "hunter2"})])
     assert "hunter2" not in str(event)
     assert event["response"]["status"] == 200
+
+
+@pytest.mark.parametrize("returned", [0, False, "masked", b"bytes", {"a", "set"}, ["a", "list"]])
+def test_a_mask_that_returns_the_wrong_type_keeps_the_event_without_headers_or_bodies(
+    make_middleware: Any, collector: Collector, returned: Any
+) -> None:
+    middleware = make_middleware(MASK_EVENT_MODEL=lambda event: returned)
+    [event] = run_requests(middleware, collector, [post("/json", json={"password": "hunter2"})])
+    assert "hunter2" not in str(event)
+    assert event["response"]["status"] == 200
+    assert middleware.stats()["spooled"] == 1 and middleware.stats()["skipped"] == 0
+
+
+@pytest.mark.parametrize("depth, closed", [(5000, False), (5000, True), (990, True), (101, True)])
+def test_a_deeply_nested_json_body_is_kept_as_base64(
+    make_middleware: Any, collector: Collector, depth: int, closed: bool
+) -> None:
+    """Any client can send one: the JSON parser's RecursionError must not cost the event (request and response)."""
+    body = b"[" * depth + (b"]" * depth if closed else b"")
+    middleware = make_middleware()
+    [event] = run_requests(middleware, collector, [post("/json", data=body)])
+    for part in ("request", "response"):
+        assert event[part]["transfer_encoding"] == "base64"
+        assert base64.b64decode(event[part]["body"]) == body
+    assert not any(key.startswith("dropped_") for key in middleware.stats())
+
+
+def test_json_nested_up_to_the_limit_is_kept_as_json(make_middleware: Any, collector: Collector) -> None:
+    body = "[" * 100 + "]" * 100
+    [event] = run_requests(make_middleware(), collector, [post("/json", data=body)])
+    assert event["request"]["transfer_encoding"] == "json"
+    assert json.dumps(event["request"]["body"], separators=(",", ":")) == body
+
+
+def test_a_deeply_nested_jwt_payload_gives_no_user_and_keeps_the_event(
+    make_middleware: Any, collector: Collector
+) -> None:
+    payload = base64.urlsafe_b64encode(b"[" * 5000).decode().rstrip("=")
+    middleware = make_middleware()
+    [event] = run_requests(middleware, collector,
+                           [get("/json", headers={"Authorization": f"Bearer e30.{payload}.sig"})])
+    assert event.get("user_id") is None
+    assert not any(key.startswith("dropped_") for key in middleware.stats())
+
+
+def test_metadata_json_cannot_hold_is_sent_as_text_and_the_event_kept(
+    make_middleware: Any, collector: Collector
+) -> None:
+    middleware = make_middleware(GET_METADATA=lambda handler: {(1, 2): "pair", "score": float("nan")})
+    [event] = run_requests(middleware, collector, [get("/json")])
+    assert event["metadata"] == {"(1, 2)": "pair", "score": "nan"}
+    assert not any(key.startswith("dropped_") for key in middleware.stats())
+
+
+class Unprintable:
+    """Like a lazy ORM object whose session has closed: str() raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("detached instance")
+
+
+@pytest.mark.parametrize("option", ["IDENTIFY_USER", "IDENTIFY_COMPANY", "GET_SESSION_TOKEN", "API_VERSION"])
+def test_a_callback_result_whose_str_raises_leaves_the_field_empty_and_keeps_the_event(
+    make_middleware: Any, collector: Collector, option: str
+) -> None:
+    middleware = make_middleware(**{option: lambda handler: Unprintable()})
+    [event] = run_requests(middleware, collector, [post("/json", json={"a": 1})])
+    assert event["response"]["status"] == 200
+    assert not any(key.startswith("dropped_") for key in middleware.stats())
 
 
 def test_log_event_never_raises_into_tornado(make_middleware: Any, collector: Collector) -> None:

@@ -289,3 +289,20 @@ def test_a_spool_that_fails_is_counted_and_logged_and_never_raises(
     stats = middleware.stats()
     assert stats["dropped_spool_error"] == 3 and stats["spooled"] == 1
     assert any("could not write to the spool" in record.getMessage() for record in caplog.records)
+
+
+def test_a_spool_that_cannot_be_opened_counts_each_lost_event_once(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, spool_dir: str, caplog: Any
+) -> None:
+    import logging
+    import shutil
+
+    middleware = make_middleware()
+    middleware.close(timeout=2)
+    shutil.rmtree(spool_dir)
+    open(spool_dir, "w").close()  # SPOOL_DIR is now a file: no spool slot can be opened
+    with caplog.at_level(logging.ERROR, logger="moesiftornado_durable"):
+        serve_requests(middleware, 3)  # every request still answered 200
+        assert not middleware.flush(0.1)  # nothing to flush into: not a lost event
+    assert middleware.stats()["dropped_spool_unavailable"] == 3
+    assert any("cannot open the spool" in record.getMessage() for record in caplog.records)

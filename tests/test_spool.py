@@ -123,3 +123,41 @@ def test_close_is_idempotent(tmp_path: Any) -> None:
     spool.close()
     spool.close()
     assert spool.closed
+
+
+class _Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("detached instance")
+
+
+def _circular() -> Any:
+    value: Any = {"name": "loop"}
+    value["self"] = value
+    return value
+
+
+@pytest.mark.parametrize("value, stored", [
+    ({(1, 2): "pair", "ok": 1}, {"(1, 2)": "pair", "ok": 1}),
+    (_circular(), {"name": "loop", "self": "<circular reference>"}),
+    ({"score": float("nan"), "top": float("inf")}, {"score": "nan", "top": "inf"}),
+    ({"who": _Unprintable()}, {"who": "<unprintable _Unprintable>"}),
+    ({"tags": {"only"}}, {"tags": "{'only'}"}),  # the fast path: str() of what JSON does not know
+])
+def test_values_json_cannot_hold_are_stored_as_text_and_the_record_is_kept(
+    spool: Spool, value: Any, stored: Any
+) -> None:
+    spool.put({"transaction_id": "t-1", "metadata": value})
+    with sqlite3.connect(spool.path) as other:
+        [(data,)] = other.execute("SELECT data FROM ack_queue_default").fetchall()
+    assert json.loads(data, parse_constant=lambda name: pytest.fail(f"{name} is not JSON")) == {
+        "transaction_id": "t-1", "metadata": stored}
+
+
+def test_a_record_nested_too_deep_is_kept_with_the_deep_part_as_text(spool: Spool) -> None:
+    deep: Any = "bottom"
+    for _ in range(5000):
+        deep = [deep]
+    spool.put({"transaction_id": "t-1", "metadata": deep})
+    [item] = spool.claim(1)
+    assert item.body["transaction_id"] == "t-1"
+    assert "<nested too deep>" in json.dumps(item.body)
