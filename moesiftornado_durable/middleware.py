@@ -22,9 +22,9 @@ from typing import Any, Counter, Dict, Iterable, List, Mapping, Optional
 from .capture import body_capture_transform, capture_event, install_body_capture
 from .config import Config, Handler
 from .flusher import Flusher
-from .profiles import normalize_profile, normalize_profiles
+from .profiles import COMPANY_FIELDS, SUBSCRIPTION_FIELDS, USER_FIELDS, normalize_profile, normalize_profiles
 from .sender import Sender
-from .spool import COMPANY, EVENT, USER, Spool
+from .spool import COMPANY, EVENT, SUBSCRIPTION, USER, Spool
 
 logger = logging.getLogger("moesiftornado_durable")
 
@@ -96,25 +96,37 @@ class MoesifMiddleware:
             self._attached.add(application)
         return application
 
-    # -- users and companies ---------------------------------------------------------------------
+    # -- users, companies and subscriptions ------------------------------------------------------
 
     def update_user(self, user_profile: Any) -> None:
         """Queue a user update (dict, moesifapi `UserModel` or JSON) durably; ValueError without user_id."""
-        self._spool_record(normalize_profile(user_profile, "user_id"), USER)
+        self._spool_record(normalize_profile(user_profile, USER_FIELDS), USER)
 
     def update_users_batch(self, user_profiles: Iterable[Any]) -> None:
         """Queue several user updates; all are validated before any is queued."""
-        for profile in normalize_profiles(user_profiles, "user_id"):
+        for profile in normalize_profiles(user_profiles, USER_FIELDS):
             self._spool_record(profile, USER)
 
     def update_company(self, company_profile: Any) -> None:
         """Queue a company update (dict, moesifapi `CompanyModel` or JSON); ValueError without company_id."""
-        self._spool_record(normalize_profile(company_profile, "company_id"), COMPANY)
+        self._spool_record(normalize_profile(company_profile, COMPANY_FIELDS), COMPANY)
 
     def update_companies_batch(self, companies_profiles: Iterable[Any]) -> None:
         """Queue several company updates; all are validated before any is queued."""
-        for profile in normalize_profiles(companies_profiles, "company_id"):
+        for profile in normalize_profiles(companies_profiles, COMPANY_FIELDS):
             self._spool_record(profile, COMPANY)
+
+    def update_subscription(self, subscription: Any) -> None:
+        """Queue a subscription update (dict, moesifapi `SubscriptionModel` or JSON) durably.
+
+        ValueError naming the field when `subscription_id`, `company_id` or `status` is missing.
+        """
+        self._spool_record(normalize_profile(subscription, SUBSCRIPTION_FIELDS), SUBSCRIPTION)
+
+    def update_subscriptions_batch(self, subscriptions: Iterable[Any]) -> None:
+        """Queue several subscription updates; all are validated before any is queued."""
+        for profile in normalize_profiles(subscriptions, SUBSCRIPTION_FIELDS):
+            self._spool_record(profile, SUBSCRIPTION)
 
     # -- lifecycle -------------------------------------------------------------------------------
 

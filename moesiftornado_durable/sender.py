@@ -29,7 +29,7 @@ from requests.adapters import HTTPAdapter
 
 from . import __version__
 from .errors import AuthError, DeliveryError, PermanentError, RetryableError
-from .spool import COMPANY, EVENT, USER
+from .spool import COMPANY, EVENT, SUBSCRIPTION, USER
 
 logger = logging.getLogger("moesiftornado_durable")
 
@@ -94,6 +94,7 @@ class Sender:
             EVENT: self._api.create_events_batch,
             USER: self._api.update_users_batch,
             COMPANY: self._api.update_companies_batch,
+            SUBSCRIPTION: self._api.update_subscriptions_batch,
         }
 
     def send(self, kind: str, bodies: List[Any]) -> Mapping[str, str]:

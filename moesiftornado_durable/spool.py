@@ -28,7 +28,8 @@ SPOOL_FILE = "spool.db"
 EVENT = "event"
 USER = "user"
 COMPANY = "company"
-KINDS = (EVENT, USER, COMPANY)
+SUBSCRIPTION = "subscription"
+KINDS = (EVENT, USER, COMPANY, SUBSCRIPTION)
 
 _READY_BELOW = int(AckStatus.unack)  # persist-queue: 0 inited and 1 ready are both takeable
 _IN_FLIGHT = int(AckStatus.unack)
