@@ -16,7 +16,7 @@ import json
 import logging
 import uuid
 import zlib
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
+from typing import AbstractSet, Any, Dict, Iterator, List, Optional, Tuple, Type
 
 from moesifapi.models import BaseModel, EventModel
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
@@ -55,8 +55,8 @@ def capture_event(handler: Handler, config: Config, finished_at: float) -> Optio
         return None
     request: HTTPServerRequest = handler.request
     started_at = finished_at - request.request_time()
-    request_headers = join_headers(request.headers)
-    response_headers = join_headers(getattr(handler, "_headers", None))
+    request_headers = mask_headers(join_headers(request.headers), config.request_header_masks)
+    response_headers = mask_headers(join_headers(getattr(handler, "_headers", None)), config.response_header_masks)
     event: Event = {
         "request": {
             "time": format_time(started_at),
@@ -81,11 +81,15 @@ def capture_event(handler: Handler, config: Config, finished_at: float) -> Optio
         "transaction_id": str(uuid.uuid4()),
     }
     if config.log_body:
-        raw_request = _decoded(request.body or b"", request.headers.get("Content-Encoding"), config.max_body_bytes)
-        _set_body(event["request"], raw_request, config.max_body_bytes)
+        limit = config.max_body_bytes
+        raw_request = _decoded(request.body or b"", request.headers.get("Content-Encoding"), limit)
+        _set_body(event["request"], raw_request, limit, config.request_body_masks)
         captured: Optional[ResponseBodyCapture] = getattr(request, _CAPTURE_ATTRIBUTE, None)
         if captured is not None:
-            _set_body(event["response"], captured.body(), config.max_body_bytes)
+            raw_response = captured.body()
+            if raw_response is not None:  # a handler may write a body it gzipped itself
+                raw_response = _decoded(raw_response, captured.content_encoding, limit)
+            _set_body(event["response"], raw_response, limit, config.response_body_masks)
     if config.mask_event_model is not None:
         return mask_event(event, config)
     return event
@@ -132,6 +136,24 @@ def join_headers(headers: Optional[HTTPHeaders]) -> Dict[str, str]:
     for name, value in headers.get_all():
         joined[name] = f"{joined[name]}, {value}" if name in joined else str(value)
     return joined
+
+
+def mask_headers(headers: Dict[str, str], masks: AbstractSet[str]) -> Dict[str, str]:
+    """The headers without those named in `masks` (lower-case names; headers match case-insensitively)."""
+    if not masks:
+        return headers
+    return {name: value for name, value in headers.items() if name.lower() not in masks}
+
+
+def mask_body(body: Any, masks: AbstractSet[str]) -> Any:
+    """A JSON body without the keys named in `masks` (lower case), at any depth, in objects and in lists."""
+    if not masks:
+        return body
+    if isinstance(body, dict):
+        return {key: mask_body(value, masks) for key, value in body.items() if str(key).lower() not in masks}
+    if isinstance(body, list):
+        return [mask_body(item, masks) for item in body]
+    return body
 
 
 def client_ip(request: HTTPServerRequest) -> Optional[str]:
@@ -183,11 +205,12 @@ def encode_body(raw: bytes) -> Tuple[Any, Optional[str]]:
     return base64.b64encode(raw).decode("ascii"), "base64"
 
 
-def _set_body(part: Dict[str, Any], raw: Optional[bytes], limit: int) -> None:
+def _set_body(part: Dict[str, Any], raw: Optional[bytes], limit: int, masks: AbstractSet[str]) -> None:
     if raw is None:
         part["body"], part["transfer_encoding"] = _omitted(limit), "json"
     elif raw:
-        part["body"], part["transfer_encoding"] = encode_body(raw)
+        body, encoding = encode_body(raw)
+        part["body"], part["transfer_encoding"] = (mask_body(body, masks) if encoding == "json" else body), encoding
 
 
 def _omitted(limit: int) -> Dict[str, Any]:
@@ -195,10 +218,10 @@ def _omitted(limit: int) -> Dict[str, Any]:
 
 
 def _decoded(raw: bytes, content_encoding: Optional[str], limit: int) -> Optional[bytes]:
-    """The body within the size limit, gunzipped when the client sent it gzip-encoded; None if too large."""
+    """The body within the size limit, gunzipped when it was sent gzip-encoded; None if too large."""
     if len(raw) > limit:
         return None
-    if content_encoding and content_encoding.strip().lower() == "gzip":
+    if content_encoding and content_encoding.strip().lower() in ("gzip", "x-gzip"):
         try:
             plain = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw, limit + 1)
         except zlib.error:
@@ -273,7 +296,10 @@ class ResponseBodyCapture(OutputTransform):
 
     Tornado has emptied the handler's write buffer by the time log_function runs, so the body has to be
     seen on its way out. Installed first in `application.transforms`, it sees every chunk before
-    compression. Past the limit it keeps counting but stops copying, so streaming responses stay bounded.
+    Tornado compresses it, and the headers as the handler set them (`content_encoding` is the handler's
+    own Content-Encoding, e.g. for a body it gzipped itself). Past the limit it drops what it holds and
+    stops copying, so a streaming response (server-sent events, a long poll) never holds more than the
+    limit in memory.
     """
 
     limit = 0
@@ -283,11 +309,18 @@ class ResponseBodyCapture(OutputTransform):
         self._chunks: List[bytes] = []
         self._kept = 0
         self._overflow = False
+        self.content_encoding: Optional[str] = None
         setattr(request, _CAPTURE_ATTRIBUTE, self)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """How many bytes of body this capture holds in memory now (never more than `limit`)."""
+        return self._kept
 
     def transform_first_chunk(
         self, status_code: int, headers: HTTPHeaders, chunk: bytes, finishing: bool
     ) -> Tuple[int, HTTPHeaders, bytes]:
+        self.content_encoding = headers.get("Content-Encoding")
         self._keep(chunk)
         return status_code, headers, chunk
 
@@ -301,6 +334,7 @@ class ResponseBodyCapture(OutputTransform):
         if self._kept + len(chunk) > self.limit:
             self._overflow = True
             self._chunks.clear()
+            self._kept = 0
             return
         self._chunks.append(bytes(chunk))
         self._kept += len(chunk)

@@ -91,7 +91,7 @@ class MoesifMiddleware:
         `log_event` does this itself on the first request it sees, whose response body is then missed;
         call this once after building the Application to capture that one too.
         """
-        if application is not None and application not in self._attached:
+        if self.config.log_body and application is not None and application not in self._attached:
             install_body_capture(application, self._body_capture)
             self._attached.add(application)
         return application
