@@ -231,10 +231,11 @@ def _decoded(raw: bytes, content_encoding: Optional[str], limit: int) -> Optiona
 
 
 def user_from_authorization(headers: HTTPHeaders, config: Config) -> Optional[str]:
-    """The user id from the first AUTHORIZATION_HEADER_NAME header present, as moesiftornado does.
+    """The user id from the first AUTHORIZATION_HEADER_NAME header present, as moesifwsgi reads it.
 
-    `Bearer <JWT>` (or a bare JWT) gives the payload's AUTHORIZATION_USER_ID_FIELD, without checking
-    the signature; `Basic` gives the username. Anything malformed gives None, never an exception.
+    `Bearer <JWT>` gives the payload's AUTHORIZATION_USER_ID_FIELD (keys compared case-insensitively),
+    without checking the signature; `Basic` gives the username; any other value is read as a JWT, or as
+    base64 JSON when it has no dot. Anything malformed gives None, never an exception.
     """
     for name in config.authorization_header_names:
         value = headers.get(name)
@@ -249,14 +250,20 @@ def _user_from_token(token: str, field: str) -> Optional[str]:
         if scheme.lower() == "basic":
             username = base64.b64decode(credentials.strip() + "==").decode("utf-8").split(":", 1)[0]
             return username.strip() or None
-        jwt = credentials.strip() if scheme.lower() == "bearer" else token
-        parts = jwt.split(".")
-        if len(parts) < 2 or not parts[1]:
+        if scheme.lower() == "bearer":
+            parts = credentials.strip().split(".")
+            payload = parts[1] if len(parts) >= 3 else ""  # header.payload.signature
+        else:  # a custom scheme: a JWT, or the base64 JSON payload alone
+            parts = token.split(".")
+            payload = parts[1] if len(parts) > 1 else token
+        if not payload:
             return None
-        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-        claims = {str(key).lower(): value for key, value in payload.items()} if isinstance(payload, dict) else {}
-        value = claims.get(field.lower())
-        return None if value is None else str(value)
+        # urlsafe_b64decode takes both alphabets: JWTs use '-' and '_', some clients send '+' and '/'
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        if not isinstance(claims, dict):
+            return None
+        value = {str(key).lower(): value for key, value in claims.items()}.get(field.lower())
+        return None if value is None or value == "" else str(value)
     except (ValueError, UnicodeDecodeError):
         return None
 
