@@ -1,22 +1,25 @@
 """Turn a finished Tornado request into a Moesif event (a plain dict in the ingestion API's shape).
 
-`capture_event` is pure: it reads the handler and calls the user's callables, and does no I/O. It fixes
-what moesiftornado 0.1.4 gets wrong: true request/response times, repeated headers kept, the response
-body captured (through `ResponseBodyCapture`), client IPs incl. IPv6, JSON bodies sent as JSON, and a
-`transaction_id` assigned once so Moesif can deduplicate resends. Masking happens here, before the
-event reaches the spool.
+`capture_steps` is pure: it reads the handler and asks its driver to call the user's callables (so the
+middleware can await async ones), and does no I/O. It fixes what moesiftornado 0.1.4 gets wrong: true
+request/response times, repeated headers kept, the response body captured (through
+`ResponseBodyCapture`), client IPs incl. IPv6, JSON bodies sent as JSON, and a `transaction_id` assigned
+once so Moesif can deduplicate resends. Masking and sampling happen here, before the event reaches the
+spool.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
+import inspect
 import ipaddress
 import json
 import logging
 import uuid
 import zlib
-from typing import AbstractSet, Any, Dict, Iterator, List, Optional, Tuple, Type
+from typing import AbstractSet, Any, Callable, Dict, Generator, Iterator, List, Optional, Tuple, Type
 
 from moesifapi.models import BaseModel, EventModel
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
@@ -45,14 +48,133 @@ _CLIENT_IP_HEADERS = (
 )
 
 
-def capture_event(handler: Handler, config: Config, finished_at: float) -> Optional[Event]:
-    """Build the Moesif event for `handler`'s finished request, or None when SKIP says so.
+class _Raised:
+    """The result of a user callable that raised (logged already); distinct from returning None."""
+
+    def __repr__(self) -> str:
+        return "RAISED"
+
+
+RAISED: Any = _Raised()
+
+UserCall = Tuple[str, Callable[[Any], Any], Any]  # (option name, function, argument)
+WeightFor = Callable[[Event], Optional[int]]  # None: sample the event out; else its weight
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What capture made of a request: an event to spool, or why there is none."""
+
+    event: Optional[Event]
+    dropped: Optional[str] = None  # "skipped", "sampled_out" or "masked_out"
+
+
+Steps = Generator[List[UserCall], List[Any], Outcome]
+
+
+def capture_steps(handler: Handler, config: Config, finished_at: float,
+                  weight_for: Optional[WeightFor] = None) -> Steps:
+    """Capture `handler`'s finished request, step by step, as a generator.
+
+    It yields each group of user callables to call (SKIP; then API_VERSION, IDENTIFY_USER,
+    IDENTIFY_COMPANY, GET_SESSION_TOKEN, GET_METADATA; then MASK_EVENT_MODEL) and is sent back their
+    results (`RAISED` for one that raised), so a driver may await results that are awaitables (async
+    callables) without this code knowing; `run_sync` drives it without awaiting. Each callable is called
+    once. Everything else is read from the handler before the second group is yielded. The event is
+    sampled (`weight_for`) after identification and before MASK_EVENT_MODEL; it returns an `Outcome`.
 
     `finished_at` is the wall-clock time the response finished (`time.time()` when Tornado calls
     log_function); the request's start is derived from Tornado's own `request_time()`.
     """
-    if config.skip is not None and _call_user("SKIP", config.skip, handler):
-        return None
+    if config.skip is not None:
+        [skip] = yield [("SKIP", config.skip, handler)]
+        if skip and skip is not RAISED:
+            return Outcome(None, "skipped")
+    event = _snapshot(handler, config, finished_at)
+    functions = {
+        "API_VERSION": config.api_version if callable(config.api_version) else None,
+        "IDENTIFY_USER": config.identify_user,
+        "IDENTIFY_COMPANY": config.identify_company,
+        "GET_SESSION_TOKEN": config.get_session_token,
+        "GET_METADATA": config.get_metadata,
+    }
+    calls = [(option, function, handler) for option, function in functions.items() if function is not None]
+    results: Dict[str, Any] = {}
+    if calls:
+        answers = yield calls
+        results = {call[0]: (None if answer is RAISED else answer) for call, answer in zip(calls, answers)}
+    if callable(config.api_version):
+        event["request"]["api_version"] = _as_text(results.get("API_VERSION"))
+    event["user_id"] = _as_text(results.get("IDENTIFY_USER")) or user_from_authorization(
+        handler.request.headers, config)
+    event["company_id"] = _as_text(results.get("IDENTIFY_COMPANY"))
+    event["session_token"] = _as_text(results.get("GET_SESSION_TOKEN"))
+    event["metadata"] = results.get("GET_METADATA")
+    if weight_for is not None:
+        weight = weight_for(event)
+        if weight is None:
+            return Outcome(None, "sampled_out")
+        event["weight"] = weight
+    if config.mask_event_model is not None:
+        [masked] = yield [("MASK_EVENT_MODEL", config.mask_event_model, EventModel.from_dictionary(event))]
+        result = apply_mask_result(event, masked)
+        return Outcome(result) if result is not None else Outcome(None, "masked_out")
+    return Outcome(event)
+
+
+def call_user_functions(calls: List[UserCall]) -> List[Any]:
+    """Call each user function once; one that raises is logged and gives `RAISED`, never an exception."""
+    results = []
+    for option, function, argument in calls:
+        try:
+            results.append(function(argument))
+        except Exception:
+            log_user_error(option)
+            results.append(RAISED)
+    return results
+
+
+def log_user_error(option: str) -> None:
+    """Log (with the traceback being handled) that the user's `option` callable failed."""
+    if option == "MASK_EVENT_MODEL":
+        logger.exception("MASK_EVENT_MODEL raised; the event is kept with headers and bodies removed")
+    else:
+        logger.exception("%s raised; the field is left empty and the event is still logged", option)
+
+
+def run_sync(steps: Steps) -> Outcome:
+    """Drive `capture_steps` to the end without awaiting: an awaitable result is refused (closed, logged)."""
+    answers: Optional[List[Any]] = None
+    try:
+        while True:
+            calls = steps.send(answers)  # type: ignore[arg-type]  # the first send must be None
+            answers = call_user_functions(calls)
+            for index, answer in enumerate(answers):
+                if inspect.isawaitable(answer):
+                    _discard(answer)
+                    logger.error("%s returned an awaitable, which needs a running event loop; the field is left "
+                                 "empty", calls[index][0])
+                    answers[index] = RAISED
+    except StopIteration as stop:
+        outcome: Outcome = stop.value
+        return outcome
+
+
+def _discard(awaitable: Any) -> None:
+    """Close a coroutine that will never be awaited, so Python does not warn about it."""
+    close = getattr(awaitable, "close", None)
+    if inspect.iscoroutine(awaitable) and close is not None:
+        close()
+
+
+def capture_event(handler: Handler, config: Config, finished_at: float,
+                  weight_for: Optional[WeightFor] = None) -> Optional[Event]:
+    """The Moesif event for `handler`'s finished request, synchronously; None when skipped or dropped."""
+    return run_sync(capture_steps(handler, config, finished_at, weight_for)).event
+
+
+def _snapshot(handler: Handler, config: Config, finished_at: float) -> Event:
+    """Everything the event holds that does not come from a user callable, read from the handler now."""
     request: HTTPServerRequest = handler.request
     started_at = finished_at - request.request_time()
     request_headers = mask_headers(join_headers(request.headers), config.request_header_masks)
@@ -62,7 +184,7 @@ def capture_event(handler: Handler, config: Config, finished_at: float) -> Optio
             "time": format_time(started_at),
             "uri": request.full_url(),
             "verb": request.method,
-            "api_version": _api_version(handler, config),
+            "api_version": config.api_version if isinstance(config.api_version, str) else None,
             "ip_address": client_ip(request),
             "headers": request_headers,
         },
@@ -71,11 +193,10 @@ def capture_event(handler: Handler, config: Config, finished_at: float) -> Optio
             "status": handler.get_status(),
             "headers": response_headers,
         },
-        "user_id": _as_text(_call_user("IDENTIFY_USER", config.identify_user, handler))
-        or user_from_authorization(request.headers, config),
-        "company_id": _as_text(_call_user("IDENTIFY_COMPANY", config.identify_company, handler)),
-        "session_token": _as_text(_call_user("GET_SESSION_TOKEN", config.get_session_token, handler)),
-        "metadata": _call_user("GET_METADATA", config.get_metadata, handler),
+        "user_id": None,
+        "company_id": None,
+        "session_token": None,
+        "metadata": None,
         "direction": "Incoming",
         "weight": 1,
         "transaction_id": str(uuid.uuid4()),
@@ -90,23 +211,17 @@ def capture_event(handler: Handler, config: Config, finished_at: float) -> Optio
             if raw_response is not None:  # a handler may write a body it gzipped itself
                 raw_response = _decoded(raw_response, captured.content_encoding, limit)
             _set_body(event["response"], raw_response, limit, config.response_body_masks)
-    if config.mask_event_model is not None:
-        return mask_event(event, config)
     return event
 
 
-def mask_event(event: Event, config: Config) -> Optional[Event]:
-    """Apply MASK_EVENT_MODEL to the event as a moesifapi `EventModel`, as moesiftornado does.
+def apply_mask_result(event: Event, masked: Any) -> Optional[Event]:
+    """The event MASK_EVENT_MODEL made of `event` (a moesifapi `EventModel`, as moesiftornado passes it).
 
-    A mask that returns None drops the event (the original's behaviour). A mask that raises must not
-    let unmasked data reach the disk: the event is kept with its headers and bodies removed.
+    A mask that returned None drops the event (the original's behaviour). A mask that raised (`RAISED`)
+    must not let unmasked data reach the disk: the event is kept with its headers and bodies removed.
     """
-    assert config.mask_event_model is not None
     transaction_id = event["transaction_id"]
-    try:
-        masked = config.mask_event_model(EventModel.from_dictionary(event))
-    except Exception:
-        logger.exception("MASK_EVENT_MODEL raised; the event is kept with headers and bodies removed")
+    if masked is RAISED:
         for part in ("request", "response"):
             for field in ("headers", "body", "transfer_encoding"):
                 event[part].pop(field, None)
@@ -266,23 +381,6 @@ def _user_from_token(token: str, field: str) -> Optional[str]:
         return None if value is None or value == "" else str(value)
     except (ValueError, UnicodeDecodeError):
         return None
-
-
-def _call_user(option: str, function: Optional[Any], argument: Any) -> Any:
-    """Call a user callable; if it raises, log the error and return None so the event is still logged."""
-    if function is None:
-        return None
-    try:
-        return function(argument)
-    except Exception:
-        logger.exception("%s raised; the field is left empty and the event is still logged", option)
-        return None
-
-
-def _api_version(handler: Handler, config: Config) -> Optional[str]:
-    if callable(config.api_version):
-        return _as_text(_call_user("API_VERSION", config.api_version, handler))
-    return config.api_version
 
 
 def _as_text(value: Any) -> Optional[str]:

@@ -17,11 +17,12 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Counter, List, Optional
+from typing import Callable, Counter, List, Optional
 
 from .errors import PermanentError, RetryableError
+from .sampling import CONFIG_ETAG_HEADER
 from .sender import Sender, ShutdownRequested, delivery_policy
-from .spool import KINDS, Spool, SpooledItem
+from .spool import EVENT, KINDS, Spool, SpooledItem
 
 logger = logging.getLogger("moesiftornado_durable")
 
@@ -29,7 +30,11 @@ _POLL = 0.05  # seconds between looks at a partial batch, and while waiting for 
 
 
 class Flusher:
-    """Drains one `Spool` through one `Sender` on a named daemon thread."""
+    """Drains one `Spool` through one `Sender` on a named daemon thread.
+
+    `on_config_etag`, if given, is called on this thread with the ``X-Moesif-Config-ETag`` of every
+    accepted event batch (None when absent); it must return quickly and never raise into the loop.
+    """
 
     def __init__(
         self,
@@ -38,9 +43,11 @@ class Flusher:
         batch_size: int,
         flush_interval: float,
         retry_max_wait: float,
+        on_config_etag: Optional[Callable[[Optional[str]], None]] = None,
     ) -> None:
         self._spool = spool
         self._sender = sender
+        self._on_config_etag = on_config_etag
         self._batch_size = batch_size
         self._flush_interval = flush_interval
         self._stop = threading.Event()
@@ -167,8 +174,13 @@ class Flusher:
     def _send(self, kind: str, bodies: List[object]) -> None:
         self.counters["send_attempts"] += 1
         try:
-            self._sender.send(kind, bodies)
+            headers = self._sender.send(kind, bodies)
         except Exception as exc:
             self._failing = True
             self.last_error = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {exc}"
             raise
+        if kind == EVENT and self._on_config_etag is not None:
+            try:
+                self._on_config_etag((headers or {}).get(CONFIG_ETAG_HEADER))
+            except Exception:  # a callback bug must not turn a delivered batch into a resend
+                logger.exception("the config etag callback raised")

@@ -1,15 +1,19 @@
 """`MoesifMiddleware`: the drop-in replacement for moesiftornado's, wired to the durable pipeline.
 
 Thin on purpose: `log_event` captures the event, commits it to the spool and returns; it never raises
-into Tornado and counts every event it could not spool, by reason. The spool and the flusher thread
-belong to one process: after a fork the child abandons the parent's (a SQLite connection or a thread
-must not cross a fork) and opens its own.
+into Tornado and counts every event it did not spool, by reason. When a user callable returns an
+awaitable (an async function), the rest of the capture runs as a task on the running event loop and
+the event is spooled when the awaitables resolve. The spool, the flusher thread and the app-config
+thread belong to one process: after a fork the child abandons the parent's (a SQLite connection or a
+thread must not cross a fork) and opens its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import collections
+import inspect
 import logging
 import os
 import sqlite3
@@ -17,32 +21,53 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Counter, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Callable, Counter, Dict, Iterable, List, Mapping, Optional, Set
 
-from .capture import body_capture_transform, capture_event, install_body_capture
+from .capture import (
+    RAISED,
+    Outcome,
+    Steps,
+    UserCall,
+    body_capture_transform,
+    call_user_functions,
+    capture_steps,
+    install_body_capture,
+    log_user_error,
+)
 from .config import Config, Handler
 from .flusher import Flusher
 from .profiles import COMPANY_FIELDS, SUBSCRIPTION_FIELDS, USER_FIELDS, normalize_profile, normalize_profiles
+from .sampling import DEFAULT_REFRESH_INTERVAL, AppConfig, ConfigFetcher, Sampler
 from .sender import Sender
 from .spool import COMPANY, EVENT, SUBSCRIPTION, USER, Spool
 
 logger = logging.getLogger("moesiftornado_durable")
 
 DEFAULT_CLOSE_TIMEOUT = 10.0
+ASYNC_CALLABLE_TIMEOUT = 30.0  # seconds an awaitable returned by a user callable may take; then it counts as failed
 _ERROR_LOG_INTERVAL = 10.0  # seconds between repeated spool-failure logs
+_CONFIG_CLOSE_WAIT = 0.2  # seconds close() waits for an app-config fetch in flight (its thread is a daemon)
 
 
 class _Runtime:
-    """The per-process parts: the open spool and the flusher draining it."""
+    """The per-process parts: the open spool, the flusher draining it, and the app-config fetcher."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, on_app_config: Callable[[AppConfig], None]) -> None:
         self.pid = os.getpid()
         self.spool = Spool(config.spool_dir, config.spool_sync)
+        self._config_sender = Sender(config.base_uri, config.application_id, config.send_timeout)
+        self.fetcher = ConfigFetcher(self._config_sender.fetch_app_config, on_app_config,
+                                     refresh_interval=DEFAULT_REFRESH_INTERVAL, retry_wait=config.retry_max_wait)
         sender = Sender(config.base_uri, config.application_id, config.send_timeout)
-        self.flusher = Flusher(self.spool, sender, config.batch_size, config.flush_interval, config.retry_max_wait)
+        self.flusher = Flusher(self.spool, sender, config.batch_size, config.flush_interval, config.retry_max_wait,
+                               on_config_etag=self.fetcher.notice_etag)
         self.flusher.start()
+        self.fetcher.start()
 
     def close(self, timeout: float) -> None:
+        self.fetcher.close(min(timeout, _CONFIG_CLOSE_WAIT))
+        if not self.fetcher.is_alive:
+            self._config_sender.close()
         self.flusher.close(timeout)
         if not self.flusher.is_alive:
             self.spool.close()
@@ -61,6 +86,8 @@ class MoesifMiddleware:
         if self.config.debug and logger.level == logging.NOTSET:
             logger.setLevel(logging.DEBUG)
         self.counters: Counter[str] = collections.Counter()
+        self._sampler = Sampler()
+        self._pending: Set[Any] = set()  # captures waiting for awaitables (asyncio tasks, kept alive here)
         self._body_capture = body_capture_transform(self.config.max_body_bytes)
         self._attached: weakref.WeakSet[Any] = weakref.WeakSet()
         self._lock = threading.Lock()
@@ -73,17 +100,63 @@ class MoesifMiddleware:
     # -- capture ---------------------------------------------------------------------------------
 
     def log_event(self, handler: Handler) -> None:
-        """Tornado's log_function: capture the finished request and commit it to the spool. Never raises."""
+        """Tornado's log_function: capture the finished request and commit it to the spool. Never raises.
+
+        The event is committed before this returns, unless a user callable returned an awaitable: then
+        it is committed by a task on the running event loop once the awaitables have resolved.
+        """
         try:
             finished_at = time.time()
             self.attach(handler.application)
-            event = capture_event(handler, self.config, finished_at)
-            if event is None:
-                self.counters["skipped"] += 1
-                return
-            self._spool_record(event, EVENT)
+            self._advance(capture_steps(handler, self.config, finished_at, self._sampler.weight_for), None)
         except Exception:
             self._drop("capture_error", "could not capture the request")
+
+    def _advance(self, steps: Steps, answers: Optional[List[Any]]) -> None:
+        """Run the capture steps here until they finish, or hand them to the event loop at the first awaitable."""
+        try:
+            while True:
+                calls = steps.send(answers)  # type: ignore[arg-type]  # the first send is None
+                answers = call_user_functions(calls)
+                if any(inspect.isawaitable(answer) for answer in answers):
+                    self._continue_on_loop(steps, calls, answers)
+                    return
+        except StopIteration as stop:
+            self._finish(stop.value)
+
+    def _continue_on_loop(self, steps: Steps, calls: List[UserCall], answers: List[Any]) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # log_event called outside an event loop: nothing can await these
+            for index, answer in enumerate(answers):
+                if inspect.isawaitable(answer):
+                    if inspect.iscoroutine(answer):
+                        answer.close()
+                    logger.error("%s returned an awaitable but no event loop is running; treated as failed",
+                                 calls[index][0])
+                    answers[index] = RAISED
+            self._advance(steps, answers)
+            return
+        task = loop.create_task(self._capture_on_loop(steps, calls, answers))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _capture_on_loop(self, steps: Steps, calls: List[UserCall], answers: List[Any]) -> None:
+        try:
+            while True:
+                answers = await _resolve(calls, answers)
+                calls = steps.send(answers)
+                answers = call_user_functions(calls)
+        except StopIteration as stop:
+            self._finish(stop.value)
+        except Exception:
+            self._drop("capture_error", "could not capture the request")
+
+    def _finish(self, outcome: Outcome) -> None:
+        if outcome.event is None:
+            self.counters[outcome.dropped or "skipped"] += 1
+            return
+        self._spool_record(outcome.event, EVENT)
 
     def attach(self, application: Any) -> Any:
         """Capture response bodies of `application` from its first request; returns the application.
@@ -149,10 +222,13 @@ class MoesifMiddleware:
     def stats(self) -> Dict[str, Any]:
         """Counters of this process (spooled, sent, dropped by reason, ...) and the spool's current state."""
         result: Dict[str, Any] = dict(self.counters)
+        result["capture_pending"] = len(self._pending)
+        result["app_config_etag"] = self._sampler.config.etag
         runtime = self._runtime
         if runtime is not None and runtime.pid == os.getpid():
             result.update(runtime.flusher.counters)
             result["last_error"] = runtime.flusher.last_error
+            result["app_config_error"] = runtime.fetcher.last_error
             try:
                 spool = runtime.spool.stats()
             except sqlite3.Error as exc:
@@ -189,7 +265,7 @@ class MoesifMiddleware:
         with self._lock:
             if self._runtime is None or self._runtime.pid != os.getpid():
                 try:
-                    self._runtime = _Runtime(self.config)
+                    self._runtime = _Runtime(self.config, self._sampler.update)
                 except (sqlite3.Error, OSError):
                     self._drop("spool_unavailable", f"cannot open the spool in {self.config.spool_dir}")
                     return None
@@ -251,3 +327,23 @@ def _register_process_hooks(middleware: MoesifMiddleware) -> None:
             after_in_child=call("_after_fork_in_child"),
         )
     atexit.register(call("close"))
+
+
+async def _resolve(calls: List[UserCall], answers: List[Any]) -> List[Any]:
+    """Await the awaitable answers together; one that fails or takes too long becomes `RAISED`, logged."""
+
+    async def settle(option: str, answer: Any) -> Any:
+        if not inspect.isawaitable(answer):
+            return answer
+        try:
+            return await asyncio.wait_for(answer, ASYNC_CALLABLE_TIMEOUT)
+        except asyncio.TimeoutError:
+            logger.error("%s did not finish within %.0f s; treated as failed", option, ASYNC_CALLABLE_TIMEOUT)
+            if option == "MASK_EVENT_MODEL":
+                logger.error("the event is kept with headers and bodies removed")
+            return RAISED
+        except Exception:
+            log_user_error(option)
+            return RAISED
+
+    return list(await asyncio.gather(*(settle(call[0], answer) for call, answer in zip(calls, answers))))

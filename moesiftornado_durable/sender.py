@@ -10,10 +10,11 @@ globals). `delivery_policy` is the tenacity policy the flusher wraps around `sen
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import threading
 import time
-from typing import Any, Callable, List, Mapping, Optional
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
 import requests
@@ -29,6 +30,7 @@ from requests.adapters import HTTPAdapter
 
 from . import __version__
 from .errors import AuthError, DeliveryError, PermanentError, RetryableError
+from .sampling import CONFIG_ETAG_HEADER
 from .spool import COMPANY, EVENT, SUBSCRIPTION, USER
 
 logger = logging.getLogger("moesiftornado_durable")
@@ -107,6 +109,18 @@ class Sender:
             raise RetryableError(f"no answer within the send timeout ({exc.__class__.__name__})") from exc
         except requests.RequestException as exc:
             raise RetryableError(f"connection failed ({exc.__class__.__name__})") from exc
+
+    def fetch_app_config(self) -> Tuple[Any, Optional[str]]:
+        """GET /v1/config: the parsed JSON and its X-Moesif-Config-ETag; raises a `DeliveryError` or ValueError."""
+        try:
+            response = self._api.get_app_config()
+        except APIException as exc:
+            raise _classify(exc) from exc
+        except requests.Timeout as exc:
+            raise RetryableError(f"no answer within the send timeout ({exc.__class__.__name__})") from exc
+        except requests.RequestException as exc:
+            raise RetryableError(f"connection failed ({exc.__class__.__name__})") from exc
+        return json.loads(response.raw_body), (response.headers or {}).get(CONFIG_ETAG_HEADER)
 
     def close(self) -> None:
         """Close pooled connections."""
