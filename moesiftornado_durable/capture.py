@@ -122,24 +122,26 @@ def capture_steps(handler: Handler, config: Config, finished_at: float,
     return Outcome(event)
 
 
-def call_user_functions(calls: List[UserCall]) -> List[Any]:
-    """Call each user function once; one that raises is logged and gives `RAISED`, never an exception."""
+def call_user_functions(calls: List[UserCall], on_error: Optional[Callable[[str], None]] = None) -> List[Any]:
+    """Call each user function once; one that raises gives `RAISED` and `on_error(option)` is called
+    while its exception is being handled (default: `log_user_error`). Never raises."""
+    report = on_error or log_user_error
     results = []
     for option, function, argument in calls:
         try:
             results.append(function(argument))
         except Exception:
-            log_user_error(option)
+            report(option)
             results.append(RAISED)
     return results
 
 
-def log_user_error(option: str) -> None:
-    """Log (with the traceback being handled) that the user's `option` callable failed."""
+def log_user_error(option: str, note: str = "") -> None:
+    """Log, with the traceback being handled, that the user's `option` callable failed."""
     if option == "MASK_EVENT_MODEL":
-        logger.exception("MASK_EVENT_MODEL raised; the event is kept with headers and bodies removed")
+        logger.exception("MASK_EVENT_MODEL failed; the event is kept with headers and bodies removed%s", note)
     else:
-        logger.exception("%s raised; the field is left empty and the event is still logged", option)
+        logger.exception("%s failed; the field is left empty and the event is still logged%s", option, note)
 
 
 def run_sync(steps: Steps) -> Outcome:

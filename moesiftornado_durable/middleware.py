@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Callable, Counter, Dict, Iterable, List, Mapping, Optional, Set
+from typing import Any, Callable, Counter, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from .capture import (
     RAISED,
@@ -94,6 +94,7 @@ class MoesifMiddleware:
         self._runtime: Optional[_Runtime] = None
         self._abandoned: List[_Runtime] = []  # inherited across a fork: kept, never used or closed
         self._last_error_log = 0.0
+        self._user_error_log: Dict[str, Tuple[float, int]] = {}  # option -> (last logged, failures since)
         _register_process_hooks(self)
         self._runtime_here()  # start now, so a backlog from an earlier run is sent without new traffic
 
@@ -117,7 +118,7 @@ class MoesifMiddleware:
         try:
             while True:
                 calls = steps.send(answers)  # type: ignore[arg-type]  # the first send is None
-                answers = call_user_functions(calls)
+                answers = call_user_functions(calls, self._user_error)
                 if any(inspect.isawaitable(answer) for answer in answers):
                     self._continue_on_loop(steps, calls, answers)
                     return
@@ -144,9 +145,9 @@ class MoesifMiddleware:
     async def _capture_on_loop(self, steps: Steps, calls: List[UserCall], answers: List[Any]) -> None:
         try:
             while True:
-                answers = await _resolve(calls, answers)
+                answers = await _resolve(calls, answers, self._user_error)
                 calls = steps.send(answers)
-                answers = call_user_functions(calls)
+                answers = call_user_functions(calls, self._user_error)
         except StopIteration as stop:
             self._finish(stop.value)
         except Exception:
@@ -271,6 +272,17 @@ class MoesifMiddleware:
                     return None
             return self._runtime
 
+    def _user_error(self, option: str) -> None:
+        """Count a user callable that failed; log its traceback at most every few seconds per option."""
+        self.counters["callable_errors"] += 1
+        now = time.monotonic()
+        last, suppressed = self._user_error_log.get(option, (-_ERROR_LOG_INTERVAL, 0))
+        if now - last < _ERROR_LOG_INTERVAL:
+            self._user_error_log[option] = (last, suppressed + 1)
+            return
+        self._user_error_log[option] = (now, 0)
+        log_user_error(option, f" ({suppressed} more failures not logged since the last report)" if suppressed else "")
+
     def _drop(self, reason: str, message: str, record: Optional[Dict[str, Any]] = None) -> None:
         """Count a record that was not spooled, and log it (with the traceback, at most every few seconds)."""
         self.counters[f"dropped_{reason}"] += 1
@@ -329,21 +341,19 @@ def _register_process_hooks(middleware: MoesifMiddleware) -> None:
     atexit.register(call("close"))
 
 
-async def _resolve(calls: List[UserCall], answers: List[Any]) -> List[Any]:
-    """Await the awaitable answers together; one that fails or takes too long becomes `RAISED`, logged."""
+async def _resolve(calls: List[UserCall], answers: List[Any], on_error: Callable[[str], None]) -> List[Any]:
+    """Await the awaitable answers together; one that fails or takes too long becomes `RAISED` (`on_error`)."""
 
     async def settle(option: str, answer: Any) -> Any:
         if not inspect.isawaitable(answer):
             return answer
         try:
-            return await asyncio.wait_for(answer, ASYNC_CALLABLE_TIMEOUT)
-        except asyncio.TimeoutError:
-            logger.error("%s did not finish within %.0f s; treated as failed", option, ASYNC_CALLABLE_TIMEOUT)
-            if option == "MASK_EVENT_MODEL":
-                logger.error("the event is kept with headers and bodies removed")
-            return RAISED
+            try:
+                return await asyncio.wait_for(answer, ASYNC_CALLABLE_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"{option} did not finish within {ASYNC_CALLABLE_TIMEOUT:g} s") from None
         except Exception:
-            log_user_error(option)
+            on_error(option)
             return RAISED
 
     return list(await asyncio.gather(*(settle(call[0], answer) for call, answer in zip(calls, answers))))
