@@ -111,7 +111,11 @@ def capture_steps(handler: Handler, config: Config, finished_at: float,
     event["session_token"] = _as_text(results.get("GET_SESSION_TOKEN"))
     event["metadata"] = results.get("GET_METADATA")
     if weight_for is not None:
-        weight = weight_for(event)
+        try:
+            weight = weight_for(event)
+        except Exception:  # a sampling bug must not lose the event: keep it unsampled
+            logger.exception("sampling failed; the event is kept")
+            weight = 1
         if weight is None:
             return Outcome(None, "sampled_out")
         event["weight"] = weight
@@ -145,28 +149,31 @@ def log_user_error(option: str, note: str = "") -> None:
 
 
 def run_sync(steps: Steps) -> Outcome:
-    """Drive `capture_steps` to the end without awaiting: an awaitable result is refused (closed, logged)."""
+    """Drive `capture_steps` to the end without awaiting: awaitable results are refused (`refuse_awaitables`)."""
     answers: Optional[List[Any]] = None
     try:
         while True:
             calls = steps.send(answers)  # type: ignore[arg-type]  # the first send must be None
-            answers = call_user_functions(calls)
-            for index, answer in enumerate(answers):
-                if inspect.isawaitable(answer):
-                    _discard(answer)
-                    logger.error("%s returned an awaitable, which needs a running event loop; the field is left "
-                                 "empty", calls[index][0])
-                    answers[index] = RAISED
+            answers = refuse_awaitables(calls, call_user_functions(calls))
     except StopIteration as stop:
         outcome: Outcome = stop.value
         return outcome
 
 
-def _discard(awaitable: Any) -> None:
-    """Close a coroutine that will never be awaited, so Python does not warn about it."""
-    close = getattr(awaitable, "close", None)
-    if inspect.iscoroutine(awaitable) and close is not None:
-        close()
+def refuse_awaitables(calls: List[UserCall], answers: List[Any]) -> List[Any]:
+    """The answers with each awaitable replaced by `RAISED`, for where no event loop runs to await it.
+
+    A coroutine is closed, so Python does not warn that it was never awaited; each refusal is logged.
+    """
+    refused = list(answers)
+    for index, answer in enumerate(answers):
+        if inspect.isawaitable(answer):
+            if inspect.iscoroutine(answer):
+                answer.close()
+            logger.error("%s returned an awaitable but no event loop is running to await it; treated as failed",
+                         calls[index][0])
+            refused[index] = RAISED
+    return refused
 
 
 def capture_event(handler: Handler, config: Config, finished_at: float,

@@ -33,6 +33,7 @@ from .capture import (
     capture_steps,
     install_body_capture,
     log_user_error,
+    refuse_awaitables,
 )
 from .config import Config, Handler
 from .flusher import Flusher
@@ -129,14 +130,7 @@ class MoesifMiddleware:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # log_event called outside an event loop: nothing can await these
-            for index, answer in enumerate(answers):
-                if inspect.isawaitable(answer):
-                    if inspect.iscoroutine(answer):
-                        answer.close()
-                    logger.error("%s returned an awaitable but no event loop is running; treated as failed",
-                                 calls[index][0])
-                    answers[index] = RAISED
-            self._advance(steps, answers)
+            self._advance(steps, refuse_awaitables(calls, answers))
             return
         task = loop.create_task(self._capture_on_loop(steps, calls, answers))
         self._pending.add(task)

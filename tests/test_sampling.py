@@ -337,3 +337,30 @@ def test_a_hanging_config_fetch_never_delays_construction_or_requests(
         assert stats["spooled"] == 5 and stats["app_config_etag"] is None
         assert max(timings) < 0.2  # the config GET hangs for 5 s meanwhile
         middleware.close(0.5)
+
+
+class Keep(tornado.web.RequestHandler):
+    seen: List[tornado.web.RequestHandler] = []
+
+    def get(self) -> None:
+        Keep.seen.append(self)
+        self.write("kept")
+
+
+def test_a_sampling_failure_keeps_the_event(tmp_path: Any, caplog: Any) -> None:
+    from moesiftornado_durable.capture import capture_event
+    from moesiftornado_durable.config import Config
+
+    with serve(tornado.web.Application([(r"/", Keep)])) as url:
+        assert requests.get(url + "/", timeout=5).status_code == 200
+    config = Config.from_dict({"APPLICATION_ID": "a", "SPOOL_DIR": str(tmp_path)})
+
+    def broken(event: Dict[str, Any]) -> Optional[int]:
+        raise KeyError("a bug in the rules")
+
+    with caplog.at_level(logging.ERROR, logger="moesiftornado_durable"):
+        captured = capture_event(Keep.seen[-1], config, time.time(), weight_for=broken)
+    assert captured is not None and captured["weight"] == 1
+    assert "sampling failed" in caplog.text
+    assert capture_event(Keep.seen[-1], config, time.time(), weight_for=lambda event: None) is None
+    assert capture_event(Keep.seen[-1], config, time.time(), weight_for=lambda event: 4)["weight"] == 4
