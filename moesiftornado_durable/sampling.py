@@ -258,7 +258,7 @@ class ConfigFetcher:
             self._failures += 1
             level = logging.WARNING if self._failures == 1 else logging.DEBUG
             logger.log(level, "could not fetch the Moesif app config (%s); keeping the last good one, "
-                       "retrying in %.0f s", exc, self._retry_wait)
+                       "retrying in %g s", exc, self._retry_wait)
             return False
         self._failures = 0
         self._etag = etag
