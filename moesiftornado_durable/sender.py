@@ -101,30 +101,28 @@ class Sender:
 
     def send(self, kind: str, bodies: List[Any]) -> Mapping[str, str]:
         """POST one batch of `kind` records; return the response headers or raise a `DeliveryError`."""
-        try:
-            return self._endpoints[kind](bodies)
-        except APIException as exc:
-            raise _classify(exc) from exc
-        except requests.Timeout as exc:
-            raise RetryableError(f"no answer within the send timeout ({exc.__class__.__name__})") from exc
-        except requests.RequestException as exc:
-            raise RetryableError(f"connection failed ({exc.__class__.__name__})") from exc
+        return _mapped(self._endpoints[kind], bodies)
 
     def fetch_app_config(self) -> Tuple[Any, Optional[str]]:
         """GET /v1/config: the parsed JSON and its X-Moesif-Config-ETag; raises a `DeliveryError` or ValueError."""
-        try:
-            response = self._api.get_app_config()
-        except APIException as exc:
-            raise _classify(exc) from exc
-        except requests.Timeout as exc:
-            raise RetryableError(f"no answer within the send timeout ({exc.__class__.__name__})") from exc
-        except requests.RequestException as exc:
-            raise RetryableError(f"connection failed ({exc.__class__.__name__})") from exc
+        response = _mapped(self._api.get_app_config)
         return json.loads(response.raw_body), (response.headers or {}).get(CONFIG_ETAG_HEADER)
 
     def close(self) -> None:
         """Close pooled connections."""
         self._client.close()
+
+
+def _mapped(call: Callable[..., Any], *args: Any) -> Any:
+    """`call(*args)`, with moesifapi's and requests' exceptions mapped to this library's, in one place."""
+    try:
+        return call(*args)
+    except APIException as exc:
+        raise _classify(exc) from exc
+    except requests.Timeout as exc:
+        raise RetryableError(f"no answer within the send timeout ({exc.__class__.__name__})") from exc
+    except requests.RequestException as exc:
+        raise RetryableError(f"connection failed ({exc.__class__.__name__})") from exc
 
 
 def _classify(exc: APIException) -> DeliveryError:

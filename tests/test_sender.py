@@ -160,3 +160,19 @@ def test_policy_stops_at_once_when_shutdown_is_requested(sender: Sender, collect
         policy(sender.send, EVENT, [EVENT_BODY])
     assert time.monotonic() - started < 3.0
     assert isinstance(policy.wait, tenacity.wait.wait_base)
+
+
+def test_fetch_app_config_returns_the_config_and_its_etag_and_maps_errors() -> None:
+    with Collector(application_id="right-app") as strict:
+        strict.app_config = {"sample_rate": 42}
+        right, wrong = Sender(strict.base_uri, "right-app", 1.0), Sender(strict.base_uri, "wrong-app", 1.0)
+        try:
+            assert right.fetch_app_config() == ({"sample_rate": 42}, strict.config_etag)
+            with pytest.raises(AuthError):
+                wrong.fetch_app_config()
+            strict.go_down()
+            with pytest.raises(RetryableError):
+                right.fetch_app_config()
+        finally:
+            right.close()
+            wrong.close()
