@@ -26,7 +26,9 @@ setup(
     package_data={"moesiftornado_durable": ["py.typed"]},
     python_requires=">=3.9",
     install_requires=[
-        "tornado>=6.0,<7",
+        # Tornado 5.1 is supported on Python 3.9 only: it imports ABCs from `collections`, gone in 3.10.
+        "tornado>=5.1,<7; python_version < '3.10'",
+        "tornado>=6.0,<7; python_version >= '3.10'",
         "moesifapi>=1.5,<2",
         "persist-queue>=1.0,<2",
         "tenacity>=8.2",

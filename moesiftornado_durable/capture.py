@@ -1,22 +1,25 @@
 """Turn a finished Tornado request into a Moesif event (a plain dict in the ingestion API's shape).
 
-`capture_event` is pure: it reads the handler and calls the user's callables, and does no I/O. It fixes
-what moesiftornado 0.1.4 gets wrong: true request/response times, repeated headers kept, the response
-body captured (through `ResponseBodyCapture`), client IPs incl. IPv6, JSON bodies sent as JSON, and a
-`transaction_id` assigned once so Moesif can deduplicate resends. Masking happens here, before the
-event reaches the spool.
+`capture_steps` is pure: it reads the handler and asks its driver to call the user's callables (so the
+middleware can await async ones), and does no I/O. It fixes what moesiftornado 0.1.4 gets wrong: true
+request/response times, repeated headers kept, the response body captured (through
+`ResponseBodyCapture`), client IPs incl. IPv6, JSON bodies sent as JSON, and a `transaction_id` assigned
+once so Moesif can deduplicate resends. Masking and sampling happen here, before the event reaches the
+spool.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
+import inspect
 import ipaddress
 import json
 import logging
 import uuid
 import zlib
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Type
+from typing import AbstractSet, Any, Callable, Dict, Generator, Iterable, Iterator, List, Optional, Tuple, Type
 
 from moesifapi.models import BaseModel, EventModel
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
@@ -46,25 +49,153 @@ _CLIENT_IP_HEADERS = (
 )
 
 
-def capture_event(handler: Handler, config: Config, finished_at: float, unsent_body: bytes = b"") -> Optional[Event]:
-    """Build the Moesif event for `handler`'s finished request, or None when SKIP says so.
+class _Raised:
+    """The result of a user callable that raised (logged already); distinct from returning None."""
+
+    def __repr__(self) -> str:
+        return "RAISED"
+
+
+RAISED: Any = _Raised()
+
+UserCall = Tuple[str, Callable[[Any], Any], Any]  # (option name, function, argument)
+WeightFor = Callable[[Event], Optional[int]]  # None: sample the event out; else its weight
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What capture made of a request: an event to spool, or why there is none."""
+
+    event: Optional[Event]
+    dropped: Optional[str] = None  # "skipped", "sampled_out" or "masked_out"
+
+
+Steps = Generator[List[UserCall], List[Any], Outcome]
+
+
+def capture_steps(handler: Handler, config: Config, finished_at: float,
+                  weight_for: Optional[WeightFor] = None, unsent_body: bytes = b"") -> Steps:
+    """Capture `handler`'s finished request, step by step, as a generator.
+
+    It yields each group of user callables to call (SKIP; then API_VERSION, IDENTIFY_USER,
+    IDENTIFY_COMPANY, GET_SESSION_TOKEN, GET_METADATA; then MASK_EVENT_MODEL) and is sent back their
+    results (`RAISED` for one that raised), so a driver may await results that are awaitables (async
+    callables) without this code knowing; `run_sync` drives it without awaiting. Each callable is called
+    once. Everything else is read from the handler before the second group is yielded. The event is
+    sampled (`weight_for`) after identification and before MASK_EVENT_MODEL; it returns an `Outcome`.
 
     `finished_at` is the wall-clock time the response finished (`time.time()` when Tornado calls
     log_function); the request's start is derived from Tornado's own `request_time()`. `unsent_body` is
     the part of the response still in the handler's buffer (strict mode captures before the last flush).
     """
-    if config.skip is not None and _call_user("SKIP", config.skip, handler):
-        return None
+    if config.skip is not None:
+        [skip] = yield [("SKIP", config.skip, handler)]
+        if skip and skip is not RAISED:
+            return Outcome(None, "skipped")
+    event = _snapshot(handler, config, finished_at, unsent_body)
+    functions = {
+        "API_VERSION": config.api_version if callable(config.api_version) else None,
+        "IDENTIFY_USER": config.identify_user,
+        "IDENTIFY_COMPANY": config.identify_company,
+        "GET_SESSION_TOKEN": config.get_session_token,
+        "GET_METADATA": config.get_metadata,
+    }
+    calls = [(option, function, handler) for option, function in functions.items() if function is not None]
+    results: Dict[str, Any] = {}
+    if calls:
+        answers = yield calls
+        results = {call[0]: (None if answer is RAISED else answer) for call, answer in zip(calls, answers)}
+    if callable(config.api_version):
+        event["request"]["api_version"] = _as_text("API_VERSION", results.get("API_VERSION"))
+    event["user_id"] = _as_text("IDENTIFY_USER", results.get("IDENTIFY_USER")) or user_from_authorization(
+        handler.request.headers, config)
+    event["company_id"] = _as_text("IDENTIFY_COMPANY", results.get("IDENTIFY_COMPANY"))
+    event["session_token"] = _as_text("GET_SESSION_TOKEN", results.get("GET_SESSION_TOKEN"))
+    event["metadata"] = results.get("GET_METADATA")
+    if weight_for is not None:
+        try:
+            weight = weight_for(event)
+        except Exception:  # a sampling bug must not lose the event: keep it unsampled
+            logger.exception("sampling failed; the event is kept")
+            weight = 1
+        if weight is None:
+            return Outcome(None, "sampled_out")
+        event["weight"] = weight
+    if config.mask_event_model is not None:
+        [masked] = yield [("MASK_EVENT_MODEL", config.mask_event_model, EventModel.from_dictionary(event))]
+        result = apply_mask_result(event, masked)
+        return Outcome(result) if result is not None else Outcome(None, "masked_out")
+    return Outcome(event)
+
+
+def call_user_functions(calls: List[UserCall], on_error: Optional[Callable[[str], None]] = None) -> List[Any]:
+    """Call each user function once; one that raises gives `RAISED` and `on_error(option)` is called
+    while its exception is being handled (default: `log_user_error`). Never raises."""
+    report = on_error or log_user_error
+    results = []
+    for option, function, argument in calls:
+        try:
+            results.append(function(argument))
+        except Exception:
+            report(option)
+            results.append(RAISED)
+    return results
+
+
+def log_user_error(option: str, note: str = "") -> None:
+    """Log, with the traceback being handled, that the user's `option` callable failed."""
+    if option == "MASK_EVENT_MODEL":
+        logger.exception("MASK_EVENT_MODEL failed; the event is kept with headers and bodies removed%s", note)
+    else:
+        logger.exception("%s failed; the field is left empty and the event is still logged%s", option, note)
+
+
+def run_sync(steps: Steps) -> Outcome:
+    """Drive `capture_steps` to the end without awaiting: awaitable results are refused (`refuse_awaitables`)."""
+    answers: Optional[List[Any]] = None
+    try:
+        while True:
+            calls = steps.send(answers)  # type: ignore[arg-type]  # the first send must be None
+            answers = refuse_awaitables(calls, call_user_functions(calls))
+    except StopIteration as stop:
+        outcome: Outcome = stop.value
+        return outcome
+
+
+def refuse_awaitables(calls: List[UserCall], answers: List[Any]) -> List[Any]:
+    """The answers with each awaitable replaced by `RAISED`, for where no event loop runs to await it.
+
+    A coroutine is closed, so Python does not warn that it was never awaited; each refusal is logged.
+    """
+    refused = list(answers)
+    for index, answer in enumerate(answers):
+        if inspect.isawaitable(answer):
+            if inspect.iscoroutine(answer):
+                answer.close()
+            logger.error("%s returned an awaitable but no event loop is running to await it; treated as failed",
+                         calls[index][0])
+            refused[index] = RAISED
+    return refused
+
+
+def capture_event(handler: Handler, config: Config, finished_at: float,
+                  weight_for: Optional[WeightFor] = None, unsent_body: bytes = b"") -> Optional[Event]:
+    """The Moesif event for `handler`'s finished request, synchronously; None when skipped or dropped."""
+    return run_sync(capture_steps(handler, config, finished_at, weight_for, unsent_body)).event
+
+
+def _snapshot(handler: Handler, config: Config, finished_at: float, unsent_body: bytes = b"") -> Event:
+    """Everything the event holds that does not come from a user callable, read from the handler now."""
     request: HTTPServerRequest = handler.request
     started_at = finished_at - request.request_time()
-    request_headers = join_headers(request.headers)
-    response_headers = join_headers(getattr(handler, "_headers", None))
+    request_headers = mask_headers(join_headers(request.headers), config.request_header_masks)
+    response_headers = mask_headers(join_headers(getattr(handler, "_headers", None)), config.response_header_masks)
     event: Event = {
         "request": {
             "time": format_time(started_at),
             "uri": request.full_url(),
             "verb": request.method,
-            "api_version": _api_version(handler, config),
+            "api_version": config.api_version if isinstance(config.api_version, str) else None,
             "ip_address": client_ip(request),
             "headers": request_headers,
         },
@@ -73,43 +204,39 @@ def capture_event(handler: Handler, config: Config, finished_at: float, unsent_b
             "status": handler.get_status(),
             "headers": response_headers,
         },
-        "user_id": _as_text("IDENTIFY_USER", _call_user("IDENTIFY_USER", config.identify_user, handler))
-        or user_from_authorization(request.headers, config),
-        "company_id": _as_text("IDENTIFY_COMPANY", _call_user("IDENTIFY_COMPANY", config.identify_company, handler)),
-        "session_token": _as_text("GET_SESSION_TOKEN",
-                                  _call_user("GET_SESSION_TOKEN", config.get_session_token, handler)),
-        "metadata": _call_user("GET_METADATA", config.get_metadata, handler),
+        "user_id": None,
+        "company_id": None,
+        "session_token": None,
+        "metadata": None,
         "direction": "Incoming",
         "weight": 1,
         "transaction_id": str(uuid.uuid4()),
     }
     if config.log_body:
-        raw_request = _decoded(request.body or b"", request.headers.get("Content-Encoding"), config.max_body_bytes)
-        _set_body(event["request"], raw_request, config.max_body_bytes)
+        limit = config.max_body_bytes
+        raw_request = _decoded(request.body or b"", request.headers.get("Content-Encoding"), limit)
+        _set_body(event["request"], raw_request, limit, config.request_body_masks)
         captured: Optional[ResponseBodyCapture] = getattr(request, _CAPTURE_ATTRIBUTE, None)
         if captured is not None:
-            _set_body(event["response"], captured.body(unsent_body), config.max_body_bytes)
+            raw_response = captured.body(unsent_body)
+            if raw_response is not None:  # a handler may write a body it gzipped itself
+                raw_response = _decoded(raw_response, captured.content_encoding, limit)
+            _set_body(event["response"], raw_response, limit, config.response_body_masks)
         elif unsent_body:
-            _set_body(event["response"], unsent_body if len(unsent_body) <= config.max_body_bytes else None,
-                      config.max_body_bytes)
-    if config.mask_event_model is not None:
-        return mask_event(event, config)
+            _set_body(event["response"], unsent_body if len(unsent_body) <= limit else None, limit,
+                      config.response_body_masks)
     return event
 
 
-def mask_event(event: Event, config: Config) -> Optional[Event]:
-    """Apply MASK_EVENT_MODEL to the event as a moesifapi `EventModel`, as moesiftornado does.
+def apply_mask_result(event: Event, masked: Any) -> Optional[Event]:
+    """The event MASK_EVENT_MODEL made of `event` (a moesifapi `EventModel`, as moesiftornado passes it).
 
-    A mask that returns None drops the event (the original's behaviour). A mask that raises, or returns
-    something that is neither an `EventModel` nor a dict, must not let unmasked data reach the disk, nor
-    lose the event: it is kept with its headers and bodies removed.
+    A mask that returned None drops the event (the original's behaviour). A mask that raised (`RAISED`),
+    or returned something that is neither an `EventModel` nor a dict, must not let unmasked data reach
+    the disk, nor lose the event: it is kept with its headers and bodies removed.
     """
-    assert config.mask_event_model is not None
     transaction_id = event["transaction_id"]
-    try:
-        masked = config.mask_event_model(EventModel.from_dictionary(event))
-    except Exception:
-        logger.exception("MASK_EVENT_MODEL raised; the event is kept with headers and bodies removed")
+    if masked is RAISED:
         return _without_payload(event)
     if masked is None:
         return None
@@ -145,6 +272,24 @@ def join_headers(headers: Optional[HTTPHeaders]) -> Dict[str, str]:
     for name, value in headers.get_all():
         joined[name] = f"{joined[name]}, {value}" if name in joined else str(value)
     return joined
+
+
+def mask_headers(headers: Dict[str, str], masks: AbstractSet[str]) -> Dict[str, str]:
+    """The headers without those named in `masks` (lower-case names; headers match case-insensitively)."""
+    if not masks:
+        return headers
+    return {name: value for name, value in headers.items() if name.lower() not in masks}
+
+
+def mask_body(body: Any, masks: AbstractSet[str]) -> Any:
+    """A JSON body without the keys named in `masks` (lower case), at any depth, in objects and in lists."""
+    if not masks:
+        return body
+    if isinstance(body, dict):
+        return {key: mask_body(value, masks) for key, value in body.items() if str(key).lower() not in masks}
+    if isinstance(body, list):
+        return [mask_body(item, masks) for item in body]
+    return body
 
 
 def client_ip(request: HTTPServerRequest) -> Optional[str]:
@@ -222,11 +367,12 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
-def _set_body(part: Dict[str, Any], raw: Optional[bytes], limit: int) -> None:
+def _set_body(part: Dict[str, Any], raw: Optional[bytes], limit: int, masks: AbstractSet[str]) -> None:
     if raw is None:
         part["body"], part["transfer_encoding"] = _omitted(limit), "json"
     elif raw:
-        part["body"], part["transfer_encoding"] = encode_body(raw)
+        body, encoding = encode_body(raw)
+        part["body"], part["transfer_encoding"] = (mask_body(body, masks) if encoding == "json" else body), encoding
 
 
 def _omitted(limit: int) -> Dict[str, Any]:
@@ -234,10 +380,10 @@ def _omitted(limit: int) -> Dict[str, Any]:
 
 
 def _decoded(raw: bytes, content_encoding: Optional[str], limit: int) -> Optional[bytes]:
-    """The body within the size limit, gunzipped when the client sent it gzip-encoded; None if too large."""
+    """The body within the size limit, gunzipped when it was sent gzip-encoded; None if too large."""
     if len(raw) > limit:
         return None
-    if content_encoding and content_encoding.strip().lower() == "gzip":
+    if content_encoding and content_encoding.strip().lower() in ("gzip", "x-gzip"):
         try:
             plain = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw, limit + 1)
         except zlib.error:
@@ -247,10 +393,11 @@ def _decoded(raw: bytes, content_encoding: Optional[str], limit: int) -> Optiona
 
 
 def user_from_authorization(headers: HTTPHeaders, config: Config) -> Optional[str]:
-    """The user id from the first AUTHORIZATION_HEADER_NAME header present, as moesiftornado does.
+    """The user id from the first AUTHORIZATION_HEADER_NAME header present, as moesifwsgi reads it.
 
-    `Bearer <JWT>` (or a bare JWT) gives the payload's AUTHORIZATION_USER_ID_FIELD, without checking
-    the signature; `Basic` gives the username. Anything malformed gives None, never an exception.
+    `Bearer <JWT>` gives the payload's AUTHORIZATION_USER_ID_FIELD (keys compared case-insensitively),
+    without checking the signature; `Basic` gives the username; any other value is read as a JWT, or as
+    base64 JSON when it has no dot. Anything malformed gives None, never an exception.
     """
     for name in config.authorization_header_names:
         value = headers.get(name)
@@ -265,33 +412,22 @@ def _user_from_token(token: str, field: str) -> Optional[str]:
         if scheme.lower() == "basic":
             username = base64.b64decode(credentials.strip() + "==").decode("utf-8").split(":", 1)[0]
             return username.strip() or None
-        jwt = credentials.strip() if scheme.lower() == "bearer" else token
-        parts = jwt.split(".")
-        if len(parts) < 2 or not parts[1]:
+        if scheme.lower() == "bearer":
+            parts = credentials.strip().split(".")
+            payload = parts[1] if len(parts) >= 3 else ""  # header.payload.signature
+        else:  # a custom scheme: a JWT, or the base64 JSON payload alone
+            parts = token.split(".")
+            payload = parts[1] if len(parts) > 1 else token
+        if not payload:
             return None
-        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-        claims = {str(key).lower(): value for key, value in payload.items()} if isinstance(payload, dict) else {}
-        value = claims.get(field.lower())
-        return None if value is None else str(value)
+        # urlsafe_b64decode takes both alphabets: JWTs use '-' and '_', some clients send '+' and '/'
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        if not isinstance(claims, dict):
+            return None
+        value = {str(key).lower(): value for key, value in claims.items()}.get(field.lower())
+        return None if value is None or value == "" else str(value)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: a deeply nested JSON payload
         return None
-
-
-def _call_user(option: str, function: Optional[Any], argument: Any) -> Any:
-    """Call a user callable; if it raises, log the error and return None so the event is still logged."""
-    if function is None:
-        return None
-    try:
-        return function(argument)
-    except Exception:
-        logger.exception("%s raised; the field is left empty and the event is still logged", option)
-        return None
-
-
-def _api_version(handler: Handler, config: Config) -> Optional[str]:
-    if callable(config.api_version):
-        return _as_text("API_VERSION", _call_user("API_VERSION", config.api_version, handler))
-    return config.api_version
 
 
 def _as_text(option: str, value: Any) -> Optional[str]:
@@ -320,7 +456,10 @@ class ResponseBodyCapture(OutputTransform):
 
     Tornado has emptied the handler's write buffer by the time log_function runs, so the body has to be
     seen on its way out. Installed first in `application.transforms`, it sees every chunk before
-    compression. Past the limit it keeps counting but stops copying, so streaming responses stay bounded.
+    Tornado compresses it, and the headers as the handler set them (`content_encoding` is the handler's
+    own Content-Encoding, e.g. for a body it gzipped itself). Past the limit it drops what it holds and
+    stops copying, so a streaming response (server-sent events, a long poll) never holds more than the
+    limit in memory.
     """
 
     limit = 0
@@ -330,11 +469,18 @@ class ResponseBodyCapture(OutputTransform):
         self._chunks: List[bytes] = []
         self._kept = 0
         self._overflow = False
+        self.content_encoding: Optional[str] = None
         setattr(request, _CAPTURE_ATTRIBUTE, self)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """How many bytes of body this capture holds in memory now (never more than `limit`)."""
+        return self._kept
 
     def transform_first_chunk(
         self, status_code: int, headers: HTTPHeaders, chunk: bytes, finishing: bool
     ) -> Tuple[int, HTTPHeaders, bytes]:
+        self.content_encoding = headers.get("Content-Encoding")
         self._keep(chunk)
         return status_code, headers, chunk
 
@@ -348,6 +494,7 @@ class ResponseBodyCapture(OutputTransform):
         if self._kept + len(chunk) > self.limit:
             self._overflow = True
             self._chunks.clear()
+            self._kept = 0
             return
         self._chunks.append(bytes(chunk))
         self._kept += len(chunk)

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from typing import Any, Callable, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, FrozenSet, Mapping, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
@@ -81,6 +81,11 @@ class Config:
     dead_letter_retention: Optional[float] = None
     authorization_header_names: Tuple[str, ...] = (DEFAULT_AUTHORIZATION_HEADER_NAME,)
     authorization_user_id_field: str = DEFAULT_AUTHORIZATION_USER_ID_FIELD
+    # Names to remove before spooling, all lower case: header names, and JSON keys at any depth of a body.
+    request_header_masks: FrozenSet[str] = frozenset()
+    response_header_masks: FrozenSet[str] = frozenset()
+    request_body_masks: FrozenSet[str] = frozenset()
+    response_body_masks: FrozenSet[str] = frozenset()
 
     def __repr__(self) -> str:
         masked = self.application_id[:4] + "…" if len(self.application_id) > 4 else "…"
@@ -99,7 +104,9 @@ class Config:
         if not isinstance(options, Mapping):
             raise ConfigError("options", f"expected a dict, got {type(options).__name__}")
         for key in options:
-            if key not in _KNOWN_KEYS:
+            if key in IGNORED_OPTIONS:
+                logger.warning("moesiftornado_durable: option %r is ignored: %s", key, IGNORED_OPTIONS[key])
+            elif key not in _KNOWN_KEYS:
                 logger.warning("moesiftornado_durable: unknown option %r is ignored (a typo?)", key)
         read = _Reader(options)
         application_id = read.string("APPLICATION_ID", required=True)
@@ -119,7 +126,7 @@ class Config:
             log_body=read.boolean("LOG_BODY", True),
             batch_size=read.integer("BATCH_SIZE", DEFAULT_BATCH_SIZE, low=1, high=MAX_BATCH_SIZE),
             base_uri=_validate_base_uri(base_uri),
-            flush_interval=read.number("FLUSH_INTERVAL", DEFAULT_FLUSH_INTERVAL),
+            flush_interval=_flush_interval(read, options),
             send_timeout=read.number("SEND_TIMEOUT", DEFAULT_SEND_TIMEOUT),
             retry_max_wait=read.number("RETRY_MAX_WAIT", DEFAULT_RETRY_MAX_WAIT),
             max_body_bytes=read.integer("MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, low=0),
@@ -137,6 +144,10 @@ class Config:
             ),
             authorization_user_id_field=read.string("AUTHORIZATION_USER_ID_FIELD")
             or DEFAULT_AUTHORIZATION_USER_ID_FIELD,
+            request_header_masks=read.names("REQUEST_HEADER_MASKS"),
+            response_header_masks=read.names("RESPONSE_HEADER_MASKS"),
+            request_body_masks=read.names("REQUEST_BODY_MASKS"),
+            response_body_masks=read.names("RESPONSE_BODY_MASKS"),
         )
         prepare_spool_dir(config.spool_dir)
         return config
@@ -148,9 +159,34 @@ _KNOWN_KEYS = frozenset(
         "MASK_EVENT_MODEL", "API_VERSION", "DEBUG", "LOG_BODY", "BATCH_SIZE", "BASE_URI", "LOCAL_MOESIF_BASEURL",
         "SPOOL_DIR", "FLUSH_INTERVAL", "SEND_TIMEOUT", "RETRY_MAX_WAIT", "MAX_BODY_BYTES", "SPOOL_SYNC",
         "AUTHORIZATION_HEADER_NAME", "AUTHORIZATION_USER_ID_FIELD", "AUTH_RETRY_INTERVAL", "EVENT_MAX_AGE",
-        "SPOOL_MAX_BYTES", "WHEN_FULL", "SPOOL_ENCRYPTION_KEY", "DEAD_LETTER_RETENTION",
+        "SPOOL_MAX_BYTES", "WHEN_FULL", "SPOOL_ENCRYPTION_KEY", "DEAD_LETTER_RETENTION", "EVENT_BATCH_TIMEOUT",
+        "REQUEST_HEADER_MASKS", "RESPONSE_HEADER_MASKS", "REQUEST_BODY_MASKS", "RESPONSE_BODY_MASKS",
     }
 )
+
+# Options of the other Moesif Python middlewares that have no meaning here: accepted, with a warning saying why.
+_OUTGOING = "outgoing API calls are not captured by this library (incoming Tornado requests only)"
+IGNORED_OPTIONS: Mapping[str, str] = {
+    "EVENT_QUEUE_SIZE": "there is no in-memory queue to bound: events are spooled on disk",
+    "EVENT_WORKER_COUNT": "one flusher thread per process sends the spooled batches",
+    "DISABLED_TRANSACTION_ID": "every event keeps its transaction_id, on which Moesif deduplicates resends",
+    "CAPTURE_OUTGOING_REQUESTS": _OUTGOING,
+    "GET_METADATA_OUTGOING": _OUTGOING,
+    "SKIP_OUTGOING": _OUTGOING,
+    "IDENTIFY_USER_OUTGOING": _OUTGOING,
+    "IDENTIFY_COMPANY_OUTGOING": _OUTGOING,
+    "GET_SESSION_TOKEN_OUTGOING": _OUTGOING,
+    "LOG_BODY_OUTGOING": _OUTGOING,
+}
+
+
+def _flush_interval(read: _Reader, options: Mapping[str, Any]) -> float:
+    """FLUSH_INTERVAL, or EVENT_BATCH_TIMEOUT (moesifwsgi's and moesifasgi's name for it) when only that is given."""
+    if "FLUSH_INTERVAL" in options or "EVENT_BATCH_TIMEOUT" not in options:
+        if "EVENT_BATCH_TIMEOUT" in options:
+            logger.warning("moesiftornado_durable: EVENT_BATCH_TIMEOUT is ignored because FLUSH_INTERVAL is given")
+        return read.number("FLUSH_INTERVAL", DEFAULT_FLUSH_INTERVAL)
+    return read.number("EVENT_BATCH_TIMEOUT", DEFAULT_FLUSH_INTERVAL)
 
 
 class _Reader:
@@ -182,6 +218,18 @@ class _Reader:
         if value is None or isinstance(value, str) or callable(value):
             return value
         raise ConfigError(key, f"expected a string or a function, got {type(value).__name__}")
+
+    def names(self, key: str) -> FrozenSet[str]:
+        """A list of names (headers or JSON keys), lower-cased, for case-insensitive matching."""
+        value = self._options.get(key)
+        if value is None:
+            return frozenset()
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, set, frozenset)):
+            raise ConfigError(key, f"expected a list of names such as ['password'], got {type(value).__name__}")
+        for name in value:
+            if not isinstance(name, str) or not name.strip():
+                raise ConfigError(key, f"expected non-empty strings, got {name!r}")
+        return frozenset(name.strip().lower() for name in value)
 
     def boolean(self, key: str, default: bool) -> bool:
         value = self._options.get(key, default)

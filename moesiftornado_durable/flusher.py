@@ -24,6 +24,7 @@ from typing import Callable, Counter, List, Optional, Tuple
 from . import locks
 from .config import Config
 from .errors import DeliveryError, PayloadTooLargeError, PermanentError, RetryableError
+from .sampling import CONFIG_ETAG_HEADER
 from .sender import Sender, ShutdownRequested, delivery_policy
 from .spool import EVENT, KINDS, Spool, SpooledItem, open_spool
 
@@ -48,9 +49,10 @@ class Courier:
     Shared by the flusher thread and the replay command, so both treat every answer the same way.
     """
 
-    def __init__(self, sender: Sender, policy: Callable[..., object],
-                 event_max_age: Optional[float] = None) -> None:
+    def __init__(self, sender: Sender, policy: Callable[..., object], event_max_age: Optional[float] = None,
+                 on_config_etag: Optional[Callable[[Optional[str]], None]] = None) -> None:
         self._sender = sender
+        self._on_config_etag = on_config_etag
         self._policy = policy
         self._event_max_age = event_max_age
         self.counters: Counter[str] = collections.Counter()
@@ -164,24 +166,34 @@ class Courier:
     def _send(self, kind: str, batch: List[SpooledItem]) -> None:
         self.counters["send_attempts"] += 1
         try:
-            self._sender.send(kind, batch)
+            headers = self._sender.send(kind, batch)
         except DeliveryError as exc:
             self.failing = True
             self.last_error, self.last_error_at = exc, time.time()
             raise
+        if kind == EVENT and self._on_config_etag is not None:
+            try:
+                self._on_config_etag((headers or {}).get(CONFIG_ETAG_HEADER))
+            except Exception:  # a callback bug must not turn a delivered batch into a resend
+                logger.exception("the config etag callback raised")
 
 
 class Flusher:
-    """Drains one `Spool` (and any orphans beside it) through one `Sender` on a named daemon thread."""
+    """Drains one `Spool` (and any orphans beside it) through one `Sender` on a named daemon thread.
 
-    def __init__(self, spool: Spool, sender: Sender, config: Config, adopt_orphans: bool = True) -> None:
+    `on_config_etag`, if given, is called on this thread with the ``X-Moesif-Config-ETag`` of every
+    accepted event batch (None when absent); it must return quickly and never raise into the loop.
+    """
+
+    def __init__(self, spool: Spool, sender: Sender, config: Config, adopt_orphans: bool = True,
+                 on_config_etag: Optional[Callable[[Optional[str]], None]] = None) -> None:
         self._spool = spool
         self._sender = sender
         self._batch_size = config.batch_size
         self._flush_interval = config.flush_interval
         self._stop = threading.Event()
         policy = delivery_policy(self._stop, max_wait=config.retry_max_wait, auth_wait=config.auth_retry_interval)
-        self.courier = Courier(sender, policy, event_max_age=config.event_max_age)
+        self.courier = Courier(sender, policy, event_max_age=config.event_max_age, on_config_etag=on_config_etag)
         self._adopt_orphans = adopt_orphans
         self._dead_letter_retention = config.dead_letter_retention
         self._scrubbed_at_sent = 0  # counters["sent"] when the WAL was last emptied

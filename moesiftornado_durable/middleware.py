@@ -1,15 +1,19 @@
 """`MoesifMiddleware`: the drop-in replacement for moesiftornado's, wired to the durable pipeline.
 
 Thin on purpose: `log_event` captures the event, commits it to the spool and returns; it never raises
-into Tornado and counts every event it could not spool, by reason. The spool and the flusher thread
-belong to one process: after a fork the child abandons the parent's (a SQLite connection or a thread
-must not cross a fork) and opens its own.
+into Tornado and counts every event it did not spool, by reason. When a user callable returns an
+awaitable (an async function), the rest of the capture runs as a task on the running event loop and
+the event is spooled when the awaitables resolve. The spool, the flusher thread and the app-config
+thread belong to one process: after a fork the child abandons the parent's (a SQLite connection or a
+thread must not cross a fork) and opens its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import collections
+import inspect
 import logging
 import os
 import sqlite3
@@ -17,21 +21,35 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Callable, Counter, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Callable, Counter, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from . import audit, locks
-from .capture import body_capture_transform, capture_event, install_body_capture
+from .capture import (
+    RAISED,
+    Outcome,
+    Steps,
+    UserCall,
+    body_capture_transform,
+    call_user_functions,
+    capture_steps,
+    install_body_capture,
+    log_user_error,
+    refuse_awaitables,
+)
 from .codec import Codec
 from .config import Config, Handler
 from .errors import ConfigError, SpoolFullError
 from .flusher import Flusher
-from .profiles import normalize_profile, normalize_profiles
+from .profiles import COMPANY_FIELDS, SUBSCRIPTION_FIELDS, USER_FIELDS, normalize_profile, normalize_profiles
+from .sampling import DEFAULT_REFRESH_INTERVAL, AppConfig, ConfigFetcher, Sampler
 from .sender import Sender
-from .spool import COMPANY, EVENT, USER, open_spool, record_id
+from .spool import COMPANY, EVENT, SUBSCRIPTION, USER, open_spool, record_id
 
 logger = logging.getLogger("moesiftornado_durable")
 
 DEFAULT_CLOSE_TIMEOUT = 10.0
+ASYNC_CALLABLE_TIMEOUT = 30.0  # seconds an awaitable returned by a user callable may take; then it counts as failed
+_CONFIG_CLOSE_WAIT = 0.2  # seconds close() waits for an app-config fetch in flight (its thread is a daemon)
 LOGGED_ATTRIBUTE = "_moesiftornado_durable_logged"
 _SETTINGS_KEY = "moesiftornado_durable"
 _ERROR_LOG_INTERVAL = 10.0  # seconds between repeated spool-failure logs
@@ -39,9 +57,11 @@ _SPOOL_FAILING_FOR = 60.0  # seconds a failed spool write keeps stats()["spool_f
 
 
 class _Runtime:
-    """The per-process parts: this process's spool slot (locked), its spool and the flusher draining it."""
+    """The per-process parts: this process's spool slot (locked), its spool, the flusher draining it, and
+    the app-config fetcher."""
 
-    def __init__(self, config: Config, on_evict: Callable[[List[str]], None]) -> None:
+    def __init__(self, config: Config, on_evict: Callable[[List[str]], None],
+                 on_app_config: Callable[[AppConfig], None]) -> None:
         self.pid = os.getpid()
         self.lock = locks.lock_free_slot(config.spool_dir)
         try:
@@ -56,11 +76,18 @@ class _Runtime:
         except BaseException:
             self.lock.release()
             raise
+        self._config_sender = Sender(config.base_uri, config.application_id, config.send_timeout)
+        self.fetcher = ConfigFetcher(self._config_sender.fetch_app_config, on_app_config,
+                                     refresh_interval=DEFAULT_REFRESH_INTERVAL, retry_wait=config.retry_max_wait)
         sender = Sender(config.base_uri, config.application_id, config.send_timeout)
-        self.flusher = Flusher(self.spool, sender, config)
+        self.flusher = Flusher(self.spool, sender, config, on_config_etag=self.fetcher.notice_etag)
         self.flusher.start()
+        self.fetcher.start()
 
     def close(self, timeout: float) -> None:
+        self.fetcher.close(min(timeout, _CONFIG_CLOSE_WAIT))
+        if not self.fetcher.is_alive:
+            self._config_sender.close()
         self.flusher.close(timeout)
         if not self.flusher.is_alive:
             self.spool.close()
@@ -85,6 +112,8 @@ class MoesifMiddleware:
         if self.config.debug and logger.level == logging.NOTSET:
             logger.setLevel(logging.DEBUG)
         self.counters: Counter[str] = collections.Counter()
+        self._sampler = Sampler()
+        self._pending: Set[Any] = set()  # captures waiting for awaitables (asyncio tasks, kept alive here)
         self._body_capture = body_capture_transform(self.config.max_body_bytes)
         self._attached: weakref.WeakSet[Any] = weakref.WeakSet()
         self._lock = threading.Lock()
@@ -92,13 +121,18 @@ class MoesifMiddleware:
         self._abandoned: List[_Runtime] = []  # inherited across a fork: kept, never used or closed
         self._last_error_log = 0.0
         self._last_spool_failure = -_SPOOL_FAILING_FOR
+        self._user_error_log: Dict[str, Tuple[float, int]] = {}  # option -> (last logged, failures since)
         _register_process_hooks(self)
         self._runtime_here()  # start now, so a backlog from an earlier run is sent without new traffic
 
     # -- capture ---------------------------------------------------------------------------------
 
     def log_event(self, handler: Handler) -> None:
-        """Tornado's log_function: capture the finished request and commit it to the spool. Never raises."""
+        """Tornado's log_function: capture the finished request and commit it to the spool. Never raises.
+
+        The event is committed before this returns, unless a user callable returned an awaitable: then
+        it is committed by a task on the running event loop once the awaitables have resolved.
+        """
         if getattr(handler, LOGGED_ATTRIBUTE, False):
             return  # strict mode spooled it before the response was sent
         self._capture_and_spool(handler, b"")
@@ -112,13 +146,49 @@ class MoesifMiddleware:
         try:
             finished_at = time.time()
             self.attach(handler.application)
-            event = capture_event(handler, self.config, finished_at, unsent_body)
-            if event is None:
-                self.counters["skipped"] += 1
-                return
-            self._spool_record(event, EVENT)
+            steps = capture_steps(handler, self.config, finished_at, self._sampler.weight_for, unsent_body)
+            self._advance(steps, None)
         except Exception:
             self._drop("capture_error", "could not capture the request")
+
+    def _advance(self, steps: Steps, answers: Optional[List[Any]]) -> None:
+        """Run the capture steps here until they finish, or hand them to the event loop at the first awaitable."""
+        try:
+            while True:
+                calls = steps.send(answers)  # type: ignore[arg-type]  # the first send is None
+                answers = call_user_functions(calls, self._user_error)
+                if any(inspect.isawaitable(answer) for answer in answers):
+                    self._continue_on_loop(steps, calls, answers)
+                    return
+        except StopIteration as stop:
+            self._finish(stop.value)
+
+    def _continue_on_loop(self, steps: Steps, calls: List[UserCall], answers: List[Any]) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # log_event called outside an event loop: nothing can await these
+            self._advance(steps, refuse_awaitables(calls, answers))
+            return
+        task = loop.create_task(self._capture_on_loop(steps, calls, answers))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _capture_on_loop(self, steps: Steps, calls: List[UserCall], answers: List[Any]) -> None:
+        try:
+            while True:
+                answers = await _resolve(calls, answers, self._user_error)
+                calls = steps.send(answers)
+                answers = call_user_functions(calls, self._user_error)
+        except StopIteration as stop:
+            self._finish(stop.value)
+        except Exception:
+            self._drop("capture_error", "could not capture the request")
+
+    def _finish(self, outcome: Outcome) -> None:
+        if outcome.event is None:
+            self.counters[outcome.dropped or "skipped"] += 1
+            return
+        self._spool_record(outcome.event, EVENT)
 
     def attach(self, application: Any) -> Any:
         """Capture response bodies of `application` from its first request; returns the application.
@@ -126,31 +196,43 @@ class MoesifMiddleware:
         `log_event` does this itself on the first request it sees, whose response body is then missed;
         call this once after building the Application to capture that one too.
         """
-        if application is not None and application not in self._attached:
+        if self.config.log_body and application is not None and application not in self._attached:
             install_body_capture(application, self._body_capture)
             application.settings.setdefault(_SETTINGS_KEY, self)  # where SpoolBeforeSendMixin finds us
             self._attached.add(application)
         return application
 
-    # -- users and companies ---------------------------------------------------------------------
+    # -- users, companies and subscriptions ------------------------------------------------------
 
     def update_user(self, user_profile: Any) -> None:
         """Queue a user update (dict, moesifapi `UserModel` or JSON) durably; ValueError without user_id."""
-        self._spool_record(normalize_profile(user_profile, "user_id"), USER)
+        self._spool_record(normalize_profile(user_profile, USER_FIELDS), USER)
 
     def update_users_batch(self, user_profiles: Iterable[Any]) -> None:
         """Queue several user updates; all are validated before any is queued."""
-        for profile in normalize_profiles(user_profiles, "user_id"):
+        for profile in normalize_profiles(user_profiles, USER_FIELDS):
             self._spool_record(profile, USER)
 
     def update_company(self, company_profile: Any) -> None:
         """Queue a company update (dict, moesifapi `CompanyModel` or JSON); ValueError without company_id."""
-        self._spool_record(normalize_profile(company_profile, "company_id"), COMPANY)
+        self._spool_record(normalize_profile(company_profile, COMPANY_FIELDS), COMPANY)
 
     def update_companies_batch(self, companies_profiles: Iterable[Any]) -> None:
         """Queue several company updates; all are validated before any is queued."""
-        for profile in normalize_profiles(companies_profiles, "company_id"):
+        for profile in normalize_profiles(companies_profiles, COMPANY_FIELDS):
             self._spool_record(profile, COMPANY)
+
+    def update_subscription(self, subscription: Any) -> None:
+        """Queue a subscription update (dict, moesifapi `SubscriptionModel` or JSON) durably.
+
+        ValueError naming the field when `subscription_id`, `company_id` or `status` is missing.
+        """
+        self._spool_record(normalize_profile(subscription, SUBSCRIPTION_FIELDS), SUBSCRIPTION)
+
+    def update_subscriptions_batch(self, subscriptions: Iterable[Any]) -> None:
+        """Queue several subscription updates; all are validated before any is queued."""
+        for profile in normalize_profiles(subscriptions, SUBSCRIPTION_FIELDS):
+            self._spool_record(profile, SUBSCRIPTION)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -182,7 +264,10 @@ class MoesifMiddleware:
                                                        "dead_lettered")}
         result.update(self.counters)
         result.update(ready=None, in_flight=None, dead_letter=None, undecryptable=None, oldest_age=None,
-                      spool_bytes=None, last_error=None, last_error_at=None, spool_error=None)
+                      spool_bytes=None, last_error=None, last_error_at=None, spool_error=None,
+                      app_config_error=None)
+        result["capture_pending"] = len(self._pending)
+        result["app_config_etag"] = self._sampler.config.etag
         result["spool_failing"] = time.monotonic() - self._last_spool_failure < _SPOOL_FAILING_FOR
         runtime = self._runtime
         if runtime is None or runtime.pid != os.getpid():
@@ -191,6 +276,7 @@ class MoesifMiddleware:
         result.update(courier.counters)
         result["last_error"] = None if courier.last_error is None else str(courier.last_error)
         result["last_error_at"] = courier.last_error_at
+        result["app_config_error"] = runtime.fetcher.last_error
         try:
             spool = runtime.spool.stats()
         except sqlite3.Error as exc:
@@ -247,12 +333,23 @@ class MoesifMiddleware:
         with self._lock:
             if self._runtime is None or self._runtime.pid != os.getpid():
                 try:
-                    self._runtime = _Runtime(self.config, self._evicted)
+                    self._runtime = _Runtime(self.config, self._evicted, self._sampler.update)
                 except (sqlite3.Error, OSError):
                     # logged here, with the cause; a record that this costs is counted by the caller
                     self._log_error(f"cannot open the spool in {self.config.spool_dir}")
                     return None
             return self._runtime
+
+    def _user_error(self, option: str) -> None:
+        """Count a user callable that failed; log its traceback at most every few seconds per option."""
+        self.counters["callable_errors"] += 1
+        now = time.monotonic()
+        last, suppressed = self._user_error_log.get(option, (-_ERROR_LOG_INTERVAL, 0))
+        if now - last < _ERROR_LOG_INTERVAL:
+            self._user_error_log[option] = (last, suppressed + 1)
+            return
+        self._user_error_log[option] = (now, 0)
+        log_user_error(option, f" ({suppressed} more failures not logged since the last report)" if suppressed else "")
 
     def _drop(self, reason: str, message: str, record: Optional[Dict[str, Any]] = None) -> None:
         """Count a record that was not spooled, and log it (with the traceback, at most every few seconds)."""
@@ -336,3 +433,21 @@ def _middleware_of(handler: Any) -> Optional[MoesifMiddleware]:
         return None
     found = settings.get(_SETTINGS_KEY) or getattr(settings.get("log_function"), "__self__", None)
     return found if isinstance(found, MoesifMiddleware) else None
+
+
+async def _resolve(calls: List[UserCall], answers: List[Any], on_error: Callable[[str], None]) -> List[Any]:
+    """Await the awaitable answers together; one that fails or takes too long becomes `RAISED` (`on_error`)."""
+
+    async def settle(option: str, answer: Any) -> Any:
+        if not inspect.isawaitable(answer):
+            return answer
+        try:
+            try:
+                return await asyncio.wait_for(answer, ASYNC_CALLABLE_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"{option} did not finish within {ASYNC_CALLABLE_TIMEOUT:g} s") from None
+        except Exception:
+            on_error(option)
+            return RAISED
+
+    return list(await asyncio.gather(*(settle(call[0], answer) for call, answer in zip(calls, answers))))

@@ -15,7 +15,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Callable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 import requests
@@ -31,7 +31,8 @@ from requests.adapters import HTTPAdapter
 
 from . import __version__
 from .errors import AuthError, DeliveryError, PayloadTooLargeError, PermanentError, RetryableError
-from .spool import COMPANY, EVENT, USER
+from .sampling import CONFIG_ETAG_HEADER
+from .spool import COMPANY, EVENT, SUBSCRIPTION, USER
 
 logger = logging.getLogger("moesiftornado_durable")
 
@@ -109,6 +110,7 @@ class Sender:
             EVENT: self._api.create_events_batch,
             USER: self._api.update_users_batch,
             COMPANY: self._api.update_companies_batch,
+            SUBSCRIPTION: self._api.update_subscriptions_batch,
         }
 
     def send(self, kind: str, records: Sequence[Any]) -> Mapping[str, str]:
@@ -119,16 +121,14 @@ class Sender:
         without parsing and re-encoding every event or its level-9 gzip (most of its cost per batch).
         Profile updates, small and rare, go through moesifapi's client.
         """
-        try:
-            if kind == EVENT:
-                return self._post_events([_json_of(record) for record in records])
-            return self._endpoints[kind]([_body_of(record) for record in records])
-        except APIException as exc:
-            raise _classify(int(exc.response_code), getattr(exc.context.response, "headers", None)) from exc
-        except requests.Timeout as exc:
-            raise RetryableError(f"no answer within the send timeout ({exc.__class__.__name__})") from exc
-        except requests.RequestException as exc:
-            raise RetryableError(f"connection failed ({exc.__class__.__name__})") from exc
+        if kind == EVENT:
+            return _mapped(self._post_events, [_json_of(record) for record in records])
+        return _mapped(self._endpoints[kind], [_body_of(record) for record in records])
+
+    def fetch_app_config(self) -> Tuple[Any, Optional[str]]:
+        """GET /v1/config: the parsed JSON and its X-Moesif-Config-ETag; raises a `DeliveryError` or ValueError."""
+        response = _mapped(self._api.get_app_config)
+        return json.loads(response.raw_body), (response.headers or {}).get(CONFIG_ETAG_HEADER)
 
     def _post_events(self, payloads: List[bytes]) -> Mapping[str, str]:
         body = gzip.compress(b"[" + b",".join(payloads) + b"]", compresslevel=GZIP_LEVEL)
@@ -140,6 +140,18 @@ class Sender:
     def close(self) -> None:
         """Close pooled connections."""
         self._client.close()
+
+
+def _mapped(call: Callable[..., Any], *args: Any) -> Any:
+    """`call(*args)`, with moesifapi's and requests' exceptions mapped to this library's, in one place."""
+    try:
+        return call(*args)
+    except APIException as exc:
+        raise _classify(int(exc.response_code), getattr(exc.context.response, "headers", None)) from exc
+    except requests.Timeout as exc:
+        raise RetryableError(f"no answer within the send timeout ({exc.__class__.__name__})") from exc
+    except requests.RequestException as exc:
+        raise RetryableError(f"connection failed ({exc.__class__.__name__})") from exc
 
 
 def _json_of(record: Any) -> bytes:

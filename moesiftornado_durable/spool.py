@@ -33,7 +33,8 @@ TABLE = "ack_queue_default"  # persist-queue's table name for a queue named "def
 EVENT = "event"
 USER = "user"
 COMPANY = "company"
-KINDS = (EVENT, USER, COMPANY)
+SUBSCRIPTION = "subscription"
+KINDS = (EVENT, USER, COMPANY, SUBSCRIPTION)
 
 _READY_BELOW = int(AckStatus.unack)  # persist-queue: 0 inited and 1 ready are both takeable
 _IN_FLIGHT = int(AckStatus.unack)

@@ -167,6 +167,11 @@ def children_of(pid: int) -> List[int]:
     return sorted(found)
 
 
+def ingestion_requests(collector: Collector) -> List[Any]:
+    """The requests the collector received, without the middleware's GET /v1/config (app config fetches)."""
+    return [request for request in collector.requests if request.path != "/v1/config"]
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
     """Poll `predicate` until it is true or `timeout` passes."""
     deadline = time.monotonic() + timeout

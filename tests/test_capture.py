@@ -411,7 +411,7 @@ def test_log_event_never_raises_into_tornado(make_middleware: Any, collector: Co
     assert middleware.stats()["dropped_capture_error"] == 2
 
 
-def jwt(payload: Dict[str, Any]) -> str:
+def jwt(payload: Any) -> str:
     import json
 
     encoded = base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
@@ -429,6 +429,19 @@ def jwt(payload: Dict[str, Any]) -> str:
         ({}, {"Authorization": "Bearer"}, None),
         ({}, {"Authorization": "Basic %%%"}, None),
         ({}, {"Authorization": "Bearer " + jwt({"no_sub": 1})}, None),
+        # as moesifwsgi: a Bearer token needs all three parts; a custom value may be the payload alone
+        ({}, {"Authorization": "Bearer " + jwt({"sub": "two-parts"}).rsplit(".", 1)[0]}, None),
+        ({}, {"Authorization": base64.b64encode(b'{"sub": "bare-payload"}').decode()}, "bare-payload"),
+        ({}, {"Authorization": jwt({"sub": "bare-jwt"})}, "bare-jwt"),
+        ({}, {"Authorization": "bearer " + jwt({"sub": "lower-case-scheme"})}, "lower-case-scheme"),
+        # fixed: moesifwsgi decodes with the standard alphabet and loses payloads containing '-' or '_'
+        ({}, {"Authorization": "Bearer " + jwt({"sub": "user-1", "x": "??>>"})}, "user-1"),
+        ({}, {"Authorization": "Bearer " + jwt({"sub": None})}, None),
+        ({}, {"Authorization": "Bearer " + jwt(["sub"])}, None),
+        ({}, {"Authorization": "Basic"}, None),
+        ({}, {"Authorization": "Custom ..."}, None),
+        ({"AUTHORIZATION_HEADER_NAME": "x-key,authorization"},
+         {"X-Key": "", "Authorization": "Bearer " + jwt({"sub": "second"})}, "second"),
     ],
 )
 def test_user_id_from_the_authorization_header(
@@ -444,3 +457,31 @@ def test_identify_user_wins_over_the_authorization_header(make_middleware: Any, 
     [event] = run_requests(middleware, collector, [get("/json", headers={"Authorization": "Bearer " + jwt(
         {"sub": "from-token"})})])
     assert event["user_id"] == "from-callable"
+
+
+def test_the_urlsafe_case_above_really_has_urlsafe_characters() -> None:
+    payload = jwt({"sub": "user-1", "x": "??>>"}).split(".")[1]
+    assert "-" in payload or "_" in payload
+
+
+@pytest.mark.parametrize(
+    "api_version, expected",
+    [("1.2.3", "1.2.3"), (lambda handler: "v-" + handler.request.method, "v-GET"), (lambda handler: 7, "7"),
+     (lambda handler: None, None), (None, None)],
+)
+def test_api_version_is_a_string_or_a_function_of_the_handler(
+    make_middleware: Any, collector: Collector, api_version: Any, expected: Optional[str]
+) -> None:
+    [event] = run_requests(make_middleware(API_VERSION=api_version), collector, [get("/json")])
+    assert event["request"].get("api_version") == expected
+
+
+def test_an_api_version_function_that_raises_leaves_it_empty(make_middleware: Any, collector: Collector,
+                                                             caplog: Any) -> None:
+    def broken(handler: Any) -> str:
+        raise KeyError("no version")
+
+    with caplog.at_level(logging.ERROR, logger="moesiftornado_durable"):
+        [event] = run_requests(make_middleware(API_VERSION=broken), collector, [get("/json")])
+    assert event["request"].get("api_version") is None
+    assert "API_VERSION" in caplog.text

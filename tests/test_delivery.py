@@ -12,7 +12,7 @@ from typing import Any, Callable, Counter, List
 import pytest
 import requests
 import tornado.web
-from conftest import serve, wait_until
+from conftest import ingestion_requests, serve, wait_until
 from moesifapi.models import CompanyModel, UserModel
 
 from moesiftornado_durable import MoesifMiddleware
@@ -48,7 +48,7 @@ def test_503s_then_200_nothing_lost_nothing_twice(make_middleware: Callable[...,
     serve_requests(middleware, 35)
     assert middleware.flush(15)
     assert_each_once(collector, 35)
-    statuses = [r.status for r in collector.requests]
+    statuses = [r.status for r in ingestion_requests(collector)]
     assert statuses[:4] == [503] * 4
     stats = middleware.stats()
     assert stats["sent"] == 35 and stats["ready"] == 0 and stats["in_flight"] == 0
@@ -60,7 +60,7 @@ def test_429_with_retry_after_is_waited_out(make_middleware: Callable[..., Moesi
     middleware = make_middleware(RETRY_MAX_WAIT=5.0)
     serve_requests(middleware, 3)
     assert middleware.flush(10)
-    first, second = collector.requests[0], collector.requests[1]
+    first, second = ingestion_requests(collector)[:2]
     assert first.status == 429 and second.time - first.time >= 0.95
     assert_each_once(collector, 3)
 
@@ -131,7 +131,7 @@ def test_close_returns_at_once_during_a_backoff(make_middleware: Callable[..., M
     collector.respond_with(503, times=None)
     middleware = make_middleware(RETRY_MAX_WAIT=30.0)
     serve_requests(middleware, 2)
-    assert wait_until(lambda: len(collector.requests) >= 3, timeout=10)  # now in a growing backoff
+    assert wait_until(lambda: len(ingestion_requests(collector)) >= 3, timeout=10)  # now in a growing backoff
     started = time.monotonic()
     middleware.close(timeout=5.0)
     assert time.monotonic() - started < 1.0

@@ -12,7 +12,7 @@ import tenacity
 
 from moesiftornado_durable.errors import AuthError, PermanentError, RetryableError
 from moesiftornado_durable.sender import Sender, ShutdownRequested, delivery_policy, parse_retry_after
-from moesiftornado_durable.spool import COMPANY, EVENT, USER
+from moesiftornado_durable.spool import COMPANY, EVENT, SUBSCRIPTION, USER
 from moesiftornado_durable.testing import Collector
 
 EVENT_BODY = {"transaction_id": "t-1", "request": {"uri": "http://x/", "verb": "GET", "time": "2026-01-01T00:00:00.0"},
@@ -26,16 +26,20 @@ def sender(collector: Collector) -> Any:
     made.close()
 
 
-def test_events_users_and_companies_reach_their_endpoints(sender: Sender, collector: Collector) -> None:
+def test_events_users_companies_and_subscriptions_reach_their_endpoints(sender: Sender,
+                                                                        collector: Collector) -> None:
     headers = sender.send(EVENT, [EVENT_BODY])
     sender.send(USER, [{"user_id": "u-1"}])
     sender.send(COMPANY, [{"company_id": "c-1"}])
+    subscription = {"subscription_id": "s-1", "company_id": "c-1", "status": "active"}
+    sender.send(SUBSCRIPTION, [subscription])
     assert collector.transaction_ids() == ["t-1"]
     assert collector.users == [{"user_id": "u-1"}]
     assert collector.companies == [{"company_id": "c-1"}]
+    assert collector.subscriptions == [subscription]
     assert "X-Moesif-Config-ETag" in headers
     paths = [r.path for r in collector.requests]
-    assert paths == ["/v1/events/batch", "/v1/users/batch", "/v1/companies/batch"]
+    assert paths == ["/v1/events/batch", "/v1/users/batch", "/v1/companies/batch", "/v1/subscriptions/batch"]
     assert collector.requests[0].headers.get("X-Moesif-Application-Id") == "test-app-id"
 
 
@@ -156,3 +160,19 @@ def test_policy_stops_at_once_when_shutdown_is_requested(sender: Sender, collect
         policy(sender.send, EVENT, [EVENT_BODY])
     assert time.monotonic() - started < 3.0
     assert isinstance(policy.wait, tenacity.wait.wait_base)
+
+
+def test_fetch_app_config_returns_the_config_and_its_etag_and_maps_errors() -> None:
+    with Collector(application_id="right-app") as strict:
+        strict.app_config = {"sample_rate": 42}
+        right, wrong = Sender(strict.base_uri, "right-app", 1.0), Sender(strict.base_uri, "wrong-app", 1.0)
+        try:
+            assert right.fetch_app_config() == ({"sample_rate": 42}, strict.config_etag)
+            with pytest.raises(AuthError):
+                wrong.fetch_app_config()
+            strict.go_down()
+            with pytest.raises(RetryableError):
+                right.fetch_app_config()
+        finally:
+            right.close()
+            wrong.close()

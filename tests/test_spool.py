@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -23,7 +24,7 @@ def spool(tmp_path: Any) -> Any:
 def test_put_commits_json_readable_by_any_sqlite_client(spool: Spool) -> None:
     spool.put({"transaction_id": "t-1", "text": "héllo"})
     # a second, independent connection sees the committed row, and it is JSON, not pickle
-    with sqlite3.connect(spool.path) as other:
+    with contextlib.closing(sqlite3.connect(spool.path)) as other:
         [(data,)] = other.execute("SELECT data FROM ack_queue_default").fetchall()
     assert json.loads(data) == {"transaction_id": "t-1", "text": "héllo"}
 
@@ -73,7 +74,7 @@ def test_acked_rows_are_deleted_not_kept(spool: Spool) -> None:
     for n in range(50):
         spool.put({"n": n})
     spool.ack([item.id for item in spool.claim(50)])
-    with sqlite3.connect(spool.path) as other:
+    with contextlib.closing(sqlite3.connect(spool.path)) as other:
         assert other.execute("SELECT COUNT(*) FROM ack_queue_default").fetchone()[0] == 0
 
 
