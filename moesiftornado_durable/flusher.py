@@ -27,6 +27,7 @@ from .errors import DeliveryError, PayloadTooLargeError, PermanentError, Retryab
 from .sampling import CONFIG_ETAG_HEADER
 from .sender import Sender, ShutdownRequested, delivery_policy
 from .spool import EVENT, KINDS, Spool, SpooledItem, open_spool
+from .worker import ProcessThread
 
 logger = logging.getLogger("moesiftornado_durable")
 
@@ -200,23 +201,18 @@ class Flusher:
         self._next_orphan_scan = 0.0
         self._urgent_until = 0.0  # while monotonic() is below this, partial batches are sent at once
         self.counters: Counter[str] = self.courier.counters
-        self._thread: Optional[threading.Thread] = None
-        self._pid = 0
+        self._worker = ProcessThread("moesif-durable-flusher", self._run)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the thread (once per process)."""
-        if self.is_alive:
-            return
-        self._pid = os.getpid()
-        self._thread = threading.Thread(target=self._run, name="moesif-durable-flusher", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     @property
     def is_alive(self) -> bool:
         """True if the thread runs in this process (a thread does not survive a fork)."""
-        return self._pid == os.getpid() and self._thread is not None and self._thread.is_alive()
+        return self._worker.is_alive
 
     @property
     def is_failing(self) -> bool:
@@ -257,8 +253,7 @@ class Flusher:
             self.flush(timeout, while_healthy=True)
         self._stop.set()
         self._spool.wake()
-        if self._thread is not None and self._pid == os.getpid():
-            self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._worker.join(deadline - time.monotonic())
         if self.is_alive:
             logger.warning("flusher still busy in a send after %.1f s; its batch stays on disk for the next start",
                            timeout)

@@ -25,13 +25,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import random
 import re
 import threading
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Pattern, Tuple
 from urllib.parse import urlsplit
+
+from .worker import ProcessThread
 
 logger = logging.getLogger("moesiftornado_durable")
 
@@ -211,19 +212,14 @@ class ConfigFetcher:
         self._failures = 0
         self.fetches = 0
         self.last_error: Optional[str] = None
-        self._thread: Optional[threading.Thread] = None
-        self._pid = 0
+        self._worker = ProcessThread("moesif-durable-config", self._run)
 
     def start(self) -> None:
-        if self.is_alive:
-            return
-        self._pid = os.getpid()
-        self._thread = threading.Thread(target=self._run, name="moesif-durable-config", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     @property
     def is_alive(self) -> bool:
-        return self._pid == os.getpid() and self._thread is not None and self._thread.is_alive()
+        return self._worker.is_alive
 
     def notice_etag(self, etag: Optional[str]) -> None:
         """Called with the config etag of each accepted batch; a new one triggers a fetch (once per etag)."""
@@ -235,8 +231,7 @@ class ConfigFetcher:
         """Stop the thread, waiting at most `timeout` for a fetch in progress."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None and self._pid == os.getpid():
-            self._thread.join(max(0.0, timeout))
+        self._worker.join(timeout)
 
     def _run(self) -> None:
         while not self._stop.is_set():
