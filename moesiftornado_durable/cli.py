@@ -9,6 +9,7 @@ Exit codes: 0 done, 1 the command failed, 2 bad usage, 3 a spool was locked by a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -300,24 +301,17 @@ def _dead_letter(args: argparse.Namespace) -> int:
             raise CommandError("not confirmed; nothing deleted")
     changed = 0
     for path, ids in _group_ids(found).items():
-        spool = Spool(path, resume=False, codec=_codec())
-        try:
+        with _opened_beside_its_owner(path) as spool:
             changed += spool.requeue_dead_letters(ids) if args.action == "requeue" else spool.purge_dead_letters(ids)
-        finally:
-            spool.close()
     print(f"{'requeued' if args.action == 'requeue' else 'purged'} {changed} record(s)")
     return EXIT_OK
 
 
 def _dead_letters(directory: str, reason: Optional[str], older_than: Optional[float]) -> Iterator[Tuple[str, Any]]:
-    for slot in _existing_slots(directory):
-        path = locks.spool_path(directory, slot)
-        spool = Spool(path, resume=False, codec=_codec())
-        try:
+    for path in _spool_files(directory):
+        with _opened_beside_its_owner(path) as spool:
             for record in spool.dead_letters(reason, older_than):
                 yield path, record
-        finally:
-            spool.close()
 
 
 def _group_ids(found: List[Tuple[str, Any]]) -> Dict[str, List[int]]:
@@ -330,15 +324,11 @@ def _group_ids(found: List[Tuple[str, Any]]) -> Dict[str, List[int]]:
 def _export(args: argparse.Namespace) -> int:
     count = 0
     with _output(args.out) as out:
-        for slot in _existing_slots(args.spool_dir):
-            path = locks.spool_path(args.spool_dir, slot)
-            spool = Spool(path, resume=False, codec=_codec())
-            try:
+        for path in _spool_files(args.spool_dir):
+            with _opened_beside_its_owner(path) as spool:
                 for record in spool.records():
                     out.write(json.dumps(dict(record, file=os.path.basename(path))) + "\n")
                     count += 1
-            finally:
-                spool.close()
     print(f"exported {count} record(s) to {args.out}", file=sys.stderr)
     return EXIT_OK
 
@@ -404,6 +394,20 @@ def _codec() -> Codec:
         return Codec(keys)
     except ConfigError as exc:
         raise CommandError(f"{KEY_ENVIRONMENT_VARIABLE}: {exc}", EXIT_USAGE) from exc
+
+
+@contextlib.contextmanager
+def _opened_beside_its_owner(path: str) -> Iterator[Spool]:
+    """A spool file opened without resuming its in-flight rows: its owner may be alive and sending them."""
+    spool = Spool(path, resume=False, codec=_codec())
+    try:
+        yield spool
+    finally:
+        spool.close()
+
+
+def _spool_files(directory: str) -> List[str]:
+    return [locks.spool_path(directory, slot) for slot in _existing_slots(directory)]
 
 
 def _existing_slots(directory: str) -> List[int]:

@@ -27,10 +27,6 @@ class Codec:
     def __init__(self, keys: Sequence[KeyInput] = ()) -> None:
         self._cipher: Any = _multi_fernet(keys) if keys else None
 
-    @property
-    def encrypts(self) -> bool:
-        return self._cipher is not None
-
     def encode(self, body: Any) -> bytes:
         data = to_json_bytes(body)
         return self._cipher.encrypt(data) if self._cipher is not None else data

@@ -76,6 +76,7 @@ class _Runtime:
         except BaseException:
             self.lock.release()
             raise
+        # Two senders: the fetcher and the flusher run on different threads, each with its own HTTP session.
         self._config_sender = Sender(config.base_uri, config.application_id, config.send_timeout)
         self.fetcher = ConfigFetcher(self._config_sender.fetch_app_config, on_app_config,
                                      refresh_interval=DEFAULT_REFRESH_INTERVAL, retry_wait=config.retry_max_wait)
@@ -196,8 +197,9 @@ class MoesifMiddleware:
         `log_event` does this itself on the first request it sees, whose response body is then missed;
         call this once after building the Application to capture that one too.
         """
-        if self.config.log_body and application is not None and application not in self._attached:
-            install_body_capture(application, self._body_capture)
+        if application is not None and application not in self._attached:
+            if self.config.log_body:
+                install_body_capture(application, self._body_capture)
             application.settings.setdefault(_SETTINGS_KEY, self)  # where SpoolBeforeSendMixin finds us
             self._attached.add(application)
         return application
@@ -307,14 +309,10 @@ class MoesifMiddleware:
             self._drop("spool_full", f"the spool is full (SPOOL_MAX_BYTES, WHEN_FULL={self.config.when_full!r}); "
                                      f"this record was refused", record)
             return
-        except sqlite3.OperationalError as exc:
+        except (sqlite3.Error, OSError, ValueError, TypeError) as exc:
             self._last_spool_failure = time.monotonic()
-            reason = "disk_full" if "full" in str(exc).lower() else "spool_error"
-            self._drop(reason, f"could not write to the spool ({exc})", record)
-            return
-        except (sqlite3.Error, OSError, ValueError, TypeError):
-            self._last_spool_failure = time.monotonic()
-            self._drop("spool_error", "could not write to the spool", record)
+            disk_full = isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()
+            self._drop("disk_full" if disk_full else "spool_error", f"could not write to the spool ({exc})", record)
             return
         self.counters["spooled"] += 1
 

@@ -49,7 +49,7 @@ class _Client(RequestsClient):
     def __init__(self, base_uri: str, application_id: str, timeout: float) -> None:
         # RequestsClient.__init__ would build a session that retries; this one never does.
         self._base_uri = base_uri
-        self._application_id = application_id
+        self._identity = {"X-Moesif-Application-Id": application_id, "User-Agent": USER_AGENT}
         self._timeout = timeout
         self.session = requests.Session()
         # Proxy and CA-bundle settings from the environment, read once: requests would re-read the
@@ -61,9 +61,7 @@ class _Client(RequestsClient):
         self.session.mount("https://", self.adapter)
 
     def execute_as_string(self, request: HttpRequest) -> HttpResponse:
-        headers = dict(request.headers or {})
-        headers["X-Moesif-Application-Id"] = self._application_id
-        headers["User-Agent"] = USER_AGENT
+        headers = dict(request.headers or {}, **self._identity)
         response = self.session.request(
             HttpMethodEnum.to_string(request.http_method),
             self._base_uri + _path_of(request.query_url),
@@ -79,12 +77,7 @@ class _Client(RequestsClient):
 
     def post_json(self, path: str, gzipped_body: bytes) -> requests.Response:
         """POST a gzipped JSON body to `path` under this client's base URI."""
-        headers = {
-            "Content-Type": "application/json; charset=utf-8",
-            "Content-Encoding": "gzip",
-            "X-Moesif-Application-Id": self._application_id,
-            "User-Agent": USER_AGENT,
-        }
+        headers = {"Content-Type": "application/json; charset=utf-8", "Content-Encoding": "gzip", **self._identity}
         return self.session.post(self._base_uri + path, data=gzipped_body, headers=headers, timeout=self._timeout,
                                  **self._environment)
 
@@ -106,8 +99,7 @@ class Sender:
     def __init__(self, base_uri: str, application_id: str, timeout: float) -> None:
         self._client = _Client(base_uri, application_id, timeout)
         self._api = ApiController(http_client=self._client)
-        self._endpoints: Mapping[str, Callable[[List[Any]], Any]] = {
-            EVENT: self._api.create_events_batch,
+        self._endpoints: Mapping[str, Callable[[List[Any]], Any]] = {  # events go through `_post_events`
             USER: self._api.update_users_batch,
             COMPANY: self._api.update_companies_batch,
             SUBSCRIPTION: self._api.update_subscriptions_batch,

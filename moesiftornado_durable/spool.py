@@ -189,11 +189,6 @@ class Spool:
         """How this spool encodes records (JSON, encrypted with SPOOL_ENCRYPTION_KEY if set)."""
         return self._codec
 
-    @property
-    def live_bytes(self) -> int:
-        """JSON bytes of the records waiting or in flight (what SPOOL_MAX_BYTES bounds)."""
-        return self._live_bytes
-
     def _evict_oldest(self, needed: int) -> None:
         """Delete the oldest ready records until `needed` more bytes fit; report their ids."""
         assert self._max_bytes is not None
@@ -435,19 +430,19 @@ class Spool:
             ).fetchone()
         return int(row[0])
 
-    def ready_count(self, kind: Optional[str] = None, limit: Optional[int] = None) -> int:
-        """How many records wait to be claimed (of one kind, or of all), counting at most `limit` per kind.
+    def ready_count(self, limit: Optional[int] = None) -> int:
+        """How many records wait to be claimed, counting at most `limit` of each kind.
 
         The flusher only asks "is a batch ready?", so it passes its batch size and never scans a backlog.
         """
         cap = -1 if limit is None else limit
         total = 0
         with self._queue.tran_lock:
-            for k in [kind] if kind else KINDS:
+            for kind in KINDS:
                 row = self._conn().execute(
                     f"SELECT COUNT(*) FROM (SELECT 1 FROM {self._table} INDEXED BY takeable "
                     f"WHERE kind = ? AND status < {_READY_BELOW} LIMIT ?)",
-                    (k, cap),
+                    (kind, cap),
                 ).fetchone()
                 total += int(row[0])
         return total
@@ -456,20 +451,7 @@ class Spool:
         """Ready, in-flight, dead-letter and undecryptable counts, the oldest record's time and the files'
         size, as one consistent snapshot."""
         with self._queue.tran_lock:
-            conn = self._conn()
-            ready, in_flight, undecryptable, oldest = conn.execute(
-                f"SELECT SUM(status < {_READY_BELOW}), SUM(status = {_IN_FLIGHT}), SUM(status = {_UNDECRYPTABLE}), "
-                f"MIN(CASE WHEN status <= {_IN_FLIGHT} THEN timestamp END) FROM {self._table}"
-            ).fetchone()
-            dead = conn.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0]
-        return SpoolStats(
-            ready=int(ready or 0),
-            in_flight=int(in_flight or 0),
-            dead_letter=int(dead),
-            oldest_spooled_at=oldest,
-            bytes_on_disk=self.bytes_on_disk(),
-            undecryptable=int(undecryptable or 0),
-        )
+            return _stats_of(self._conn(), self.path)
 
     def check(self) -> Optional[str]:
         """SQLite's quick integrity check: None when the file is sound, else what is wrong."""
@@ -558,16 +540,27 @@ def read_stats(path: str) -> SpoolStats:
         raise FileNotFoundError(f"no spool file at {path}")
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
-        ready, in_flight, oldest = conn.execute(
-            f"SELECT SUM(status < {_READY_BELOW}), SUM(status = {_IN_FLIGHT}), MIN(timestamp) FROM {TABLE} "
-            f"WHERE status <= {_IN_FLIGHT}"
-        ).fetchone()
-        has_dead = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'dead_letter'").fetchone()
-        dead = conn.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0] if has_dead else 0
-        undecryptable = conn.execute(f"SELECT COUNT(*) FROM {TABLE} WHERE status = {_UNDECRYPTABLE}").fetchone()[0]
+        return _stats_of(conn, path)
     finally:
         conn.close()
-    return SpoolStats(int(ready or 0), int(in_flight or 0), int(dead), oldest, bytes_on_disk(path), int(undecryptable))
+
+
+def _stats_of(conn: sqlite3.Connection, path: str) -> SpoolStats:
+    """One consistent snapshot of a spool file's counts (shared by `Spool.stats` and `read_stats`)."""
+    ready, in_flight, undecryptable, oldest = conn.execute(
+        f"SELECT SUM(status < {_READY_BELOW}), SUM(status = {_IN_FLIGHT}), SUM(status = {_UNDECRYPTABLE}), "
+        f"MIN(CASE WHEN status <= {_IN_FLIGHT} THEN timestamp END) FROM {TABLE}"
+    ).fetchone()
+    has_dead = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'dead_letter'").fetchone()
+    dead = conn.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0] if has_dead else 0
+    return SpoolStats(
+        ready=int(ready or 0),
+        in_flight=int(in_flight or 0),
+        dead_letter=int(dead),
+        oldest_spooled_at=oldest,
+        bytes_on_disk=bytes_on_disk(path),
+        undecryptable=int(undecryptable or 0),
+    )
 
 
 def open_spool(path: str, **options: Any) -> Spool:
