@@ -200,6 +200,7 @@ class Flusher:
         self._scrubbed_at_sent = 0  # counters["sent"] when the WAL was last emptied
         self._next_orphan_scan = 0.0
         self._urgent_until = 0.0  # while monotonic() is below this, partial batches are sent at once
+        self._partial_since: Optional[float] = None  # when the partial batch now waiting was first seen
         self.counters: Counter[str] = self.courier.counters
         self._worker = ProcessThread("moesif-durable-flusher", self._run)
 
@@ -266,13 +267,13 @@ class Flusher:
         while not self._stop.is_set():
             try:
                 self.courier.retry_acks()
-                self._wait_for_batch()
-                for kind in KINDS:
-                    if self._stop.is_set():
-                        break
-                    batch = self._spool.claim(self._batch_size, kind)
-                    if batch:
-                        self.courier.deliver(self._spool, kind, batch)
+                if self._wait_for_batch():
+                    for kind in KINDS:
+                        if self._stop.is_set():
+                            break
+                        batch = self._spool.claim(self._batch_size, kind)
+                        if batch:
+                            self.courier.deliver(self._spool, kind, batch)
                 self._scrub_when_idle()
                 self._drain_orphans()
             except Exception:  # the loop must survive anything: a spool error, a bug
@@ -280,26 +281,29 @@ class Flusher:
                 logger.exception("moesiftornado_durable flusher error; retrying in 1 s")
                 self._stop.wait(1.0)
 
-    def _wait_for_batch(self) -> None:
-        """Return when a full batch is ready, when a partial one has waited FLUSH_INTERVAL, when it is
-        time to look for orphans, or on flush/stop."""
-        waiting_since: Optional[float] = None
+    def _wait_for_batch(self) -> bool:
+        """True when a batch is due: a full one is ready, a partial one has waited FLUSH_INTERVAL, or a
+        flush asked for it. False when it is only time to look for orphans, or on stop: a partial batch
+        keeps waiting out its FLUSH_INTERVAL."""
         while not self._stop.is_set():
             ready = self._spool.ready_count(limit=self._batch_size)
             now = time.monotonic()
             if ready >= self._batch_size or (ready and now < self._urgent_until):
-                return
+                self._partial_since = None
+                return True
             if self._adopt_orphans and now >= self._next_orphan_scan:
-                return
+                return False
             if not ready:
-                waiting_since = None
+                self._partial_since = None
                 self._spool.wait_for_put(min(self._flush_interval, max(0.0, self._next_orphan_scan - now)))
                 continue
-            waiting_since = waiting_since or now
-            remaining = self._flush_interval - (now - waiting_since)
+            self._partial_since = self._partial_since or now
+            remaining = self._flush_interval - (now - self._partial_since)
             if remaining <= 0:
-                return
+                self._partial_since = None
+                return True
             self._stop.wait(min(remaining, _POLL))
+        return False
 
     def _scrub_when_idle(self) -> None:
         """Once everything is delivered, empty the WAL so no delivered record's bytes stay on disk."""

@@ -306,3 +306,16 @@ def test_a_spool_that_cannot_be_opened_counts_each_lost_event_once(
         assert not middleware.flush(0.1)  # nothing to flush into: not a lost event
     assert middleware.stats()["dropped_spool_unavailable"] == 3
     assert any("cannot open the spool" in record.getMessage() for record in caplog.records)
+
+
+def test_a_partial_batch_waits_its_flush_interval_even_across_an_orphan_scan(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, spool_dir: str
+) -> None:
+    spool = Spool(spool_path(spool_dir, 0))  # one record waiting when the flusher starts and scans for orphans
+    spool.put({"user_id": "waits"}, "user")
+    spool.close()
+    middleware = make_middleware(BATCH_SIZE=5, FLUSH_INTERVAL=3.0)
+    time.sleep(1.0)
+    assert collector.users == []  # a partial batch: not sent before FLUSH_INTERVAL
+    assert middleware.flush(10)  # a flush sends it at once
+    assert [u["user_id"] for u in collector.users] == ["waits"]
