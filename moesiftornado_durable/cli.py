@@ -25,8 +25,10 @@ from .codec import Codec
 from .config import DEFAULT_BASE_URI
 from .errors import ConfigError
 from .flusher import Courier, Outcome, remove_spool_files
+from .journal import segments
 from .sender import Sender, delivery_policy
-from .spool import EVENT, KINDS, Spool, open_spool, read_stats, salvage
+from .shipper import journal_reader
+from .spool import EVENT, KINDS, Spool, SpoolStats, open_spool, read_stats, salvage
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_REPLAY_BATCH_SIZE = 500
@@ -117,9 +119,11 @@ def _status(args: argparse.Namespace) -> int:
               for key in ("ready", "in_flight", "dead_letter", "undecryptable", "bytes_on_disk")}
     ages = [row["oldest_age_seconds"] for row in rows if row["oldest_age_seconds"] is not None]
     totals["oldest_age_seconds"] = max(ages) if ages else None
+    journals: List[Dict[str, Any]] = [{"file": os.path.basename(path), "bytes": os.path.getsize(path)}
+                                      for _, _, path in segments(args.spool_dir)]
     if args.json:
         print(json.dumps({"spool_dir": args.spool_dir, "files": rows, "total": totals,
-                          "quarantined": _quarantined(args.spool_dir)}))
+                          "journals": journals, "quarantined": _quarantined(args.spool_dir)}))
         return EXIT_OK
     header = ("file", "owner", "alive", "ready", "in flight", "dead", "oldest", "bytes")
     print(f"{header[0]:<16} " + " ".join(f"{h:>{w}}" for h, w in zip(header[1:], (8, 5, 9, 9, 7, 10, 12))))
@@ -129,6 +133,10 @@ def _status(args: argparse.Namespace) -> int:
         oldest = "-" if row["oldest_age_seconds"] is None else _duration(row["oldest_age_seconds"])
         print(f"{row['file']:<16} {owner:>8} {alive:>5} {row['ready']:>9} {row['in_flight']:>9} "
               f"{row['dead_letter']:>7} {oldest:>10} {row['bytes_on_disk']:>12}")
+    if journals:
+        journal_bytes = sum(int(j["bytes"]) for j in journals)
+        print(f"journals: {len(journals)} segment(s), {journal_bytes} bytes "
+              "(records the shipper spools into shipper.db)")
     if totals["undecryptable"]:
         print(f"{totals['undecryptable']} record(s) cannot be decrypted with the configured key(s); kept untouched")
     for name in _quarantined(args.spool_dir):
@@ -145,7 +153,10 @@ def _quarantined(directory: str) -> List[str]:
 def _file_status(directory: str, slot: int) -> Dict[str, Any]:
     path = locks.spool_path(directory, slot)
     try:
-        stats = read_stats(path)
+        if slot == locks.SHIPPER_SLOT and not os.path.exists(path):  # journals only, no shipper yet
+            stats = SpoolStats(ready=0, in_flight=0, dead_letter=0, oldest_spooled_at=None, bytes_on_disk=0)
+        else:
+            stats = read_stats(path)
     except Exception as exc:  # sqlite3.DatabaseError and kin: not a readable spool
         raise CommandError(f"cannot read {path}: {exc}") from exc
     pid, alive = locks.owner(directory, slot)
@@ -173,6 +184,10 @@ def _replay(args: argparse.Namespace) -> int:
     try:
         for lock in owned:
             spools.append((lock, open_spool(lock.spool_path, codec=_codec())))
+            if lock.slot == locks.SHIPPER_SLOT:  # no shipper runs: spool the journals of stopped app processes
+                reader = journal_reader(spools[-1][1])
+                while reader.ingest():
+                    pass
         total = sum(spool.ready_count() for _, spool in spools)
         if args.max_events is not None:
             total = min(total, args.max_events)

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from typing import Any, Callable, FrozenSet, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
@@ -34,6 +34,8 @@ DEFAULT_AUTHORIZATION_HEADER_NAME = "authorization"
 DEFAULT_AUTHORIZATION_USER_ID_FIELD = "sub"
 MAX_BATCH_SIZE = 10_000
 SPOOL_SYNC_MODES = ("normal", "full")
+SHIPPER_MODES = ("process", "thread")
+DEFAULT_SHIPPER = "process"
 
 Handler = Any  # a tornado.web.RequestHandler; kept loose so that user callables type-check easily
 HandlerCallable = Callable[[Handler], Any]
@@ -73,6 +75,7 @@ class Config:
     retry_max_wait: float = DEFAULT_RETRY_MAX_WAIT
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     spool_sync: str = DEFAULT_SPOOL_SYNC
+    shipper: str = DEFAULT_SHIPPER
     auth_retry_interval: float = DEFAULT_AUTH_RETRY_INTERVAL
     event_max_age: float = DEFAULT_EVENT_MAX_AGE
     spool_max_bytes: Optional[int] = DEFAULT_SPOOL_MAX_BYTES
@@ -93,8 +96,26 @@ class Config:
 
             f"Config(application_id={masked!r}, spool_dir={self.spool_dir!r}, base_uri={self.base_uri!r}, "
             f"batch_size={self.batch_size}, flush_interval={self.flush_interval}, "
-            f"send_timeout={self.send_timeout}, spool_sync={self.spool_sync!r})"
+            f"send_timeout={self.send_timeout}, spool_sync={self.spool_sync!r}, shipper={self.shipper!r})"
         )
+
+    def delivery_options(self) -> Dict[str, Any]:
+        """The options the shipper process needs, as a JSON-able dict that `from_dict` reads back.
+
+        Holds the application id and the encryption keys: hand it over a pipe, never in argv or a file.
+        """
+        keys = [key.decode("ascii") if isinstance(key, bytes) else key for key in self.spool_encryption_keys]
+        options: Dict[str, Any] = {
+            "APPLICATION_ID": self.application_id, "SPOOL_DIR": self.spool_dir, "BASE_URI": self.base_uri,
+            "BATCH_SIZE": self.batch_size, "FLUSH_INTERVAL": self.flush_interval, "SEND_TIMEOUT": self.send_timeout,
+            "RETRY_MAX_WAIT": self.retry_max_wait, "SPOOL_SYNC": self.spool_sync, "DEBUG": self.debug,
+            "AUTH_RETRY_INTERVAL": self.auth_retry_interval, "EVENT_MAX_AGE": self.event_max_age,
+            "SPOOL_MAX_BYTES": self.spool_max_bytes, "WHEN_FULL": self.when_full,
+            "DEAD_LETTER_RETENTION": self.dead_letter_retention, "SHIPPER": self.shipper,
+        }
+        if keys:
+            options["SPOOL_ENCRYPTION_KEY"] = keys
+        return options
 
     @classmethod
     def from_dict(cls, options: Optional[Mapping[str, Any]]) -> Config:
@@ -131,6 +152,7 @@ class Config:
             retry_max_wait=read.number("RETRY_MAX_WAIT", DEFAULT_RETRY_MAX_WAIT),
             max_body_bytes=read.integer("MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, low=0),
             spool_sync=read.choice("SPOOL_SYNC", DEFAULT_SPOOL_SYNC, SPOOL_SYNC_MODES),
+            shipper=read.choice("SHIPPER", DEFAULT_SHIPPER, SHIPPER_MODES),
             auth_retry_interval=read.number("AUTH_RETRY_INTERVAL", DEFAULT_AUTH_RETRY_INTERVAL),
             event_max_age=read.number("EVENT_MAX_AGE", DEFAULT_EVENT_MAX_AGE),
             spool_max_bytes=read.optional_integer("SPOOL_MAX_BYTES", DEFAULT_SPOOL_MAX_BYTES, low=1),
@@ -157,7 +179,7 @@ _KNOWN_KEYS = frozenset(
     {
         "APPLICATION_ID", "SKIP", "IDENTIFY_USER", "IDENTIFY_COMPANY", "GET_METADATA", "GET_SESSION_TOKEN",
         "MASK_EVENT_MODEL", "API_VERSION", "DEBUG", "LOG_BODY", "BATCH_SIZE", "BASE_URI", "LOCAL_MOESIF_BASEURL",
-        "SPOOL_DIR", "FLUSH_INTERVAL", "SEND_TIMEOUT", "RETRY_MAX_WAIT", "MAX_BODY_BYTES", "SPOOL_SYNC",
+        "SPOOL_DIR", "FLUSH_INTERVAL", "SEND_TIMEOUT", "RETRY_MAX_WAIT", "MAX_BODY_BYTES", "SPOOL_SYNC", "SHIPPER",
         "AUTHORIZATION_HEADER_NAME", "AUTHORIZATION_USER_ID_FIELD", "AUTH_RETRY_INTERVAL", "EVENT_MAX_AGE",
         "SPOOL_MAX_BYTES", "WHEN_FULL", "SPOOL_ENCRYPTION_KEY", "DEAD_LETTER_RETENTION", "EVENT_BATCH_TIMEOUT",
         "REQUEST_HEADER_MASKS", "RESPONSE_HEADER_MASKS", "REQUEST_BODY_MASKS", "RESPONSE_BODY_MASKS",

@@ -16,25 +16,31 @@ import re
 from typing import Iterator, List, Optional
 
 SPOOL_PATTERN = re.compile(r"^spool-(\d+)\.db$")
+SHIPPER_SLOT = -1  # the shipper's spool (``shipper.db``, locked through ``shipper.lock``), one per SPOOL_DIR
+_JOURNAL_PATTERN = re.compile(r"^intake-\d+-\d+\.jnl$")
 
 
 def spool_path(directory: str, slot: int) -> str:
     """The SQLite file of `slot` in `directory`."""
-    return os.path.join(directory, f"spool-{slot}.db")
+    return os.path.join(directory, "shipper.db" if slot == SHIPPER_SLOT else f"spool-{slot}.db")
 
 
 def lock_path(directory: str, slot: int) -> str:
     """The lock file of `slot` in `directory`."""
-    return os.path.join(directory, f"spool-{slot}.lock")
+    return os.path.join(directory, "shipper.lock" if slot == SHIPPER_SLOT else f"spool-{slot}.lock")
 
 
 def slots(directory: str) -> List[int]:
-    """The slots that have a spool file in `directory`, in order."""
+    """The slots that have a spool file in `directory`, in order; the shipper's comes first, and counts
+    as present as soon as a journal exists (whoever holds its lock spools the journals)."""
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
         return []
-    return sorted(int(m.group(1)) for m in map(SPOOL_PATTERN.match, names) if m)
+    found = sorted(int(m.group(1)) for m in map(SPOOL_PATTERN.match, names) if m)
+    if "shipper.db" in names or any(_JOURNAL_PATTERN.match(name) for name in names):
+        found.insert(0, SHIPPER_SLOT)
+    return found
 
 
 class SlotLock:

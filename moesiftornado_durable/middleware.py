@@ -40,10 +40,12 @@ from .codec import Codec
 from .config import Config, Handler
 from .errors import ConfigError, SpoolFullError
 from .flusher import Flusher
+from .journal import JournalWriter
 from .profiles import COMPANY_FIELDS, SUBSCRIPTION_FIELDS, USER_FIELDS, normalize_profile, normalize_profiles
 from .sampling import DEFAULT_REFRESH_INTERVAL, AppConfig, ConfigFetcher, Sampler
 from .sender import Sender
-from .spool import COMPANY, EVENT, SUBSCRIPTION, USER, open_spool, record_id
+from .shipper import Supervisor, read_stats_file, request_flush, shipper_running
+from .spool import COMPANY, EVENT, SUBSCRIPTION, USER, SpoolStats, SpoolView, open_spool, read_stats, record_id
 
 logger = logging.getLogger("moesiftornado_durable")
 
@@ -54,50 +56,208 @@ LOGGED_ATTRIBUTE = "_moesiftornado_durable_logged"
 _SETTINGS_KEY = "moesiftornado_durable"
 _ERROR_LOG_INTERVAL = 10.0  # seconds between repeated spool-failure logs
 _SPOOL_FAILING_FOR = 60.0  # seconds a failed spool write keeps stats()["spool_failing"] true
+_FLUSH_POLL = 0.05  # seconds between looks at the shipper's progress in flush()
 
 
 class _Runtime:
-    """The per-process parts: this process's spool slot (locked), its spool, the flusher draining it, and
-    the app-config fetcher."""
+    """The per-process parts, shared by both SHIPPER modes: this process's slot (locked) and the
+    app-config fetcher. `put` makes one record durable; the subclasses say where and who delivers it."""
 
-    def __init__(self, config: Config, on_evict: Callable[[List[str]], None],
-                 on_app_config: Callable[[AppConfig], None]) -> None:
+    def __init__(self, config: Config, on_app_config: Callable[[AppConfig], None]) -> None:
         self.pid = os.getpid()
+        self.config = config
         self.lock = locks.lock_free_slot(config.spool_dir)
-        try:
-            self.spool = open_spool(self.lock.spool_path, sync=config.spool_sync, max_bytes=config.spool_max_bytes,
-                                    when_full=config.when_full, on_evict=on_evict,
-                                    codec=Codec(config.spool_encryption_keys))
-            problem = self.spool.unreadable_sample()
-            if problem is not None:
-                self.spool.close()
-                raise ConfigError("SPOOL_ENCRYPTION_KEY", f"{problem} ({self.lock.spool_path}); "
-                                  "start with the key the spool was written with (a list keeps old keys readable)")
-        except BaseException:
-            self.lock.release()
-            raise
-        # Two senders: the fetcher and the flusher run on different threads, each with its own HTTP session.
+        # its own HTTP session: the fetcher runs on its own thread
         self._config_sender = Sender(config.base_uri, config.application_id, config.send_timeout)
         self.fetcher = ConfigFetcher(self._config_sender.fetch_app_config, on_app_config,
                                      refresh_interval=DEFAULT_REFRESH_INTERVAL, retry_wait=config.retry_max_wait)
-        sender = Sender(config.base_uri, config.application_id, config.send_timeout)
-        self.flusher = Flusher(self.spool, sender, config, on_config_etag=self.fetcher.notice_etag)
-        self.flusher.start()
-        self.fetcher.start()
+
+    def put(self, record: Dict[str, Any], kind: str) -> None:
+        raise NotImplementedError
+
+    def flush(self, timeout: float) -> bool:
+        raise NotImplementedError
+
+    def delivery_stats(self) -> Tuple[Dict[str, Any], SpoolStats]:
+        """(delivery counters and errors, the spool's state); the spool part may raise sqlite3.Error."""
+        raise NotImplementedError
 
     def close(self, timeout: float) -> None:
         self.fetcher.close(min(timeout, _CONFIG_CLOSE_WAIT))
         if not self.fetcher.is_alive:
             self._config_sender.close()
+
+    def abandon_after_fork(self) -> None:
+        """In a forked child: drop the child's copy of the parent's lock fd; the parent keeps its lock."""
+        self.lock.release()
+
+    def before_fork(self) -> None:
+        pass
+
+    def after_fork_in_parent(self) -> None:
+        pass
+
+
+class _ThreadRuntime(_Runtime):
+    """SHIPPER 'thread': records are committed to this process's own SQLite spool (``spool-N.db``), and a
+    flusher thread in this process delivers them."""
+
+    def __init__(self, config: Config, on_evict: Callable[[List[str]], None],
+                 on_app_config: Callable[[AppConfig], None]) -> None:
+        super().__init__(config, on_app_config)
+        try:
+            self.spool = open_spool(self.lock.spool_path, sync=config.spool_sync, max_bytes=config.spool_max_bytes,
+                                    when_full=config.when_full, on_evict=on_evict,
+                                    codec=Codec(config.spool_encryption_keys))
+        except BaseException:
+            self.lock.release()
+            raise
+        try:
+            _check_readable(self.spool.path, self.spool.unreadable_sample())
+        except BaseException:
+            self.spool.close()
+            self.lock.release()
+            raise
+        sender = Sender(config.base_uri, config.application_id, config.send_timeout)
+        self.flusher = Flusher(self.spool, sender, config, on_config_etag=self.fetcher.notice_etag)
+        self.flusher.start()
+        self.fetcher.start()
+
+    def put(self, record: Dict[str, Any], kind: str) -> None:
+        self.spool.put(record, kind)
+
+    def flush(self, timeout: float) -> bool:
+        return self.flusher.flush(timeout)
+
+    def delivery_stats(self) -> Tuple[Dict[str, Any], SpoolStats]:
+        courier = self.flusher.courier
+        delivery: Dict[str, Any] = dict(courier.counters)
+        delivery["last_error"] = None if courier.last_error is None else str(courier.last_error)
+        delivery["last_error_at"] = courier.last_error_at
+        return delivery, self.spool.stats()
+
+    def close(self, timeout: float) -> None:
+        super().close(timeout)
         self.flusher.close(timeout)
         if not self.flusher.is_alive:
             self.spool.close()
             self.lock.release()
 
+    def before_fork(self) -> None:
+        self.spool.hold_for_fork()
+
+    def after_fork_in_parent(self) -> None:
+        self.spool.release_after_fork()
+
+
+class _ProcessRuntime(_Runtime):
+    """SHIPPER 'process' (the default): records are appended to this process's intake journal with one
+    `write()`; the shipper process of SPOOL_DIR spools and delivers them, and a supervisor thread here
+    keeps one running."""
+
+    def __init__(self, config: Config, on_app_config: Callable[[AppConfig], None]) -> None:
+        super().__init__(config, on_app_config)
+        self.codec = Codec(config.spool_encryption_keys)
+        spool_path = locks.spool_path(config.spool_dir, locks.SHIPPER_SLOT)
+        if os.path.exists(spool_path):
+            view = SpoolView(spool_path)
+            try:
+                _check_readable(view.path, view.unreadable_sample(self.codec))
+            except BaseException:
+                self.lock.release()
+                raise
+            finally:
+                view.close()
+        self.writer = JournalWriter(config.spool_dir, self.lock.slot, config.spool_sync)
+        self._shipper: Dict[str, Any] = {}
+        self._written_since_stats = 0
+        self.supervisor = Supervisor(config, self._shipper_stats)
+        self.supervisor.start()
+        self.fetcher.start()
+
+    def _shipper_stats(self, stats: Dict[str, Any]) -> None:
+        if stats.get("time") != self._shipper.get("time"):
+            self._shipper = stats
+            self._written_since_stats = 0
+            self.fetcher.notice_etag(stats.get("config_etag"))
+
+    def put(self, record: Dict[str, Any], kind: str) -> None:
+        data = self.codec.encode(record)
+        max_bytes = self.config.spool_max_bytes
+        if max_bytes is not None and self.config.when_full == "drop_newest":
+            backlog = int(self._shipper.get("live_bytes") or 0) + self._written_since_stats
+            if backlog + len(data) > max_bytes:
+                raise SpoolFullError(f"the spool holds about {backlog} bytes (SPOOL_MAX_BYTES {max_bytes})")
+        self.writer.append(kind, data, time.time())
+        self._written_since_stats += len(data)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until this process's journal is spooled and everything spooled by then is delivered."""
+        deadline = time.monotonic() + timeout
+        segment, size = os.path.basename(self.writer.path), self.writer.size
+        view = SpoolView(locks.spool_path(self.config.spool_dir, locks.SHIPPER_SLOT))
+        try:
+            request_flush(self.config.spool_dir)
+            mark: Optional[int] = None
+            while time.monotonic() < deadline:
+                try:
+                    if mark is None and self._spooled(view, segment, size):
+                        mark = view.last_id()
+                    if mark is not None and view.pending_through(mark) == 0:
+                        self._await_stats_after(time.time(), deadline)
+                        return True
+                except (sqlite3.Error, FileNotFoundError):
+                    pass  # the shipper has not created its spool yet
+                time.sleep(_FLUSH_POLL)
+            return False
+        finally:
+            view.close()
+
+    def _await_stats_after(self, moment: float, deadline: float) -> None:
+        """Give the shipper a moment to publish the figures of what was just delivered (for `stats`)."""
+        until = min(deadline, time.monotonic() + 1.0)
+        while time.monotonic() < until:
+            if float(read_stats_file(self.config.spool_dir).get("time") or 0) >= moment:
+                return
+            time.sleep(_FLUSH_POLL / 5)
+
+    def _spooled(self, view: SpoolView, segment: str, size: int) -> bool:
+        if not segment:
+            return True  # this process wrote nothing
+        offset = view.journal_offset(segment)
+        if offset is None:
+            return not os.path.exists(self.writer.path)  # deleted once spooled completely
+        return offset >= size
+
+    def delivery_stats(self) -> Tuple[Dict[str, Any], SpoolStats]:
+        shipper = read_stats_file(self.config.spool_dir)
+        delivery: Dict[str, Any] = dict(shipper.get("counters") or {})
+        delivery["last_error"] = shipper.get("last_error")
+        delivery["last_error_at"] = shipper.get("last_error_at")
+        delivery["shipper_pid"] = shipper.get("pid")
+        delivery["shipper_running"] = shipper_running(self.config.spool_dir)
+        path = locks.spool_path(self.config.spool_dir, locks.SHIPPER_SLOT)
+        if not os.path.exists(path):  # no shipper has started yet: nothing is spooled
+            return delivery, SpoolStats(ready=0, in_flight=0, dead_letter=0, oldest_spooled_at=None, bytes_on_disk=0)
+        return delivery, read_stats(path)
+
+    def close(self, timeout: float) -> None:
+        super().close(timeout)
+        self.writer.close()
+        self.lock.release()  # our segment is finished now: the shipper may spool its tail and delete it
+        self.supervisor.close(timeout)
+
     def abandon_after_fork(self) -> None:
-        """In a forked child: drop the child's copy of the parent's lock fd. The SQLite connections are left
-        alone (closing them here could write to the parent's files); the parent keeps its lock."""
-        self.lock.release()
+        super().abandon_after_fork()
+        self.writer.close()
+        self.supervisor.abandon_after_fork()
+
+
+def _check_readable(path: str, problem: Optional[str]) -> None:
+    """Fail at construction when the spool holds records that SPOOL_ENCRYPTION_KEY cannot open."""
+    if problem is not None:
+        raise ConfigError("SPOOL_ENCRYPTION_KEY", f"{problem} ({path}); "
+                          "start with the key the spool was written with (a list keeps old keys readable)")
 
 
 class MoesifMiddleware:
@@ -241,7 +401,7 @@ class MoesifMiddleware:
     def flush(self, timeout: float = 10.0) -> bool:
         """Block until everything spooled so far is delivered; False if `timeout` passed first."""
         runtime = self._runtime_here()
-        return runtime is not None and runtime.flusher.flush(timeout)
+        return runtime is not None and runtime.flush(timeout)
 
     def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
         """Deliver what can be delivered within `timeout`, stop the flusher; the rest stays on disk.
@@ -274,14 +434,11 @@ class MoesifMiddleware:
         runtime = self._runtime
         if runtime is None or runtime.pid != os.getpid():
             return result
-        courier = runtime.flusher.courier
-        result.update(courier.counters)
-        result["last_error"] = None if courier.last_error is None else str(courier.last_error)
-        result["last_error_at"] = courier.last_error_at
         result["app_config_error"] = runtime.fetcher.last_error
         try:
-            spool = runtime.spool.stats()
-        except sqlite3.Error as exc:
+            delivery, spool = runtime.delivery_stats()
+            result.update(delivery)
+        except (sqlite3.Error, OSError) as exc:
             result.update(spool_error=repr(exc), spool_failing=True)
             return result
         result.update(
@@ -303,7 +460,7 @@ class MoesifMiddleware:
             self._drop("spool_unavailable", "the spool could not be opened", record)
             return
         try:
-            runtime.spool.put(record, kind)
+            runtime.put(record, kind)
         except SpoolFullError:
             audit.record_left([record_id(record)], "refused: spool full (WHEN_FULL='drop_newest')", kind)
             self._drop("spool_full", f"the spool is full (SPOOL_MAX_BYTES, WHEN_FULL={self.config.when_full!r}); "
@@ -331,7 +488,9 @@ class MoesifMiddleware:
         with self._lock:
             if self._runtime is None or self._runtime.pid != os.getpid():
                 try:
-                    self._runtime = _Runtime(self.config, self._evicted, self._sampler.update)
+                    self._runtime = (_ProcessRuntime(self.config, self._sampler.update)
+                                     if self.config.shipper == "process"
+                                     else _ThreadRuntime(self.config, self._evicted, self._sampler.update))
                 except (sqlite3.Error, OSError):
                     # logged here, with the cause; a record that this costs is counted by the caller
                     self._log_error(f"cannot open the spool in {self.config.spool_dir}")
@@ -367,12 +526,12 @@ class MoesifMiddleware:
     def _before_fork(self) -> None:
         runtime = self._runtime
         if runtime is not None and runtime.pid == os.getpid():
-            runtime.spool.hold_for_fork()
+            runtime.before_fork()
 
     def _after_fork_in_parent(self) -> None:
         runtime = self._runtime
         if runtime is not None and runtime.pid == os.getpid():
-            runtime.spool.release_after_fork()
+            runtime.after_fork_in_parent()
 
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()

@@ -124,6 +124,7 @@ class _AckQueue(SQLiteAckQueue):
                 "CREATE TABLE IF NOT EXISTS dead_letter (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, "
                 "data BLOB, timestamp FLOAT, http_status INTEGER, reason TEXT, dead_at FLOAT)"
             )
+            conn.execute("CREATE TABLE IF NOT EXISTS journal_offsets (segment TEXT PRIMARY KEY, offset INTEGER)")
 
 
 class Spool:
@@ -183,6 +184,11 @@ class Spool:
         self._grow(len(data))
         self._queue.put_event.set()
         return int(row_id)
+
+    @property
+    def live_bytes(self) -> int:
+        """Stored bytes of the ready and in-flight records: what SPOOL_MAX_BYTES bounds."""
+        return self._live_bytes
 
     @property
     def codec(self) -> Codec:
@@ -366,19 +372,7 @@ class Spool:
         """Why the oldest waiting record and the oldest dead letter cannot be decoded with this spool's
         keys, or None when they can (or there are none): the start-up check of SPOOL_ENCRYPTION_KEY."""
         with self._queue.tran_lock:
-            conn = self._conn()
-            samples = [conn.execute(f"SELECT data FROM {self._table} WHERE status <= {_IN_FLIGHT} "
-                                    f"ORDER BY {self._key} LIMIT 1").fetchone(),
-                       conn.execute("SELECT data FROM dead_letter ORDER BY id LIMIT 1").fetchone()]
-        for sample in samples:
-            if sample is not None:
-                try:
-                    self._codec.decode(sample[0])
-                except UndecryptableError as exc:
-                    return str(exc)
-                except ValueError:
-                    pass  # a damaged record is the integrity check's business, not the key's
-        return None
+            return _unreadable_sample(self._conn(), self._codec)
 
     def scrub(self) -> bool:
         """Fold the WAL into the database and truncate it, so delivered records leave no bytes behind
@@ -399,6 +393,34 @@ class Spool:
         self._grow(sum(len(v[0]) for v in values))
         self.wake()
         return len(values)
+
+    def ingest(self, rows: Sequence[Tuple[str, bytes, float]], segment: str, offset: int) -> None:
+        """Commit rows read from a journal segment together with how far the segment has been read, in one
+        transaction: a crash either keeps both or neither, so a record is never lost nor spooled twice.
+
+        Rows are already durable in the journal, so SPOOL_MAX_BYTES never refuses them here; with
+        WHEN_FULL 'drop_oldest' the oldest waiting records make room.
+        """
+        added = sum(len(data) for _, data, _ in rows)
+        if rows and self._max_bytes is not None and self._when_full == "drop_oldest" \
+                and self._live_bytes + added > self._max_bytes:
+            self._evict_oldest(added)
+        with self._queue.tran_lock, self._conn() as conn:
+            conn.executemany(f"INSERT INTO {self._table} (data, timestamp, status, kind) VALUES (?, ?, 0, ?)",
+                             [(data, spooled_at, kind) for kind, data, spooled_at in rows])
+            conn.execute("INSERT OR REPLACE INTO journal_offsets (segment, offset) VALUES (?, ?)", (segment, offset))
+        self._grow(added)
+        if rows:
+            self.wake()
+
+    def journal_offsets(self) -> Dict[str, int]:
+        """How far each journal segment has been spooled: {segment file name: byte offset}."""
+        with self._queue.tran_lock:
+            return dict(self._conn().execute("SELECT segment, offset FROM journal_offsets").fetchall())
+
+    def forget_segment(self, segment: str) -> None:
+        """Drop the offset of a journal segment that was spooled completely and deleted."""
+        self._execute_many("DELETE FROM journal_offsets WHERE segment = ?", [(segment,)])
 
     def records(self) -> Iterator[Dict[str, Any]]:
         """Every record in the file, live ones then dead letters, with its state (for export and audit)."""
@@ -543,6 +565,65 @@ def read_stats(path: str) -> SpoolStats:
         return _stats_of(conn, path)
     finally:
         conn.close()
+
+
+class SpoolView:
+    """A read-only look at a spool that another process owns (the shipper's, from an app process):
+    progress questions for `flush`, through one read-only connection opened on first use."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._conn: Optional[sqlite3.Connection] = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            if not os.path.exists(self.path):
+                raise FileNotFoundError(f"no spool file at {self.path}")
+            self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10,
+                                         check_same_thread=False)
+        return self._conn
+
+    def journal_offset(self, segment: str) -> Optional[int]:
+        """How far `segment` has been spooled; None if the spool has no offset for it."""
+        row = self._connection().execute("SELECT offset FROM journal_offsets WHERE segment = ?", (segment,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def last_id(self) -> int:
+        """The highest record id ever assigned."""
+        row = self._connection().execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (TABLE,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def pending_through(self, mark: int) -> int:
+        """How many records with id <= `mark` are still ready or in flight."""
+        row = self._connection().execute(
+            f"SELECT COUNT(*) FROM {TABLE} WHERE _id <= ? AND status <= {_IN_FLIGHT}", (mark,)).fetchone()
+        return int(row[0])
+
+    def stats(self) -> SpoolStats:
+        return _stats_of(self._connection(), self.path)
+
+    def unreadable_sample(self, codec: Codec) -> Optional[str]:
+        """As `Spool.unreadable_sample`, with `codec`'s keys."""
+        return _unreadable_sample(self._connection(), codec)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+def _unreadable_sample(conn: sqlite3.Connection, codec: Codec) -> Optional[str]:
+    samples = [conn.execute(f"SELECT data FROM {TABLE} WHERE status <= {_IN_FLIGHT} ORDER BY _id LIMIT 1").fetchone(),
+               conn.execute("SELECT data FROM dead_letter ORDER BY id LIMIT 1").fetchone()]
+    for sample in samples:
+        if sample is not None:
+            try:
+                codec.decode(sample[0])
+            except UndecryptableError as exc:
+                return str(exc)
+            except ValueError:
+                pass  # a damaged record is the integrity check's business, not the key's
+    return None
 
 
 def _stats_of(conn: sqlite3.Connection, path: str) -> SpoolStats:

@@ -1,0 +1,262 @@
+"""The shipper: one process per SPOOL_DIR that moves journaled records into the spool and on to Moesif.
+
+Why a process: whatever a thread in the app process does (ingesting, encoding batches, gzip, HTTP) is
+paid for by the IOLoop through the GIL. With SHIPPER 'process' (the default) the app process only
+appends each record to its journal (`journal.py`); this process does the rest: journals → spool
+(group commits) → the same `Flusher` as the thread mode (batches, tenacity, moesifapi, ack).
+
+Election: the shipper holds an exclusive `flock` on ``shipper.lock`` (`locks.SHIPPER_SLOT`) for its life,
+so a SPOOL_DIR has one shipper however many app processes write to it. Each app process runs a `Supervisor` thread that
+starts a shipper whenever that lock is free (at start, after a crash of the shipper, after the
+shipper's parent app exited) and reads the shipper's figures from ``shipper-stats.json``.
+
+Lifetime: the shipper stops on SIGTERM (its app's `close`) or when its parent process is gone: it
+spools what the journals hold, sends what it can within CLOSE_TIMEOUT, and leaves the rest on disk
+for the next shipper. It ignores SIGINT: a Ctrl-C belongs to the app, whose exit then stops it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, Optional
+
+from . import locks
+from .codec import Codec
+from .config import Config
+from .flusher import Flusher
+from .journal import JournalReader
+from .sender import Sender
+from .spool import Spool, open_spool
+from .worker import ProcessThread
+
+logger = logging.getLogger("moesiftornado_durable")
+
+STATS_FILE = "shipper-stats.json"
+FLUSH_REQUEST = "flush-request"
+EXIT_ANOTHER_SHIPPER = 3  # this SPOOL_DIR already has a live shipper
+CLOSE_TIMEOUT = 10.0  # seconds the shipper spends delivering when asked to stop; the rest stays on disk
+STATS_INTERVAL = 0.05  # seconds between looks at the figures; shipper-stats.json is rewritten when they change
+SUPERVISE_INTERVAL = 1.0  # seconds between an app process's looks at whether a shipper runs
+_FLUSH_URGENCY = 10.0  # seconds partial batches go out at once after a flush request
+
+
+def read_stats_file(directory: str) -> Dict[str, Any]:
+    """What the shipper last published about itself; {} when there is none yet."""
+    try:
+        with open(os.path.join(directory, STATS_FILE), encoding="utf-8") as f:
+            return dict(json.load(f))
+    except (OSError, ValueError):
+        return {}
+
+
+def request_flush(directory: str) -> None:
+    """Ask the shipper to send partial batches at once (what `flush` needs), by touching a file."""
+    path = os.path.join(directory, FLUSH_REQUEST)
+    with open(path, "a", encoding="utf-8"):
+        pass
+    os.utime(path, None)
+
+
+def shipper_running(directory: str) -> bool:
+    """True if a live process holds the shipper lock of `directory` (changes nothing)."""
+    return bool(locks.owner(directory, locks.SHIPPER_SLOT)[1])
+
+
+def journal_reader(spool: Spool) -> JournalReader:
+    """A reader that spools the journals beside `spool` into it (whoever holds the shipper lock)."""
+    directory = spool.directory
+
+    def writer_alive(slot: int) -> bool:
+        lock = locks.try_lock(directory, slot)
+        if lock is None:
+            return True
+        lock.release()
+        return False
+
+    return JournalReader(directory, writer_alive, spool.ingest, spool.journal_offsets, spool.forget_segment)
+
+
+class Shipper:
+    """The shipper's parts in its own process: the spool, the journal reader feeding it, and the flusher."""
+
+    def __init__(self, config: Config) -> None:
+        self.directory = config.spool_dir
+        self.spool: Spool = open_spool(locks.spool_path(self.directory, locks.SHIPPER_SLOT), sync=config.spool_sync,
+                                       max_bytes=config.spool_max_bytes, when_full=config.when_full,
+                                       on_evict=self._evicted, codec=Codec(config.spool_encryption_keys))
+        self.reader = journal_reader(self.spool)
+        self.flusher = Flusher(self.spool, Sender(config.base_uri, config.application_id, config.send_timeout),
+                               config, intake=self._intake, on_config_etag=self._notice_etag)
+        self._config_etag: Optional[str] = None
+        self._dropped_oldest = 0
+        self._flush_seen = self._flush_requested_at()
+        self._published: Dict[str, Any] = {}
+
+    def _intake(self) -> int:
+        requested = self._flush_requested_at()
+        if requested != self._flush_seen:
+            self._flush_seen = requested
+            self.flusher.hurry(_FLUSH_URGENCY)
+        return self.reader.ingest()
+
+    def _flush_requested_at(self) -> float:
+        try:
+            return os.stat(os.path.join(self.directory, FLUSH_REQUEST)).st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    def _notice_etag(self, etag: Optional[str]) -> None:
+        self._config_etag = etag or self._config_etag
+
+    def _evicted(self, record_ids: Any) -> None:
+        self._dropped_oldest += len(record_ids)
+        logger.error("moesiftornado_durable: the spool is full (SPOOL_MAX_BYTES); dropped the %d oldest waiting "
+                     "record(s); dropped so far: %d", len(record_ids), self._dropped_oldest)
+
+    def start(self) -> None:
+        self.flusher.start()
+
+    def publish_stats(self) -> None:
+        """Write shipper-stats.json atomically when the figures changed: app processes read them there."""
+        courier = self.flusher.courier
+        figures = dict(courier.counters)
+        figures.update(self.reader.counters)
+        figures["dropped_oldest"] = self._dropped_oldest
+        stats = {
+            "pid": os.getpid(), "counters": figures,
+            "last_error": None if courier.last_error is None else str(courier.last_error),
+            "last_error_at": courier.last_error_at, "failing": courier.failing,
+            "config_etag": self._config_etag, "live_bytes": self.spool.live_bytes,
+        }
+        if stats == self._published and not self.flusher.hurried:
+            return  # unchanged; while a flush is waiting, every look is published (it waits for a fresh one)
+        self._published = stats
+        stats = dict(stats, time=time.time())
+        path = os.path.join(self.directory, STATS_FILE)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump(stats, f)
+        os.replace(temporary, path)
+
+    def close(self, timeout: float) -> None:
+        """Spool everything the journals hold, deliver what can be delivered within `timeout`, stop."""
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(Exception):
+            while self.reader.ingest() and time.monotonic() < deadline:
+                pass
+        self.flusher.close(max(0.0, deadline - time.monotonic()))
+        with contextlib.suppress(Exception):
+            self.publish_stats()
+        if not self.flusher.is_alive:
+            self.spool.close()
+
+
+def main() -> int:
+    """The shipper process's entry point: the options arrive as JSON on stdin (they hold secrets)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    config = Config.from_dict(json.loads(sys.stdin.read()))
+    logging.basicConfig(level=logging.DEBUG if config.debug else logging.WARNING,
+                        format="%(asctime)s moesif-shipper[%(process)d] %(levelname)s %(message)s")
+    lock = locks.try_lock(config.spool_dir, locks.SHIPPER_SLOT)
+    if lock is None:
+        return EXIT_ANOTHER_SHIPPER
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    parent = os.getppid()
+    shipper = Shipper(config)
+    shipper.start()
+    while not stop.wait(STATS_INTERVAL) and os.getppid() == parent:
+        with contextlib.suppress(OSError):
+            shipper.publish_stats()
+    shipper.close(CLOSE_TIMEOUT)
+    lock.release()
+    return 0
+
+
+class Supervisor:
+    """In each app process: keep a shipper running for SPOOL_DIR, and read what it publishes.
+
+    Starts one at once and then checks every `SUPERVISE_INTERVAL`; a shipper that exits (crash, or its
+    parent app stopped) is replaced by whichever app process looks first.
+    """
+
+    def __init__(self, config: Config, on_stats: Callable[[Dict[str, Any]], None]) -> None:
+        self._config = config
+        self._on_stats = on_stats
+        self._child: Optional[subprocess.Popen] = None
+        self._stop = threading.Event()
+        self.starts = 0
+        self._worker = ProcessThread("moesif-durable-supervisor", self._run)
+
+    def start(self) -> None:
+        self._worker.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._worker.is_alive
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._on_stats(read_stats_file(self._config.spool_dir))
+                self._keep_shipper_running()
+            except Exception:  # the supervisor must survive anything
+                logger.exception("moesiftornado_durable: the shipper supervisor failed; retrying")
+            self._stop.wait(SUPERVISE_INTERVAL)
+
+    def _keep_shipper_running(self) -> None:
+        child = self._child
+        if child is not None:
+            if child.poll() is None:
+                return
+            self._child = None
+            if child.returncode not in (0, EXIT_ANOTHER_SHIPPER):
+                logger.error("moesiftornado_durable: the shipper (pid %d) exited with %s; starting another",
+                             child.pid, child.returncode)
+        if not shipper_running(self._config.spool_dir) and not self._stop.is_set():
+            self._child = _spawn(self._config)
+            self.starts += 1
+
+    def close(self, timeout: float) -> None:
+        """Stop supervising; ask our shipper (if this process started the live one) to finish within
+        `timeout`. A shipper still sending after that finishes on its own within CLOSE_TIMEOUT."""
+        self._stop.set()
+        self._worker.join(timeout)
+        child, self._child = self._child, None
+        if child is None or child.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout)
+
+    def abandon_after_fork(self) -> None:
+        """In a forked child: the parent's shipper is the parent's to stop."""
+        self._child = None
+
+
+def _spawn(config: Config) -> subprocess.Popen:
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    child = subprocess.Popen([sys.executable, "-c", "import sys; from moesiftornado_durable.shipper import main; "
+                              "sys.exit(main())"], stdin=subprocess.PIPE, env=env, close_fds=True)
+    assert child.stdin is not None
+    try:
+        child.stdin.write(json.dumps(config.delivery_options()).encode("utf-8"))
+    finally:
+        child.stdin.close()
+    logger.debug("started a shipper (pid %d) for %s", child.pid, config.spool_dir)
+    return child
+
+
+if __name__ == "__main__":
+    sys.exit(main())
