@@ -236,6 +236,7 @@ class Flusher:
     def hurry(self, seconds: float) -> None:
         """Send partial batches at once for the next `seconds` (a flush asked for by another process)."""
         self._urgent_until = max(self._urgent_until, time.monotonic() + seconds)
+        self._next_orphan_scan = 0.0  # and look for orphans now: a flush waits for them too
         self._spool.wake()
 
     @property

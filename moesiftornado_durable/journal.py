@@ -17,6 +17,7 @@ spooled_at (f64), then the payload (the record as the spool stores it: JSON, or 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -28,6 +29,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 logger = logging.getLogger("moesiftornado_durable")
 
+INTAKE = "intake"  # the lock-file prefix of journal slots: intake-<slot>.lock
 SEGMENT_PATTERN = re.compile(r"^intake-(\d+)-(\d+)\.jnl$")
 SEGMENT_BYTES = 4 * 1024 * 1024  # a writer starts a new segment past this; the reader deletes ingested ones
 _MAGIC = b"MJ"
@@ -105,7 +107,8 @@ class JournalWriter:
     def _abandon_segment(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None and self.pid == os.getpid():
-            os.close(fd)
+            with contextlib.suppress(OSError):  # closing after a failed write may fail the same way
+                os.close(fd)
 
     def close(self) -> None:
         """Close the open segment (in a forked child: forget the parent's without touching it)."""
@@ -202,11 +205,16 @@ class JournalReader:
         self._offsets = offsets
         self._forget = forget
         self._chunk_bytes = chunk_bytes
+        self._lock = threading.Lock()  # the flusher's loop and the shipper's close may both ingest
         self.counters: Dict[str, int] = {"journal_records": 0, "journal_damaged_bytes": 0}
 
     def ingest(self, max_bytes: int = 8 * 1024 * 1024) -> int:
         """One pass over the journals: spool what was appended since the last pass, up to about
         `max_bytes`, and delete segments that are finished and fully spooled. Returns records spooled."""
+        with self._lock:
+            return self._ingest(max_bytes)
+
+    def _ingest(self, max_bytes: int) -> int:
         offsets = self._offsets()
         moved = 0
         budget = max_bytes

@@ -25,9 +25,9 @@ def spool_path(directory: str, slot: int) -> str:
     return os.path.join(directory, "shipper.db" if slot == SHIPPER_SLOT else f"spool-{slot}.db")
 
 
-def lock_path(directory: str, slot: int) -> str:
-    """The lock file of `slot` in `directory`."""
-    return os.path.join(directory, "shipper.lock" if slot == SHIPPER_SLOT else f"spool-{slot}.lock")
+def lock_path(directory: str, slot: int, prefix: str = "spool") -> str:
+    """The lock file of `slot` in `directory`; prefix 'intake' names an app process's journal slot."""
+    return os.path.join(directory, "shipper.lock" if slot == SHIPPER_SLOT else f"{prefix}-{slot}.lock")
 
 
 def slots(directory: str) -> List[int]:
@@ -75,9 +75,9 @@ class SlotLock:
         return f"SlotLock({self.directory!r}, slot={self.slot}, held={self.held})"
 
 
-def try_lock(directory: str, slot: int) -> Optional[SlotLock]:
+def try_lock(directory: str, slot: int, prefix: str = "spool") -> Optional[SlotLock]:
     """Take `slot` if no live process holds it; None if one does. Records our pid in the lock file."""
-    fd = os.open(lock_path(directory, slot), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(lock_path(directory, slot, prefix), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -91,12 +91,13 @@ def try_lock(directory: str, slot: int) -> Optional[SlotLock]:
     return SlotLock(directory, slot, fd)
 
 
-def lock_free_slot(directory: str) -> SlotLock:
-    """Take the lowest slot no live process holds, creating a new one if all are taken."""
+def lock_free_slot(directory: str, prefix: str = "spool") -> SlotLock:
+    """Take the lowest slot no live process holds, creating a new one if all are taken. Journal slots
+    (prefix 'intake') are a namespace of their own, so a journal never keeps a spool file from adoption."""
     taken = set(slots(directory))
     slot = 0
     while True:
-        lock = try_lock(directory, slot)
+        lock = try_lock(directory, slot, prefix)
         if lock is not None:
             return lock
         slot += 1

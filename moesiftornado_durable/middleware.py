@@ -40,7 +40,7 @@ from .codec import Codec
 from .config import Config, Handler
 from .errors import ConfigError, SpoolFullError
 from .flusher import Flusher
-from .journal import JournalWriter
+from .journal import INTAKE, JournalWriter
 from .profiles import COMPANY_FIELDS, SUBSCRIPTION_FIELDS, USER_FIELDS, normalize_profile, normalize_profiles
 from .sampling import DEFAULT_REFRESH_INTERVAL, AppConfig, ConfigFetcher, Sampler
 from .sender import Sender
@@ -63,10 +63,12 @@ class _Runtime:
     """The per-process parts, shared by both SHIPPER modes: this process's slot (locked) and the
     app-config fetcher. `put` makes one record durable; the subclasses say where and who delivers it."""
 
+    slot_kind = "spool"
+
     def __init__(self, config: Config, on_app_config: Callable[[AppConfig], None]) -> None:
         self.pid = os.getpid()
         self.config = config
-        self.lock = locks.lock_free_slot(config.spool_dir)
+        self.lock = locks.lock_free_slot(config.spool_dir, self.slot_kind)
         # its own HTTP session: the fetcher runs on its own thread
         self._config_sender = Sender(config.base_uri, config.application_id, config.send_timeout)
         self.fetcher = ConfigFetcher(self._config_sender.fetch_app_config, on_app_config,
@@ -155,6 +157,8 @@ class _ProcessRuntime(_Runtime):
     `write()`; the shipper process of SPOOL_DIR spools and delivers them, and a supervisor thread here
     keeps one running."""
 
+    slot_kind = INTAKE
+
     def __init__(self, config: Config, on_app_config: Callable[[AppConfig], None]) -> None:
         super().__init__(config, on_app_config)
         self.codec = Codec(config.spool_encryption_keys)
@@ -203,7 +207,7 @@ class _ProcessRuntime(_Runtime):
                 try:
                     if mark is None and self._spooled(view, segment, size):
                         mark = view.last_id()
-                    if mark is not None and view.pending_through(mark) == 0:
+                    if mark is not None and view.pending_through(mark) == 0 and not self._orphans_waiting():
                         self._await_stats_after(time.time(), deadline)
                         return True
                 except (sqlite3.Error, FileNotFoundError):
@@ -221,6 +225,16 @@ class _ProcessRuntime(_Runtime):
                 return
             time.sleep(_FLUSH_POLL / 5)
 
+    def _orphans_waiting(self) -> bool:
+        """True while a spool file left by a stopped process (which the shipper adopts) still holds records."""
+        directory = self.config.spool_dir
+        for slot in locks.slots(directory):
+            if slot != locks.SHIPPER_SLOT and not locks.owner(directory, slot)[1]:
+                stats = read_stats(locks.spool_path(directory, slot))
+                if stats.ready or stats.in_flight:
+                    return True
+        return False
+
     def _spooled(self, view: SpoolView, segment: str, size: int) -> bool:
         if not segment:
             return True  # this process wrote nothing
@@ -237,9 +251,13 @@ class _ProcessRuntime(_Runtime):
         delivery["shipper_pid"] = shipper.get("pid")
         delivery["shipper_running"] = shipper_running(self.config.spool_dir)
         path = locks.spool_path(self.config.spool_dir, locks.SHIPPER_SLOT)
-        if not os.path.exists(path):  # no shipper has started yet: nothing is spooled
+        try:
+            return delivery, read_stats(path)
+        except (FileNotFoundError, sqlite3.OperationalError) as exc:
+            if isinstance(exc, sqlite3.OperationalError) and "no such table" not in str(exc):
+                raise
+            # no shipper has created the spool yet (or it is doing so right now): nothing is spooled
             return delivery, SpoolStats(ready=0, in_flight=0, dead_letter=0, oldest_spooled_at=None, bytes_on_disk=0)
-        return delivery, read_stats(path)
 
     def close(self, timeout: float) -> None:
         super().close(timeout)

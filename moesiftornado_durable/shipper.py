@@ -26,13 +26,13 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from . import locks
 from .codec import Codec
 from .config import Config
 from .flusher import Flusher
-from .journal import JournalReader
+from .journal import INTAKE, JournalReader
 from .sender import Sender
 from .spool import Spool, open_spool
 from .worker import ProcessThread
@@ -46,6 +46,11 @@ CLOSE_TIMEOUT = 10.0  # seconds the shipper spends delivering when asked to stop
 STATS_INTERVAL = 0.05  # seconds between looks at the figures; shipper-stats.json is rewritten when they change
 SUPERVISE_INTERVAL = 1.0  # seconds between an app process's looks at whether a shipper runs
 _FLUSH_URGENCY = 10.0  # seconds partial batches go out at once after a flush request
+_EARLY_SIGTERM = "_moesiftornado_durable_sigterm"
+# The shipper's command line. A SIGTERM that arrives while the imports still run (an app that closes at
+# once) is remembered, not fatal: the shipper then spools the journals and delivers before it exits.
+_BOOTSTRAP = (f"import signal, sys; signal.signal(signal.SIGTERM, lambda *a: setattr(sys, {_EARLY_SIGTERM!r}, True)); "
+              "from moesiftornado_durable.shipper import main; sys.exit(main())")
 
 
 def read_stats_file(directory: str) -> Dict[str, Any]:
@@ -75,7 +80,7 @@ def journal_reader(spool: Spool) -> JournalReader:
     directory = spool.directory
 
     def writer_alive(slot: int) -> bool:
-        lock = locks.try_lock(directory, slot)
+        lock = locks.try_lock(directory, slot, INTAKE)
         if lock is None:
             return True
         lock.release()
@@ -162,20 +167,25 @@ class Shipper:
 def main() -> int:
     """The shipper process's entry point: the options arrive as JSON on stdin (they hold secrets)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    config = Config.from_dict(json.loads(sys.stdin.read()))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    if getattr(sys, _EARLY_SIGTERM, False):  # it came while this module was still being imported
+        stop.set()
+    handed = json.loads(sys.stdin.read())
+    config = Config.from_dict(handed["options"])
+    parent = int(handed["parent"])  # not os.getppid(): the parent may have exited while this one started
     logging.basicConfig(level=logging.DEBUG if config.debug else logging.WARNING,
                         format="%(asctime)s moesif-shipper[%(process)d] %(levelname)s %(message)s")
     lock = locks.try_lock(config.spool_dir, locks.SHIPPER_SLOT)
     if lock is None:
         return EXIT_ANOTHER_SHIPPER
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    parent = os.getppid()
     shipper = Shipper(config)
     shipper.start()
-    while not stop.wait(STATS_INTERVAL) and os.getppid() == parent:
+    while True:
         with contextlib.suppress(OSError):
             shipper.publish_stats()
+        if stop.wait(STATS_INTERVAL) or os.getppid() != parent or not os.path.isdir(config.spool_dir):
+            break
     shipper.close(CLOSE_TIMEOUT)
     lock.release()
     return 0
@@ -197,11 +207,12 @@ class Supervisor:
         self._worker = ProcessThread("moesif-durable-supervisor", self._run)
 
     def start(self) -> None:
+        """Start a shipper now if none runs (so a backlog moves without waiting), then supervise."""
+        try:
+            self._keep_shipper_running()
+        except OSError:
+            logger.exception("moesiftornado_durable: could not start the shipper; the supervisor retries")
         self._worker.start()
-
-    @property
-    def is_alive(self) -> bool:
-        return self._worker.is_alive
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -233,25 +244,35 @@ class Supervisor:
         child, self._child = self._child, None
         if child is None or child.poll() is not None:
             return
+        deadline = time.monotonic() + timeout
+        while read_stats_file(self._config.spool_dir).get("pid") != child.pid and child.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)  # a shipper that has published is past its start-up: a SIGTERM is now a request
         with contextlib.suppress(ProcessLookupError):
             child.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(timeout)
+            child.wait(max(0.0, deadline - time.monotonic()))
+        logger.debug("the shipper (pid %d) stopped with %s", child.pid, child.returncode)
+        if child.poll() is None:
+            _LINGERING.append(child)  # it stops by itself within CLOSE_TIMEOUT; keep it referenced until then
 
     def abandon_after_fork(self) -> None:
         """In a forked child: the parent's shipper is the parent's to stop."""
         self._child = None
 
 
+_LINGERING: List[subprocess.Popen] = []
+
+
 def _spawn(config: Config) -> subprocess.Popen:
+    _LINGERING[:] = [child for child in _LINGERING if child.poll() is None]
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    child = subprocess.Popen([sys.executable, "-c", "import sys; from moesiftornado_durable.shipper import main; "
-                              "sys.exit(main())"], stdin=subprocess.PIPE, env=env, close_fds=True)
+    child = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP], stdin=subprocess.PIPE, env=env, close_fds=True)
     assert child.stdin is not None
     try:
-        child.stdin.write(json.dumps(config.delivery_options()).encode("utf-8"))
+        child.stdin.write(json.dumps({"options": config.delivery_options(), "parent": os.getpid()}).encode("utf-8"))
     finally:
         child.stdin.close()
     logger.debug("started a shipper (pid %d) for %s", child.pid, config.spool_dir)

@@ -19,6 +19,7 @@ import tornado.netutil
 import tornado.web
 
 from moesiftornado_durable import MoesifMiddleware
+from moesiftornado_durable.locks import SHIPPER_SLOT, spool_path
 from moesiftornado_durable.testing import Collector
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -170,6 +171,11 @@ def children_of(pid: int) -> List[int]:
 def ingestion_requests(collector: Collector) -> List[Any]:
     """The requests the collector received, without the middleware's GET /v1/config (app config fetches)."""
     return [request for request in collector.requests if request.path != "/v1/config"]
+
+
+def shipper_spool(spool_dir: str) -> str:
+    """The spool file of the default mode (SHIPPER 'process'): the shipper's, fed by the journals."""
+    return spool_path(spool_dir, SHIPPER_SLOT)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:

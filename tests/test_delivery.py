@@ -12,7 +12,7 @@ from typing import Any, Callable, Counter, List
 import pytest
 import requests
 import tornado.web
-from conftest import ingestion_requests, serve, wait_until
+from conftest import ingestion_requests, serve, shipper_spool, wait_until
 from moesifapi.models import CompanyModel, UserModel
 
 from moesiftornado_durable import MoesifMiddleware
@@ -75,7 +75,7 @@ def test_permanent_rejection_goes_to_the_dead_letter_store(make_middleware: Call
     assert middleware.flush(10)
     assert len(collector.transaction_ids()) == 2
     middleware.close(2)
-    spool = Spool(spool_path(spool_dir, 0))
+    spool = Spool(shipper_spool(spool_dir))
     try:
         dead = spool.dead_letters()
     finally:
@@ -157,8 +157,8 @@ def test_user_and_company_updates_are_spooled_and_delivered(make_middleware: Cal
     middleware.update_users_batch([{"user_id": "u-4"}, UserModel(user_id="u-5")])
     middleware.update_company({"company_id": "c-1"})
     middleware.update_companies_batch([CompanyModel(company_id="c-2"), {"company_id": "c-3"}])
-    snapshot = middleware.stats()
-    assert snapshot["ready"] + snapshot["in_flight"] == 8
+    # the shipper spools the journal within a moment; stats() counts what is in the spool
+    assert wait_until(lambda: middleware.stats()["ready"] + middleware.stats()["in_flight"] == 8, timeout=5)
     collector.come_up()
     assert middleware.flush(10)
     assert sorted(u["user_id"] for u in collector.users) == ["u-1", "u-2", "u-3", "u-4", "u-5"]
@@ -279,7 +279,7 @@ def test_a_middleware_built_before_fork_works_in_each_child(collector: Collector
 def test_a_spool_that_fails_is_counted_and_logged_and_never_raises(
     make_middleware: Callable[..., MoesifMiddleware], collector: Collector, caplog: Any
 ) -> None:
-    middleware = make_middleware()
+    middleware = make_middleware(SHIPPER="thread")
     serve_requests(middleware, 1)
     middleware._runtime_here().spool.close()  # type: ignore[union-attr]  # the real spool, really broken
     import logging
@@ -289,6 +289,27 @@ def test_a_spool_that_fails_is_counted_and_logged_and_never_raises(
     stats = middleware.stats()
     assert stats["dropped_spool_error"] == 3 and stats["spooled"] == 1
     assert any("could not write to the spool" in record.getMessage() for record in caplog.records)
+
+
+def test_a_journal_write_that_fails_is_counted_and_logged_and_the_next_one_starts_a_new_segment(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, caplog: Any
+) -> None:
+    import logging
+
+    middleware = make_middleware()
+    serve_requests(middleware, 1)
+    writer = middleware._runtime_here().writer  # type: ignore[union-attr]
+    broken = writer.path
+    os.close(writer._fd)
+    writer._fd = os.open(os.devnull, os.O_RDONLY)  # a real descriptor that refuses writes (EBADF)
+    with caplog.at_level(logging.ERROR, logger="moesiftornado_durable"):
+        serve_requests(middleware, 1)  # still answered 200
+    assert middleware.stats()["dropped_spool_error"] == 1
+    assert any("could not write to the spool" in record.getMessage() for record in caplog.records)
+    serve_requests(middleware, 2)  # a fresh segment takes the next records
+    assert writer.path != broken
+    assert middleware.flush(10)
+    assert len(collector.transaction_ids()) == 3 and middleware.stats()["spooled"] == 3
 
 
 def test_a_spool_that_cannot_be_opened_counts_each_lost_event_once(
@@ -314,7 +335,8 @@ def test_a_partial_batch_waits_its_flush_interval_even_across_an_orphan_scan(
     spool = Spool(spool_path(spool_dir, 0))  # one record waiting when the flusher starts and scans for orphans
     spool.put({"user_id": "waits"}, "user")
     spool.close()
-    middleware = make_middleware(BATCH_SIZE=5, FLUSH_INTERVAL=3.0)
+    # the thread mode's flusher makes spool-0.db its own spool (the shipper would adopt it as an orphan)
+    middleware = make_middleware(BATCH_SIZE=5, FLUSH_INTERVAL=3.0, SHIPPER="thread")
     time.sleep(1.0)
     assert collector.users == []  # a partial batch: not sent before FLUSH_INTERVAL
     assert middleware.flush(10)  # a flush sends it at once

@@ -6,6 +6,7 @@ import datetime
 from typing import Any, Callable
 
 import pytest
+from conftest import wait_until
 from moesifapi.models import SubscriptionModel
 
 from moesiftornado_durable import MoesifMiddleware
@@ -29,8 +30,8 @@ def test_subscription_updates_are_spooled_while_down_and_delivered_to_the_batch_
          "current_period_end": datetime.datetime(2025, 1, 1)},
         SubscriptionModel(subscription_id="sub-5", company_id="c-5", status="active"),
     ])
-    snapshot = middleware.stats()
-    assert snapshot["ready"] + snapshot["in_flight"] == 5  # the flusher may hold a batch in flight
+    # the shipper may hold a batch in flight, and spools the journal within a moment
+    assert wait_until(lambda: middleware.stats()["ready"] + middleware.stats()["in_flight"] == 5, timeout=5)
     collector.come_up()
     assert middleware.flush(10)
     received = {s["subscription_id"]: s for s in collector.subscriptions}
