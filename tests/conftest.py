@@ -152,8 +152,9 @@ def app_processes(tmp_path: Any) -> Iterator[Callable[..., AppProcess]]:
         app.kill()
 
 
-def children_of(pid: int) -> List[int]:
-    """The PIDs of the live child processes of `pid`, read from /proc (Linux)."""
+def children_of(pid: int, shippers: bool = False) -> List[int]:
+    """The PIDs of the live child processes of `pid`, read from /proc (Linux); the middleware's shipper
+    processes only when `shippers` is true, else the others (the app's forked workers)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -161,9 +162,11 @@ def children_of(pid: int) -> List[int]:
         try:
             with open(f"/proc/{entry}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                is_shipper = b"moesiftornado_durable.shipper" in f.read()
         except OSError:
             continue
-        if int(fields[1]) == pid and fields[0] != "Z":
+        if int(fields[1]) == pid and fields[0] != "Z" and is_shipper == shippers:
             found.append(int(entry))
     return sorted(found)
 
