@@ -32,7 +32,6 @@ from .worker import ProcessThread
 logger = logging.getLogger("moesiftornado_durable")
 
 _POLL = 0.05  # seconds between looks at a partial batch, and while waiting for a flush to finish
-INTAKE_POLL = 0.05  # seconds between looks at the journals, in the shipper
 ORPHAN_SCAN_INTERVAL = 5.0  # seconds between looks for spool files whose owner is gone
 _ORPHAN_EVENTS_PER_SCAN = 5_000  # then back to our own spool, so our own events never wait long
 
@@ -185,15 +184,11 @@ class Flusher:
 
     `on_config_etag`, if given, is called on this thread with the ``X-Moesif-Config-ETag`` of every
     accepted event batch (None when absent); it must return quickly and never raise into the loop.
-    `intake`, if given, brings records written elsewhere (the journals, in the shipper process) into
-    the spool; the loop calls it every `INTAKE_POLL` seconds while it waits for a batch.
     """
 
     def __init__(self, spool: Spool, sender: Sender, config: Config, adopt_orphans: bool = True,
-                 on_config_etag: Optional[Callable[[Optional[str]], None]] = None,
-                 intake: Optional[Callable[[], int]] = None) -> None:
+                 on_config_etag: Optional[Callable[[Optional[str]], None]] = None) -> None:
         self._spool = spool
-        self._intake = intake
         self._sender = sender
         self._batch_size = config.batch_size
         self._flush_interval = config.flush_interval
@@ -302,8 +297,6 @@ class Flusher:
         flush asked for it. False when it is only time to look for orphans, or on stop: a partial batch
         keeps waiting out its FLUSH_INTERVAL."""
         while not self._stop.is_set():
-            if self._intake is not None:
-                self._intake()
             ready = self._spool.ready_count(limit=self._batch_size)
             now = time.monotonic()
             if ready >= self._batch_size or (ready and now < self._urgent_until):
@@ -313,8 +306,7 @@ class Flusher:
                 return False
             if not ready:
                 self._partial_since = None
-                self._spool.wait_for_put(min(self._flush_interval, max(0.0, self._next_orphan_scan - now),
-                                             INTAKE_POLL if self._intake is not None else self._flush_interval))
+                self._spool.wait_for_put(min(self._flush_interval, max(0.0, self._next_orphan_scan - now)))
                 continue
             self._partial_since = self._partial_since or now
             remaining = self._flush_interval - (now - self._partial_since)

@@ -43,7 +43,7 @@ STATS_FILE = "shipper-stats.json"
 FLUSH_REQUEST = "flush-request"
 EXIT_ANOTHER_SHIPPER = 3  # this SPOOL_DIR already has a live shipper
 CLOSE_TIMEOUT = 10.0  # seconds the shipper spends delivering when asked to stop; the rest stays on disk
-STATS_INTERVAL = 0.05  # seconds between looks at the figures; shipper-stats.json is rewritten when they change
+TICK = 0.05  # seconds between looks at the journals (and the figures, published when they change)
 SUPERVISE_INTERVAL = 1.0  # seconds between an app process's looks at whether a shipper runs
 _FLUSH_URGENCY = 10.0  # seconds partial batches go out at once after a flush request
 _EARLY_SIGTERM = "_moesiftornado_durable_sigterm"
@@ -99,18 +99,21 @@ class Shipper:
                                        on_evict=self._evicted, codec=Codec(config.spool_encryption_keys))
         self.reader = journal_reader(self.spool)
         self.flusher = Flusher(self.spool, Sender(config.base_uri, config.application_id, config.send_timeout),
-                               config, intake=self._intake, on_config_etag=self._notice_etag)
+                               config, on_config_etag=self._notice_etag)
         self._config_etag: Optional[str] = None
         self._dropped_oldest = 0
         self._flush_seen = self._flush_requested_at()
         self._published: Dict[str, Any] = {}
 
-    def _intake(self) -> int:
+    def tick(self) -> None:
+        """One look, on the main thread (the flusher's thread may be in a send or a backoff): spool what
+        the journals gained, pass on a flush request, publish the figures."""
         requested = self._flush_requested_at()
         if requested != self._flush_seen:
             self._flush_seen = requested
             self.flusher.hurry(_FLUSH_URGENCY)
-        return self.reader.ingest()
+        self.reader.ingest()
+        self.publish_stats()
 
     def _flush_requested_at(self) -> float:
         try:
@@ -182,9 +185,12 @@ def main() -> int:
     shipper = Shipper(config)
     shipper.start()
     while True:
-        with contextlib.suppress(OSError):
-            shipper.publish_stats()
-        if stop.wait(STATS_INTERVAL) or os.getppid() != parent or not os.path.isdir(config.spool_dir):
+        try:
+            shipper.tick()
+        except Exception:  # a full disk, a damaged spool: logged, and tried again at the next tick
+            logger.exception("moesiftornado_durable shipper: could not spool the journals; retrying")
+            stop.wait(1.0)
+        if stop.wait(TICK) or os.getppid() != parent or not os.path.isdir(config.spool_dir):
             break
     shipper.close(CLOSE_TIMEOUT)
     lock.release()

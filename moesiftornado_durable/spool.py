@@ -25,6 +25,7 @@ from persistqueue.sqlackqueue import AckStatus
 from . import audit
 from .codec import Codec, UndecryptableError, is_encrypted, to_json_bytes
 from .errors import SpoolFullError
+from .journal import unspooled_records
 
 logger = logging.getLogger("moesiftornado_durable")
 
@@ -583,6 +584,13 @@ class SpoolView:
                                          check_same_thread=False)
         return self._conn
 
+    def journal_offsets(self) -> Dict[str, int]:
+        """How far each journal segment has been spooled."""
+        try:
+            return dict(self._connection().execute("SELECT segment, offset FROM journal_offsets").fetchall())
+        except sqlite3.OperationalError:  # a spool still being created, or one from before journals
+            return {}
+
     def journal_offset(self, segment: str) -> Optional[int]:
         """How far `segment` has been spooled; None if the spool has no offset for it."""
         row = self._connection().execute("SELECT offset FROM journal_offsets WHERE segment = ?", (segment,)).fetchone()
@@ -676,7 +684,8 @@ def directory_stats(directory: str) -> SpoolStats:
     """Stats of every spool file in a SPOOL_DIR added up (read-only); the oldest record of any file."""
     from .locks import slots, spool_path
 
-    parts = [read_stats(spool_path(directory, slot)) for slot in slots(directory)]
+    paths = [spool_path(directory, slot) for slot in slots(directory)]
+    parts = [read_stats(path) for path in paths if os.path.exists(path)]  # journals may await a shipper
     oldest = [p.oldest_spooled_at for p in parts if p.oldest_spooled_at is not None]
     return SpoolStats(
         ready=sum(p.ready for p in parts),
@@ -689,9 +698,18 @@ def directory_stats(directory: str) -> SpoolStats:
 
 
 def waiting(directory: str) -> int:
-    """Records of a SPOOL_DIR not yet delivered (ready or in flight), from one snapshot of each file."""
+    """Records of a SPOOL_DIR not yet delivered: ready or in flight in a spool file, or in an intake
+    journal and not yet spooled."""
     stats = directory_stats(directory)
-    return stats.ready + stats.in_flight
+    offsets: Dict[str, int] = {}
+    shipper_spool = os.path.join(directory, "shipper.db")
+    if os.path.exists(shipper_spool):
+        view = SpoolView(shipper_spool)
+        try:
+            offsets = view.journal_offsets()
+        finally:
+            view.close()
+    return stats.ready + stats.in_flight + unspooled_records(directory, offsets)
 
 
 def salvage(source: str, into: Spool) -> Tuple[int, int]:
