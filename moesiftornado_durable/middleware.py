@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import errno
 import inspect
 import logging
 import os
@@ -45,7 +46,18 @@ from .profiles import COMPANY_FIELDS, SUBSCRIPTION_FIELDS, USER_FIELDS, normaliz
 from .sampling import DEFAULT_REFRESH_INTERVAL, AppConfig, ConfigFetcher, Sampler
 from .sender import Sender
 from .shipper import Supervisor, read_stats_file, request_flush, shipper_running
-from .spool import COMPANY, EVENT, SUBSCRIPTION, USER, SpoolStats, SpoolView, open_spool, read_stats, record_id
+from .spool import (
+    COMPANY,
+    EVENT,
+    SUBSCRIPTION,
+    USER,
+    SpoolStats,
+    SpoolView,
+    directory_stats,
+    open_spool,
+    read_stats,
+    record_id,
+)
 
 logger = logging.getLogger("moesiftornado_durable")
 
@@ -167,6 +179,8 @@ class _ProcessRuntime(_Runtime):
             view = SpoolView(spool_path)
             try:
                 _check_readable(view.path, view.unreadable_sample(self.codec))
+            except sqlite3.DatabaseError:
+                pass  # a damaged spool: the shipper sets it aside (quarantine) and starts a fresh one
             except BaseException:
                 self.lock.release()
                 raise
@@ -226,10 +240,11 @@ class _ProcessRuntime(_Runtime):
             time.sleep(_FLUSH_POLL / 5)
 
     def _orphans_waiting(self) -> bool:
-        """True while a spool file left by a stopped process (which the shipper adopts) still holds records."""
+        """True while a spool file left by a stopped process (which the shipper adopts, under its lock)
+        still holds records."""
         directory = self.config.spool_dir
         for slot in locks.slots(directory):
-            if slot != locks.SHIPPER_SLOT and not locks.owner(directory, slot)[1]:
+            if slot != locks.SHIPPER_SLOT:
                 stats = read_stats(locks.spool_path(directory, slot))
                 if stats.ready or stats.in_flight:
                     return True
@@ -250,13 +265,12 @@ class _ProcessRuntime(_Runtime):
         delivery["last_error_at"] = shipper.get("last_error_at")
         delivery["shipper_pid"] = shipper.get("pid")
         delivery["shipper_running"] = shipper_running(self.config.spool_dir)
-        path = locks.spool_path(self.config.spool_dir, locks.SHIPPER_SLOT)
-        try:
-            return delivery, read_stats(path)
-        except (FileNotFoundError, sqlite3.OperationalError) as exc:
-            if isinstance(exc, sqlite3.OperationalError) and "no such table" not in str(exc):
+        try:  # the shipper serves the whole directory: its spool and the orphans it adopts
+            return delivery, directory_stats(self.config.spool_dir)
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
                 raise
-            # no shipper has created the spool yet (or it is doing so right now): nothing is spooled
+            # a shipper is creating its spool right now: nothing is spooled yet
             return delivery, SpoolStats(ready=0, in_flight=0, dead_letter=0, oldest_spooled_at=None, bytes_on_disk=0)
 
     def close(self, timeout: float) -> None:
@@ -486,8 +500,10 @@ class MoesifMiddleware:
             return
         except (sqlite3.Error, OSError, ValueError, TypeError) as exc:
             self._last_spool_failure = time.monotonic()
-            disk_full = isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()
-            self._drop("disk_full" if disk_full else "spool_error", f"could not write to the spool ({exc})", record)
+            disk_full = (isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()) or \
+                (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT))
+            self._drop("disk_full" if disk_full else "spool_error",
+                       f"{'the disk is full: ' if disk_full else ''}could not write to the spool ({exc})", record)
             return
         self.counters["spooled"] += 1
 

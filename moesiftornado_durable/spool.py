@@ -403,14 +403,13 @@ class Spool:
         WHEN_FULL 'drop_oldest' the oldest waiting records make room.
         """
         added = sum(len(data) for _, data, _ in rows)
-        if rows and self._max_bytes is not None and self._when_full == "drop_oldest" \
-                and self._live_bytes + added > self._max_bytes:
-            self._evict_oldest(added)
         with self._queue.tran_lock, self._conn() as conn:
             conn.executemany(f"INSERT INTO {self._table} (data, timestamp, status, kind) VALUES (?, ?, 0, ?)",
                              [(data, spooled_at, kind) for kind, data, spooled_at in rows])
             conn.execute("INSERT OR REPLACE INTO journal_offsets (segment, offset) VALUES (?, ?)", (segment, offset))
         self._grow(added)
+        if self._max_bytes is not None and self._when_full == "drop_oldest" and self._live_bytes > self._max_bytes:
+            self._evict_oldest(0)  # the newest stay
         if rows:
             self.wake()
 

@@ -176,6 +176,19 @@ def ingestion_requests(collector: Collector) -> List[Any]:
     return [request for request in collector.requests if request.path != "/v1/config"]
 
 
+@pytest.fixture
+def logs(caplog: Any, capfd: Any) -> Callable[[], List[str]]:
+    """Every log line so far: this process's records (`caplog`) and the shipper process's stderr (`capfd`;
+    the shipper inherits the test's stderr). Captured stderr is consumed, so lines are kept here."""
+    seen: List[str] = []
+
+    def lines() -> List[str]:
+        seen.extend(capfd.readouterr().err.splitlines())
+        return [record.getMessage() for record in caplog.records] + seen
+
+    return lines
+
+
 def shipper_spool(spool_dir: str) -> str:
     """The spool file of the default mode (SHIPPER 'process'): the shipper's, fed by the journals."""
     return spool_path(spool_dir, SHIPPER_SLOT)

@@ -13,9 +13,10 @@ from collections import Counter
 from typing import Any, Callable, Iterator, List
 
 import pytest
+from conftest import shipper_spool, wait_until
 
 from moesiftornado_durable import MoesifMiddleware
-from moesiftornado_durable.locks import spool_path
+from moesiftornado_durable.locks import SHIPPER_SLOT, spool_path
 from moesiftornado_durable.spool import Spool, directory_stats, open_spool
 from moesiftornado_durable.testing import Collector
 
@@ -49,7 +50,7 @@ def test_413_splits_the_batch_and_dead_letters_only_the_event_too_large_alone(
     assert sorted(collector.transaction_ids()) == sorted(f"f-{n}" for n in range(8) if n != 5)
     assert Counter(r.status for r in collector.requests)[413] >= 2  # the whole batch, then halves
     middleware.close(2)
-    spool = Spool(spool_path(spool_dir, 0))
+    spool = Spool(shipper_spool(spool_dir))
     try:
         [dead] = spool.dead_letters()
     finally:
@@ -102,16 +103,22 @@ def test_spool_max_bytes_drop_newest_refuses_new_events_and_keeps_the_old(
         f"f-{n}" for n in range(stats["spooled"])]  # the oldest kept, the newest refused
 
 
+@pytest.mark.parametrize("shipper", ["process", "thread"])
 def test_spool_max_bytes_drop_oldest_evicts_waiting_events(
-    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, caplog: Any
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, caplog: Any,
+    logs: Callable[[], List[str]], shipper: str
 ) -> None:
     collector.go_down()
-    middleware = make_middleware(SPOOL_MAX_BYTES=20_000, WHEN_FULL="drop_oldest")
+    middleware = make_middleware(SPOOL_MAX_BYTES=20_000, WHEN_FULL="drop_oldest", SHIPPER=shipper)
     with caplog.at_level(logging.ERROR, logger="moesiftornado_durable"):
         spool_events(middleware, [event(n, padding=900) for n in range(40)])
+        # the shipper evicts as it spools the journal: within a moment
+        assert wait_until(lambda: middleware.stats().get("dropped_oldest", 0) > 0 and
+                          middleware.stats()["ready"] + middleware.stats()["in_flight"] +
+                          middleware.stats()["dropped_oldest"] == 40, timeout=5)
     stats = middleware.stats()
     assert stats["spooled"] == 40 and stats["dropped_oldest"] > 0
-    assert any("oldest" in r.getMessage() and "f-" in r.getMessage() for r in caplog.records)
+    assert any("oldest" in line and ("f-" in line or shipper == "process") for line in logs())
     collector.come_up()
     assert middleware.flush(10)
     delivered = sorted(int(t[2:]) for t in collector.transaction_ids())
@@ -179,17 +186,26 @@ def test_a_full_disk_is_counted_and_survived_and_spooling_resumes_when_space_ret
 # -- corrupt spool ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("shipper, slot", [("thread", 0), ("process", SHIPPER_SLOT)])
 def test_a_spool_file_sqlite_cannot_open_is_quarantined_and_a_fresh_one_starts(
-    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, spool_dir: str, caplog: Any
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, spool_dir: str, caplog: Any,
+    logs: Callable[[], List[str]], shipper: str, slot: int
 ) -> None:
     os.makedirs(spool_dir, exist_ok=True)
-    with open(spool_path(spool_dir, 0), "wb") as f:
+    damaged = spool_path(spool_dir, slot)  # the spool the flusher (thread) or the shipper (process) opens
+    with open(damaged, "wb") as f:
         f.write(b"definitely not a database " * 400)
     with caplog.at_level(logging.ERROR, logger="moesiftornado_durable"):
-        middleware = make_middleware()
-    [aside] = [name for name in os.listdir(spool_dir) if ".corrupt-" in name and not name.endswith(("-wal", "-shm"))]
-    assert aside.startswith("spool-0.db.corrupt-")
-    assert any(aside in r.getMessage() for r in caplog.records)  # the ERROR names the kept file
+        middleware = make_middleware(SHIPPER=shipper)
+
+        def set_aside() -> List[str]:
+            return [name for name in os.listdir(spool_dir)
+                    if ".corrupt-" in name and not name.endswith(("-wal", "-shm"))]
+
+        assert wait_until(lambda: len(set_aside()) == 1, timeout=10)  # the shipper starts within a moment
+        [aside] = set_aside()
+        assert aside.startswith(os.path.basename(damaged) + ".corrupt-")
+        assert wait_until(lambda: any(aside in line for line in logs()), timeout=5)  # the ERROR names the file
     with open(os.path.join(spool_dir, aside), "rb") as f:
         assert f.read().startswith(b"definitely not a database")  # kept, unchanged
     spool_events(middleware, [event(1)])
@@ -249,7 +265,8 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_auth_errors_keep_every_event_and_log_one_error_per_interval(
-    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, caplog: Any
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, caplog: Any,
+    logs: Callable[[], List[str]]
 ) -> None:
     collector.respond_with(401, times=None)
     with caplog.at_level(logging.ERROR, logger="moesiftornado_durable"):
@@ -258,7 +275,7 @@ def test_auth_errors_keep_every_event_and_log_one_error_per_interval(
         time.sleep(1.8)
     attempts = len([r for r in collector.requests if r.status == 401])
     assert 2 <= attempts <= 5  # every ~0.5 s, not every RETRY_MAX_WAIT
-    auth_errors = [r for r in caplog.records if "refused the application id" in r.getMessage()]
+    auth_errors = [line for line in logs() if "refused the application id" in line]
     assert 2 <= len(auth_errors) <= attempts
     snapshot = middleware.stats()
     assert snapshot["ready"] + snapshot["in_flight"] == 5  # nothing lost, nothing dead
