@@ -340,6 +340,8 @@ class Flusher:
                     continue
                 orphan = open_spool(lock.spool_path, codec=self._spool.codec)
                 try:
+                    if self._dead_letter_retention is not None:
+                        orphan.expire_dead_letters(self._dead_letter_retention)
                     if orphan.stats().ready:
                         logger.info("adopting orphan spool %s", lock.spool_path)
                     self.courier.drain(orphan, self._batch_size, self._stop, max_records=_ORPHAN_EVENTS_PER_SCAN)

@@ -24,6 +24,7 @@ import os
 import re
 import struct
 import threading
+import time
 import zlib
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -96,7 +97,8 @@ class JournalWriter:
     def _next_segment(self) -> int:
         self._abandon_segment()
         taken = [seq for slot, seq, _ in segments(self.directory) if slot == self.slot]
-        seq = max(taken, default=0) + 1
+        # from the clock, so a name is never used twice (the spool may still hold a deleted segment's offset)
+        seq = max(max(taken, default=0) + 1, time.time_ns() // 1000)
         self.path = os.path.join(self.directory, segment_name(self.slot, seq))
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self.size = 0
@@ -109,6 +111,20 @@ class JournalWriter:
         if fd is not None and self.pid == os.getpid():
             with contextlib.suppress(OSError):  # closing after a failed write may fail the same way
                 os.close(fd)
+
+    def retire_if_spooled(self, spooled_offset: Callable[[str], Optional[int]]) -> bool:
+        """Delete the open segment if the shipper has spooled all of it (`spooled_offset(name)`), so the
+        journal keeps no copy of a record once the spool has it; the next record starts a new segment."""
+        with self._lock:
+            if self._fd is None or self.pid != os.getpid():
+                return False
+            offset = spooled_offset(os.path.basename(self.path))
+            if offset is None or offset < self.size:
+                return False
+            self._abandon_segment()
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+            return True
 
     def close(self) -> None:
         """Close the open segment (in a forked child: forget the parent's without touching it)."""
@@ -219,6 +235,8 @@ class JournalReader:
         moved = 0
         budget = max_bytes
         listed = segments(self.directory)
+        for name in set(offsets) - {os.path.basename(path) for _, _, path in listed}:
+            self._forget(name)  # its writer deleted it once it was spooled (`retire_if_spooled`)
         newest = {slot: seq for slot, seq, _ in listed}
         for slot, seq, path in listed:
             name = os.path.basename(path)
@@ -268,6 +286,16 @@ def _remove(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
+
+
+def first_record(directory: str) -> Optional[bytes]:
+    """The stored bytes of the oldest intact record in the journals, if any (for the start-up key check)."""
+    for _, _, path in segments(directory):
+        with contextlib.suppress(FileNotFoundError):
+            rows = read_frames(path, 0, 64 * 1024, finished=False).rows
+            if rows:
+                return rows[0][1]
+    return None
 
 
 def unspooled_records(directory: str, offsets: Dict[str, int]) -> int:

@@ -37,11 +37,11 @@ from .capture import (
     log_user_error,
     refuse_awaitables,
 )
-from .codec import Codec
+from .codec import Codec, UndecryptableError
 from .config import Config, Handler
 from .errors import ConfigError, SpoolFullError
 from .flusher import Flusher
-from .journal import INTAKE, JournalWriter
+from .journal import INTAKE, JournalWriter, first_record
 from .profiles import COMPANY_FIELDS, SUBSCRIPTION_FIELDS, USER_FIELDS, normalize_profile, normalize_profiles
 from .sampling import DEFAULT_REFRESH_INTERVAL, AppConfig, ConfigFetcher, Sampler
 from .sender import Sender
@@ -174,6 +174,11 @@ class _ProcessRuntime(_Runtime):
     def __init__(self, config: Config, on_app_config: Callable[[AppConfig], None]) -> None:
         super().__init__(config, on_app_config)
         self.codec = Codec(config.spool_encryption_keys)
+        try:
+            _check_readable(config.spool_dir, _journal_problem(config.spool_dir, self.codec))
+        except BaseException:
+            self.lock.release()
+            raise
         spool_path = locks.spool_path(config.spool_dir, locks.SHIPPER_SLOT)
         if os.path.exists(spool_path):
             view = SpoolView(spool_path)
@@ -189,15 +194,22 @@ class _ProcessRuntime(_Runtime):
         self.writer = JournalWriter(config.spool_dir, self.lock.slot, config.spool_sync)
         self._shipper: Dict[str, Any] = {}
         self._written_since_stats = 0
-        self.supervisor = Supervisor(config, self._shipper_stats)
+        self._view = SpoolView(spool_path)  # the supervisor thread's own read-only look at the spool
+        self.supervisor = Supervisor(config, self._tick)
         self.supervisor.start()
         self.fetcher.start()
 
-    def _shipper_stats(self, stats: Dict[str, Any]) -> None:
+    def _tick(self, stats: Dict[str, Any]) -> None:
+        """Every second, on the supervisor thread: take the shipper's figures, and delete our journal
+        segment once it is all spooled."""
         if stats.get("time") != self._shipper.get("time"):
             self._shipper = stats
             self._written_since_stats = 0
             self.fetcher.notice_etag(stats.get("config_etag"))
+        try:
+            self.writer.retire_if_spooled(self._view.journal_offset)
+        except (sqlite3.Error, FileNotFoundError):
+            pass  # no shipper has created its spool yet
 
     def put(self, record: Dict[str, Any], kind: str) -> None:
         data = self.codec.encode(record)
@@ -278,11 +290,27 @@ class _ProcessRuntime(_Runtime):
         self.writer.close()
         self.lock.release()  # our segment is finished now: the shipper may spool its tail and delete it
         self.supervisor.close(timeout)
+        if not self.supervisor.is_alive:
+            self._view.close()
 
     def abandon_after_fork(self) -> None:
         super().abandon_after_fork()
         self.writer.close()
         self.supervisor.abandon_after_fork()
+
+
+def _journal_problem(directory: str, codec: Codec) -> Optional[str]:
+    """Why the oldest journaled record cannot be decoded with SPOOL_ENCRYPTION_KEY, or None."""
+    sample = first_record(directory)
+    if sample is None:
+        return None
+    try:
+        codec.decode(sample)
+    except UndecryptableError as exc:
+        return str(exc)
+    except ValueError:
+        pass  # damage is the reader's business
+    return None
 
 
 def _check_readable(path: str, problem: Optional[str]) -> None:

@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from . import locks
+from . import audit, locks
 from .codec import Codec
 from .config import Config
 from .flusher import Flusher
@@ -179,6 +179,9 @@ def main() -> int:
     parent = int(handed["parent"])  # not os.getppid(): the parent may have exited while this one started
     logging.basicConfig(level=logging.DEBUG if config.debug else logging.WARNING,
                         format="%(asctime)s moesif-shipper[%(process)d] %(levelname)s %(message)s")
+    audit.audit_logger.setLevel(logging.INFO)  # relayed to the app process, which logs it where the user wants
+    audit.audit_logger.propagate = False
+    audit.audit_logger.addHandler(audit.RelayHandler(sys.stdout))
     lock = locks.try_lock(config.spool_dir, locks.SHIPPER_SLOT)
     if lock is None:
         return EXIT_ANOTHER_SHIPPER
@@ -211,6 +214,10 @@ class Supervisor:
         self._stop = threading.Event()
         self.starts = 0
         self._worker = ProcessThread("moesif-durable-supervisor", self._run)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._worker.is_alive
 
     def start(self) -> None:
         """Start a shipper now if none runs (so a backlog moves without waiting), then supervise."""
@@ -270,17 +277,26 @@ class Supervisor:
 _LINGERING: List[subprocess.Popen] = []
 
 
+def _relay_audit(stream: Any) -> None:
+    """Log the shipper's audit records in this process, until the shipper exits (end of the pipe)."""
+    with stream:
+        for line in stream:
+            audit.relay(line)
+
+
 def _spawn(config: Config) -> subprocess.Popen:
     _LINGERING[:] = [child for child in _LINGERING if child.poll() is None]
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    child = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP], stdin=subprocess.PIPE, env=env, close_fds=True)
-    assert child.stdin is not None
+    child = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             env=env, close_fds=True, text=True)
+    assert child.stdin is not None and child.stdout is not None
     try:
-        child.stdin.write(json.dumps({"options": config.delivery_options(), "parent": os.getpid()}).encode("utf-8"))
+        child.stdin.write(json.dumps({"options": config.delivery_options(), "parent": os.getpid()}))
     finally:
         child.stdin.close()
+    threading.Thread(target=_relay_audit, args=(child.stdout,), name="moesif-durable-audit-relay", daemon=True).start()
     logger.debug("started a shipper (pid %d) for %s", child.pid, config.spool_dir)
     return child
 

@@ -683,8 +683,15 @@ def directory_stats(directory: str) -> SpoolStats:
     """Stats of every spool file in a SPOOL_DIR added up (read-only); the oldest record of any file."""
     from .locks import slots, spool_path
 
-    paths = [spool_path(directory, slot) for slot in slots(directory)]
-    parts = [read_stats(path) for path in paths if os.path.exists(path)]  # journals may await a shipper
+    parts = []
+    for slot in slots(directory):
+        path = spool_path(directory, slot)
+        try:
+            parts.append(read_stats(path))
+        except (FileNotFoundError, sqlite3.OperationalError):
+            if os.path.exists(path):
+                raise
+            # journals awaiting a shipper, or an emptied orphan deleted while we looked
     oldest = [p.oldest_spooled_at for p in parts if p.oldest_spooled_at is not None]
     return SpoolStats(
         ready=sum(p.ready for p in parts),

@@ -13,11 +13,12 @@ from typing import Any, Callable, Dict, List
 import pytest
 import requests
 import tornado.web
-from conftest import serve, wait_until
+from conftest import serve, shipper_spool, wait_until
 from cryptography.fernet import Fernet
 
 from moesiftornado_durable import ConfigError, HealthHandler, MetricsHandler, MoesifMiddleware
 from moesiftornado_durable.codec import Codec
+from moesiftornado_durable.journal import segments
 from moesiftornado_durable.locks import spool_path
 from moesiftornado_durable.spool import Spool, directory_stats, waiting
 from moesiftornado_durable.testing import Collector
@@ -74,7 +75,8 @@ def test_key_rotation_reads_old_records_and_writes_with_the_new_key(
     first.close(1)
     second = make_middleware(SPOOL_ENCRYPTION_KEY=[new, old])  # new key first, old kept readable
     post_marker(second, 1)
-    raw = Spool(spool_path(spool_dir, 0), codec=Codec([new]))
+    assert wait_until(lambda: waiting(spool_dir) == 3 and not segments(spool_dir), timeout=10)  # all spooled
+    raw = Spool(shipper_spool(spool_dir), codec=Codec([new]), resume=False)  # beside the live shipper
     try:
         readable_with_new_only = [r for r in raw.records() if r["body"] is not None]
     finally:
@@ -269,9 +271,17 @@ def test_health_handler_200_then_503_when_the_backlog_is_old(
         assert requests.get(url + "/healthz", timeout=5).status_code == 200
 
 
-def test_health_is_503_when_the_spool_is_failing(make_middleware: Callable[..., MoesifMiddleware]) -> None:
-    middleware = make_middleware()
-    middleware._runtime_here().spool.close()  # type: ignore[union-attr]  # the real spool, really broken
+@pytest.mark.parametrize("shipper", ["process", "thread"])
+def test_health_is_503_when_the_spool_is_failing(make_middleware: Callable[..., MoesifMiddleware],
+                                                 shipper: str) -> None:
+    middleware = make_middleware(SHIPPER=shipper)
+    runtime: Any = middleware._runtime_here()
+    if shipper == "thread":
+        runtime.spool.close()  # the real spool, really broken
+    else:
+        middleware._spool_record({"transaction_id": "opens-a-segment"}, "event")
+        os.close(runtime.writer._fd)
+        runtime.writer._fd = os.open(os.devnull, os.O_RDONLY)  # the real journal descriptor refuses writes
     middleware._spool_record({"transaction_id": "x"}, "event")
     app = tornado.web.Application([(r"/healthz", HealthHandler, {"middleware": middleware})])
     with serve(app) as url:
