@@ -635,6 +635,9 @@ def _unreadable_sample(conn: sqlite3.Connection, codec: Codec) -> Optional[str]:
 
 def _stats_of(conn: sqlite3.Connection, path: str) -> SpoolStats:
     """One consistent snapshot of a spool file's counts (shared by `Spool.stats` and `read_stats`)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (TABLE,)).fetchone() is None:
+        return SpoolStats(ready=0, in_flight=0, dead_letter=0, oldest_spooled_at=None,
+                          bytes_on_disk=bytes_on_disk(path))  # being created by its owner right now
     ready, in_flight, undecryptable, oldest = conn.execute(
         f"SELECT SUM(status < {_READY_BELOW}), SUM(status = {_IN_FLIGHT}), SUM(status = {_UNDECRYPTABLE}), "
         f"MIN(CASE WHEN status <= {_IN_FLIGHT} THEN timestamp END) FROM {TABLE}"

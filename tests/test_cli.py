@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Optional
 
 import pytest
 import requests
-from conftest import AppProcess, wait_until
+from conftest import AppProcess, children_of, wait_until
 
 from moesiftornado_durable import locks
 from moesiftornado_durable.cli import main
@@ -153,27 +153,30 @@ def test_replay_error_paths_keep_every_event(collector: Collector, spool_dir: st
     assert directory_stats(spool_dir).ready == 30
 
 
+@pytest.mark.parametrize("shipper, live_file", [("process", "shipper.db"), ("thread", "spool-0.db")])
 def test_replay_refuses_a_spool_locked_by_a_live_process(
-    app_processes: Callable[..., AppProcess], collector: Collector, spool_dir: str
+    app_processes: Callable[..., AppProcess], collector: Collector, spool_dir: str, shipper: str, live_file: str
 ) -> None:
     collector.go_down()
-    app = app_processes(spool_dir, collector.base_uri)
+    app = app_processes(spool_dir, collector.base_uri, SHIPPER=shipper)
     assert requests.get(app.url + "/hello", timeout=5).status_code == 200
     collector.come_up()
     collector.stall(30, times=None)  # the app's own flusher must not deliver during the test
     result = cli("replay", "--spool-dir", spool_dir, "--base-uri", collector.base_uri)
     assert result.returncode == 3
-    assert "locked by a live process" in result.stderr and "spool-0.db" in result.stderr
+    assert "locked by a live process" in result.stderr and live_file in result.stderr
 
 
 # -- status ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("shipper, live_file", [("process", "shipper.db"), ("thread", "spool-0.db")])
 def test_status_next_to_a_live_app_shows_owner_and_does_not_disturb_it(
-    app_processes: Callable[..., AppProcess], collector: Collector, spool_dir: str
+    app_processes: Callable[..., AppProcess], collector: Collector, spool_dir: str, shipper: str, live_file: str
 ) -> None:
+    """The live file is the app's own spool ('thread') or its shipper's ('process')."""
     collector.stall(60, times=None)  # the app's batch stays in flight
-    app = app_processes(spool_dir, collector.base_uri, BATCH_SIZE=5)
+    app = app_processes(spool_dir, collector.base_uri, BATCH_SIZE=5, SHIPPER=shipper)
     for n in range(7):
         assert requests.get(f"{app.url}/hello?n={n}", timeout=5).status_code == 200
     assert wait_until(lambda: directory_stats(spool_dir).in_flight == 5, timeout=10)
@@ -183,9 +186,11 @@ def test_status_next_to_a_live_app_shows_owner_and_does_not_disturb_it(
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
     files = {f["file"]: f for f in status["files"]}
-    assert files["spool-0.db"]["owner_pid"] == app.process.pid and files["spool-0.db"]["owner_alive"] is True
-    assert (files["spool-0.db"]["ready"], files["spool-0.db"]["in_flight"]) == (2, 5)
-    assert files["spool-1.db"]["owner_alive"] is False and files["spool-1.db"]["in_flight"] == 3
+    owner = app.process.pid if shipper == "thread" else children_of(app.process.pid, shippers=True)[0]
+    assert files[live_file]["owner_pid"] == owner and files[live_file]["owner_alive"] is True
+    assert (files[live_file]["ready"], files[live_file]["in_flight"]) == (2, 5)
+    dead = "spool-1.db" if shipper == "thread" else "spool-0.db"
+    assert files[dead]["owner_alive"] is False and files[dead]["in_flight"] == 3
     assert status["total"]["ready"] == 2 + 7 and status["total"]["in_flight"] == 8
     assert status["total"]["oldest_age_seconds"] >= 0 and status["total"]["bytes_on_disk"] > 0
     assert directory_stats(spool_dir).in_flight == 8  # status changed nothing
@@ -194,8 +199,8 @@ def test_status_next_to_a_live_app_shows_owner_and_does_not_disturb_it(
     assert text.returncode == 0
     lines = text.stdout.splitlines()
     assert lines[0].split()[:4] == ["file", "owner", "alive", "ready"]
-    [own] = [line.split() for line in lines if line.startswith("spool-0.db")]
-    assert own[:6] == ["spool-0.db", str(app.process.pid), "yes", "2", "5", "0"]
+    [own] = [line.split() for line in lines if line.startswith(live_file)]
+    assert own[:6] == [live_file, str(owner), "yes", "2", "5", "0"]
     assert lines[-1].split()[:4] == ["total", "-", "9", "8"]
 
 
