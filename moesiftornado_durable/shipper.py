@@ -137,7 +137,8 @@ class Shipper:
         courier = self.flusher.courier
         figures = dict(courier.counters)
         figures.update(self.reader.counters)
-        figures["dropped_oldest"] = self._dropped_oldest
+        if self._dropped_oldest:  # stats() shows a dropped_<reason> key only once something was dropped
+            figures["dropped_oldest"] = self._dropped_oldest
         stats = {
             "pid": os.getpid(), "counters": figures,
             "last_error": None if courier.last_error is None else str(courier.last_error),
