@@ -162,3 +162,85 @@ def test_a_record_nested_too_deep_is_kept_with_the_deep_part_as_text(spool: Spoo
     [item] = spool.claim(1)
     assert item.body["transaction_id"] == "t-1"
     assert "<nested too deep>" in json.dumps(item.body)
+
+
+# -- size on disk ------------------------------------------------------------------------------------
+
+
+def _event(n: int) -> Any:
+    """A record of ~1.5 KB of JSON, like a captured event with small bodies."""
+    return {"transaction_id": f"t-{n:06d}", "request": {"uri": f"/orders/{n}", "body": "r" * 700},
+            "response": {"status": 200, "body": "s" * 700}}
+
+
+def _json_bytes(count: int) -> int:
+    return sum(len(json.dumps(_event(n), separators=(",", ":")).encode()) for n in range(count))
+
+
+def _drain(spool: Spool) -> None:
+    while True:
+        batch = spool.claim(500)
+        if not batch:
+            return
+        spool.ack([item.id for item in batch])
+
+
+def _backlog(spool: Spool, count: int) -> None:
+    spool.put_many(("event", _event(n), 0.0) for n in range(count))
+
+
+def test_a_backlog_takes_little_more_disk_than_its_json(spool: Spool) -> None:
+    _backlog(spool, 3000)
+    assert spool.scrub()  # nothing to give back; folds the WAL in, so only the database file counts
+    assert spool.bytes_on_disk() <= 1.2 * _json_bytes(3000)  # 4 KiB pages held two records each: 1.36x
+
+
+def test_a_drained_backlog_gives_its_pages_back(spool: Spool) -> None:
+    _backlog(spool, 3000)  # ~4.6 MB of JSON
+    _drain(spool)
+    assert spool.scrub()
+    assert spool.bytes_on_disk() < 256 * 1024
+    assert spool.is_empty()
+
+
+def test_giving_pages_back_keeps_every_record_its_state_and_id(spool: Spool) -> None:
+    _backlog(spool, 3000)
+    spool.claim(3)  # in flight
+    spool.dead_letter([item.id for item in spool.claim(2)], 400, "HTTP 400")
+    _drain(spool)  # the rest is delivered
+    for n in range(4):
+        spool.put(_event(n))  # ready
+    last, before = spool.last_id(), list(spool.records())
+    assert spool.scrub()
+    assert spool.bytes_on_disk() < 256 * 1024
+    assert list(spool.records()) == before
+    stats = spool.stats()
+    assert (stats.ready, stats.in_flight, stats.dead_letter) == (4, 3, 2)
+    assert spool.put(_event(5)) == last + 1  # ids go on from where they were
+
+
+def test_a_file_made_with_4_kib_pages_keeps_them_and_still_shrinks(tmp_path: Any) -> None:
+    path = tmp_path / "spool" / "spool-0.db"
+    path.parent.mkdir()
+    with contextlib.closing(sqlite3.connect(str(path))) as older:  # as a release before 8 KiB pages made it
+        older.execute("PRAGMA page_size=4096")
+        older.execute("PRAGMA journal_mode=WAL")
+    spool = Spool(str(path))
+    try:
+        assert spool._conn().execute("PRAGMA page_size").fetchone()[0] == 4096
+        _backlog(spool, 1000)
+        _drain(spool)
+        assert spool.scrub()
+        assert spool.bytes_on_disk() < 256 * 1024
+    finally:
+        spool.close()
+
+
+def test_a_spool_keeping_many_records_is_not_vacuumed(spool: Spool, monkeypatch: Any) -> None:
+    monkeypatch.setattr("moesiftornado_durable.spool.SHRINK_MAX_LIVE_BYTES", 64 * 1024)
+    _backlog(spool, 1000)
+    spool.dead_letter([item.id for item in spool.claim(100)], 400, "HTTP 400")  # ~150 KB kept
+    _drain(spool)
+    assert spool.scrub()
+    assert spool.bytes_on_disk() > 1024 * 1024  # the free pages stay, for the next backlog to reuse
+    assert spool.stats().dead_letter == 100
