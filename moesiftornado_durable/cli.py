@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import signal
@@ -22,12 +23,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, TextIO, Tuple
 
 from . import __version__, locks, testing
 from .codec import Codec
-from .config import DEFAULT_BASE_URI
+from .config import DEFAULT_BASE_URI, DEFAULT_BATCH_SIZE, SPOOL_SYNC_MODES, Config
 from .errors import ConfigError
 from .flusher import Courier, Outcome, remove_spool_files
 from .journal import segments
 from .sender import Sender, delivery_policy
-from .shipper import journal_reader
+from .shipper import EXIT_ANOTHER_SHIPPER, journal_reader, serve
 from .spool import EVENT, KINDS, Spool, SpoolStats, open_spool, read_stats, salvage
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -83,6 +84,14 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--max-events", type=int, help="stop after this many")
     replay.add_argument("--send-timeout", type=float, default=30.0, help="seconds per request (default 30)")
     replay.add_argument("--dry-run", action="store_true", help="count what would be sent; send nothing")
+
+    ship = command("ship", _ship, "run the shipper of a SPOOL_DIR in the foreground, as a service (app processes "
+                   "then start none); stops on SIGTERM or Ctrl-C")
+    ship.add_argument("--spool-dir", required=True)
+    ship.add_argument("--application-id", help="default: $MOESIF_APPLICATION_ID (safer: not shown in ps)")
+    ship.add_argument("--base-uri", default=DEFAULT_BASE_URI)
+    ship.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    ship.add_argument("--spool-sync", choices=SPOOL_SYNC_MODES, default="normal")
 
     dead = command("dead-letter", _dead_letter, "list, requeue, purge or export dead-lettered records")
     dead.add_argument("action", choices=["list", "requeue", "purge", "export"])
@@ -163,6 +172,37 @@ def _file_status(directory: str, slot: int) -> Dict[str, Any]:
     age = None if stats.oldest_spooled_at is None else round(time.time() - stats.oldest_spooled_at, 1)
     return dict(dataclasses.asdict(stats), file=os.path.basename(path), owner_pid=pid, owner_alive=alive,
                 oldest_age_seconds=age)
+
+
+# -- ship ----------------------------------------------------------------------------------------
+
+
+def _ship(args: argparse.Namespace) -> int:
+    application_id = args.application_id or os.environ.get("MOESIF_APPLICATION_ID")
+    if not application_id:
+        raise CommandError("no application id: set MOESIF_APPLICATION_ID (or pass --application-id)", EXIT_USAGE)
+    options: Dict[str, Any] = {"APPLICATION_ID": application_id, "SPOOL_DIR": args.spool_dir,
+                               "BASE_URI": args.base_uri, "BATCH_SIZE": args.batch_size,
+                               "SPOOL_SYNC": args.spool_sync}
+    keys = [key.strip() for key in os.environ.get(KEY_ENVIRONMENT_VARIABLE, "").split(",") if key.strip()]
+    if keys:
+        options["SPOOL_ENCRYPTION_KEY"] = keys
+    try:
+        config = Config.from_dict(options)
+    except ConfigError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from exc
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s moesif-shipper %(levelname)s %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    print(f"shipping {config.spool_dir} to {config.base_uri} (pid {os.getpid()}); Ctrl-C or SIGTERM stops",
+          file=sys.stderr)
+    try:
+        code = serve(config, stop)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    if code == EXIT_ANOTHER_SHIPPER:
+        raise CommandError(f"another shipper already runs for {config.spool_dir}", EXIT_LOCKED)
+    return EXIT_OK
 
 
 # -- replay --------------------------------------------------------------------------------------

@@ -183,21 +183,29 @@ def main() -> int:
     audit.audit_logger.setLevel(logging.INFO)  # relayed to the app process, which logs it where the user wants
     audit.audit_logger.propagate = False
     audit.audit_logger.addHandler(audit.RelayHandler(sys.stdout))
+    return serve(config, stop, lambda: os.getppid() == parent)
+
+
+def serve(config: Config, stop: threading.Event, keep_going: Callable[[], bool] = lambda: True) -> int:
+    """Be the shipper of SPOOL_DIR until `stop` is set or `keep_going()` turns false, then spool the
+    journals and deliver what can be delivered within CLOSE_TIMEOUT. EXIT_ANOTHER_SHIPPER if one runs."""
     lock = locks.try_lock(config.spool_dir, locks.SHIPPER_SLOT)
     if lock is None:
         return EXIT_ANOTHER_SHIPPER
-    shipper = Shipper(config)
-    shipper.start()
-    while True:
-        try:
-            shipper.tick()
-        except Exception:  # a full disk, a damaged spool: logged, and tried again at the next tick
-            logger.exception("moesiftornado_durable shipper: could not spool the journals; retrying")
-            stop.wait(1.0)
-        if stop.wait(TICK) or os.getppid() != parent or not os.path.isdir(config.spool_dir):
-            break
-    shipper.close(CLOSE_TIMEOUT)
-    lock.release()
+    try:
+        shipper = Shipper(config)
+        shipper.start()
+        while True:
+            try:
+                shipper.tick()
+            except Exception:  # a full disk, a damaged spool: logged, and tried again at the next tick
+                logger.exception("moesiftornado_durable shipper: could not spool the journals; retrying")
+                stop.wait(1.0)
+            if stop.wait(TICK) or not keep_going() or not os.path.isdir(config.spool_dir):
+                break
+        shipper.close(CLOSE_TIMEOUT)
+    finally:
+        lock.release()
     return 0
 
 

@@ -339,3 +339,31 @@ def test_every_command_has_help() -> None:
     assert cli("no-such-command").returncode == 2
 
 
+
+
+# -- ship ------------------------------------------------------------------------------------------
+
+
+def test_ship_runs_the_shipper_as_a_service_and_app_processes_start_none(
+    app_processes: Callable[..., AppProcess], collector: Collector, spool_dir: str
+) -> None:
+    os.makedirs(spool_dir, exist_ok=True)
+    service = subprocess.Popen([sys.executable, "-m", "moesiftornado_durable", "ship", "--spool-dir", spool_dir,
+                                "--base-uri", collector.base_uri, "--batch-size", "5"], cwd=REPO,
+                               env=dict(os.environ, MOESIF_APPLICATION_ID="cli-test-app"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: locks.owner(spool_dir, locks.SHIPPER_SLOT) == (service.pid, True), timeout=20)
+        app = app_processes(spool_dir, collector.base_uri)
+        for n in range(12):
+            assert requests.get(f"{app.url}/hello?n={n}", timeout=5).status_code == 200
+        assert wait_until(lambda: len(set(collector.transaction_ids())) == 12, timeout=20), collector.stats()
+        assert children_of(app.process.pid, shippers=True) == []  # the service is the shipper
+        second = cli("ship", "--spool-dir", spool_dir, "--base-uri", collector.base_uri)
+        assert second.returncode == 3 and "another shipper" in second.stderr
+        app.kill()
+    finally:
+        service.terminate()
+        assert service.wait(20) == 0
+        assert service.stderr is not None
+        service.stderr.close()
