@@ -176,7 +176,8 @@ def test_status_next_to_a_live_app_shows_owner_and_does_not_disturb_it(
 ) -> None:
     """The live file is the app's own spool ('thread') or its shipper's ('process')."""
     collector.stall(60, times=None)  # the app's batch stays in flight
-    app = app_processes(spool_dir, collector.base_uri, BATCH_SIZE=5, SHIPPER=shipper)
+    # full batches only: a partial one sent early would leave fewer than 5 in flight
+    app = app_processes(spool_dir, collector.base_uri, BATCH_SIZE=5, FLUSH_INTERVAL=30, SHIPPER=shipper)
     for n in range(7):
         assert requests.get(f"{app.url}/hello?n={n}", timeout=5).status_code == 200
     assert wait_until(lambda: directory_stats(spool_dir).in_flight == 5, timeout=10)
