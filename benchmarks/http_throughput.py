@@ -322,6 +322,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, help="load per round (default 5; 1 with --quick)")
     parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto",
                         help="auto: wrk when installed, else the bundled Python generator")
+    parser.add_argument("--only", action="append", metavar="TEXT",
+                        help="run only the rows whose label contains TEXT (repeatable); the no-logger rows always run")
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 5)
     seconds = args.seconds or (1.0 if args.quick else 5.0)
@@ -336,8 +338,9 @@ def main() -> int:
     else:
         generator_label = f"benchmarks/_http_load.py (Python, {CONNECTIONS} connections)"
 
-    skipped = {row.label: why_skipped(row) for row in ROWS}
-    runnable = [row for row in ROWS if skipped[row.label] is None]
+    rows = [row for row in ROWS if row.logger is None or not args.only or any(text in row.label for text in args.only)]
+    skipped = {row.label: why_skipped(row) for row in rows}
+    runnable = [row for row in rows if skipped[row.label] is None]
     work_loops = calibrate_work()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"Tornado {tornado.version}; load: {generator_label}, {rounds} alternating rounds of {seconds:g} s per "
@@ -365,7 +368,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     medians = {label: statistics.median(r.rps for r in rounds_) for label, rounds_ in results.items() if rounds_}
     baselines = {row.path: medians.get(row.label) for row in runnable if row.logger is None}
-    for row in ROWS:
+    for row in rows:
         endpoint = "hello-world" if row.path == "/hello" else "~1 ms CPU"
         if skipped[row.label] or row.label not in medians:
             print(f"| {row.label} | {endpoint} | {skipped[row.label] or 'failed'} | | | | |")
