@@ -1,13 +1,13 @@
 """HTTP throughput of a hello-world Tornado app, without a logger and with each middleware setup, in alternating rounds.
 
-    python benchmarks/http_throughput.py                       # full run (~3 minutes)
+    python benchmarks/http_throughput.py                       # full run (~5 minutes)
     python benchmarks/http_throughput.py --quick               # smoke mode for CI (~15 s); asserts nothing about speed
     python benchmarks/http_throughput.py --generator python    # the bundled load generator even when wrk is installed
 
 The rows are the table `ROWS` below: no log_function (the baseline), this middleware with its default options and
 with other options, moesiftornado 0.1.4 (the original middleware, measured only if it imports: `pip install
 moesiftornado==0.1.4`), and an endpoint whose handler spends ~1 ms of CPU, without and with the middleware. Each
-request is a GET with a few headers answered with a ~1 KB JSON body: a ~1.5 KB event.
+request is a GET with a few headers answered with a ~650-byte JSON body: a ~1.5 KB event.
 
 Every round starts the app in its own process (`benchmarks/_http_app.py`, options as JSON on stdin, 127.0.0.1, a
 free port), with a fresh SPOOL_DIR and BASE_URI pointing at the local collector in this process; warms it up,
@@ -70,7 +70,7 @@ ROWS: List[Row] = [
     Row("~1 ms handler, moesiftornado_durable, default options", path="/work"),
 ]
 
-# Request headers, the same for wrk and the Python generator; with the ~1 KB response body, a ~1.5 KB event.
+# Request headers, the same for wrk and the Python generator; with the ~650-byte response body, a ~1.5 KB event.
 HEADERS = ["User-Agent: moesiftornado-durable-bench/1.0", "Accept: application/json",
            "X-Request-Id: 6f1c2d9e-4b7a-4c1e-9a55-3e8f0d2b7c41", "X-Api-Version: 2024-01-01"]
 CONNECTIONS = 32
@@ -315,6 +315,13 @@ def sample_event_size(collector: Collector) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def load_average() -> str:
+    try:
+        return "/".join(f"{value:.1f}" for value in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run (CI): 1 round of 1 s per row")
@@ -344,7 +351,7 @@ def main() -> int:
     work_loops = calibrate_work()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"Tornado {tornado.version}; load: {generator_label}, {rounds} alternating rounds of {seconds:g} s per "
-          f"row, {'quick' if args.quick else 'full'} run", flush=True)
+          f"row, {'quick' if args.quick else 'full'} run; load average at the start {load_average()}", flush=True)
 
     results: Dict[str, List[Round]] = {row.label: [] for row in runnable}
     failures: List[str] = []
@@ -363,7 +370,7 @@ def main() -> int:
                 results[row.label].append(result)
                 print(f"  round {number}: {row.label}: {result.rps:,.0f} req/s", file=sys.stderr, flush=True)
 
-    print()
+    print(f"\nload average at the end {load_average()} (other work on this machine shares its cores)")
     print("| setup | endpoint | req/s (median) | min-max | ratio to no logger | delivered during load | client CPU |")
     print("|---|---|---|---|---|---|---|")
     medians = {label: statistics.median(r.rps for r in rounds_) for label, rounds_ in results.items() if rounds_}
