@@ -9,7 +9,9 @@ and plain records can sit side by side in one file (a spool that gains a key kee
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, Sequence, Tuple, Union
+import json.encoder
+import re
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 from .errors import ConfigError, MoesifDurableError
 
@@ -54,13 +56,46 @@ def to_json_bytes(value: Any) -> bytes:
     The fast path writes objects JSON does not know as their str(). Whatever else would make json.dumps
     fail -- keys that are not strings, a circular reference, nesting too deep, an object whose str()
     raises, NaN or infinity (not JSON: Moesif would reject the whole batch) -- takes the slow path, which
-    rewrites those values as text, so a record is never lost for what a user callback put in it.
+    rewrites those values as text, so a record is never lost for what a user callback put in it. A lone
+    surrogate (a JSON body's ``"\\ud800"``, a callback's string) cannot be UTF-8: it is written as its
+    JSON escape, which reads back as the same string.
     """
     try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
+        text = _encode(value)
     except Exception:  # default=str runs user code: its str() may raise anything
-        text = json.dumps(_as_json(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return text.encode("utf-8")
+        text = _encode(_as_json(value))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.sub(_escaped, text).encode("utf-8")
+
+
+def _encoder(default: Callable[[Any], Any]) -> Callable[[Any], str]:
+    """A compact, strict (allow_nan=False), non-ASCII-keeping JSON encoder, built once.
+
+    json.dumps builds an encoder on every call, and tracks every container to detect circular references;
+    here a circular reference ends in RecursionError instead, which sends the record to the slow path as
+    any other failure does.
+    """
+    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)  # None without the C accelerator
+    if c_make_encoder is not None:
+        try:
+            c_encode = c_make_encoder(None, default, json.encoder.encode_basestring, None, ":", ",", False, False,
+                                      False)
+        except TypeError:  # its private signature changed: the public encoder below does the same
+            pass
+        else:
+            return lambda value: "".join(c_encode(value, 0))
+    return json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False,
+                            default=default).encode
+
+
+_encode = _encoder(str)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 _MAX_RECORD_DEPTH = 200
