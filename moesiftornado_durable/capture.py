@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import zlib
 from typing import (
     AbstractSet,
@@ -39,6 +40,8 @@ from moesifapi.models import BaseModel, EventModel
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
 from tornado.web import OutputTransform
 
+from . import codec
+from .codec import JSONReady, RawJSON
 from .config import Config, Handler
 
 logger = logging.getLogger("moesiftornado_durable")
@@ -89,7 +92,7 @@ Steps = Generator[List[UserCall], List[Any], Outcome]
 
 
 def capture_steps(handler: Handler, config: Config, finished_at: float,
-                  weight_for: Optional[WeightFor] = None, unsent_body: bytes = b"") -> Steps:
+                  weight_for: Optional[WeightFor] = None, unsent_body: bytes = b"", *, prepared: bool = True) -> Steps:
     """Capture `handler`'s finished request, step by step, as a generator.
 
     It yields each group of user callables to call (SKIP; then API_VERSION, IDENTIFY_USER,
@@ -102,12 +105,18 @@ def capture_steps(handler: Handler, config: Config, finished_at: float,
     `finished_at` is the wall-clock time the response finished (`time.time()` when Tornado calls
     log_function); the request's start is derived from Tornado's own `request_time()`. `unsent_body` is
     the part of the response still in the handler's buffer (strict mode captures before the last flush).
+
+    `prepared` (the middleware's path) gives, when orjson is installed and there is no MASK_EVENT_MODEL
+    to show the event to, a `JSONReady` event whose JSON bodies and metadata are `RawJSON`: the spool
+    writes it with orjson, with the same values. Otherwise, and with `prepared=False`, every value is
+    plain.
     """
     if config.skip is not None:
         [skip] = yield [("SKIP", config.skip, handler)]
         if skip and skip is not RAISED:
             return Outcome(None, "skipped")
-    event = _snapshot(handler, config, finished_at, unsent_body)
+    fast = prepared and codec.orjson is not None and config.mask_event_model is None
+    event = _snapshot(handler, config, finished_at, unsent_body, fast)
     functions = {
         "API_VERSION": config.api_version if callable(config.api_version) else None,
         "IDENTIFY_USER": config.identify_user,
@@ -126,7 +135,8 @@ def capture_steps(handler: Handler, config: Config, finished_at: float,
         handler.request.headers, config)
     event["company_id"] = _as_text("IDENTIFY_COMPANY", results.get("IDENTIFY_COMPANY"))
     event["session_token"] = _as_text("GET_SESSION_TOKEN", results.get("GET_SESSION_TOKEN"))
-    event["metadata"] = results.get("GET_METADATA")
+    metadata = results.get("GET_METADATA")
+    event["metadata"] = RawJSON.of(metadata, depth=1) if fast and metadata is not None else metadata
     if weight_for is not None:
         try:
             weight = weight_for(event)
@@ -196,11 +206,15 @@ def refuse_awaitables(calls: List[UserCall], answers: List[Any]) -> List[Any]:
 def capture_event(handler: Handler, config: Config, finished_at: float,
                   weight_for: Optional[WeightFor] = None, unsent_body: bytes = b"") -> Optional[Event]:
     """The Moesif event for `handler`'s finished request, synchronously; None when skipped or dropped."""
-    return run_sync(capture_steps(handler, config, finished_at, weight_for, unsent_body)).event
+    return run_sync(capture_steps(handler, config, finished_at, weight_for, unsent_body, prepared=False)).event
 
 
-def _snapshot(handler: Handler, config: Config, finished_at: float, unsent_body: bytes = b"") -> Event:
-    """Everything the event holds that does not come from a user callable, read from the handler now."""
+def _snapshot(handler: Handler, config: Config, finished_at: float, unsent_body: bytes = b"",
+              fast: bool = False) -> Event:
+    """Everything the event holds that does not come from a user callable, read from the handler now.
+
+    `fast`: a `JSONReady` event, with JSON bodies as `RawJSON` written by orjson (see `capture_steps`).
+    """
     request: HTTPServerRequest = handler.request
     started_at = finished_at - request.request_time()
     all_request_headers = join_headers(request.headers)
@@ -228,19 +242,21 @@ def _snapshot(handler: Handler, config: Config, finished_at: float, unsent_body:
         "weight": 1,
         "transaction_id": new_transaction_id(),
     }
+    if fast:
+        event = JSONReady(event)
     if config.log_body:
         limit = config.max_body_bytes
         raw_request = _decoded(request.body or b"", all_request_headers.get("Content-Encoding"), limit)
-        _set_body(event["request"], raw_request, limit, config.request_body_masks)
+        _set_body(event["request"], raw_request, limit, config.request_body_masks, fast)
         captured: Optional[ResponseBodyCapture] = getattr(request, _CAPTURE_ATTRIBUTE, None)
         if captured is not None:
             raw_response = captured.body(unsent_body)
             if raw_response is not None:  # a handler may write a body it gzipped itself
                 raw_response = _decoded(raw_response, captured.content_encoding, limit)
-            _set_body(event["response"], raw_response, limit, config.response_body_masks)
+            _set_body(event["response"], raw_response, limit, config.response_body_masks, fast)
         elif unsent_body:
             _set_body(event["response"], unsent_body if len(unsent_body) <= limit else None, limit,
-                      config.response_body_masks)
+                      config.response_body_masks, fast)
     return event
 
 
@@ -423,12 +439,50 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
-def _set_body(part: Dict[str, Any], raw: Optional[bytes], limit: int, masks: AbstractSet[str]) -> None:
+def _set_body(part: Dict[str, Any], raw: Optional[bytes], limit: int, masks: AbstractSet[str],
+              fast: bool = False) -> None:
     if raw is None:
         part["body"], part["transfer_encoding"] = _omitted(limit), "json"
     elif raw:
+        written = _json_by_orjson(raw, masks) if fast else None
+        if written is not None:
+            part["body"], part["transfer_encoding"] = written, "json"
+            return
         body, encoding = encode_body(raw)
-        part["body"], part["transfer_encoding"] = (mask_body(body, masks) if encoding == "json" else body), encoding
+        if encoding == "json":
+            body = mask_body(body, masks)
+            if fast:  # as to_json_bytes writes it inside the event: request/response -> body is 2 levels down
+                body = RawJSON.of(body, depth=2)
+        part["body"], part["transfer_encoding"] = body, encoding
+
+
+def _json_by_orjson(raw: bytes, masks: AbstractSet[str]) -> Optional[RawJSON]:
+    """A JSON body parsed, masked and written by orjson, when that gives what `encode_body` and
+    `to_json_bytes` would (the same value); None for anything else, which takes their path.
+
+    orjson accepts less than json.loads (no NaN, no lone surrogates, UTF-8 only, nesting up to 1024) and
+    refuses it: None. What it reads, it reads as json.loads does, but for one thing: an integer past 64
+    bits becomes a float, which it writes with an exponent (1.8446744073709552e+19): such output is
+    refused too, as is an honest float of 1e16 or more (rare; the slower path is as right).
+    """
+    if raw.lstrip()[:1] not in (b"{", b"["):
+        return None
+    try:
+        parsed = codec.orjson.loads(raw)
+    except ValueError:  # orjson.JSONDecodeError
+        return None
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _deeper_than(parsed, MAX_JSON_DEPTH):
+        return None  # encode_body sends it as base64
+    try:
+        data: bytes = codec.orjson.dumps(mask_body(parsed, masks))
+    except TypeError:  # orjson.JSONEncodeError: not expected of what it parsed, but never lose the event
+        return None
+    if b"e+" in data and _LARGE_NUMBER.search(data):
+        return None
+    return RawJSON(data)
+
+
+_LARGE_NUMBER = re.compile(rb"[0-9]e\+")
 
 
 def _omitted(limit: int) -> Dict[str, Any]:

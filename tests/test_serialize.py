@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import datetime
+import enum
 import json
 import math
+import time
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
+import pytest
 import requests
 import tornado.web
 from conftest import serve
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tornado.httputil import HTTPHeaders
+from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
 
-from moesiftornado_durable import MoesifMiddleware, capture
-from moesiftornado_durable.codec import to_json_bytes
+from moesiftornado_durable import Config, MoesifMiddleware, capture, codec
+from moesiftornado_durable.codec import JSONReady, RawJSON, to_json_bytes
 from moesiftornado_durable.testing import Collector
 
 
@@ -38,8 +41,13 @@ def echo_events(middleware: MoesifMiddleware, collector: Collector, bodies: List
 
 
 def plain_json(value: Any) -> Any:
-    """What json.dumps (compact, strict, default=str) writes for `value`, read back."""
-    return json.loads(json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str))
+    """What to_json_bytes wrote for `value` before it had fast paths (json.dumps, else the slow path), read back."""
+    options: Dict[str, Any] = dict(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        text = json.dumps(value, default=str, **options)
+    except Exception:
+        text = json.dumps(codec._as_json(value), **options)
+    return json.loads(text)
 
 
 json_values = st.recursive(
@@ -155,3 +163,111 @@ def test_joined_headers_and_client_ip_as_before(pairs: List[Tuple[str, str]]) ->
 def test_client_ip_header_names_are_spelled_as_tornado_writes_them() -> None:
     for name in capture._CLIENT_IP_HEADERS:
         assert list(HTTPHeaders({name.lower(): "x"})) == [name]
+
+
+# -- the whole event: capture_steps + to_json_bytes (the middleware's path) against capture_event + json.dumps --
+
+
+class FakeHandler:
+    """What capture reads of a finished RequestHandler, built without a server."""
+
+    def __init__(self, body: bytes, response: bytes, request_headers: Dict[str, str], status: int = 200) -> None:
+        self.request = HTTPServerRequest(start_line=RequestStartLine("POST", "/orders?x=1", "HTTP/1.1"),
+                                         headers=HTTPHeaders({"Host": "127.0.0.1:8888", **request_headers}), body=body)
+        self.request._start_time = time.time() - 0.002
+        self.request._finish_time = time.time()
+        capture.body_capture_transform(100_000)(self.request).transform_first_chunk(
+            status, HTTPHeaders({"Content-Type": "application/json"}), response, True)
+        self._headers = HTTPHeaders({"Content-Type": "application/json", "X-Echo": "one"})
+        self._headers.add("X-Echo", "two")
+        self._status = status
+
+    def get_status(self) -> int:
+        return self._status
+
+
+def make_config(tmp_path: Any, **options: Any) -> Config:
+    return Config.from_dict({"APPLICATION_ID": "app", "SPOOL_DIR": str(tmp_path), **options})
+
+
+def both_ways(handler: FakeHandler, config: Config, now: float = 1_700_000_000.25) -> Tuple[Any, Any]:
+    """(the middleware's event as spooled, capture_event's event as json.dumps writes it), both read back."""
+    prepared = capture.run_sync(capture.capture_steps(handler, config, now)).event
+    plain = capture.capture_event(handler, config, now)
+    assert prepared is not None and plain is not None
+    spooled, reference = json.loads(to_json_bytes(prepared)), plain_json(plain)
+    assert uuid.UUID(spooled.pop("transaction_id")).version == 4
+    reference.pop("transaction_id")
+    return spooled, reference
+
+
+json_bodies = st.one_of(
+    json_values.map(lambda value: json.dumps(value).encode()),
+    json_values.map(lambda value: json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()),
+    json_values.map(lambda value: json.dumps(value, indent=2).encode()),
+    st.lists(st.integers(min_value=-(2**70), max_value=2**70), max_size=5).map(lambda v: json.dumps(v).encode()),
+    st.lists(st.floats(allow_nan=False), max_size=5).map(lambda v: json.dumps(v).encode()),  # 1e+16, Infinity
+    st.sampled_from([b'{"a": NaN}', b"[-Infinity]", b"[1e400]", b"[1E2, 1e-7, -0, -0.0, 0.1e1]", b'{"a":1,"a":2}',
+                     b'["\\ud800"]', b'["\\ud83d\\ude00", "\\u00e9\\/"]', b"\xef\xbb\xbf[1]", b"[1]\x0c", b" [2] ",
+                     b'{"k": "a e+ b", "n": 12345678901234567890123}', "[\"é\"]".encode("utf-16"),
+                     b"[" * 101 + b"]" * 101, b"[" * 100 + b"]" * 100, b"[" * 1100 + b"]" * 1100, b"[1, 2",
+                     b"{'a': 1}", b"[\x00]", b'["a\tb"]', b'["\x7f"]', b"[" + b"1" * 5000 + b"]"]),
+)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(request_body=json_bodies, response_body=json_bodies)
+def test_the_spooled_event_holds_what_capture_event_holds(tmp_path_factory: Any, request_body: bytes,
+                                                          response_body: bytes) -> None:
+    config = make_config(tmp_path_factory.getbasetemp() / "spool")
+    spooled, reference = both_ways(FakeHandler(request_body, response_body, {"Content-Type": "text/plain"}), config)
+    assert spooled == reference
+
+
+def test_masks_and_metadata_odd_values_are_spooled_as_before(tmp_path: Any) -> None:
+    class Colour(enum.Enum):
+        RED = "red"
+
+    metadata = {"when": datetime.datetime(2024, 5, 6, 7, 8, 9), "colour": Colour.RED, "nan": math.nan,
+                "big": 2**80, "tuple_key": {(1, 2): "x"}, "set": {3}, "nested": [{"deep": [1.5, None]}]}
+    config = make_config(tmp_path, GET_METADATA=lambda handler: metadata, REQUEST_BODY_MASKS=["password"],
+                         RESPONSE_BODY_MASKS=["token"], IDENTIFY_USER=lambda handler: "user-\ud800")
+    body = json.dumps({"password": "p", "token": "t", "keep": [{"password": 1, "n": 2**64}]}).encode()
+    spooled, reference = both_ways(FakeHandler(body, body, {"Authorization": "Basic eDp5"}), config)
+    assert spooled == reference
+    assert spooled["request"]["body"] == {"token": "t", "keep": [{"n": 2**64}]}
+    assert spooled["metadata"]["nan"] == "nan" and spooled["metadata"]["colour"] == "Colour.RED"
+    assert spooled["user_id"] == "user-\ud800"
+
+
+def test_without_orjson_the_event_is_plain_and_spooled_the_same(tmp_path: Any, monkeypatch: Any) -> None:
+    config = make_config(tmp_path, GET_METADATA=lambda handler: {"n": 1})
+    body = json.dumps({"n": [1, 2.5, "x"]}).encode()
+    handler = FakeHandler(body, body, {})
+    with_orjson, reference = both_ways(handler, config)
+    monkeypatch.setattr(codec, "orjson", None)
+    event = capture.run_sync(capture.capture_steps(handler, config, time.time())).event
+    assert type(event) is dict and event["request"]["body"] == {"n": [1, 2.5, "x"]}
+    without, _ = both_ways(handler, config)
+    assert without == with_orjson == reference
+
+
+@pytest.mark.skipif(codec.orjson is None, reason="orjson is not installed")
+def test_with_orjson_bodies_and_metadata_are_written_once(tmp_path: Any) -> None:
+    config = make_config(tmp_path, GET_METADATA=lambda handler: {"n": 1})
+    body = json.dumps({"n": [1, 2.5, "x"]}).encode()
+    event = capture.run_sync(capture.capture_steps(FakeHandler(body, body, {}), config, time.time())).event
+    assert type(event) is JSONReady
+    assert event["request"]["body"] == RawJSON(b'{"n":[1,2.5,"x"]}') == event["response"]["body"]
+    assert event["metadata"] == RawJSON(b'{"n":1}')
+    # MASK_EVENT_MODEL sees the event as a moesifapi EventModel: plain values, the json module writes it
+    masked = make_config(tmp_path, MASK_EVENT_MODEL=lambda model: model)
+    event = capture.run_sync(capture.capture_steps(FakeHandler(body, body, {}), masked, time.time())).event
+    assert type(event) is dict and event["request"]["body"] == {"n": [1, 2.5, "x"]}
+
+
+def test_raw_json_is_written_as_is_and_read_back_by_the_json_module() -> None:
+    record = JSONReady(body=RawJSON(b'{"a":[1,2]}'), text="x")
+    assert to_json_bytes(record) == b'{"body":{"a":[1,2]},"text":"x"}'
+    assert to_json_bytes(dict(record)) == b'{"body":{"a":[1,2]},"text":"x"}'  # the json module's path
+    assert to_json_bytes(JSONReady(body=RawJSON(b"[1]"), text="\udc00")) == b'{"body":[1],"text":"\\udc00"}'
