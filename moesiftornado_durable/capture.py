@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import re
 import zlib
 from typing import (
     AbstractSet,
@@ -461,11 +460,10 @@ def _json_by_orjson(raw: bytes, masks: AbstractSet[str]) -> Optional[RawJSON]:
     `to_json_bytes` would (the same value); None for anything else, which takes their path.
 
     orjson accepts less than json.loads (no NaN, no lone surrogates, UTF-8 only, nesting up to 1024) and
-    refuses it: None. What it reads, it reads as json.loads does, but for one thing: an integer past 64
-    bits becomes a float, which it writes with an exponent (1.8446744073709552e+19): such output is
-    refused too, as is an honest float of 1e16 or more (rare; the slower path is as right).
+    refuses it: None. What it reads, it reads as json.loads does, but for one thing: an integer that does
+    not fit 64 bits becomes a float; a body that may hold one is left to json.loads.
     """
-    if raw.lstrip()[:1] not in (b"{", b"["):
+    if raw.lstrip()[:1] not in (b"{", b"[") or _may_hold_a_long_integer(raw):
         return None
     try:
         parsed = codec.orjson.loads(raw)
@@ -474,15 +472,20 @@ def _json_by_orjson(raw: bytes, masks: AbstractSet[str]) -> Optional[RawJSON]:
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _deeper_than(parsed, MAX_JSON_DEPTH):
         return None  # encode_body sends it as base64
     try:
-        data: bytes = codec.orjson.dumps(mask_body(parsed, masks))
+        return RawJSON(codec.orjson.dumps(mask_body(parsed, masks)))
     except TypeError:  # orjson.JSONEncodeError: not expected of what it parsed, but never lose the event
         return None
-    if b"e+" in data and _LARGE_NUMBER.search(data):
-        return None
-    return RawJSON(data)
 
 
-_LARGE_NUMBER = re.compile(rb"[0-9]e\+")
+def _may_hold_a_long_integer(raw: bytes) -> bool:
+    """True if `raw` has 20 digits in a row, or a minus and 19 digits: the shortest integers past 64 bits
+    (digits inside strings count too: such a body only takes the slower path)."""
+    shape = raw.translate(_DIGITS_AND_MINUS)
+    return b"0" * 20 in shape or b"-" + b"0" * 19 in shape
+
+
+# A byte table: each digit becomes b"0", the minus sign stays, anything else becomes a space.
+_DIGITS_AND_MINUS = bytes(0x30 if 0x30 <= code <= 0x39 else code if code == 0x2D else 0x20 for code in range(256))
 
 
 def _omitted(limit: int) -> Dict[str, Any]:
