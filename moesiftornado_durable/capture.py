@@ -100,6 +100,7 @@ def capture_steps(handler: Handler, config: Config, finished_at: float,
     callables) without this code knowing; `run_sync` drives it without awaiting. Each callable is called
     once. Everything else is read from the handler before the second group is yielded. The event is
     sampled (`weight_for`) after identification and before MASK_EVENT_MODEL; it returns an `Outcome`.
+    The bodies, read with the rest, are decoded and parsed only once the event is kept.
 
     `finished_at` is the wall-clock time the response finished (`time.time()` when Tornado calls
     log_function); the request's start is derived from Tornado's own `request_time()`. `unsent_body` is
@@ -115,7 +116,7 @@ def capture_steps(handler: Handler, config: Config, finished_at: float,
         if skip and skip is not RAISED:
             return Outcome(None, "skipped")
     fast = prepared and codec.orjson is not None and config.mask_event_model is None
-    event = _snapshot(handler, config, finished_at, unsent_body, fast)
+    event, bodies = _snapshot(handler, config, finished_at, unsent_body, fast)
     functions = {
         "API_VERSION": config.api_version if callable(config.api_version) else None,
         "IDENTIFY_USER": config.identify_user,
@@ -134,8 +135,7 @@ def capture_steps(handler: Handler, config: Config, finished_at: float,
         handler.request.headers, config)
     event["company_id"] = _as_text("IDENTIFY_COMPANY", results.get("IDENTIFY_COMPANY"))
     event["session_token"] = _as_text("GET_SESSION_TOKEN", results.get("GET_SESSION_TOKEN"))
-    metadata = results.get("GET_METADATA")
-    event["metadata"] = RawJSON.of(metadata, depth=1) if fast and metadata is not None else metadata
+    event["metadata"] = results.get("GET_METADATA")
     if weight_for is not None:
         try:
             weight = weight_for(event)
@@ -145,6 +145,11 @@ def capture_steps(handler: Handler, config: Config, finished_at: float,
         if weight is None:
             return Outcome(None, "sampled_out")
         event["weight"] = weight
+    for part, raw, content_encoding, masks in bodies:
+        _set_body(part, None if raw is None else _decoded(raw, content_encoding, config.max_body_bytes),
+                  config.max_body_bytes, masks, fast)
+    if fast and event["metadata"] is not None:  # as to_json_bytes would write it, one level down the event
+        event["metadata"] = RawJSON.of(event["metadata"], depth=1)
     if config.mask_event_model is not None:
         [masked] = yield [("MASK_EVENT_MODEL", config.mask_event_model, EventModel.from_dictionary(event))]
         result = apply_mask_result(event, masked)
@@ -208,11 +213,17 @@ def capture_event(handler: Handler, config: Config, finished_at: float,
     return run_sync(capture_steps(handler, config, finished_at, weight_for, unsent_body, prepared=False)).event
 
 
-def _snapshot(handler: Handler, config: Config, finished_at: float, unsent_body: bytes = b"",
-              fast: bool = False) -> Event:
-    """Everything the event holds that does not come from a user callable, read from the handler now.
+# A body read from the handler, to be decoded, parsed and set once the event is kept: (the event's
+# "request" or "response" dict, the raw bytes (None: over MAX_BODY_BYTES), their Content-Encoding, masks).
+_Body = Tuple[Dict[str, Any], Optional[bytes], Optional[str], AbstractSet[str]]
 
-    `fast`: a `JSONReady` event, with JSON bodies as `RawJSON` written by orjson (see `capture_steps`).
+
+def _snapshot(handler: Handler, config: Config, finished_at: float, unsent_body: bytes = b"",
+              fast: bool = False) -> Tuple[Event, List[_Body]]:
+    """Everything the event holds that does not come from a user callable, read from the handler now:
+    the event without its bodies, and the bodies as read (`_Body`).
+
+    `fast`: a `JSONReady` event, whose JSON bodies will be `RawJSON` written by orjson (see `capture_steps`).
     """
     request: HTTPServerRequest = handler.request
     started_at = finished_at - request.request_time()
@@ -243,20 +254,17 @@ def _snapshot(handler: Handler, config: Config, finished_at: float, unsent_body:
     }
     if fast:
         event = JSONReady(event)
+    bodies: List[_Body] = []
     if config.log_body:
-        limit = config.max_body_bytes
-        raw_request = _decoded(request.body or b"", all_request_headers.get("Content-Encoding"), limit)
-        _set_body(event["request"], raw_request, limit, config.request_body_masks, fast)
+        bodies.append((event["request"], request.body or b"", all_request_headers.get("Content-Encoding"),
+                       config.request_body_masks))
         captured: Optional[ResponseBodyCapture] = getattr(request, _CAPTURE_ATTRIBUTE, None)
-        if captured is not None:
-            raw_response = captured.body(unsent_body)
-            if raw_response is not None:  # a handler may write a body it gzipped itself
-                raw_response = _decoded(raw_response, captured.content_encoding, limit)
-            _set_body(event["response"], raw_response, limit, config.response_body_masks, fast)
+        if captured is not None:  # a handler may write a body it gzipped itself: content_encoding
+            bodies.append((event["response"], captured.body(unsent_body), captured.content_encoding,
+                           config.response_body_masks))
         elif unsent_body:
-            _set_body(event["response"], unsent_body if len(unsent_body) <= limit else None, limit,
-                      config.response_body_masks, fast)
-    return event
+            bodies.append((event["response"], unsent_body, None, config.response_body_masks))
+    return event, bodies
 
 
 def apply_mask_result(event: Event, masked: Any) -> Optional[Event]:

@@ -271,3 +271,12 @@ def test_raw_json_is_written_as_is_and_read_back_by_the_json_module() -> None:
     assert to_json_bytes(record) == b'{"body":{"a":[1,2]},"text":"x"}'
     assert to_json_bytes(dict(record)) == b'{"body":{"a":[1,2]},"text":"x"}'  # the json module's path
     assert to_json_bytes(JSONReady(body=RawJSON(b"[1]"), text="\udc00")) == b'{"body":[1],"text":"\\udc00"}'
+
+
+def test_a_sampled_out_event_never_has_its_bodies_parsed(tmp_path: Any, monkeypatch: Any) -> None:
+    config = make_config(tmp_path, GET_METADATA=lambda handler: {"n": 1})
+    handler = FakeHandler(b'{"a": 1}', b'{"b": 2}', {})
+    monkeypatch.setattr(capture, "_set_body", lambda *args: pytest.fail("a body was parsed"))
+    monkeypatch.setattr(capture.RawJSON, "of", lambda *args, **kwargs: pytest.fail("the metadata was written"))
+    outcome = capture.run_sync(capture.capture_steps(handler, config, time.time(), weight_for=lambda event: None))
+    assert outcome == capture.Outcome(None, "sampled_out")
