@@ -64,6 +64,7 @@ _CLIENT_IP_HEADERS = (
     "Forwarded-For",
     "Forwarded",
 )
+_CLIENT_IP_HEADER_SET = frozenset(_CLIENT_IP_HEADERS)
 
 
 class _Raised:
@@ -117,14 +118,14 @@ def capture_steps(handler: Handler, config: Config, finished_at: float,
             return Outcome(None, "skipped")
     fast = prepared and codec.orjson is not None and config.mask_event_model is None
     event, bodies = _snapshot(handler, config, finished_at, unsent_body, fast)
-    functions = {
-        "API_VERSION": config.api_version if callable(config.api_version) else None,
-        "IDENTIFY_USER": config.identify_user,
-        "IDENTIFY_COMPANY": config.identify_company,
-        "GET_SESSION_TOKEN": config.get_session_token,
-        "GET_METADATA": config.get_metadata,
-    }
-    calls = [(option, function, handler) for option, function in functions.items() if function is not None]
+    functions = (
+        ("API_VERSION", config.api_version if callable(config.api_version) else None),
+        ("IDENTIFY_USER", config.identify_user),
+        ("IDENTIFY_COMPANY", config.identify_company),
+        ("GET_SESSION_TOKEN", config.get_session_token),
+        ("GET_METADATA", config.get_metadata),
+    )
+    calls = [(option, function, handler) for option, function in functions if function is not None]
     results: Dict[str, Any] = {}
     if calls:
         answers = yield calls
@@ -373,6 +374,8 @@ def client_ip(request: HTTPServerRequest) -> Optional[str]:
 
 def _client_ip(headers: Mapping[str, str], remote_ip: Optional[str]) -> Optional[str]:
     """`client_ip` from the request's headers as `join_headers` returns them (names as Tornado writes them)."""
+    if _CLIENT_IP_HEADER_SET.isdisjoint(headers):  # most requests: no proxy header at all
+        return remote_ip
     for header in _CLIENT_IP_HEADERS:
         value = headers.get(header)
         if not value:
