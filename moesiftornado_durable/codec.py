@@ -4,14 +4,34 @@ JSON, never pickle: a spool file is data and must not run code when read. Encryp
 `cryptography` package's Fernet (AES-128-CBC with HMAC-SHA256), with several keys for rotation as
 `MultiFernet` does: new records use the first key, older ones stay readable with the rest. Encrypted
 and plain records can sit side by side in one file (a spool that gains a key keeps its old rows).
+
+With orjson installed (``pip install 'moesiftornado-durable[fast]'``), the events the middleware captures
+are written by orjson, about ten times faster than by the json module, and read back as the same values:
+capture hands them over as `JSONReady` dicts, whose bodies and metadata are already `RawJSON` (see
+`to_json_bytes`). Everything else is written by the json module, as without orjson.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
-from typing import Any, Optional, Sequence, Tuple, Union
+import json.encoder
+import re
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 from .errors import ConfigError, MoesifDurableError
+
+
+def _fast_encoder() -> Any:
+    """orjson if it is installed (the optional 'fast' extra) and can write raw JSON (3.9 and later), else None."""
+    try:
+        module = importlib.import_module("orjson")
+    except ImportError:
+        return None
+    return module if hasattr(module, "Fragment") else None
+
+
+orjson: Any = _fast_encoder()  # None: every record is written by the json module
 
 KeyInput = Union[str, bytes]
 _FERNET_PREFIX = b"gAAAAA"  # every Fernet token starts with version byte 0x80, base64-encoded
@@ -48,19 +68,115 @@ class Codec:
             raise UndecryptableError("none of the SPOOL_ENCRYPTION_KEY keys opens the record") from None
 
 
+class RawJSON:
+    """A JSON value already written: compact, strict JSON bytes that a record holds in the value's place.
+
+    `to_json_bytes` writes the bytes as they are; a reader of the record sees the value. Capture makes
+    one from a request body that orjson parsed and wrote (no second encode of the body with the event),
+    or from a value `to_json_bytes` wrote (the metadata a user callable returned).
+    """
+
+    __slots__ = ("json",)
+
+    def __init__(self, json: bytes) -> None:
+        self.json = json
+
+    def __repr__(self) -> str:
+        return f"RawJSON({self.json!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RawJSON) and other.json == self.json
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def value(self) -> Any:
+        """The value, read back from the bytes."""
+        return json.loads(self.json)
+
+    @classmethod
+    def of(cls, value: Any, depth: int = 0) -> RawJSON:
+        """`value` as `to_json_bytes` writes it where it sits `depth` levels down a record."""
+        return cls(_json_bytes(value, depth))
+
+
+class JSONReady(Dict[str, Any]):
+    """A record that orjson writes exactly as the json module would: what capture hands the spool.
+
+    The contract, kept by its maker: keys are strings, and values are strings, ints, bools, None,
+    `RawJSON`, and lists and dicts of these -- no float (orjson would write NaN as null) and no other
+    object (orjson writes datetimes, enums and dataclasses its own way). Whatever orjson refuses all
+    the same (a lone surrogate, an int past 64 bits) goes to the json module.
+    """
+
+
 def to_json_bytes(value: Any) -> bytes:
     """Compact, strict JSON; values JSON cannot express are written as text.
 
     The fast path writes objects JSON does not know as their str(). Whatever else would make json.dumps
     fail -- keys that are not strings, a circular reference, nesting too deep, an object whose str()
     raises, NaN or infinity (not JSON: Moesif would reject the whole batch) -- takes the slow path, which
-    rewrites those values as text, so a record is never lost for what a user callback put in it.
+    rewrites those values as text, so a record is never lost for what a user callback put in it. A lone
+    surrogate (a JSON body's ``"\\ud800"``, a callback's string) cannot be UTF-8: it is written as its
+    JSON escape, which reads back as the same string. A `RawJSON` value is written as its bytes; a
+    `JSONReady` record is written by orjson when it is installed.
     """
+    if orjson is not None and type(value) is JSONReady:
+        try:
+            return orjson.dumps(value, default=_fragment)
+        except TypeError:  # orjson.JSONEncodeError: a lone surrogate, an int past 64 bits
+            pass
+    return _json_bytes(value, 0)
+
+
+def _json_bytes(value: Any, depth: int) -> bytes:
     try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
+        text = _encode(value)
     except Exception:  # default=str runs user code: its str() may raise anything
-        text = json.dumps(_as_json(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return text.encode("utf-8")
+        text = _encode(_as_json(value, depth))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.sub(_escaped, text).encode("utf-8")
+
+
+def _fragment(value: Any) -> Any:
+    if type(value) is RawJSON:
+        return orjson.Fragment(value.json)
+    raise TypeError(f"{type(value).__name__} breaks the JSONReady contract")
+
+
+def _default(value: Any) -> Any:
+    """What the json module writes for an object it does not know: a RawJSON's value, else the text."""
+    return value.value if type(value) is RawJSON else str(value)
+
+
+def _encoder(default: Callable[[Any], Any]) -> Callable[[Any], str]:
+    """A compact, strict (allow_nan=False), non-ASCII-keeping JSON encoder, built once.
+
+    json.dumps builds an encoder on every call, and tracks every container to detect circular references;
+    here a circular reference ends in RecursionError instead, which sends the record to the slow path as
+    any other failure does.
+    """
+    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)  # None without the C accelerator
+    if c_make_encoder is not None:
+        try:
+            c_encode = c_make_encoder(None, default, json.encoder.encode_basestring, None, ":", ",", False, False,
+                                      False)
+        except TypeError:  # its private signature changed: the public encoder below does the same
+            pass
+        else:
+            return lambda value: "".join(c_encode(value, 0))
+    return json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False,
+                            default=default).encode
+
+
+_encode = _encoder(_default)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 _MAX_RECORD_DEPTH = 200
@@ -68,7 +184,7 @@ _MAX_RECORD_DEPTH = 200
 
 def _as_json(value: Any, depth: int = 0, parents: Tuple[int, ...] = ()) -> Any:
     """`value` with everything strict JSON cannot hold replaced by text (see `to_json_bytes`)."""
-    if value is None or isinstance(value, (bool, int, str)):
+    if value is None or isinstance(value, (bool, int, str, RawJSON)):
         return value
     if isinstance(value, float):
         return value if value == value and value not in (float("inf"), float("-inf")) else str(value)
