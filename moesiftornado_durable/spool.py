@@ -243,6 +243,33 @@ class Spool:
                          "SPOOL_ENCRYPTION_KEY; kept untouched", len(unreadable), self.path)
         return claimed
 
+    def read_ready(self, limit: int, kind: str = EVENT, after: int = 0) -> List[SpooledItem]:
+        """Up to `limit` of the oldest ready records of `kind` with ids above `after`, without marking them.
+
+        Only for a process that holds this file's slot lock (replay, an adopted orphan): no other process
+        takes from the file, so a record need not be marked in flight to be sent once, and one that is not
+        acked simply stays ready, also if the process dies. That saves `claim`'s write of every row (a third
+        of a replay's SQLite time). Records no configured key decrypts are set aside as `claim` does.
+        """
+        while True:
+            with self._queue.tran_lock:
+                rows = self._conn().execute(
+                    f"SELECT {self._key}, data, timestamp FROM {self._table} INDEXED BY takeable "
+                    f"WHERE kind = ? AND status < {_READY_BELOW} AND {self._key} > ? ORDER BY {self._key} LIMIT ?",
+                    (kind, after, limit),
+                ).fetchall()
+            if not rows:
+                return []
+            items, unreadable = self._decode_rows(kind, rows)
+            if unreadable:
+                self._execute_many(f"UPDATE {self._table} SET status = {_UNDECRYPTABLE} WHERE {self._key} = ?",
+                                   [(row_id,) for row_id in unreadable])
+                logger.error("%d spooled record(s) in %s cannot be decrypted with the configured "
+                             "SPOOL_ENCRYPTION_KEY; kept untouched", len(unreadable), self.path)
+            if items:
+                return items
+            after = rows[-1][0]  # a whole batch set aside: look further
+
     def _decode_rows(self, kind: str, rows: List[Tuple[int, bytes, float]]) -> Tuple[List[SpooledItem], List[int]]:
         claimed: List[SpooledItem] = []
         unreadable: List[int] = []
@@ -257,7 +284,8 @@ class Spool:
         """Delivered: delete the rows, in one transaction."""
         with self._queue.tran_lock, self._conn() as conn:
             freed = self._bytes_of(conn, ids)
-            conn.executemany(f"DELETE FROM {self._table} WHERE {self._key} = ?", [(i,) for i in ids])
+            for marks, chunk in _in_chunks(ids):  # one statement per 500 rows: half the time of one per row
+                conn.execute(f"DELETE FROM {self._table} WHERE {self._key} IN ({marks})", chunk)
         self._grow(-freed)
 
     def _record_id(self, data: bytes) -> str:
@@ -276,9 +304,7 @@ class Spool:
 
     def _bytes_of(self, conn: sqlite3.Connection, ids: Sequence[int]) -> int:
         total = 0
-        for first in range(0, len(ids), 500):
-            chunk = list(ids[first:first + 500])
-            marks = ",".join("?" * len(chunk))
+        for marks, chunk in _in_chunks(ids):
             row = conn.execute(
                 f"SELECT COALESCE(SUM(length(data)), 0) FROM {self._table} "
                 f"WHERE {self._key} IN ({marks}) AND status <= {_IN_FLIGHT}",
@@ -517,6 +543,13 @@ class Spool:
             return
         with self._queue.tran_lock, self._conn() as conn:
             conn.executemany(sql, params)
+
+
+def _in_chunks(ids: Sequence[int], size: int = 500) -> Iterator[Tuple[str, List[int]]]:
+    """`ids` in chunks of at most `size`, each with its "?,?,..." placeholders for an IN list."""
+    for first in range(0, len(ids), size):
+        chunk = list(ids[first:first + size])
+        yield ",".join("?" * len(chunk)), chunk
 
 
 def bytes_on_disk(path: str) -> int:

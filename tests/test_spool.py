@@ -78,6 +78,27 @@ def test_acked_rows_are_deleted_not_kept(spool: Spool) -> None:
         assert other.execute("SELECT COUNT(*) FROM ack_queue_default").fetchone()[0] == 0
 
 
+def test_read_ready_reads_past_a_cursor_and_writes_nothing(spool: Spool) -> None:
+    ids = [spool.put({"n": n}) for n in range(5)]
+    spool.put({"user_id": "u"}, USER)
+    first = spool.read_ready(2)
+    assert [item.body["n"] for item in first] == [0, 1]
+    stats = spool.stats()
+    assert (stats.ready, stats.in_flight) == (6, 0)  # nothing marked: if the reader dies, nothing changes
+    rest = spool.read_ready(10, after=first[-1].id)
+    assert [item.id for item in rest] == ids[2:]
+    assert spool.read_ready(10, after=rest[-1].id) == []
+    assert [item.body for item in spool.read_ready(10, USER)] == [{"user_id": "u"}]
+
+
+def test_an_ack_of_more_ids_than_one_statement_takes_deletes_them_all(spool: Spool) -> None:
+    spool.put_many(("event", {"n": n}, 0.0) for n in range(1_234))
+    spool.ack([item.id for item in spool.read_ready(1_234)])
+    with contextlib.closing(sqlite3.connect(spool.path)) as other:
+        assert other.execute("SELECT COUNT(*) FROM ack_queue_default").fetchone()[0] == 0
+    assert spool.stats().ready == 0
+
+
 def test_pending_through_a_mark(spool: Spool) -> None:
     spool.put({"n": 1})
     mark = spool.last_id()
