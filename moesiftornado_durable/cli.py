@@ -216,8 +216,9 @@ def _drain_all(courier: Courier, spools: List[Tuple[locks.SlotLock, Spool]], arg
                stop: threading.Event, progress: Progress) -> Outcome:
     remaining = args.max_events
     for _, spool in spools:
-        outcome = courier.drain(spool, args.batch_size, stop, max_records=remaining, on_batch=progress.advance,
-                                connections=args.connections)
+        with spool.checkpoints_aside():
+            outcome = courier.drain(spool, args.batch_size, stop, max_records=remaining, on_batch=progress.advance,
+                                    connections=args.connections)
         if outcome is Outcome.RETURNED or stop.is_set():
             return outcome
         if remaining is not None:
