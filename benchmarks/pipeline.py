@@ -7,6 +7,10 @@
    to the spool before return, against building the same event and json.dumps only (no disk).
 2. Drain: events/s from a spool backlog to the local collector through the flusher, against a plain
    moesifapi `create_events_batch` loop over the same events from memory, at the same batch size.
+3. Replay: events/s of `moesiftornado-durable replay` (its defaults: batches of 500 over 2 connections)
+   draining a dead process's spool, against the same moesifapi loop at batch 500 and the 25k ev/s target,
+   with the collector in a process of its own (on this 2-core machine, one core each), and again with the
+   collector in the benchmark's process.
 
 The machine is shared and noisy: each figure is the median of several rounds, and the ratio is what
 to compare across machines.
@@ -16,15 +20,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import json
 import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, Iterator, List
 
 import requests
 import tornado.httpserver
@@ -38,8 +45,10 @@ from conftest import serve  # noqa: E402
 from moesifapi.configuration import Configuration  # noqa: E402
 from moesifapi.controllers.api_controller import ApiController  # noqa: E402
 
-from moesiftornado_durable import MoesifMiddleware, SpoolBeforeSendMixin  # noqa: E402
+from moesiftornado_durable import MoesifMiddleware, SpoolBeforeSendMixin, locks  # noqa: E402
 from moesiftornado_durable.capture import capture_event  # noqa: E402
+from moesiftornado_durable.cli import DEFAULT_REPLAY_BATCH_SIZE, DEFAULT_REPLAY_CONNECTIONS  # noqa: E402
+from moesiftornado_durable.cli import main as cli_main  # noqa: E402
 from moesiftornado_durable.spool import Spool  # noqa: E402
 from moesiftornado_durable.testing import Collector  # noqa: E402
 
@@ -154,20 +163,24 @@ def sample_event(collector: Collector) -> Dict[str, Any]:
     return event
 
 
-def bench_drain(collector: Collector, events: int, batch_size: int, rounds: int) -> Dict[str, float]:
+def moesifapi_loop(base_uri: str, bodies: List[Dict[str, Any]], batch_size: int) -> float:
+    """Events/s of moesifapi's own client sending `bodies` from memory (no spool, no retries)."""
+    Configuration.BASE_URI = base_uri
+    Configuration.application_id = "bench"
+    api = ApiController()
+    started = time.perf_counter()
+    for first in range(0, len(bodies), batch_size):
+        api.create_events_batch(bodies[first:first + batch_size])
+    return len(bodies) / (time.perf_counter() - started)
+
+
+def bench_drain(collector: Collector, template: Dict[str, Any], events: int, batch_size: int,
+                rounds: int) -> Dict[str, float]:
     """Events/s: the flusher draining a spool backlog vs a plain moesifapi loop from memory."""
-    template = sample_event(collector)
     bodies = [dict(template, transaction_id=f"bench-{n}") for n in range(events)]
     rates: Dict[str, List[float]] = {"baseline": [], "durable": []}
     for _ in range(rounds):
-        # baseline: moesifapi's own client, batches from memory, no spool, no retries
-        Configuration.BASE_URI = collector.base_uri
-        Configuration.application_id = "bench"
-        api = ApiController()
-        started = time.perf_counter()
-        for first in range(0, events, batch_size):
-            api.create_events_batch(bodies[first:first + batch_size])
-        rates["baseline"].append(events / (time.perf_counter() - started))
+        rates["baseline"].append(moesifapi_loop(collector.base_uri, bodies, batch_size))
         collector.clear()
 
         spool_dir = tempfile.mkdtemp(prefix="bench-drain-")
@@ -186,17 +199,85 @@ def bench_drain(collector: Collector, events: int, batch_size: int, rounds: int)
     return {"baseline": statistics.median(rates["baseline"]), "durable": statistics.median(rates["durable"])}
 
 
+REPLAY_TARGET = 25_000  # events/s, issue 3
+
+
+@contextlib.contextmanager
+def collector_process() -> Iterator[str]:
+    """The local collector in a process of its own (as `moesiftornado-durable collector` runs it); its base URI."""
+    process = subprocess.Popen([sys.executable, "-m", "moesiftornado_durable", "collector", "--quiet"],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        yield process.stdout.readline().strip()
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def replay(base_uri: str, bodies: List[Dict[str, Any]], *options: str) -> float:
+    """Events/s of the replay command (run in this process, as its console script would) over a spool of
+    `bodies` left by a dead process: opening the file, the drain, and removing the emptied file."""
+    spool_dir = tempfile.mkdtemp(prefix="bench-replay-")
+    lock = locks.lock_free_slot(spool_dir)
+    spool = Spool(lock.spool_path)
+    spool.put_many(("event", body, time.time()) for body in bodies)
+    spool.close()
+    lock.release()  # as if its process had died
+    os.environ["MOESIF_APPLICATION_ID"] = "bench"
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
+        started = time.perf_counter()
+        code = cli_main(["replay", "--spool-dir", spool_dir, "--base-uri", base_uri, *options])
+        elapsed = time.perf_counter() - started
+    assert code == 0 and f"sent {len(bodies)} record(s)" in out.getvalue(), (code, out.getvalue(), err.getvalue())
+    shutil.rmtree(spool_dir, ignore_errors=True)
+    return len(bodies) / elapsed
+
+
+def received(base_uri: str) -> int:
+    count = int(requests.get(base_uri + "/_control/stats", timeout=60).json()["events"])
+    requests.post(base_uri + "/_control/clear", timeout=60)
+    return count
+
+
+def bench_replay(template: Dict[str, Any], events: int, rounds: int) -> Dict[str, float]:
+    """Events/s: the replay command vs the moesifapi loop at the replay's batch size, alternating rounds,
+    to a collector in its own process and to one in this process."""
+    bodies = [dict(template, transaction_id=f"replay-{n}") for n in range(events)]
+    rates: Dict[str, List[float]] = {"baseline": [], "replay": [], "replay_one_connection": [],
+                                     "baseline_in_process": [], "replay_in_process": []}
+    with collector_process() as base_uri:
+        for _ in range(rounds):
+            rates["baseline"].append(moesifapi_loop(base_uri, bodies, DEFAULT_REPLAY_BATCH_SIZE))
+            assert received(base_uri) == events
+            rates["replay"].append(replay(base_uri, bodies))
+            assert received(base_uri) == events
+            rates["replay_one_connection"].append(replay(base_uri, bodies, "--connections", "1"))
+            assert received(base_uri) == events
+    with Collector() as collector:
+        for _ in range(rounds):
+            rates["baseline_in_process"].append(moesifapi_loop(collector.base_uri, bodies, DEFAULT_REPLAY_BATCH_SIZE))
+            collector.clear()
+            rates["replay_in_process"].append(replay(collector.base_uri, bodies))
+            assert len(collector.transaction_ids()) == events
+            collector.clear()
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run (CI)")
     args = parser.parse_args()
     requests_per_round, rounds, events = (200, 1, 1000) if args.quick else (2000, 3, 10000)
+    replay_events = 2_000 if args.quick else 20_000
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"{'quick' if args.quick else 'full'} run", flush=True)
     with Collector() as collector:
         latency = bench_log_event(collector, requests_per_round, rounds)
-        drain = bench_drain(collector, events, batch_size=25, rounds=rounds)
+        template = sample_event(collector)
+        drain = bench_drain(collector, template, events, batch_size=25, rounds=rounds)
+    replayed = bench_replay(template, replay_events, rounds)
 
     print()
     base = latency["baseline"]
@@ -211,6 +292,19 @@ def main() -> int:
                   f"{value / base[q]:.2f} |")
     print(f"| drain at BATCH_SIZE 25, events/s (baseline: moesifapi loop from memory) | "
           f"{drain['baseline']:,.0f} | {drain['durable']:,.0f} | {drain['durable'] / drain['baseline']:.2f} |")
+    size, connections = DEFAULT_REPLAY_BATCH_SIZE, DEFAULT_REPLAY_CONNECTIONS
+    base = replayed["baseline"]
+    for key, label in (("replay", f"replay (batches of {size}, {connections} connections)"),
+                       ("replay_one_connection", f"replay --connections 1 (batches of {size})")):
+        print(f"| {label}, events/s, collector in its own process (baseline: moesifapi loop at batch {size}) | "
+              f"{base:,.0f} | {replayed[key]:,.0f} | {replayed[key] / base:.2f} |")
+    base = replayed["baseline_in_process"]
+    value = replayed["replay_in_process"]
+    print(f"| replay (batches of {size}, {connections} connections), events/s, collector in this process | "
+          f"{base:,.0f} | {value:,.0f} | {value / base:.2f} |")
+    value = replayed["replay"]
+    print(f"| replay, events/s, collector in its own process, against the target | {REPLAY_TARGET:,} | "
+          f"{value:,.0f} | {value / REPLAY_TARGET:.2f} |")
     return 0
 
 

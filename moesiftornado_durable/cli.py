@@ -33,6 +33,7 @@ from .spool import EVENT, KINDS, Spool, SpoolStats, open_spool, read_stats, salv
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_REPLAY_BATCH_SIZE = 500
+DEFAULT_REPLAY_CONNECTIONS = 2  # one batch in flight while the next is read, compressed and the last acked
 REPLAY_ATTEMPTS = 5  # per batch, before replay gives up and says why
 REPLAY_MAX_WAIT = 5.0
 KEY_ENVIRONMENT_VARIABLE = "MOESIF_SPOOL_ENCRYPTION_KEY"
@@ -82,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--base-uri", default=DEFAULT_BASE_URI)
     replay.add_argument("--batch-size", type=int, default=DEFAULT_REPLAY_BATCH_SIZE)
     replay.add_argument("--max-events", type=int, help="stop after this many")
+    replay.add_argument("--connections", type=int, default=DEFAULT_REPLAY_CONNECTIONS,
+                        help=f"batches in flight at once, each on its own connection (default "
+                             f"{DEFAULT_REPLAY_CONNECTIONS}); 1 sends strictly oldest first")
     replay.add_argument("--send-timeout", type=float, default=30.0, help="seconds per request (default 30)")
     replay.add_argument("--dry-run", action="store_true", help="count what would be sent; send nothing")
 
@@ -214,6 +218,8 @@ def _replay(args: argparse.Namespace) -> int:
         raise CommandError("no application id: set MOESIF_APPLICATION_ID (or pass --application-id)", EXIT_USAGE)
     if args.batch_size < 1:
         raise CommandError("--batch-size must be at least 1", EXIT_USAGE)
+    if args.connections < 1:
+        raise CommandError("--connections must be at least 1", EXIT_USAGE)
     stop = threading.Event()
     sender = Sender(args.base_uri, application_id or "", args.send_timeout)
     courier = Courier(sender, delivery_policy(stop, max_wait=REPLAY_MAX_WAIT, attempts=REPLAY_ATTEMPTS,
@@ -265,7 +271,9 @@ def _drain_all(courier: Courier, spools: List[Tuple[locks.SlotLock, Spool]], arg
                stop: threading.Event, progress: Progress) -> Outcome:
     remaining = args.max_events
     for _, spool in spools:
-        outcome = courier.drain(spool, args.batch_size, stop, max_records=remaining, on_batch=progress.advance)
+        with spool.checkpoints_aside():
+            outcome = courier.drain(spool, args.batch_size, stop, max_records=remaining, on_batch=progress.advance,
+                                    connections=args.connections)
         if outcome is Outcome.RETURNED or stop.is_set():
             return outcome
         if remaining is not None:

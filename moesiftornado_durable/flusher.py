@@ -48,6 +48,7 @@ class Courier:
     """Takes claimed batches to the collector: send under the retry policy, then ack, dead-letter or nack.
 
     Shared by the flusher thread and the replay command, so both treat every answer the same way.
+    Thread-safe: a drain over several connections delivers from several threads at once.
     """
 
     def __init__(self, sender: Sender, policy: Callable[..., object], event_max_age: Optional[float] = None,
@@ -56,14 +57,16 @@ class Courier:
         self._on_config_etag = on_config_etag
         self._policy = policy
         self._event_max_age = event_max_age
+        self._lock = threading.Lock()  # counters and the unacked list, updated from every drain thread
         self.counters: Counter[str] = collections.Counter()
         self.last_error: Optional[DeliveryError] = None
         self.last_error_at: Optional[float] = None
         self.failing = False
         self._unacked: List[Tuple[Spool, List[int]]] = []  # delivered, but the ack failed (e.g. disk full)
 
-    def deliver(self, spool: Spool, kind: str, batch: List[SpooledItem]) -> Outcome:
-        """Deliver one claimed batch; every record ends acked, dead-lettered or ready again.
+    def deliver(self, spool: Spool, kind: str, batch: List[SpooledItem], sender: Optional[Sender] = None) -> Outcome:
+        """Deliver one claimed batch (through `sender`, default this courier's); every record ends acked,
+        dead-lettered or ready again.
 
         Events older than EVENT_MAX_AGE are dead-lettered as 'expired' instead of sent (Moesif rejects
         events older than 30 days). A 413 splits the batch in halves; a single record still too large
@@ -76,7 +79,7 @@ class Courier:
                 return Outcome.DEAD_LETTERED
         ids = [item.id for item in batch]
         try:
-            self._send_with_retries(kind, batch)
+            self._send_with_retries(sender or self._sender, kind, batch)
         except (ShutdownRequested, RetryableError):
             spool.nack(ids)
             return Outcome.RETURNED
@@ -84,37 +87,46 @@ class Courier:
             if len(batch) == 1:
                 return self._dead_letter(spool, kind, batch, exc.status, str(exc))
             half = len(batch) // 2
-            first = self.deliver(spool, kind, batch[:half])
+            first = self.deliver(spool, kind, batch[:half], sender)
             if first is Outcome.RETURNED:
                 spool.nack([item.id for item in batch[half:]])
                 return first
-            return self.deliver(spool, kind, batch[half:])
+            return self.deliver(spool, kind, batch[half:], sender)
         except PermanentError as exc:
             return self._dead_letter(spool, kind, batch, exc.status, str(exc))
         except BaseException:
             spool.nack(ids)
             raise
-        self.counters["sent"] += len(ids)
+        self._count("sent", len(ids))
         self.failing = False
         self._ack(spool, ids)
         return Outcome.DELIVERED
 
+    def _count(self, name: str, amount: int) -> None:
+        with self._lock:
+            self.counters[name] += amount
+
     def _ack(self, spool: Spool, ids: List[int]) -> None:
         """Ack delivered records; if the spool cannot take the write now, remember them and try again later
-        (until then they stay in flight: never claimed twice by this process, resent only after a restart)."""
+        (until then they are not taken again here: in flight after a claim, behind a drain's cursor; a
+        restart or a later drain of the same file may resend them, which Moesif deduplicates)."""
         try:
             spool.ack(ids)
         except sqlite3.Error:
-            self._unacked.append((spool, ids))
+            with self._lock:
+                self._unacked.append((spool, ids))
             raise
 
     def retry_acks(self) -> None:
         """Ack what was delivered while the spool could not be written."""
         while self._unacked:
-            spool, ids = self._unacked[0]
-            if not spool.closed:
-                spool.ack(ids)
-            self._unacked.pop(0)
+            with self._lock:
+                if not self._unacked:
+                    return
+                spool, ids = self._unacked[0]
+                if not spool.closed:
+                    spool.ack(ids)
+                self._unacked.pop(0)
 
     def _expire(self, spool: Spool, batch: List[SpooledItem]) -> List[SpooledItem]:
         """Dead-letter the events older than EVENT_MAX_AGE; return the rest."""
@@ -129,45 +141,83 @@ class Courier:
     def _dead_letter(self, spool: Spool, kind: str, batch: List[SpooledItem], status: Optional[int],
                      reason: str) -> Outcome:
         spool.dead_letter([item.id for item in batch], status, reason)
-        self.counters["dead_lettered"] += len(batch)
+        self._count("dead_lettered", len(batch))
         if status is not None:
             self.failing = False  # the collector answered
         logger.error("%d %s record(s) moved to the dead-letter store: %s", len(batch), kind, reason)
         return Outcome.DEAD_LETTERED
 
     def drain(self, spool: Spool, batch_size: int, stop: threading.Event, max_records: Optional[int] = None,
-              on_batch: Optional[Callable[[int], None]] = None) -> Outcome:
+              on_batch: Optional[Callable[[int], None]] = None, connections: int = 1) -> Outcome:
         """Deliver `spool`'s ready records batch by batch until none is left, `max_records` are done,
-        `stop` is set, or a batch comes back undelivered (that outcome is returned)."""
-        done = 0
-        while not stop.is_set() and (max_records is None or done < max_records):
-            size = batch_size if max_records is None else min(batch_size, max_records - done)
-            claimed = False
-            for kind in KINDS:
-                batch = spool.claim(size, kind)
-                if not batch:
-                    continue
-                claimed = True
-                if self.deliver(spool, kind, batch) is Outcome.RETURNED:
-                    return Outcome.RETURNED
-                done += len(batch)
-                if on_batch is not None:
-                    on_batch(len(batch))
-            if not claimed:
-                break
-        return Outcome.DELIVERED
+        `stop` is set, or a batch comes back undelivered (that outcome is returned).
 
-    def _send_with_retries(self, kind: str, batch: List[SpooledItem]) -> None:
-        attempts_before = self.counters["send_attempts"]
+        Only for a spool this process holds alone (its slot lock: replay, an adopted orphan): records are
+        read without being marked in flight (`Spool.read_ready`), so one that is not delivered simply stays
+        ready. With `connections` above 1, that many threads each take the next batch and deliver it over
+        their own connection, so batches are read, compressed and acked while others are in flight (and
+        arrive in no strict order). After a failed batch no new one is taken; the others in flight finish.
+        """
+        if connections < 1:
+            raise ValueError("connections must be at least 1")
+        batches = _Batches(spool, batch_size, max_records)
+        run = _Run(stop)
+        if connections == 1:
+            self._drain_with(self._sender, spool, batches, run, on_batch)
+            return run.outcome
+        senders = [self._sender] + [self._sender.clone() for _ in range(connections - 1)]
+        threads = [threading.Thread(target=self._drain_thread, args=(sender, spool, batches, run, on_batch),
+                                    name=f"moesif-durable-drain-{number}", daemon=True)
+                   for number, sender in enumerate(senders)]
         try:
-            self._policy(self._send, kind, batch)
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()  # a second Ctrl-C interrupts this: the batches in hand stay ready in the spool
+        except BaseException:
+            run.abandon()
+            raise
         finally:
-            self.counters["retries"] += max(0, self.counters["send_attempts"] - attempts_before - 1)
+            if not run.abandoned:
+                for sender in senders[1:]:
+                    sender.close()
+        if run.error is not None:
+            raise run.error
+        return run.outcome
 
-    def _send(self, kind: str, batch: List[SpooledItem]) -> None:
-        self.counters["send_attempts"] += 1
+    def _drain_thread(self, sender: Sender, spool: Spool, batches: _Batches, run: _Run,
+                      on_batch: Optional[Callable[[int], None]]) -> None:
         try:
-            headers = self._sender.send(kind, batch)
+            self._drain_with(sender, spool, batches, run, on_batch)
+        except BaseException as exc:  # handed to the thread that called drain()
+            run.fail(exc)
+
+    def _drain_with(self, sender: Sender, spool: Spool, batches: _Batches, run: _Run,
+                    on_batch: Optional[Callable[[int], None]]) -> None:
+        while run.going():
+            taken = batches.next()
+            if taken is None:
+                return
+            kind, batch = taken
+            if self.deliver(spool, kind, batch, sender) is Outcome.RETURNED:
+                run.returned()
+                return
+            if on_batch is not None and not run.abandoned:
+                with self._lock:
+                    on_batch(len(batch))
+
+    def _send_with_retries(self, sender: Sender, kind: str, batch: List[SpooledItem]) -> None:
+        attempts = [0]
+        try:
+            self._policy(self._send, sender, kind, batch, attempts)
+        finally:
+            self._count("retries", max(0, attempts[0] - 1))
+
+    def _send(self, sender: Sender, kind: str, batch: List[SpooledItem], attempts: List[int]) -> None:
+        attempts[0] += 1
+        self._count("send_attempts", 1)
+        try:
+            headers = sender.send(kind, batch)
         except DeliveryError as exc:
             self.failing = True
             self.last_error, self.last_error_at = exc, time.time()
@@ -177,6 +227,60 @@ class Courier:
                 self._on_config_etag((headers or {}).get(CONFIG_ETAG_HEADER))
             except Exception:  # a callback bug must not turn a delivered batch into a resend
                 logger.exception("the config etag callback raised")
+
+
+class _Batches:
+    """The batches of one drain, oldest first, handed out one at a time to however many threads deliver them."""
+
+    def __init__(self, spool: Spool, batch_size: int, max_records: Optional[int]) -> None:
+        self._spool = spool
+        self._batch_size = batch_size
+        self._left = max_records
+        self._after = dict.fromkeys(KINDS, 0)  # the last id read of each kind
+        self._lock = threading.Lock()
+
+    def next(self) -> Optional[Tuple[str, List[SpooledItem]]]:
+        """The next (kind, batch), or None when nothing is left to take."""
+        with self._lock:
+            if self._left is not None and self._left <= 0:
+                return None
+            size = self._batch_size if self._left is None else min(self._batch_size, self._left)
+            for kind in KINDS:
+                batch = self._spool.read_ready(size, kind, after=self._after[kind])
+                if batch:
+                    self._after[kind] = batch[-1].id
+                    if self._left is not None:
+                        self._left -= len(batch)
+                    return kind, batch
+            return None
+
+
+class _Run:
+    """The state of one drain shared by its threads: whether to go on, how it ended, what went wrong."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self._stop = stop
+        self._halt = threading.Event()  # set when a batch came back, an error was raised, or the drain was abandoned
+        self.outcome = Outcome.DELIVERED
+        self.error: Optional[BaseException] = None
+        self.abandoned = False
+
+    def going(self) -> bool:
+        return not self._stop.is_set() and not self._halt.is_set()
+
+    def returned(self) -> None:
+        self.outcome = Outcome.RETURNED
+        self._halt.set()
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None and not self.abandoned:  # after abandon(), the spool may be closed under a thread
+            self.error = error
+        self._halt.set()
+
+    def abandon(self) -> None:
+        """The caller gave up waiting (a second Ctrl-C): threads take no new batch, and their errors are moot."""
+        self.abandoned = True
+        self._halt.set()
 
 
 class Flusher:

@@ -97,6 +97,7 @@ class Sender:
     """Sends batches of spooled records to one collector; one HTTP request per `send`."""
 
     def __init__(self, base_uri: str, application_id: str, timeout: float) -> None:
+        self._settings = (base_uri, application_id, timeout)
         self._client = _Client(base_uri, application_id, timeout)
         self._api = ApiController(http_client=self._client)
         self._endpoints: Mapping[str, Callable[[List[Any]], Any]] = {  # events go through `_post_events`
@@ -116,6 +117,10 @@ class Sender:
         if kind == EVENT:
             return _mapped(self._post_events, [_json_of(record) for record in records])
         return _mapped(self._endpoints[kind], [_body_of(record) for record in records])
+
+    def clone(self) -> Sender:
+        """Another sender to the same collector, with its own connection (for sending in parallel)."""
+        return Sender(*self._settings)
 
     def fetch_app_config(self) -> Tuple[Any, Optional[str]]:
         """GET /v1/config: the parsed JSON and its X-Moesif-Config-ETag; raises a `DeliveryError` or ValueError."""

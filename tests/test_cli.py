@@ -9,9 +9,10 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import pytest
 import requests
@@ -53,6 +54,11 @@ def cli(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 120) 
                           text=True, timeout=timeout, env=environment)
 
 
+def connections_to(collector: Collector) -> List[threading.Thread]:
+    """The collector's threads serving a connection (one per client connection)."""
+    return [thread for thread in threading.enumerate() if thread.name == "moesif-collector-request"]
+
+
 def assert_once(collector: Collector, expected: int) -> None:
     counts = Counter(collector.transaction_ids())
     assert len(counts) == expected, f"{len(counts)} distinct of {expected}"
@@ -73,6 +79,18 @@ def test_replay_of_a_dead_process_spool_arrives_complete_and_once(collector: Col
     assert_once(collector, 10_000)
     assert locks.slots(spool_dir) == []  # the drained file is removed
     print(f"replay: 10000 events in {elapsed:.2f} s ({10_000 / elapsed:,.0f} ev/s incl. start-up)")
+
+
+def test_replay_over_several_connections_arrives_complete_and_once(collector: Collector, spool_dir: str) -> None:
+    dead_process_spool(spool_dir, 3_000)
+    result = cli("replay", "--spool-dir", spool_dir, "--base-uri", collector.base_uri, "--connections", "4",
+                 "--batch-size", "100")
+    assert result.returncode == 0, result.stderr
+    assert "sent 3000 record(s)" in result.stdout
+    assert_once(collector, 3_000)
+    assert len(collector.requests) == 30
+    zero = cli("replay", "--spool-dir", spool_dir, "--base-uri", collector.base_uri, "--connections", "0")
+    assert zero.returncode == 2 and "--connections must be at least 1" in zero.stderr
 
 
 def test_sigint_mid_replay_loses_nothing_and_a_second_replay_finishes(collector: Collector, spool_dir: str) -> None:
@@ -102,6 +120,40 @@ def test_sigint_mid_replay_loses_nothing_and_a_second_replay_finishes(collector:
     second = cli("replay", "--spool-dir", spool_dir, "--base-uri", collector.base_uri)
     assert second.returncode == 0, second.stderr
     assert set(collector.transaction_ids()) == {f"t-{n}" for n in range(3_000)}
+
+
+def test_a_second_sigint_aborts_at_once_with_batches_in_flight_on_several_connections(
+    collector: Collector, spool_dir: str
+) -> None:
+    dead_process_spool(spool_dir, 1_000)
+    collector.stall(5, times=None)  # every batch hangs: three of them in flight when the operator gives up
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moesiftornado_durable", "replay", "--spool-dir", spool_dir, "--base-uri",
+         collector.base_uri, "--batch-size", "100", "--connections", "3"],
+        cwd=REPO, env=dict(os.environ, MOESIF_APPLICATION_ID="x"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        assert wait_until(lambda: len(connections_to(collector)) >= 3, timeout=30)
+        time.sleep(0.3)  # their requests arrive and stall (a request is listed only once it is answered)
+        os.kill(process.pid, signal.SIGINT)
+        time.sleep(0.3)
+        os.kill(process.pid, signal.SIGINT)
+        started = time.monotonic()
+        out, err = process.communicate(timeout=30)
+        assert time.monotonic() - started < 2.0  # not waiting out the stalls
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, err
+    assert "interrupted; nothing was lost" in err and "Traceback" not in err
+    left = directory_stats(spool_dir)
+    assert (left.ready, left.in_flight) == (1_000, 0)  # no batch was acked; every one is ready again
+
+    collector.reset()
+    second = cli("replay", "--spool-dir", spool_dir, "--base-uri", collector.base_uri)
+    assert second.returncode == 0, second.stderr
+    assert set(collector.transaction_ids()) == {f"t-{n}" for n in range(1_000)}
 
 
 def test_two_replays_at_once_never_send_the_same_event_twice(collector: Collector, spool_dir: str) -> None:

@@ -136,6 +136,18 @@ def test_recordings_are_copies_and_clear_forgets_them(collector: Collector, sess
     assert collector.events == [] and collector.requests == []
 
 
+def test_recorded_events_are_the_same_objects_every_time_and_counted_without_parsing(
+        collector: Collector, session: requests.Session) -> None:
+    post(session, collector, "/v1/events/batch", [event("a"), event("b")])
+    post(session, collector, "/v1/events", event("c"))
+    assert collector.wait_for_events(3, timeout=0.1) and "events=3" in repr(collector)
+    first, again = collector.events, collector.events
+    assert [e["transaction_id"] for e in first] == ["a", "b", "c"]
+    assert all(a is b for a, b in zip(first, again))  # parsed once, then the recorded dicts themselves
+    first[0]["seen"] = True
+    assert collector.events[0]["seen"] is True
+
+
 def test_moesifapi_client_batch_is_recorded(collector: Collector) -> None:
     from moesifapi.configuration import Configuration
     from moesifapi.controllers.api_controller import ApiController

@@ -6,8 +6,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
-from typing import Any, Callable, Counter, List
+from typing import Any, Callable, Counter, Iterator, List
 
 import pytest
 import requests
@@ -16,7 +17,9 @@ from conftest import ingestion_requests, serve, shipper_spool, wait_until
 from moesifapi.models import CompanyModel, UserModel
 
 from moesiftornado_durable import MoesifMiddleware
+from moesiftornado_durable.flusher import Courier, Outcome
 from moesiftornado_durable.locks import spool_path
+from moesiftornado_durable.sender import Sender, delivery_policy
 from moesiftornado_durable.spool import Spool, directory_stats
 from moesiftornado_durable.testing import Collector
 
@@ -341,3 +344,105 @@ def test_a_partial_batch_waits_its_flush_interval_even_across_an_orphan_scan(
     assert collector.users == []  # a partial batch: not sent before FLUSH_INTERVAL
     assert middleware.flush(10)  # a flush sends it at once
     assert [u["user_id"] for u in collector.users] == ["waits"]
+
+
+# -- Courier.drain: the replay's path, over one or several connections -----------------------------
+
+
+def spool_of(path: str, count: int) -> Spool:
+    spool = Spool(path)
+    spool.put_many(("event", {"transaction_id": f"d-{n}", "request": {"uri": f"http://x/{n}"}}, time.time())
+                   for n in range(count))
+    return spool
+
+
+@pytest.fixture
+def courier_for() -> Iterator[Callable[[Collector], Courier]]:
+    """Couriers that give a batch up after one failed attempt (so a failure ends the drain at once)."""
+    senders: List[Sender] = []
+
+    def make(collector: Collector) -> Courier:
+        senders.append(Sender(collector.base_uri, "test-app-id", timeout=2.0))
+        return Courier(senders[-1], delivery_policy(threading.Event(), max_wait=0.2, attempts=1))
+
+    yield make
+    for sender in senders:
+        sender.close()
+
+
+@pytest.mark.parametrize("connections", [1, 4])
+def test_drain_delivers_each_event_once_and_empties_the_spool(
+    collector: Collector, tmp_path: Any, connections: int, courier_for: Callable[[Collector], Courier]
+) -> None:
+    spool = spool_of(str(tmp_path / "spool-0.db"), 2_000)
+    courier = courier_for(collector)
+    reported: List[int] = []
+    outcome = courier.drain(spool, 75, threading.Event(), on_batch=reported.append, connections=connections)
+    assert outcome is Outcome.DELIVERED
+    assert_each_once(collector, 2_000)
+    assert sum(reported) == 2_000 and courier.counters["sent"] == 2_000
+    assert spool.is_empty()
+    spool.close()
+
+
+def test_drain_over_several_connections_has_batches_in_flight_at_once(
+    collector: Collector, tmp_path: Any, courier_for: Callable[[Collector], Courier]
+) -> None:
+    spool = spool_of(str(tmp_path / "spool-0.db"), 40)
+    collector.stall(0.5, times=4)
+    started = time.monotonic()
+    assert courier_for(collector).drain(spool, 10, threading.Event(), connections=4) is Outcome.DELIVERED
+    assert time.monotonic() - started < 1.5  # four stalled batches side by side, not 2 s one after the other
+    assert_each_once(collector, 40)
+    spool.close()
+
+
+def test_drain_over_several_connections_stops_at_max_records(
+    collector: Collector, tmp_path: Any, courier_for: Callable[[Collector], Courier]
+) -> None:
+    spool = spool_of(str(tmp_path / "spool-0.db"), 1_000)
+    courier = courier_for(collector)
+    assert courier.drain(spool, 50, threading.Event(), max_records=230, connections=3) is Outcome.DELIVERED
+    assert len(collector.transaction_ids()) == 230 and courier.counters["sent"] == 230
+    assert spool.stats().ready == 770
+    spool.close()
+
+
+def test_a_failed_batch_among_several_connections_stays_in_the_spool_and_nothing_is_lost(
+    collector: Collector, tmp_path: Any, courier_for: Callable[[Collector], Courier]
+) -> None:
+    spool = spool_of(str(tmp_path / "spool-0.db"), 1_000)
+    collector.stall(0.2, times=3)  # three batches in flight...
+    collector.respond_with(503)  # ...when the fourth fails
+    outcome = courier_for(collector).drain(spool, 50, threading.Event(), connections=4)
+    assert outcome is Outcome.RETURNED
+    delivered = set(collector.transaction_ids())
+    stats = spool.stats()
+    assert stats.in_flight == 0 and stats.ready == 1_000 - len(delivered)  # acked exactly what arrived
+    assert 150 <= len(delivered) < 1_000  # the three stalled batches finished; the drain stopped early
+    assert courier_for(collector).drain(spool, 50, threading.Event(), connections=4) is Outcome.DELIVERED
+    assert_each_once(collector, 1_000)
+    spool.close()
+
+
+def test_an_error_in_a_drain_thread_is_raised_by_drain(
+    collector: Collector, tmp_path: Any, courier_for: Callable[[Collector], Courier]
+) -> None:
+    spool = spool_of(str(tmp_path / "spool-0.db"), 500)
+
+    def broken_progress(count: int) -> None:
+        raise ValueError("progress display broke")
+
+    with pytest.raises(ValueError, match="progress display broke"):
+        courier_for(collector).drain(spool, 50, threading.Event(), on_batch=broken_progress, connections=3)
+    assert spool.stats().ready == 500 - len(set(collector.transaction_ids()))  # delivered ones acked, rest kept
+    spool.close()
+
+
+def test_drain_refuses_zero_connections(
+    collector: Collector, tmp_path: Any, courier_for: Callable[[Collector], Courier]
+) -> None:
+    spool = spool_of(str(tmp_path / "spool-0.db"), 1)
+    with pytest.raises(ValueError, match="connections"):
+        courier_for(collector).drain(spool, 50, threading.Event(), connections=0)
+    spool.close()

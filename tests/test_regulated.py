@@ -124,6 +124,20 @@ def test_records_no_key_opens_stay_untouched_and_status_reports_them(
     assert json.loads(as_json.stdout)["total"]["undecryptable"] == 1
 
 
+def test_replay_reading_sets_records_no_key_opens_aside_and_reads_on(tmp_path: Any) -> None:
+    stranger, ours = Codec([Fernet.generate_key()]), Codec([Fernet.generate_key()])
+    spool = Spool(str(tmp_path / "spool" / "spool-0.db"), codec=ours)
+    try:
+        spool.put_raw_many([("event", stranger.encode({"transaction_id": f"theirs-{n}"}), time.time())
+                            for n in range(3)])
+        spool.put({"transaction_id": "mine"})
+        read = spool.read_ready(3)  # a whole batch set aside: it looks further instead of stopping
+        assert [item.body["transaction_id"] for item in read] == ["mine"]
+        assert spool.stats().undecryptable == 3
+    finally:
+        spool.close()
+
+
 # -- no residue ------------------------------------------------------------------------------------
 
 

@@ -54,6 +54,26 @@ def test_two_senders_in_one_process_keep_their_own_base_uri(collector: Collector
         b.close()
 
 
+def test_a_clone_sends_to_the_same_collector_on_a_connection_of_its_own(sender: Sender,
+                                                                        collector: Collector) -> None:
+    clone = sender.clone()
+    collector.stall(0.5, times=2)
+    sends = [threading.Thread(target=one.send, args=(EVENT, [dict(EVENT_BODY, transaction_id=tid)]))
+             for one, tid in ((sender, "t-1"), (clone, "t-2"))]
+    started = time.monotonic()
+    for send in sends:
+        send.start()
+    for send in sends:
+        send.join(5)
+    assert time.monotonic() - started < 0.9  # both stalls at once: two connections, not one after the other
+    assert sorted(collector.transaction_ids()) == ["t-1", "t-2"]
+    assert {r.headers.get("X-Moesif-Application-Id") for r in collector.requests} == {"test-app-id"}
+    sender.close()
+    clone.send(EVENT, [dict(EVENT_BODY, transaction_id="t-3")])  # closing one leaves the other working
+    assert collector.transaction_ids()[-1] == "t-3"
+    clone.close()
+
+
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
 def test_transient_statuses_are_retryable(sender: Sender, collector: Collector, status: int) -> None:
     collector.respond_with(status)

@@ -7,11 +7,13 @@ import json
 import os
 import sqlite3
 import stat
+import threading
+import time
 from typing import Any
 
 import pytest
 
-from moesiftornado_durable.spool import COMPANY, EVENT, USER, Spool
+from moesiftornado_durable.spool import COMPANY, EVENT, USER, Spool, bytes_on_disk
 
 
 @pytest.fixture
@@ -76,6 +78,64 @@ def test_acked_rows_are_deleted_not_kept(spool: Spool) -> None:
     spool.ack([item.id for item in spool.claim(50)])
     with contextlib.closing(sqlite3.connect(spool.path)) as other:
         assert other.execute("SELECT COUNT(*) FROM ack_queue_default").fetchone()[0] == 0
+
+
+def test_read_ready_reads_past_a_cursor_and_writes_nothing(spool: Spool) -> None:
+    ids = [spool.put({"n": n}) for n in range(5)]
+    spool.put({"user_id": "u"}, USER)
+    first = spool.read_ready(2)
+    assert [item.body["n"] for item in first] == [0, 1]
+    stats = spool.stats()
+    assert (stats.ready, stats.in_flight) == (6, 0)  # nothing marked: if the reader dies, nothing changes
+    rest = spool.read_ready(10, after=first[-1].id)
+    assert [item.id for item in rest] == ids[2:]
+    assert spool.read_ready(10, after=rest[-1].id) == []
+    assert [item.body for item in spool.read_ready(10, USER)] == [{"user_id": "u"}]
+
+
+def test_an_ack_of_more_ids_than_one_statement_takes_deletes_them_all(spool: Spool) -> None:
+    spool.put_many(("event", {"n": n}, 0.0) for n in range(1_234))
+    spool.ack([item.id for item in spool.read_ready(1_234)])
+    with contextlib.closing(sqlite3.connect(spool.path)) as other:
+        assert other.execute("SELECT COUNT(*) FROM ack_queue_default").fetchone()[0] == 0
+    assert spool.stats().ready == 0
+
+
+def test_with_checkpoints_aside_a_thread_folds_the_wal_and_commits_fold_it_again_after(spool: Spool) -> None:
+    filler = "x" * 1500
+    spool.put_many(("event", {"n": n, "filler": filler}, 0.0) for n in range(3_000))  # ~4.5 MB of records
+    assert spool.scrub()
+    spool.put({"n": -1})  # the WAL has a header again
+    wal = spool.path + "-wal"
+    restarts_before = wal_restarts(wal)
+    wal_sizes = []
+    with spool.checkpoints_aside(wal_bytes=256 * 1024, interval=0.005):
+        assert pragma(spool, "wal_autocheckpoint") == 0  # no commit folds the WAL in this block
+        after = 0
+        while True:
+            batch = spool.read_ready(100, after=after)
+            if not batch:
+                break
+            after = batch[-1].id
+            spool.ack([item.id for item in batch])
+            wal_sizes.append(bytes_on_disk(wal))
+            time.sleep(0.01)
+    assert wal_restarts(wal) > restarts_before  # the thread folded it, so writing began again at its start
+    assert max(wal_sizes) < 6 * 1024 * 1024, max(wal_sizes)  # the acks wrote ~7 MB of pages
+    assert pragma(spool, "wal_autocheckpoint") == 1000
+    assert spool.stats().ready == 0
+    assert not [t for t in threading.enumerate() if t.name == "moesif-durable-wal-fold"]
+
+
+def wal_restarts(wal: str) -> int:
+    """The WAL header's checkpoint sequence number, which grows each time writing starts over at its beginning."""
+    with open(wal, "rb") as file:
+        return int.from_bytes(file.read(16)[12:16], "big")
+
+
+def pragma(spool: Spool, name: str) -> int:
+    with contextlib.closing(spool._conn().execute(f"PRAGMA {name}")) as cursor:
+        return int(cursor.fetchone()[0])
 
 
 def test_pending_through_a_mark(spool: Spool) -> None:
