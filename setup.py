@@ -35,7 +35,8 @@ setup(
     ],
     extras_require={
         "encryption": ["cryptography>=41"],
-        "test": ["pytest>=7", "hypothesis>=6", "ruff>=0.4", "mypy>=1.8", "types-requests", "cryptography>=41"],
+        "test": ["pytest>=7", "hypothesis>=6", "ruff>=0.4", "mypy>=1.8", "types-requests", "cryptography>=41",
+                 "orjson>=3.9"],
     },
     entry_points={"console_scripts": ["moesiftornado-durable=moesiftornado_durable.cli:main"]},
     classifiers=[
