@@ -40,6 +40,12 @@ from types import TracebackType
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple, Type, Union
 from urllib.parse import urlsplit
 
+_orjson: Any
+try:  # checks a batch in less than half the time of the standard parser, which is most of the collector's work
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - orjson is in the test extra
+    _orjson = None
+
 __all__ = ["DEFAULT_APP_CONFIG", "Collector", "ReceivedRequest", "main"]
 
 logger = logging.getLogger("moesiftornado_durable.testing")
@@ -966,6 +972,21 @@ def _parse_json(body: bytes) -> Any:
         raise ValueError("body is not valid JSON") from None
 
 
+def _parse_to_check(body: bytes) -> Any:
+    """`body` parsed only to check it, through orjson when it is installed (in less than half the time).
+
+    What orjson refuses (NaN, lone surrogates, UTF-16, numbers past a double) the standard parser decides,
+    so the collector accepts exactly what it accepts without orjson. The objects are thrown away: orjson
+    reads integers past 64 bits as floats, so recorded items are parsed again by the standard parser.
+    """
+    if _orjson is not None:
+        try:
+            return _orjson.loads(body)
+        except _orjson.JSONDecodeError:
+            pass
+    return _parse_json(body)
+
+
 def _parse_items(request: _Incoming, is_batch: bool) -> _Accepted:
     """Check the JSON objects an ingestion request carries (one, or a list for a batch path) and return them
     as JSON, to be parsed again on first look (see `_Accepted`). Raises ValueError."""
@@ -978,7 +999,7 @@ def _parse_items(request: _Incoming, is_batch: bool) -> _Accepted:
             raise ValueError("body is not valid gzip") from None
     elif encoding != "identity":
         raise ValueError(f"unsupported Content-Encoding {encoding!r}")
-    payload = _parse_json(body)
+    payload = _parse_to_check(body)
     if not is_batch:
         payload = [payload]
     if not isinstance(payload, list):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import select
 import signal
@@ -17,6 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import pytest
 import requests
 
+from moesiftornado_durable import testing
 from moesiftornado_durable.testing import DEFAULT_APP_CONFIG, Collector, ReceivedRequest, main
 
 APP_ID = "test-app-id"
@@ -231,6 +233,37 @@ def test_bad_bodies_are_400_and_not_recorded(collector: Collector, session: requ
     assert "error" in response.json()
     assert collector.events == []
     assert [r.status for r in collector.requests] == [400]
+
+
+@pytest.fixture(params=["orjson", "json"])
+def parser(request: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The collector's parser: orjson (when installed), or the standard one it falls back to."""
+    if request.param == "json":
+        monkeypatch.setattr(testing, "_orjson", None)
+    elif testing._orjson is None:
+        pytest.skip("orjson is not installed")
+    return str(request.param)
+
+
+def test_with_either_parser_the_collector_accepts_and_records_the_same(
+        collector: Collector, session: requests.Session, parser: str) -> None:
+    # NaN and a lone surrogate: the standard parser takes them, orjson does not
+    odd = b'[{"transaction_id": "a", "n": NaN, "s": "\\ud800 \u00e9"}]'
+    # an integer past 64 bits: orjson reads it as a float
+    big = b'[{"transaction_id": "b", "big": 123456789012345678901234567890, "nested": {"l": [1, 2.5, null, true]}}]'
+    for body in (odd, big):
+        response = session.post(collector.base_uri + "/v1/events/batch", data=body, headers=HEADERS,
+                                timeout=TIMEOUT)
+        assert response.status_code == 201
+    [first, second] = collector.events
+    assert math.isnan(first.pop("n")) and first == {"transaction_id": "a", "s": "\ud800 \u00e9"}
+    assert second == {"transaction_id": "b", "big": 123456789012345678901234567890,
+                      "nested": {"l": [1, 2.5, None, True]}}
+    assert type(second["big"]) is int
+    for bad in (b"[{}, ]", b"[1, 2]", b'{"a": 1}', b"[{}] tail", b'[{"a": "\x01"}]'):
+        answer = session.post(collector.base_uri + "/v1/events/batch", data=bad, headers=HEADERS, timeout=TIMEOUT)
+        assert answer.status_code == 400, bad
+    assert collector.stats()["events"] == 2
 
 
 def test_unknown_path_is_404(collector: Collector, session: requests.Session) -> None:
