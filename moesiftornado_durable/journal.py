@@ -302,22 +302,19 @@ def unspooled_records(directory: str, offsets: Dict[str, int]) -> int:
     """How many intact records the journals hold past the given offsets: what no shipper has spooled yet."""
     count = 0
     for _, _, path in segments(directory):
-        offset = offsets.get(os.path.basename(path), 0)
         with contextlib.suppress(FileNotFoundError):
-            while True:
-                chunk = read_frames(path, offset, 1024 * 1024, finished=False)
-                count += len(chunk.rows)
-                if chunk.at_eof or chunk.end == offset:
-                    break
-                offset = chunk.end
+            count += sum(1 for _ in _records_from(path, offsets.get(os.path.basename(path), 0), finished=False))
     return count
 
 
 def iter_records(path: str) -> Iterator[Tuple[str, bytes, float]]:
     """Every intact record of one segment (for tools and tests)."""
-    offset = 0
+    return _records_from(path, 0, finished=True)
+
+
+def _records_from(path: str, offset: int, finished: bool) -> Iterator[Tuple[str, bytes, float]]:
     while True:
-        chunk = read_frames(path, offset, 1024 * 1024, finished=True)
+        chunk = read_frames(path, offset, 1024 * 1024, finished)
         yield from chunk.rows
         if chunk.at_eof or chunk.end == offset:
             return

@@ -115,9 +115,9 @@ def orphans(directory: str, exclude: int = -1) -> Iterator[SlotLock]:
             yield lock
 
 
-def owner(directory: str, slot: int) -> tuple:
+def owner(directory: str, slot: int, prefix: str = "spool") -> tuple:
     """(pid recorded in the lock file or None, whether a live process holds the lock). Changes nothing."""
-    path = lock_path(directory, slot)
+    path = lock_path(directory, slot, prefix)
     try:
         with open(path, "rb") as f:
             text = f.read().decode("ascii", "replace").strip()

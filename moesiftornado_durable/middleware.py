@@ -174,23 +174,12 @@ class _ProcessRuntime(_Runtime):
     def __init__(self, config: Config, on_app_config: Callable[[AppConfig], None]) -> None:
         super().__init__(config, on_app_config)
         self.codec = Codec(config.spool_encryption_keys)
+        spool_path = locks.spool_path(config.spool_dir, locks.SHIPPER_SLOT)
         try:
-            _check_readable(config.spool_dir, _journal_problem(config.spool_dir, self.codec))
+            _check_readable(*_stored_records_problem(config.spool_dir, spool_path, self.codec))
         except BaseException:
             self.lock.release()
             raise
-        spool_path = locks.spool_path(config.spool_dir, locks.SHIPPER_SLOT)
-        if os.path.exists(spool_path):
-            view = SpoolView(spool_path)
-            try:
-                _check_readable(view.path, view.unreadable_sample(self.codec))
-            except sqlite3.DatabaseError:
-                pass  # a damaged spool: the shipper sets it aside (quarantine) and starts a fresh one
-            except BaseException:
-                self.lock.release()
-                raise
-            finally:
-                view.close()
         self.writer = JournalWriter(config.spool_dir, self.lock.slot, config.spool_sync)
         self._shipper: Dict[str, Any] = {}
         self._written_since_stats = 0
@@ -277,13 +266,8 @@ class _ProcessRuntime(_Runtime):
         delivery["last_error_at"] = shipper.get("last_error_at")
         delivery["shipper_pid"] = shipper.get("pid")
         delivery["shipper_running"] = shipper_running(self.config.spool_dir)
-        try:  # the shipper serves the whole directory: its spool and the orphans it adopts
-            return delivery, directory_stats(self.config.spool_dir)
-        except sqlite3.OperationalError as exc:
-            if "no such table" not in str(exc):
-                raise
-            # a shipper is creating its spool right now: nothing is spooled yet
-            return delivery, SpoolStats(ready=0, in_flight=0, dead_letter=0, oldest_spooled_at=None, bytes_on_disk=0)
+        # the shipper serves the whole directory: its spool and the orphans it adopts
+        return delivery, directory_stats(self.config.spool_dir)
 
     def close(self, timeout: float) -> None:
         super().close(timeout)
@@ -299,18 +283,26 @@ class _ProcessRuntime(_Runtime):
         self.supervisor.abandon_after_fork()
 
 
-def _journal_problem(directory: str, codec: Codec) -> Optional[str]:
-    """Why the oldest journaled record cannot be decoded with SPOOL_ENCRYPTION_KEY, or None."""
+def _stored_records_problem(directory: str, spool_path: str, codec: Codec) -> Tuple[str, Optional[str]]:
+    """(where, why) the oldest journaled record or the shipper's spool cannot be decoded with `codec`'s
+    SPOOL_ENCRYPTION_KEY; why is None when they can."""
     sample = first_record(directory)
-    if sample is None:
-        return None
+    if sample is not None:
+        try:
+            codec.decode(sample)
+        except UndecryptableError as exc:
+            return directory, str(exc)
+        except ValueError:
+            pass  # damage is the reader's business
+    if not os.path.exists(spool_path):
+        return spool_path, None
+    view = SpoolView(spool_path)
     try:
-        codec.decode(sample)
-    except UndecryptableError as exc:
-        return str(exc)
-    except ValueError:
-        pass  # damage is the reader's business
-    return None
+        return spool_path, view.unreadable_sample(codec)
+    except sqlite3.DatabaseError:
+        return spool_path, None  # a damaged spool: the shipper sets it aside (quarantine) and starts afresh
+    finally:
+        view.close()
 
 
 def _check_readable(path: str, problem: Optional[str]) -> None:

@@ -80,11 +80,7 @@ def journal_reader(spool: Spool) -> JournalReader:
     directory = spool.directory
 
     def writer_alive(slot: int) -> bool:
-        lock = locks.try_lock(directory, slot, INTAKE)
-        if lock is None:
-            return True
-        lock.release()
-        return False
+        return bool(locks.owner(directory, slot, INTAKE)[1])
 
     return JournalReader(directory, writer_alive, spool.ingest, spool.journal_offsets, spool.forget_segment)
 
@@ -124,7 +120,7 @@ class Shipper:
     def _notice_etag(self, etag: Optional[str]) -> None:
         self._config_etag = etag or self._config_etag
 
-    def _evicted(self, record_ids: Any) -> None:
+    def _evicted(self, record_ids: List[str]) -> None:
         self._dropped_oldest += len(record_ids)
         logger.error("moesiftornado_durable: the spool is full (SPOOL_MAX_BYTES); dropped the %d oldest waiting "
                      "record(s); dropped so far: %d", len(record_ids), self._dropped_oldest)

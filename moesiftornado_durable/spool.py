@@ -544,7 +544,7 @@ class Spool:
     def journal_offsets(self) -> Dict[str, int]:
         """How far each journal segment has been spooled: {segment file name: byte offset}."""
         with self._queue.tran_lock:
-            return dict(self._conn().execute("SELECT segment, offset FROM journal_offsets").fetchall())
+            return _journal_offsets(self._conn())
 
     def forget_segment(self, segment: str) -> None:
         """Drop the offset of a journal segment that was spooled completely and deleted."""
@@ -721,7 +721,7 @@ class SpoolView:
     def journal_offsets(self) -> Dict[str, int]:
         """How far each journal segment has been spooled."""
         try:
-            return dict(self._connection().execute("SELECT segment, offset FROM journal_offsets").fetchall())
+            return _journal_offsets(self._connection())
         except sqlite3.OperationalError:  # a spool still being created, or one from before journals
             return {}
 
@@ -741,9 +741,6 @@ class SpoolView:
             f"SELECT COUNT(*) FROM {TABLE} WHERE _id <= ? AND status <= {_IN_FLIGHT}", (mark,)).fetchone()
         return int(row[0])
 
-    def stats(self) -> SpoolStats:
-        return _stats_of(self._connection(), self.path)
-
     def unreadable_sample(self, codec: Codec) -> Optional[str]:
         """As `Spool.unreadable_sample`, with `codec`'s keys."""
         return _unreadable_sample(self._connection(), codec)
@@ -752,6 +749,10 @@ class SpoolView:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+
+def _journal_offsets(conn: sqlite3.Connection) -> Dict[str, int]:
+    return dict(conn.execute("SELECT segment, offset FROM journal_offsets").fetchall())
 
 
 def _unreadable_sample(conn: sqlite3.Connection, codec: Codec) -> Optional[str]:
