@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 from conftest import serve  # noqa: E402
+from pipeline import BODY, OrderHandler  # noqa: E402  # the same 1.5 KB event as pipeline.py's log_event rows
 
 from moesiftornado_durable import capture, codec  # noqa: E402
 from moesiftornado_durable.capture import (  # noqa: E402
@@ -50,15 +51,6 @@ from moesiftornado_durable.capture import (  # noqa: E402
 )
 from moesiftornado_durable.codec import Codec, to_json_bytes  # noqa: E402
 from moesiftornado_durable.config import Config  # noqa: E402
-
-BODY = {"order": {"id": 12345, "items": [{"sku": f"SKU-{n:04d}", "qty": n, "price": 9.99} for n in range(8)],
-                  "customer": {"name": "Ada Lovelace", "email": "ada@example.com"}}}
-
-
-class OrderHandler(tornado.web.RequestHandler):
-    def post(self) -> None:
-        self.set_header("Content-Type", "application/json")
-        self.write(self.request.body)
 
 
 def finished_handler(config: Config) -> Any:
