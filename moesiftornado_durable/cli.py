@@ -28,7 +28,7 @@ from .errors import ConfigError
 from .flusher import Courier, Outcome, remove_spool_files
 from .journal import segments
 from .sender import Sender, delivery_policy
-from .shipper import EXIT_ANOTHER_SHIPPER, journal_reader, serve
+from .shipper import EXIT_ANOTHER_SHIPPER, StopRequest, journal_reader, serve
 from .spool import EVENT, KINDS, Spool, SpoolStats, open_spool, read_stats, salvage
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -196,8 +196,8 @@ def _ship(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from exc
     logging.basicConfig(level=logging.INFO, format="%(asctime)s moesif-shipper %(levelname)s %(message)s")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    stop = StopRequest()
+    signal.signal(signal.SIGTERM, stop.set)
     print(f"shipping {config.spool_dir} to {config.base_uri} (pid {os.getpid()}); Ctrl-C or SIGTERM stops",
           file=sys.stderr)
     try:

@@ -164,11 +164,22 @@ class Shipper:
             self.spool.close()
 
 
+class StopRequest:
+    """A stop asked for by a signal handler. A plain attribute, no lock: a `threading.Event` set from a
+    handler can deadlock, the handler waiting for the lock of the very `wait` it interrupted."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def set(self, *_: Any) -> None:
+        self.requested = True
+
+
 def main() -> int:
     """The shipper process's entry point: the options arrive as JSON on stdin (they hold secrets)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    stop = StopRequest()
+    signal.signal(signal.SIGTERM, stop.set)
     if getattr(sys, _EARLY_SIGTERM, False):  # it came while this module was still being imported
         stop.set()
     handed = json.loads(sys.stdin.read())
@@ -182,8 +193,8 @@ def main() -> int:
     return serve(config, stop, lambda: os.getppid() == parent)
 
 
-def serve(config: Config, stop: threading.Event, keep_going: Callable[[], bool] = lambda: True) -> int:
-    """Be the shipper of SPOOL_DIR until `stop` is set or `keep_going()` turns false, then spool the
+def serve(config: Config, stop: StopRequest, keep_going: Callable[[], bool] = lambda: True) -> int:
+    """Be the shipper of SPOOL_DIR until `stop` is requested or `keep_going()` turns false, then spool the
     journals and deliver what can be delivered within CLOSE_TIMEOUT. EXIT_ANOTHER_SHIPPER if one runs."""
     lock = locks.try_lock(config.spool_dir, locks.SHIPPER_SLOT)
     if lock is None:
@@ -196,8 +207,9 @@ def serve(config: Config, stop: threading.Event, keep_going: Callable[[], bool] 
                 shipper.tick()
             except Exception:  # a full disk, a damaged spool: logged, and tried again at the next tick
                 logger.exception("moesiftornado_durable shipper: could not spool the journals; retrying")
-                stop.wait(1.0)
-            if stop.wait(TICK) or not keep_going() or not os.path.isdir(config.spool_dir):
+                time.sleep(1.0)
+            time.sleep(TICK)
+            if stop.requested or not keep_going() or not os.path.isdir(config.spool_dir):
                 break
         shipper.close(CLOSE_TIMEOUT)
     finally:
