@@ -132,6 +132,8 @@ def to_json_bytes(value: Any) -> bytes:
 def _json_bytes(value: Any, depth: int) -> bytes:
     try:
         text = _encode(value)
+        if _may_nest_deeper(text, depth) and _deeper_than(value, _MAX_RECORD_DEPTH - depth):
+            raise RecursionError("nested deeper than the record limit")
     except Exception:  # default=str runs user code: its str() may raise anything
         text = _encode(_as_json(value, depth))
     try:
@@ -179,7 +181,22 @@ def _escaped(match: re.Match[str]) -> str:
     return f"\\u{ord(match.group()):04x}"
 
 
-_MAX_RECORD_DEPTH = 200
+_MAX_RECORD_DEPTH = 200  # explicit: how deep the json module recurses before it fails differs by Python version
+
+
+def _may_nest_deeper(text: str, depth: int) -> bool:
+    """False when `text` has too few brackets to nest past the limit (the common case, checked in C)."""
+    return text.count("[") + text.count("{") > _MAX_RECORD_DEPTH - depth
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """True when containers nest more than `limit` levels in `value` (a RawJSON counts as a leaf)."""
+    if isinstance(value, (dict, list, tuple)):
+        if limit <= 0:
+            return True
+        items = value.values() if isinstance(value, dict) else value
+        return any(_deeper_than(item, limit - 1) for item in items)
+    return False
 
 
 def _as_json(value: Any, depth: int = 0, parents: Tuple[int, ...] = ()) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -351,7 +352,8 @@ def test_salvage_copies_the_readable_rows_of_a_damaged_file(tmp_path: Any, capsy
     for n in range(400):
         spool.put({"transaction_id": f"s-{n}", "padding": "x" * 400})
     spool.close()
-    with sqlite3.connect(damaged) as conn:  # fold the WAL into the file, then tear a page in the middle
+    # fold the WAL into the file, then tear a page in the middle
+    with contextlib.closing(sqlite3.connect(damaged)) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     size = os.path.getsize(damaged)
     with open(damaged, "r+b") as f:

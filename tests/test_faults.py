@@ -220,7 +220,7 @@ def test_a_spool_failing_its_integrity_check_is_quarantined_and_salvageable(
     spool = Spool(path)
     spool.put_many([("event", event(n, padding=300), time.time()) for n in range(300)])
     spool.close()
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     with open(path, "r+b") as f:  # damage one page in the middle
         f.seek(os.path.getsize(path) // 2 // 4096 * 4096)

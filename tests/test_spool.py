@@ -208,7 +208,7 @@ def test_values_json_cannot_hold_are_stored_as_text_and_the_record_is_kept(
     spool: Spool, value: Any, stored: Any
 ) -> None:
     spool.put({"transaction_id": "t-1", "metadata": value})
-    with sqlite3.connect(spool.path) as other:
+    with contextlib.closing(sqlite3.connect(spool.path)) as other:
         [(data,)] = other.execute("SELECT data FROM ack_queue_default").fetchall()
     assert json.loads(data, parse_constant=lambda name: pytest.fail(f"{name} is not JSON")) == {
         "transaction_id": "t-1", "metadata": stored}
