@@ -414,6 +414,32 @@ def test_salvage_of_a_spool_cut_in_half_copies_every_row_on_the_pages_left(
     assert all(is_encrypted(data) == encrypted for data in stored)  # still encrypted at rest
 
 
+def test_salvage_puts_large_records_back_together_from_their_overflow_pages(tmp_path: Any, capsys: Any) -> None:
+    damaged = tmp_path / "shipper.db"
+    spool = Spool(str(damaged))
+    put = {f"big-{n}": {"transaction_id": f"big-{n}", "body": f"{n}-" * 10_000} for n in range(60)}  # ~20 KB each
+    spool.put_many(("event", body, time.time()) for body in put.values())
+    spool.close()
+    with sqlite3.connect(damaged) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        [[overflow_pages]] = conn.execute("SELECT COUNT(*) FROM dbstat WHERE pagetype = 'overflow'").fetchall()
+    conn.close()
+    assert overflow_pages > 60  # every record spans pages
+    with open(damaged, "r+b") as f:
+        f.truncate(os.path.getsize(damaged) // 2)
+
+    assert main(["salvage", str(damaged), "--spool-dir", str(tmp_path / "rescued")]) == 0
+    out = capsys.readouterr().out
+    rescued = Spool(spool_path(str(tmp_path / "rescued"), 0))
+    try:
+        records = list(rescued.records())
+    finally:
+        rescued.close()
+    assert 20 <= len(records) < 60, out  # the first half of the file: about half of them
+    assert all(record["body"] == put[record["body"]["transaction_id"]] for record in records)  # whole again
+    assert f"salvaged {len(records)} record(s)" in out
+
+
 # -- the collector command ------------------------------------------------------------------------
 
 
