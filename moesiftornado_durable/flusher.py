@@ -1,7 +1,8 @@
 """The background worker that moves records from the spool to the collector.
 
 One daemon thread per process. Its loop reads top to bottom: wait for a batch → claim it → send it
-(with the tenacity policy) → ack on a 2xx, dead-letter on a permanent rejection, nack when stopping.
+(with the tenacity policy) → ack on a 2xx, dead-letter on a permanent rejection (after narrowing a 400,
+413 or 422 down to the events rejected on their own), nack when stopping.
 A record is deleted from the spool only after the collector accepted it. Between batches it adopts
 orphans: spool files in the same SPOOL_DIR whose owning process is gone (see `locks.py`).
 
