@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -428,6 +429,9 @@ def _salvage(args: argparse.Namespace) -> int:
         report = _into_new_slot(args.spool_dir, lambda spool: salvage(args.file, spool))
     except OSError as exc:
         raise CommandError(f"cannot read {args.file}: {exc.strerror or exc}") from exc
+    except sqlite3.Error as exc:  # the new spool, e.g. a full disk: what was committed stays there
+        raise CommandError(f"salvage stopped: cannot write into {args.spool_dir} ({exc}); the records copied so "
+                           f"far stay there, `status` counts them; the damaged file was not changed") from exc
     census = report.census
     if census.header_damaged and not census.leaf_pages:
         raise CommandError(f"{args.file} holds no SQLite page that could be read; nothing salvaged "

@@ -24,7 +24,7 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 from persistqueue import SQLiteAckQueue
 from persistqueue.sqlackqueue import AckStatus
@@ -901,7 +901,7 @@ def salvage(source: str, into: Spool) -> SalvageReport:
     The source is never changed.
     """
     census = pagescan.Census()
-    seen: set = set()
+    seen: Set[Tuple[int, bytes]] = set()
     batch: List[Tuple[str, bytes, float]] = []
     copied = dead = duplicates = damaged = unopened = 0
     for row in pagescan.scan(source, census):
@@ -909,7 +909,7 @@ def salvage(source: str, into: Spool) -> SalvageReport:
         if found is None:
             continue  # a row of another table (the schema, journal offsets)
         kind, data, spooled_at, was_dead = found
-        key = (row.rowid, hashlib.sha256(data).digest())
+        key = (row.rowid, hashlib.blake2b(data, digest_size=16).digest())
         if key in seen:
             duplicates += 1
             continue

@@ -274,6 +274,21 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert set(ids) <= {f"w-{n}" for n in range(700)}
 
 
+def test_salvage_into_a_full_disk_says_so_and_keeps_what_it_copied(tmp_path: Any, capsys: Any) -> None:
+    damaged = str(tmp_path / "shipper.db")
+    spool = Spool(damaged)
+    spool.put_many(("event", event(n, padding=1400), time.time()) for n in range(3_000))  # ~5 MB
+    spool.close()
+    from moesiftornado_durable.cli import main
+
+    with tiny_filesystem(str(tmp_path / "small")) as mount:
+        assert main(["salvage", damaged, "--spool-dir", mount]) == 1
+        err = capsys.readouterr().err
+        assert f"salvage stopped: cannot write into {mount}" in err and "the records copied so far stay" in err
+        assert err.count("\n") == 1
+        assert 0 < directory_stats(mount).ready < 3_000  # what was committed before the disk filled
+
+
 def test_a_torn_write_after_a_crash_loses_no_committed_event(spool_dir: str, collector: Collector) -> None:
     os.makedirs(spool_dir, exist_ok=True)
     path = spool_path(spool_dir, 0)
