@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -425,10 +426,24 @@ def _salvage(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.file):
         raise CommandError(f"no such file: {args.file}")
     try:
-        copied, unreadable = _into_new_slot(args.spool_dir, lambda spool: salvage(args.file, spool))
-    except Exception as exc:  # sqlite3.DatabaseError: nothing could be read at all
-        raise CommandError(f"cannot read {args.file}: {exc}") from exc
-    print(f"salvaged {copied} record(s) from {args.file}; {unreadable} unreadable; the file was not changed")
+        report = _into_new_slot(args.spool_dir, lambda spool: salvage(args.file, spool))
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.file}: {exc.strerror or exc}") from exc
+    except sqlite3.Error as exc:  # the new spool, e.g. a full disk: what was committed stays there
+        raise CommandError(f"salvage stopped: cannot write into {args.spool_dir} ({exc}); the records copied so "
+                           f"far stay there, `status` counts them; the damaged file was not changed") from exc
+    census = report.census
+    if census.header_damaged and not census.leaf_pages:
+        raise CommandError(f"{args.file} holds no SQLite page that could be read; nothing salvaged "
+                           f"(the file was not changed)")
+    dead = f" ({report.dead_letters} of them dead letters, now ready again)" if report.dead_letters else ""
+    print(f"salvaged {report.copied} record(s){dead} from {args.file}; unreadable: {report.unreadable()}; "
+          f"the file was not changed")
+    if report.unopened:
+        print(f"{report.unopened} of them are encrypted and no key in ${KEY_ENVIRONMENT_VARIABLE} opens them: "
+              f"copied as stored, sent once the right key is configured")
+    if report.duplicates:
+        print(f"{report.duplicates} row(s) found twice were copied once")
     return EXIT_OK
 
 

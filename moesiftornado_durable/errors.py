@@ -7,6 +7,7 @@
         ├── RetryableError     worth trying again later: connection refused, timeout, 408, 429, 5xx
         │   └── AuthError      401/402/403: wrong application id or lapsed plan; data is kept, retried slowly
         └── PermanentError     the collector rejected the batch for good (400, 404, 422, ...): dead-lettered
+            │                  (a 400 or 422 on several events is first narrowed down by splitting the batch)
             └── PayloadTooLargeError  413: the batch is split and retried; a lone event too large is dead-lettered
 
 moesifapi's `APIException` and requests' exceptions are mapped here, in `sender.py`, and nowhere else.

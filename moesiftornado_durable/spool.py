@@ -17,19 +17,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 from persistqueue import SQLiteAckQueue
 from persistqueue.sqlackqueue import AckStatus
 
-from . import audit
-from .codec import Codec, UndecryptableError, is_encrypted, to_json_bytes
+from . import audit, pagescan
+from .codec import Codec, UndecryptableError, to_json_bytes
 from .errors import SpoolFullError
 from .journal import unspooled_records
 
@@ -857,38 +858,101 @@ def waiting(directory: str) -> int:
     return stats.ready + stats.in_flight + unspooled_records(directory, offsets)
 
 
-def salvage(source: str, into: Spool) -> Tuple[int, int]:
-    """Copy every readable record of a damaged spool file into `into`; returns (copied, unreadable).
+@dataclasses.dataclass(frozen=True)
+class SalvageReport:
+    """What `salvage` copied out of a damaged spool file, and what it could not read."""
 
-    The source is opened read-only and never changed. Rows are read one by one, so a damaged page
-    costs only the rows on it. Records are copied as stored (encrypted ones stay encrypted); dead
-    letters come back as ready records.
+    copied: int  # records put into the new spool (dead letters included)
+    dead_letters: int  # of those, records that were dead letters (they come back ready)
+    duplicates: int  # rows found twice (e.g. a page and its newer copy in the WAL): copied once
+    damaged: int  # rows found whose record is not a readable record (torn JSON): not copied
+    unopened: int  # encrypted records no key in hand opens (checked no further): copied as stored
+    census: pagescan.Census
+
+    def unreadable(self) -> str:
+        """What could not be read, in words: pages cut off or unreadable, cells and records damaged."""
+        census = self.census
+        parts = []
+        if census.header_damaged:
+            parts.append(f"the file's header is damaged (pages read as {census.page_size} bytes)")
+        if census.pages_missing:
+            parts.append(f"{census.pages_missing} of {census.pages_present + census.pages_missing} pages "
+                         f"missing, the file cut short ({census.pages_missing * census.page_size} bytes; how many "
+                         f"records they held is unknown)")
+        if census.unreadable_pages:
+            parts.append(f"{len(census.unreadable_pages)} page(s) unreadable "
+                         f"({len(census.unreadable_pages) * census.page_size} bytes; how many records they held is "
+                         f"unknown)")
+        if census.zero_pages:
+            parts.append(f"{census.zero_pages} page(s) of zeros not on the freelist (free, or wiped: unknown)")
+        if census.damaged_cells or self.damaged:
+            parts.append(f"{census.damaged_cells + self.damaged} damaged record(s)")
+        return "; ".join(parts) or "nothing"
+
+
+def salvage(source: str, into: Spool) -> SalvageReport:
+    """Copy every record that can be read from a damaged spool file into `into`.
+
+    The file (and its WAL, if any) is read page by page (`pagescan`), not through its b-trees, so a
+    damaged page, or a file cut short, costs only the records on the pages lost. Rows are told apart by
+    their shape: queue rows (ready, in flight or set aside) and dead letters, which come back as ready
+    records. Records are copied as stored (encrypted ones stay encrypted), after a check with `into`'s
+    codec that they are whole JSON; a row found twice with the same id and bytes is copied once.
+    The source is never changed.
     """
-    conn = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=10)
-    copied = unreadable = 0
-    try:
-        for table, key, kind_column in ((TABLE, "_id", "kind"), ("dead_letter", "id", "kind")):
-            try:
-                highest = conn.execute(f"SELECT MAX({key}) FROM {table}").fetchone()[0] or 0
-            except sqlite3.DatabaseError:
-                continue  # the table itself is unreadable or missing
-            found: List[Tuple[str, bytes, float]] = []
-            for row_id in range(1, int(highest) + 1):
-                try:
-                    row = conn.execute(
-                        f"SELECT {kind_column}, data, timestamp FROM {table} WHERE {key} = ?", (row_id,)
-                    ).fetchone()
-                    if row is not None:
-                        data = bytes(row[1])
-                        if not is_encrypted(data):
-                            json.loads(data)  # a torn row is not worth copying
-                        found.append((row[0] if row[0] in KINDS else EVENT, data, row[2] or time.time()))
-                except (sqlite3.DatabaseError, ValueError, TypeError):
-                    unreadable += 1
-            copied += into.put_raw_many(found)
-    finally:
-        conn.close()
-    return copied, unreadable
+    census = pagescan.Census()
+    seen: Set[Tuple[int, bytes]] = set()
+    batch: List[Tuple[str, bytes, float]] = []
+    copied = dead = duplicates = damaged = unopened = 0
+    for row in pagescan.scan(source, census):
+        found = _salvaged_record(row.values)
+        if found is None:
+            continue  # a row of another table (the schema, journal offsets)
+        kind, data, spooled_at, was_dead = found
+        key = (row.rowid, hashlib.blake2b(data, digest_size=16).digest())
+        if key in seen:
+            duplicates += 1
+            continue
+        seen.add(key)
+        try:
+            body = json.loads(into.codec.decrypt(data))
+            if not isinstance(body, dict):
+                raise ValueError("not a JSON object")
+        except UndecryptableError:
+            unopened += 1  # kept as stored: the right key may come later
+        except ValueError:
+            damaged += 1
+            logger.warning("salvage: record %d on page %d of %s is damaged; not copied", row.rowid, row.page, source)
+            continue
+        batch.append((kind, data, spooled_at or time.time()))
+        dead += was_dead
+        if len(batch) >= 500:
+            copied += into.put_raw_many(batch)
+            batch = []
+    copied += into.put_raw_many(batch)
+    return SalvageReport(copied, dead, duplicates, damaged, unopened, census)
+
+
+def _salvaged_record(values: Tuple[pagescan.Value, ...]) -> Optional[Tuple[str, bytes, Optional[float], bool]]:
+    """(kind, stored bytes, spooled_at, was a dead letter) of a row shaped like a queue row
+    (_id, data, timestamp, status, kind) or a dead letter (id, kind, data, timestamp, http_status, reason,
+    dead_at); None for any other row."""
+    def number(value: pagescan.Value) -> bool:
+        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+    if len(values) == 5 and values[0] is None and isinstance(values[3], int) and values[4] in KINDS:
+        _, data, spooled_at, _, kind = values
+        was_dead = False
+    elif (len(values) == 7 and values[0] is None and values[1] in KINDS and number(values[4])
+          and isinstance(values[5], (str, type(None))) and number(values[6])):
+        _, kind, data, spooled_at = values[:4]
+        was_dead = True
+    else:
+        return None
+    if not isinstance(data, (bytes, str)) or not number(spooled_at) or not isinstance(kind, str):
+        return None
+    stored = data.encode("utf-8") if isinstance(data, str) else data
+    return kind, stored, None if spooled_at is None else float(spooled_at), was_dead
 
 
 def record_id(body: Any) -> str:

@@ -18,9 +18,12 @@ from typing import Any, Callable, Dict, List, Optional
 import pytest
 import requests
 from conftest import AppProcess, children_of, wait_until
+from cryptography.fernet import Fernet
 
 from moesiftornado_durable import locks
 from moesiftornado_durable.cli import main
+from moesiftornado_durable.codec import Codec, is_encrypted
+from moesiftornado_durable.locks import spool_path
 from moesiftornado_durable.spool import Spool, directory_stats
 from moesiftornado_durable.testing import Collector
 
@@ -366,6 +369,77 @@ def test_salvage_copies_the_readable_rows_of_a_damaged_file(tmp_path: Any, capsy
     assert 300 <= rescued < 400, out  # most rows back; those on the torn page lost
     assert f"salvaged {rescued} record(s)" in out
     assert damaged.read_bytes() == before  # the source is never changed
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_salvage_of_a_spool_cut_in_half_copies_every_row_on_the_pages_left(
+    tmp_path: Any, capsys: Any, monkeypatch: Any, encrypted: bool
+) -> None:
+    key = Fernet.generate_key().decode() if encrypted else None
+    codec = Codec([key] if key else [])
+    damaged = tmp_path / "shipper.db"
+    spool = Spool(str(damaged), codec=codec)
+    put = {f"h-{n}": {"transaction_id": f"h-{n}", "padding": "x" * 1000} for n in range(1_000)}
+    spool.put_many(("event", body, time.time()) for body in put.values())
+    spool.dead_letter([3, 4, 5], 400, "rejected")
+    spool.close()
+    with sqlite3.connect(damaged) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        leaves = conn.execute("SELECT pageno, ncell FROM dbstat WHERE name IN ('ack_queue_default', 'dead_letter') "
+                              "AND pagetype = 'leaf'").fetchall()
+    conn.close()
+    size = os.path.getsize(damaged)
+    with open(damaged, "r+b") as f:  # the second half of the file is gone
+        f.truncate(size // 2)
+    pages_left = size // 2 // page_size
+    expected = sum(cells for page, cells in leaves if page <= pages_left)  # the rows physically still there
+    assert 0 < expected < 1_000
+    before = damaged.read_bytes()
+    if key:
+        monkeypatch.setenv("MOESIF_SPOOL_ENCRYPTION_KEY", key)
+
+    assert main(["salvage", str(damaged), "--spool-dir", str(tmp_path / "rescued")]) == 0
+    out = capsys.readouterr().out
+    assert f"salvaged {expected} record(s)" in out, out
+    assert f"{size // page_size - pages_left} of {size // page_size} pages missing, the file cut short" in out
+    assert damaged.read_bytes() == before  # the source is never changed
+    rescued = Spool(spool_path(str(tmp_path / "rescued"), 0), codec=codec)
+    try:
+        records = list(rescued.records())
+        stored = [row[0] for row in rescued._conn().execute("SELECT data FROM ack_queue_default")]
+    finally:
+        rescued.close()
+    ids = [record["body"]["transaction_id"] for record in records]
+    assert len(ids) == len(set(ids)) == expected  # each once
+    assert all(record["body"] == put[record["body"]["transaction_id"]] for record in records)  # intact
+    assert all(is_encrypted(data) == encrypted for data in stored)  # still encrypted at rest
+
+
+def test_salvage_puts_large_records_back_together_from_their_overflow_pages(tmp_path: Any, capsys: Any) -> None:
+    damaged = tmp_path / "shipper.db"
+    spool = Spool(str(damaged))
+    put = {f"big-{n}": {"transaction_id": f"big-{n}", "body": f"{n}-" * 10_000} for n in range(60)}  # ~20 KB each
+    spool.put_many(("event", body, time.time()) for body in put.values())
+    spool.close()
+    with sqlite3.connect(damaged) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        [[overflow_pages]] = conn.execute("SELECT COUNT(*) FROM dbstat WHERE pagetype = 'overflow'").fetchall()
+    conn.close()
+    assert overflow_pages > 60  # every record spans pages
+    with open(damaged, "r+b") as f:
+        f.truncate(os.path.getsize(damaged) // 2)
+
+    assert main(["salvage", str(damaged), "--spool-dir", str(tmp_path / "rescued")]) == 0
+    out = capsys.readouterr().out
+    rescued = Spool(spool_path(str(tmp_path / "rescued"), 0))
+    try:
+        records = list(rescued.records())
+    finally:
+        rescued.close()
+    assert 20 <= len(records) < 60, out  # the first half of the file: about half of them
+    assert all(record["body"] == put[record["body"]["transaction_id"]] for record in records)  # whole again
+    assert f"salvaged {len(records)} record(s)" in out
 
 
 # -- the collector command ------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -70,10 +71,11 @@ def test_429_with_retry_after_is_waited_out(make_middleware: Callable[..., Moesi
 
 def test_permanent_rejection_goes_to_the_dead_letter_store(make_middleware: Callable[..., MoesifMiddleware],
                                                            collector: Collector, spool_dir: str) -> None:
-    collector.respond_with(400)
+    collector.respond_with(400, times=None)  # every event rejected, also one by one (a 400 is narrowed down)
     middleware = make_middleware(BATCH_SIZE=5, FLUSH_INTERVAL=5.0)
     serve_requests(middleware, 5)  # one full batch: rejected
     assert middleware.flush(10)
+    collector.reset()
     serve_requests(middleware, 2)  # the next ones are delivered
     assert middleware.flush(10)
     assert len(collector.transaction_ids()) == 2
@@ -446,3 +448,77 @@ def test_drain_refuses_zero_connections(
     with pytest.raises(ValueError, match="connections"):
         courier_for(collector).drain(spool, 50, threading.Event(), connections=0)
     spool.close()
+
+
+def test_a_400_on_a_batch_is_narrowed_down_to_the_one_damaged_event(
+    collector: Collector, tmp_path: Any, courier_for: Callable[[Collector], Courier]
+) -> None:
+    path = str(tmp_path / "spool-0.db")
+    spool_of(path, 25).close()
+    with sqlite3.connect(path) as conn:  # fold the WAL in, so the record's bytes sit in the file's pages
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with open(path, "r+b") as f:  # one byte of one record damaged inside its page: `:` becomes `;`
+        data = f.read()
+        at = data.index(b'"transaction_id":"d-13"')
+        f.seek(at + len(b'"transaction_id"'))
+        f.write(b";")
+    spool = Spool(path)
+    try:
+        assert spool.check() is None  # the page is sound: SQLite's check cannot see it
+        batch = spool.claim(25)
+        assert len(batch) == 25
+        assert courier_for(collector).deliver(spool, "event", batch) is Outcome.DELIVERED
+        assert sorted(collector.transaction_ids()) == sorted(f"d-{n}" for n in range(25) if n != 13)
+        [dead] = spool.dead_letters()
+        assert dead["http_status"] == 400 and dead["body"] is None  # the damaged one, and only it
+        assert spool.stats().ready == spool.stats().in_flight == 0
+        # bounded: 1 request for the batch, then 2 per level of the bisection (ceil(log2(25)) = 5 levels)
+        assert len(ingestion_requests(collector)) <= 1 + 2 * 5
+    finally:
+        spool.close()
+
+
+def test_an_unfixable_400_dead_letters_every_event_of_the_batch_in_at_most_2n_minus_1_requests(
+    collector: Collector, tmp_path: Any, courier_for: Callable[[Collector], Courier]
+) -> None:
+    spool = spool_of(str(tmp_path / "spool-0.db"), 6)
+    collector.respond_with(422, times=None)
+    try:
+        assert courier_for(collector).deliver(spool, "event", spool.claim(6)) is Outcome.DEAD_LETTERED
+        assert sorted(d["body"]["transaction_id"] for d in spool.dead_letters()) == [f"d-{n}" for n in range(6)]
+        assert collector.transaction_ids() == [] and len(ingestion_requests(collector)) == 2 * 6 - 1
+    finally:
+        spool.close()
+
+
+def test_events_that_pass_event_max_age_while_their_batch_is_retried_are_dead_lettered_not_sent(
+    collector: Collector, tmp_path: Any
+) -> None:
+    max_age = 30.0
+    now = time.time()
+    spool = Spool(str(tmp_path / "spool-0.db"))
+    spool.put_many([("event", {"transaction_id": f"old-{n}"}, now - max_age + 2.0) for n in range(5)])
+    spool.put_many([("event", {"transaction_id": f"young-{n}"}, now) for n in range(5)])
+    batch = spool.claim(10)  # all ten young enough when claimed
+    stop = threading.Event()
+    sender = Sender(collector.base_uri, "test-app-id", timeout=2.0)
+    courier = Courier(sender, delivery_policy(stop, max_wait=0.2), event_max_age=max_age)
+    outcome: List[Outcome] = []
+    collector.go_down()
+    delivering = threading.Thread(target=lambda: outcome.append(courier.deliver(spool, "event", batch)))
+    delivering.start()
+    try:
+        # the outage outlasts the old events' remaining age, with the batch in its retries meanwhile
+        assert wait_until(lambda: time.time() > now + 2.5 and courier.counters["send_attempts"] >= 2, timeout=20)
+        collector.come_up()
+        delivering.join(20)
+        assert outcome == [Outcome.DELIVERED]
+        assert sorted(collector.transaction_ids()) == [f"young-{n}" for n in range(5)]
+        dead = spool.dead_letters()
+        assert sorted(d["body"]["transaction_id"] for d in dead) == [f"old-{n}" for n in range(5)]
+        assert all(d["reason"].startswith("expired") and d["http_status"] is None for d in dead)
+    finally:
+        stop.set()
+        delivering.join(5)
+        sender.close()
+        spool.close()

@@ -238,6 +238,57 @@ def test_a_spool_failing_its_integrity_check_is_quarantined_and_salvageable(
     assert 250 <= directory_stats(rescued_dir).ready < 300
 
 
+def test_salvage_reads_the_wal_of_a_killed_spool_cut_short_and_copies_each_record_once(
+    spool_dir: str, tmp_path: Any, capsys: Any
+) -> None:
+    """Records only in the WAL (a killed process), pages both in the file and, newer, in the WAL, and a
+    database file cut in half: every record of the WAL comes back, none twice."""
+    os.makedirs(spool_dir, exist_ok=True)
+    path = spool_path(spool_dir, 0)
+    code = f"""
+import os, signal, sqlite3, time
+from moesiftornado_durable.spool import Spool
+spool = Spool({path!r})
+spool.put_many(("event", {{"transaction_id": "w-%d" % n, "padding": "x" * 800}}, time.time()) for n in range(600))
+spool._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")  # these are in the database file
+spool.dead_letter(list(range(1, 11)), 400, "rejected")  # changes pages the file holds: newer copies in the WAL
+spool.put_many(("event", {{"transaction_id": "w-%d" % n, "padding": "x" * 800}}, time.time()) for n in range(600, 700))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True).returncode != 0
+    assert os.path.getsize(path + "-wal") > 0
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    from moesiftornado_durable.cli import main
+
+    assert main(["salvage", path, "--spool-dir", str(tmp_path / "rescued")]) == 0
+    assert "pages missing, the file cut short" in capsys.readouterr().out
+    rescued = Spool(spool_path(str(tmp_path / "rescued"), 0))
+    try:
+        ids = [record["body"]["transaction_id"] for record in rescued.records()]
+    finally:
+        rescued.close()
+    assert sorted(Counter(ids).values())[-1] == 1  # none twice
+    assert {f"w-{n}" for n in range(10)} | {f"w-{n}" for n in range(600, 700)} <= set(ids)  # the WAL's records
+    assert set(ids) <= {f"w-{n}" for n in range(700)}
+
+
+def test_salvage_into_a_full_disk_says_so_and_keeps_what_it_copied(tmp_path: Any, capsys: Any) -> None:
+    damaged = str(tmp_path / "shipper.db")
+    spool = Spool(damaged)
+    spool.put_many(("event", event(n, padding=1400), time.time()) for n in range(3_000))  # ~5 MB
+    spool.close()
+    from moesiftornado_durable.cli import main
+
+    with tiny_filesystem(str(tmp_path / "small")) as mount:
+        assert main(["salvage", damaged, "--spool-dir", mount]) == 1
+        err = capsys.readouterr().err
+        assert f"salvage stopped: cannot write into {mount}" in err and "the records copied so far stay" in err
+        assert err.count("\n") == 1
+        assert 0 < directory_stats(mount).ready < 3_000  # what was committed before the disk filled
+
+
 def test_a_torn_write_after_a_crash_loses_no_committed_event(spool_dir: str, collector: Collector) -> None:
     os.makedirs(spool_dir, exist_ok=True)
     path = spool_path(spool_dir, 0)
