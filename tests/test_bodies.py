@@ -21,6 +21,7 @@ from test_capture import ROUTES, get, post
 from moesiftornado_durable import ConfigError, MoesifMiddleware
 from moesiftornado_durable.capture import _CAPTURE_ATTRIBUTE, ResponseBodyCapture
 from moesiftornado_durable.config import Config
+from moesiftornado_durable.metrics import render_prometheus
 from moesiftornado_durable.testing import Collector
 
 SECRETS = {"password": "PW-SECRET-1", "nested": {"Password": "PW-SECRET-2", "keep": "VISIBLE-1"},
@@ -397,6 +398,7 @@ def test_an_unmaskable_body_is_logged_once_at_warning(make_middleware: Any, coll
     assert len(about) == 3
     assert not any(holds_secret(r.getMessage().encode()) for r in caplog.records)
     assert middleware.stats()["body_omitted_unmaskable"] == 3
+    assert 'moesif_durable_bodies_omitted_total{reason="unmaskable"} 3' in render_prometheus(middleware.stats())
 
 
 # -- Large bodies (issue 12, item 4): Moesif's limits and its SDKs' marker ---------------------------
