@@ -154,22 +154,24 @@ def capture_steps(handler: Handler, config: Config, finished_at: float,
             return Outcome(None, "sampled_out")
         event["weight"] = weight
     omitted: List[str] = []
-    kept: Dict[str, int] = {}  # side -> bytes of its body as read and decoded
+    kept: List[str] = []  # the sides whose body is in the event
+    kept_bytes = 0  # their bytes, as read and decoded
     for side, part, raw, content_encoding, masks in bodies:
         reason, size = _set_body(side, part, raw, content_encoding, config.max_body_bytes, masks, fast)
         if reason is not None:
             omitted.append(reason)
         elif size:
-            kept[side] = size
+            kept.append(side)
+            kept_bytes += size
     if fast and event["metadata"] is not None:  # as to_json_bytes would write it, one level down the event
         event["metadata"] = RawJSON.of(event["metadata"], depth=1)
-    if sum(kept.values()) > _MEASURED_FROM:
-        omitted += _fit_event_limit(event, list(kept))
+    if kept_bytes > _MEASURED_FROM:
+        omitted += _fit_event_limit(event, kept)
     if config.mask_event_model is not None:
         [masked] = yield [("MASK_EVENT_MODEL", config.mask_event_model, EventModel.from_dictionary(event))]
         result = apply_mask_result(event, masked)
-        return Outcome(result, omitted_bodies=tuple(omitted)) if result is not None else Outcome(None, "masked_out")
-    return Outcome(event, omitted_bodies=tuple(omitted))
+        return Outcome(result, None, tuple(omitted)) if result is not None else Outcome(None, "masked_out")
+    return Outcome(event, None, tuple(omitted)) if omitted else Outcome(event)
 
 
 def call_user_functions(calls: List[UserCall], on_error: Optional[Callable[[str], None]] = None) -> List[Any]:
@@ -568,7 +570,9 @@ def _decoded(raw: bytes, content_encoding: Optional[str], limit: int) -> Tuple[O
     encoded, or None when it is not)."""
     if len(raw) > limit:
         return None, None
-    coding = (content_encoding or "").strip().lower()
+    if not content_encoding:
+        return raw, None
+    coding = content_encoding.strip().lower()
     if coding in ("", "identity"):
         return raw, None
     if coding in ("gzip", "x-gzip"):
