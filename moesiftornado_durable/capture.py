@@ -11,6 +11,7 @@ spool.
 from __future__ import annotations
 
 import base64
+import codecs
 import dataclasses
 import datetime
 import inspect
@@ -31,6 +32,7 @@ from typing import (
     List,
     Mapping,
     Optional,
+    Set,
     Tuple,
     Type,
 )
@@ -41,14 +43,18 @@ from tornado.web import OutputTransform
 
 from . import codec
 from .codec import JSONReady, RawJSON
-from .config import Config, Handler
+from .config import MOESIF_MAX_EVENT_BYTES, Config, Handler
 
 logger = logging.getLogger("moesiftornado_durable")
 
 Event = Dict[str, Any]
 
 _CAPTURE_ATTRIBUTE = "_moesiftornado_durable_body"
-MAX_JSON_DEPTH = 100  # JSON bodies nested deeper are sent as base64 (see encode_body)
+MAX_JSON_DEPTH = 100  # JSON bodies nested deeper are sent as base64 (see encode_body), or omitted under masks
+# Bodies that, decoded, hold fewer bytes than this together cannot take an event past Moesif's limit (a JSON
+# body rewritten grows at most ~4.5 times, '9E15' -> '9000000000000000.0'): larger ones are measured.
+_MEASURED_FROM = MOESIF_MAX_EVENT_BYTES // 8
+_JSON_STARTS = (b"{", b"[")
 
 # Headers a proxy may set with the original client address, in the order they are trusted; spelled as
 # Tornado's HTTPHeaders writes names (each word capitalized), as `_client_ip` looks them up.
@@ -86,6 +92,7 @@ class Outcome:
 
     event: Optional[Event]
     dropped: Optional[str] = None  # "skipped", "sampled_out" or "masked_out"
+    omitted_bodies: Tuple[str, ...] = ()  # why each body left out of the event was: "too_large", "unmaskable"...
 
 
 Steps = Generator[List[UserCall], List[Any], Outcome]
@@ -146,16 +153,25 @@ def capture_steps(handler: Handler, config: Config, finished_at: float,
         if weight is None:
             return Outcome(None, "sampled_out")
         event["weight"] = weight
-    for part, raw, content_encoding, masks in bodies:
-        _set_body(part, None if raw is None else _decoded(raw, content_encoding, config.max_body_bytes),
-                  config.max_body_bytes, masks, fast)
+    omitted: List[str] = []
+    kept: List[str] = []  # the sides whose body is in the event
+    kept_bytes = 0  # their bytes, as read and decoded
+    for side, part, raw, content_encoding, masks in bodies:
+        reason, size = _set_body(side, part, raw, content_encoding, config.max_body_bytes, masks, fast)
+        if reason is not None:
+            omitted.append(reason)
+        elif size:
+            kept.append(side)
+            kept_bytes += size
     if fast and event["metadata"] is not None:  # as to_json_bytes would write it, one level down the event
         event["metadata"] = RawJSON.of(event["metadata"], depth=1)
+    if kept_bytes > _MEASURED_FROM:
+        omitted += _fit_event_limit(event, kept)
     if config.mask_event_model is not None:
         [masked] = yield [("MASK_EVENT_MODEL", config.mask_event_model, EventModel.from_dictionary(event))]
         result = apply_mask_result(event, masked)
-        return Outcome(result) if result is not None else Outcome(None, "masked_out")
-    return Outcome(event)
+        return Outcome(result, None, tuple(omitted)) if result is not None else Outcome(None, "masked_out")
+    return Outcome(event, None, tuple(omitted)) if omitted else Outcome(event)
 
 
 def call_user_functions(calls: List[UserCall], on_error: Optional[Callable[[str], None]] = None) -> List[Any]:
@@ -214,9 +230,10 @@ def capture_event(handler: Handler, config: Config, finished_at: float,
     return run_sync(capture_steps(handler, config, finished_at, weight_for, unsent_body, prepared=False)).event
 
 
-# A body read from the handler, to be decoded, parsed and set once the event is kept: (the event's
-# "request" or "response" dict, the raw bytes (None: over MAX_BODY_BYTES), their Content-Encoding, masks).
-_Body = Tuple[Dict[str, Any], Optional[bytes], Optional[str], AbstractSet[str]]
+# A body read from the handler, to be decoded, parsed and set once the event is kept: ("request" or
+# "response", the event's dict of that name, the raw bytes (None: over MAX_BODY_BYTES), their
+# Content-Encoding, the masks).
+_Body = Tuple[str, Dict[str, Any], Optional[bytes], Optional[str], AbstractSet[str]]
 
 
 def _snapshot(handler: Handler, config: Config, finished_at: float, unsent_body: bytes = b"",
@@ -257,14 +274,14 @@ def _snapshot(handler: Handler, config: Config, finished_at: float, unsent_body:
         event = JSONReady(event)
     bodies: List[_Body] = []
     if config.log_body:
-        bodies.append((event["request"], request.body or b"", all_request_headers.get("Content-Encoding"),
+        bodies.append(("request", event["request"], request.body or b"", all_request_headers.get("Content-Encoding"),
                        config.request_body_masks))
         captured: Optional[ResponseBodyCapture] = getattr(request, _CAPTURE_ATTRIBUTE, None)
         if captured is not None:  # a handler may write a body it gzipped itself: content_encoding
-            bodies.append((event["response"], captured.body(unsent_body), captured.content_encoding,
+            bodies.append(("response", event["response"], captured.body(unsent_body), captured.content_encoding,
                            config.response_body_masks))
         elif unsent_body:
-            bodies.append((event["response"], unsent_body, None, config.response_body_masks))
+            bodies.append(("response", event["response"], unsent_body, None, config.response_body_masks))
     return event, bodies
 
 
@@ -414,22 +431,54 @@ def parse_ip(text: str) -> Optional[str]:
 def encode_body(raw: bytes) -> Tuple[Any, Optional[str]]:
     """A body as Moesif wants it: parsed JSON with 'json', anything else base64 with 'base64'.
 
-    JSON nested deeper than `MAX_JSON_DEPTH` is sent as base64 too: Python's JSON parser and encoders
-    recurse, so such a body (any client can send one) would make the parse, or a later encode on the way
-    to the spool or to Moesif, raise RecursionError and lose the event.
+    JSON behind a byte-order mark, or in UTF-16 or UTF-32, is JSON too (`_as_utf8`). JSON nested deeper
+    than `MAX_JSON_DEPTH` is sent as base64: Python's JSON parser and encoders recurse, so such a body (any
+    client can send one) would make the parse, or a later encode on the way to the spool or to Moesif,
+    raise RecursionError and lose the event.
     """
     if not raw:
         return None, None
-    if raw.lstrip()[:1] in (b"{", b"["):
-        try:
-            parsed = json.loads(raw)
-        except (ValueError, RecursionError):
-            pass
-        else:
-            # A body with few brackets cannot be deep: only count-heavy bodies pay for the walk.
-            if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH or not _deeper_than(parsed, MAX_JSON_DEPTH):
-                return parsed, "json"
+    value, why_not = _parse_json(_as_utf8(raw))
+    if why_not is None:
+        return value, "json"
     return base64.b64encode(raw).decode("ascii"), "base64"
+
+
+def _parse_json(raw: bytes) -> Tuple[Any, Optional[str]]:
+    """(the JSON object or array `raw` holds, None), or (None, why it holds none that masks can be applied to)."""
+    if raw.lstrip()[:1] not in _JSON_STARTS:
+        return None, "not JSON"
+    try:
+        parsed = json.loads(raw)
+    except RecursionError:
+        return None, f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+    except ValueError:
+        return None, "not valid JSON"
+    # A body with few brackets cannot be deep: only count-heavy bodies pay for the walk.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _deeper_than(parsed, MAX_JSON_DEPTH):
+        return None, f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+    return parsed, None
+
+
+def _as_utf8(raw: bytes) -> bytes:
+    """`raw` without a UTF-8 byte-order mark, or JSON text sent in UTF-16 or UTF-32 re-encoded as UTF-8;
+    anything else as it is.
+
+    RFC 8259 asks for UTF-8 without a BOM, but clients send these and json.loads reads them: masks must
+    see into them as into any JSON body.
+    """
+    if raw[:1] in _JSON_STARTS:  # nearly every JSON body
+        return raw
+    if raw.startswith(codecs.BOM_UTF8):
+        return raw[len(codecs.BOM_UTF8):]
+    encoding = json.detect_encoding(raw)  # 'utf-16' or 'utf-32' with a BOM (which decoding removes), or -le/-be
+    if encoding == "utf-8":
+        return raw
+    try:
+        text = raw.decode(encoding)
+        return text.encode("utf-8") if text.lstrip()[:1] in ("{", "[") else raw
+    except UnicodeError:
+        return raw
 
 
 def _deeper_than(value: Any, limit: int) -> bool:
@@ -449,21 +498,38 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
-def _set_body(part: Dict[str, Any], raw: Optional[bytes], limit: int, masks: AbstractSet[str],
-              fast: bool = False) -> None:
-    if raw is None:
-        part["body"], part["transfer_encoding"] = _omitted(limit), "json"
-    elif raw:
-        written = _json_by_orjson(raw, masks) if fast else None
-        if written is not None:
-            part["body"], part["transfer_encoding"] = written, "json"
-            return
-        body, encoding = encode_body(raw)
-        if encoding == "json":
-            body = mask_body(body, masks)
-            if fast:  # as to_json_bytes writes it inside the event: request/response -> body is 2 levels down
-                body = RawJSON.of(body, depth=2)
-        part["body"], part["transfer_encoding"] = body, encoding
+def _set_body(side: str, part: Dict[str, Any], raw: Optional[bytes], content_encoding: Optional[str], limit: int,
+              masks: AbstractSet[str], fast: bool = False) -> Tuple[Optional[str], int]:
+    """Set `part`'s body and transfer_encoding from `raw` (None: over `limit` as read), masked by `masks`.
+
+    Returns (why the body was omitted, or None; how many bytes it holds once decoded). A body over
+    `limit` is omitted. With masks, so is every body they cannot be applied to -- not JSON, invalid JSON,
+    nested too deep, or still encoded -- rather than stored as base64 with the masked field inside
+    (fail closed). Without masks such a body is sent as base64, as before.
+    """
+    plain, still_encoded = (None, None) if raw is None else _decoded(raw, content_encoding, limit)
+    if plain is None:
+        return _omit(part, "too_large", f"{side}.body.length exceeded MAX_BODY_BYTES of {limit}"), 0
+    if not plain:
+        return None, 0
+    if masks and still_encoded:
+        return _unmaskable(side, part, still_encoded), 0
+    text = _as_utf8(plain)
+    written = _json_by_orjson(text, masks) if fast else None
+    if written is not None:
+        part["body"], part["transfer_encoding"] = written, "json"
+        return None, len(plain)
+    value, why_not = _parse_json(text)
+    if why_not is None:
+        body = mask_body(value, masks)
+        if fast:  # as to_json_bytes writes it inside the event: request/response -> body is 2 levels down
+            body = RawJSON.of(body, depth=2)
+        part["body"], part["transfer_encoding"] = body, "json"
+    elif masks:
+        return _unmaskable(side, part, why_not), 0
+    else:
+        part["body"], part["transfer_encoding"] = base64.b64encode(plain).decode("ascii"), "base64"
+    return None, len(plain)
 
 
 def _json_by_orjson(raw: bytes, masks: AbstractSet[str]) -> Optional[RawJSON]:
@@ -499,21 +565,71 @@ def _may_hold_a_long_integer(raw: bytes) -> bool:
 _DIGITS_AND_MINUS = bytes(0x30 if 0x30 <= code <= 0x39 else code if code == 0x2D else 0x20 for code in range(256))
 
 
-def _omitted(limit: int) -> Dict[str, Any]:
-    return {"moesiftornado_durable": f"body omitted: larger than MAX_BODY_BYTES ({limit} bytes)"}
-
-
-def _decoded(raw: bytes, content_encoding: Optional[str], limit: int) -> Optional[bytes]:
-    """The body within the size limit, gunzipped when it was sent gzip-encoded; None if too large."""
+def _decoded(raw: bytes, content_encoding: Optional[str], limit: int) -> Tuple[Optional[bytes], Optional[str]]:
+    """(the body, gunzipped when it was sent gzip-encoded, or None if larger than `limit`; why it is still
+    encoded, or None when it is not)."""
     if len(raw) > limit:
-        return None
-    if content_encoding and content_encoding.strip().lower() in ("gzip", "x-gzip"):
+        return None, None
+    if not content_encoding:
+        return raw, None
+    coding = content_encoding.strip().lower()
+    if coding in ("", "identity"):
+        return raw, None
+    if coding in ("gzip", "x-gzip"):
         try:
             plain = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw, limit + 1)
         except zlib.error:
-            return raw
-        return None if len(plain) > limit else plain
-    return raw
+            return raw, "gzip-encoded and could not be decoded"
+        return (None, None) if len(plain) > limit else (plain, None)
+    return raw, f"encoded with Content-Encoding {content_encoding!r}, which is not decoded"
+
+
+def _unmaskable(side: str, part: Dict[str, Any], why: str) -> str:
+    option = f"{side.upper()}_BODY_MASKS"
+    return _omit(part, "unmaskable", f"{side}.body omitted: {option} is set and the body is {why}, so the masks "
+                                     f"cannot be applied to it")
+
+
+def _fit_event_limit(event: Event, sides: List[str]) -> List[str]:
+    """Omit the bodies of `sides`, the larger first, while the event as written is over Moesif's limit for
+    one event (`MOESIF_MAX_EVENT_BYTES`); return the reasons, for the omitted ones."""
+    omitted: List[str] = []
+    size = len(codec.to_json_bytes(event))
+    while size > MOESIF_MAX_EVENT_BYTES and sides:
+        _, side = max((_written_size(event[side]["body"]), side) for side in sides)
+        sides.remove(side)
+        omitted.append(_omit(event[side], "event_too_large",
+                             f"{side}.body omitted: with it the event is {size} bytes, over Moesif's limit of "
+                             f"{MOESIF_MAX_EVENT_BYTES} bytes for one event"))
+        size = len(codec.to_json_bytes(event))
+    return omitted
+
+
+def _written_size(body: Any) -> int:
+    """How many bytes `body` takes in the event as written (base64 text, or JSON)."""
+    if isinstance(body, RawJSON):
+        return len(body.json)
+    if isinstance(body, str):
+        return len(body) + 2
+    return len(codec.to_json_bytes(body))
+
+
+_REPORTED: Set[str] = set()  # the reasons for an omitted body already logged at WARNING in this process
+
+
+def _omit(part: Dict[str, Any], reason: str, message: str) -> str:
+    """Put the marker Moesif's own SDKs use for a body they leave out, `{"msg": message}`, in the body's
+    place; log it (at WARNING the first time for `reason`, then at DEBUG); return `reason`.
+
+    `message` names the side, the option and the sizes, never a byte of the body.
+    """
+    part["body"], part["transfer_encoding"] = {"msg": message}, "json"
+    if reason in _REPORTED:
+        logger.debug("%s", message)
+    else:
+        _REPORTED.add(reason)
+        logger.warning("%s (counted in stats() as body_omitted_%s; logged at DEBUG from now on)", message, reason)
+    return reason
 
 
 def user_from_authorization(headers: HTTPHeaders, config: Config) -> Optional[str]:

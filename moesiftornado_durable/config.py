@@ -28,7 +28,10 @@ DEFAULT_EVENT_MAX_AGE = 29 * 86400.0  # Moesif rejects events older than 30 days
 DEFAULT_SPOOL_MAX_BYTES = 1024 ** 3
 DEFAULT_WHEN_FULL = "drop_newest"
 WHEN_FULL_POLICIES = ("drop_newest", "drop_oldest")
-DEFAULT_MAX_BODY_BYTES = 100 * 1024
+MOESIF_MAX_EVENT_BYTES = 1_000_000  # Moesif's ingestion API takes events up to 1 MB (taken as 10**6 bytes)
+# Moesif's own size for one body (it cuts a body to 450 KB when an event is over 1 MB): two JSON bodies of
+# this size, with headers, fit one event; capture omits the larger body when they would not (base64 grows).
+DEFAULT_MAX_BODY_BYTES = 450_000
 DEFAULT_SPOOL_SYNC = "normal"
 DEFAULT_AUTHORIZATION_HEADER_NAME = "authorization"
 DEFAULT_AUTHORIZATION_USER_ID_FIELD = "sub"
@@ -171,6 +174,10 @@ class Config:
             request_body_masks=read.names("REQUEST_BODY_MASKS"),
             response_body_masks=read.names("RESPONSE_BODY_MASKS"),
         )
+        if config.max_body_bytes > MOESIF_MAX_EVENT_BYTES:
+            logger.warning("moesiftornado_durable: MAX_BODY_BYTES %d is over Moesif's %d-byte event limit: a body "
+                           "that large is omitted anyway, to keep the event under it", config.max_body_bytes,
+                           MOESIF_MAX_EVENT_BYTES)
         prepare_spool_dir(config.spool_dir)
         return config
 

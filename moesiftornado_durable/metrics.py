@@ -52,6 +52,12 @@ def render_prometheus(stats: Dict[str, Any]) -> str:
     lines += [f"# HELP {_PREFIX}_dropped_total Records not spooled or removed undelivered, by reason.",
               f"# TYPE {_PREFIX}_dropped_total counter"]
     lines += [f'{_PREFIX}_dropped_total{{reason="{reason}"}} {value}' for reason, value in dropped]
+    omitted = sorted((key[len("body_omitted_"):], value) for key, value in stats.items()
+                     if key.startswith("body_omitted_"))
+    if omitted:
+        lines += [f"# HELP {_PREFIX}_bodies_omitted_total Bodies left out of logged events, by reason.",
+                  f"# TYPE {_PREFIX}_bodies_omitted_total counter"]
+        lines += [f'{_PREFIX}_bodies_omitted_total{{reason="{reason}"}} {value}' for reason, value in omitted]
     return "\n".join(lines) + "\n"
 
 

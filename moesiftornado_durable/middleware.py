@@ -401,6 +401,8 @@ class MoesifMiddleware:
         if outcome.event is None:
             self.counters[outcome.dropped or "skipped"] += 1
             return
+        for reason in outcome.omitted_bodies:
+            self.counters[f"body_omitted_{reason}"] += 1
         self._spool_record(outcome.event, EVENT)
 
     def attach(self, application: Any) -> Any:
@@ -470,7 +472,8 @@ class MoesifMiddleware:
         """Counters of this process and the spool's current state; never raises.
 
         Keys: spooled, skipped, sent, send_attempts, retries, dead_lettered, dropped_<reason> (one per
-        reason seen), ready, in_flight, dead_letter, undecryptable, oldest_age (seconds), spool_bytes,
+        reason seen), body_omitted_<reason> (bodies left out of events that were kept: too_large,
+        unmaskable, event_too_large), ready, in_flight, dead_letter, undecryptable, oldest_age (seconds), spool_bytes,
         last_error and last_error_at (the last delivery error), spool_failing (a write to the spool failed
         in the last minute, or the spool cannot be read) and spool_error.
         """
