@@ -193,7 +193,7 @@ def _install() -> None:
             return inner
         # The caller gets its own future with the same outcome; reading `inner`'s here does not mark an
         # exception of the caller's as retrieved, so asyncio still reports one nobody awaited.
-        outer: Future = Future()
+        outer: Future = Future(loop=inner.get_loop())
         chain_future(inner, outer)
         inner.add_done_callback(functools.partial(_fetched, started_at))
         return outer
