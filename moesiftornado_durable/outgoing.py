@@ -144,7 +144,7 @@ Recorder = Callable[[OutgoingCall], None]
 
 _lock = threading.Lock()
 _recorders: Dict[Any, Tuple[Callable[[], Optional[Recorder]], Tuple[str, str, int]]] = {}
-_originals: Dict[str, Any] = {}  # what the wrappers replaced, while they are installed
+_patches: Dict[str, Tuple[Any, Any]] = {}  # "fetch"/"send" -> (the original, our wrapper), while installed
 
 
 def register(recorder: Recorder, own_base_uri: str) -> None:
@@ -158,21 +158,15 @@ def register(recorder: Recorder, own_base_uri: str) -> None:
             return recorder
     with _lock:
         _recorders[_key(recorder)] = (reference, _origin(own_base_uri))
-        if not _originals:
-            _install()
+        _install()
 
 
 def unregister(recorder: Recorder) -> None:
     """Stop sending calls to `recorder`; the last one out restores the original methods."""
     with _lock:
         _recorders.pop(_key(recorder), None)
-        if not _recorders and _originals:
+        if not _recorders:
             _uninstall()
-
-
-def installed() -> bool:
-    """True while the wrappers are in place."""
-    return bool(_originals)
 
 
 def _key(recorder: Recorder) -> Any:
@@ -181,44 +175,47 @@ def _key(recorder: Recorder) -> Any:
 
 
 def _install() -> None:
-    fetch = tornado.httpclient.AsyncHTTPClient.fetch
-    send = requests.Session.send
-    _originals.update(fetch=fetch, send=send)
+    """Wrap what is not wrapped yet. A wrapper records nothing while no recorder is registered."""
+    if "fetch" not in _patches:
+        fetch = tornado.httpclient.AsyncHTTPClient.fetch
 
-    @functools.wraps(fetch)
-    def wrapped_fetch(self: Any, request: Any, raise_error: bool = True, **kwargs: Any) -> Future:
-        started_at = time.time()
-        inner = fetch(self, request, raise_error=raise_error, **kwargs)
-        if not _recorders:
-            return inner
-        # The caller gets its own future with the same outcome; reading `inner`'s here does not mark an
-        # exception of the caller's as retrieved, so asyncio still reports one nobody awaited.
-        outer: Future = Future(loop=inner.get_loop())
-        chain_future(inner, outer)
-        inner.add_done_callback(functools.partial(_fetched, started_at))
-        return outer
+        @functools.wraps(fetch)
+        def wrapped_fetch(self: Any, request: Any, raise_error: bool = True, **kwargs: Any) -> Future:
+            started_at = time.time()
+            inner = fetch(self, request, raise_error=raise_error, **kwargs)
+            if not _recorders:
+                return inner
+            # The caller gets its own future with the same outcome; reading `inner`'s here does not mark an
+            # exception of the caller's as retrieved, so asyncio still reports one nobody awaited.
+            outer: Future = Future(loop=inner.get_loop())
+            chain_future(inner, outer)
+            inner.add_done_callback(functools.partial(_fetched, started_at))
+            return outer
 
-    @functools.wraps(send)
-    def wrapped_send(self: Any, request: Any, **kwargs: Any) -> Any:
-        started_at = time.time()
-        response = send(self, request, **kwargs)
-        if _recorders:
-            _sent(request, response, started_at, kwargs.get("stream", self.stream))
-        return response
+        tornado.httpclient.AsyncHTTPClient.fetch = wrapped_fetch  # type: ignore[method-assign]
+        _patches["fetch"] = (fetch, wrapped_fetch)
+    if "send" not in _patches:
+        send = requests.Session.send
 
-    tornado.httpclient.AsyncHTTPClient.fetch = wrapped_fetch  # type: ignore[method-assign]
-    requests.Session.send = wrapped_send  # type: ignore[method-assign]
-    _originals.update(wrapped_fetch=wrapped_fetch, wrapped_send=wrapped_send)
-    logger.debug("outgoing calls are captured (AsyncHTTPClient.fetch, requests.Session.send)")
+        @functools.wraps(send)
+        def wrapped_send(self: Any, request: Any, **kwargs: Any) -> Any:
+            started_at = time.time()
+            response = send(self, request, **kwargs)
+            if _recorders:
+                _sent(request, response, started_at, kwargs.get("stream", self.stream))
+            return response
+
+        requests.Session.send = wrapped_send  # type: ignore[method-assign]
+        _patches["send"] = (send, wrapped_send)
 
 
 def _uninstall() -> None:
-    """Put the originals back, unless something wrapped them after us (then ours stays, passing through)."""
-    if tornado.httpclient.AsyncHTTPClient.fetch is _originals["wrapped_fetch"]:
-        tornado.httpclient.AsyncHTTPClient.fetch = _originals["fetch"]  # type: ignore[method-assign]
-    if requests.Session.send is _originals["wrapped_send"]:
-        requests.Session.send = _originals["send"]  # type: ignore[method-assign]
-    _originals.clear()
+    """Put the originals back, except where something wrapped ours since: ours then stays (and is reused
+    by the next `register`), recording nothing meanwhile."""
+    for name, owner, attribute in (("fetch", tornado.httpclient.AsyncHTTPClient, "fetch"),
+                                   ("send", requests.Session, "send")):
+        if name in _patches and getattr(owner, attribute) is _patches[name][1]:
+            setattr(owner, attribute, _patches.pop(name)[0])
 
 
 def _fetched(started_at: float, future: Future) -> None:

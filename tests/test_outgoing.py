@@ -162,6 +162,20 @@ def test_an_error_status_is_captured_and_the_callers_http_error_is_unchanged(
     assert event["response"]["body"] == {"error": "short and stout"}
 
 
+def test_the_blocking_tornado_http_client_is_captured_too(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, backend: str
+) -> None:
+    middleware = make_middleware(CAPTURE_OUTGOING_REQUESTS=True)
+    client = tornado.httpclient.HTTPClient()  # its own IOLoop, stopped as soon as each fetch is done
+    try:
+        assert json.loads(client.fetch(backend + "/echo?q=blocking").body)["query"] == "blocking"
+    finally:
+        client.close()
+    [event] = outgoing_events(collector, middleware, 1)
+    assert event["request"]["uri"] == backend + "/echo?q=blocking"
+    assert event["response"]["body"] == {"query": "blocking", "token": "TOKEN-SECRET-4"}
+
+
 def test_a_call_without_a_response_raises_as_before_and_makes_no_event(
     make_middleware: Callable[..., MoesifMiddleware], collector: Collector, backend: str
 ) -> None:
@@ -285,6 +299,31 @@ def test_nothing_is_patched_unless_asked_and_the_last_close_restores_the_origina
 
 async def async_skip(request: Any, response: Any) -> bool:
     return False
+
+
+def test_a_wrapper_put_over_ours_is_left_in_place_and_no_call_is_captured_twice(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, backend: str
+) -> None:
+    first = make_middleware(CAPTURE_OUTGOING_REQUESTS=True)
+    ours = requests.Session.send
+
+    def theirs(self: requests.Session, request: Any, **kwargs: Any) -> requests.Response:  # another library's
+        return ours(self, request, **kwargs)
+
+    requests.Session.send = theirs  # type: ignore[method-assign]
+    try:
+        first.close()
+        assert requests.Session.send is theirs  # not taken away from under them
+        second = make_middleware(CAPTURE_OUTGOING_REQUESTS=True)
+        requests.get(backend + "/echo", params={"q": "once"}, timeout=5)
+        [event] = outgoing_events(collector, second, 1)
+        assert event["request"]["uri"] == backend + "/echo?q=once"
+        second.close()
+    finally:
+        requests.Session.send = ours  # type: ignore[method-assign]
+        make_middleware(CAPTURE_OUTGOING_REQUESTS=True).close()  # the last close now restores the original
+    assert [e["request"]["uri"] for e in collector.events if e.get("direction") == "Outgoing"] == [
+        backend + "/echo?q=once"]
 
 
 @pytest.mark.parametrize("key", ["SKIP_OUTGOING", "IDENTIFY_USER_OUTGOING", "IDENTIFY_COMPANY_OUTGOING",
