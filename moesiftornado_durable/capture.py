@@ -123,7 +123,7 @@ def capture_steps(handler: Handler, config: Config, finished_at: float,
         [skip] = yield [("SKIP", config.skip, handler)]
         if skip and skip is not RAISED:
             return Outcome(None, "skipped")
-    fast = prepared and codec.orjson is not None and config.mask_event_model is None
+    fast = prepared and prepared_form(config)
     event, bodies = _snapshot(handler, config, finished_at, unsent_body, fast)
     functions = (
         ("API_VERSION", config.api_version if callable(config.api_version) else None),
@@ -144,6 +144,16 @@ def capture_steps(handler: Handler, config: Config, finished_at: float,
     event["company_id"] = _as_text("IDENTIFY_COMPANY", results.get("IDENTIFY_COMPANY"))
     event["session_token"] = _as_text("GET_SESSION_TOKEN", results.get("GET_SESSION_TOKEN"))
     event["metadata"] = results.get("GET_METADATA")
+    return (yield from finish_steps(event, bodies, config, weight_for, fast))
+
+
+def finish_steps(event: Event, bodies: List[_Body], config: Config, weight_for: Optional[WeightFor],
+                 fast: bool) -> Steps:
+    """The end of a capture, shared by incoming (`capture_steps`) and outgoing (outgoing.py) events:
+    sample the identified event, set its bodies (decoded, bounded, masked), then MASK_EVENT_MODEL.
+
+    `event` holds everything else, its user callables' answers included; `fast` as in `capture_steps`.
+    """
     if weight_for is not None:
         try:
             weight = weight_for(event)
@@ -174,6 +184,12 @@ def capture_steps(handler: Handler, config: Config, finished_at: float,
     return Outcome(event, None, tuple(omitted)) if omitted else Outcome(event)
 
 
+def prepared_form(config: Config) -> bool:
+    """True when capture may hand the spool a `JSONReady` event: orjson is installed and no MASK_EVENT_MODEL
+    is to see the event (see `capture_steps`)."""
+    return codec.orjson is not None and config.mask_event_model is None
+
+
 def call_user_functions(calls: List[UserCall], on_error: Optional[Callable[[str], None]] = None) -> List[Any]:
     """Call each user function once; one that raises gives `RAISED` and `on_error(option)` is called
     while its exception is being handled (default: `log_user_error`). Never raises."""
@@ -196,13 +212,15 @@ def log_user_error(option: str, note: str = "") -> None:
         logger.exception("%s failed; the field is left empty and the event is still logged%s", option, note)
 
 
-def run_sync(steps: Steps) -> Outcome:
-    """Drive `capture_steps` to the end without awaiting: awaitable results are refused (`refuse_awaitables`)."""
+def run_sync(steps: Steps, on_error: Optional[Callable[[str], None]] = None) -> Outcome:
+    """Drive `capture_steps` to the end without awaiting: awaitable results are refused (`refuse_awaitables`).
+
+    `on_error` as in `call_user_functions`."""
     answers: Optional[List[Any]] = None
     try:
         while True:
             calls = steps.send(answers)  # type: ignore[arg-type]  # the first send must be None
-            answers = refuse_awaitables(calls, call_user_functions(calls))
+            answers = refuse_awaitables(calls, call_user_functions(calls, on_error))
     except StopIteration as stop:
         outcome: Outcome = stop.value
         return outcome
@@ -234,6 +252,7 @@ def capture_event(handler: Handler, config: Config, finished_at: float,
 # "response", the event's dict of that name, the raw bytes (None: over MAX_BODY_BYTES), their
 # Content-Encoding, the masks).
 _Body = Tuple[str, Dict[str, Any], Optional[bytes], Optional[str], AbstractSet[str]]
+Body = _Body  # the name outgoing.py uses
 
 
 def _snapshot(handler: Handler, config: Config, finished_at: float, unsent_body: bytes = b"",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import logging
 import os
 import tempfile
@@ -42,6 +43,8 @@ DEFAULT_SHIPPER = "process"
 
 Handler = Any  # a tornado.web.RequestHandler; kept loose so that user callables type-check easily
 HandlerCallable = Callable[[Handler], Any]
+# An outgoing call's callable, as moesifwsgi's: (request, response) of the HTTP client that made the call.
+OutgoingCallable = Callable[[Any, Any], Any]
 
 
 def default_spool_dir(application_id: str) -> str:
@@ -92,6 +95,14 @@ class Config:
     response_header_masks: FrozenSet[str] = frozenset()
     request_body_masks: FrozenSet[str] = frozenset()
     response_body_masks: FrozenSet[str] = frozenset()
+    # Outgoing calls (outgoing.py): the app's own requests and AsyncHTTPClient calls, captured when enabled.
+    capture_outgoing_requests: bool = False
+    skip_outgoing: Optional[OutgoingCallable] = None
+    identify_user_outgoing: Optional[OutgoingCallable] = None
+    identify_company_outgoing: Optional[OutgoingCallable] = None
+    get_session_token_outgoing: Optional[OutgoingCallable] = None
+    get_metadata_outgoing: Optional[OutgoingCallable] = None
+    log_body_outgoing: bool = True
 
     def __repr__(self) -> str:
         masked = self.application_id[:4] + "…" if len(self.application_id) > 4 else "…"
@@ -173,11 +184,23 @@ class Config:
             response_header_masks=read.names("RESPONSE_HEADER_MASKS"),
             request_body_masks=read.names("REQUEST_BODY_MASKS"),
             response_body_masks=read.names("RESPONSE_BODY_MASKS"),
+            capture_outgoing_requests=read.boolean("CAPTURE_OUTGOING_REQUESTS", False),
+            skip_outgoing=read.outgoing_callable("SKIP_OUTGOING"),
+            identify_user_outgoing=read.outgoing_callable("IDENTIFY_USER_OUTGOING"),
+            identify_company_outgoing=read.outgoing_callable("IDENTIFY_COMPANY_OUTGOING"),
+            get_session_token_outgoing=read.outgoing_callable("GET_SESSION_TOKEN_OUTGOING"),
+            get_metadata_outgoing=read.outgoing_callable("GET_METADATA_OUTGOING"),
+            log_body_outgoing=read.boolean("LOG_BODY_OUTGOING", True),
         )
         if config.max_body_bytes > MOESIF_MAX_EVENT_BYTES:
             logger.warning("moesiftornado_durable: MAX_BODY_BYTES %d is over Moesif's %d-byte event limit: a body "
                            "that large is omitted anyway, to keep the event under it", config.max_body_bytes,
                            MOESIF_MAX_EVENT_BYTES)
+        if not config.capture_outgoing_requests:
+            for key in _OUTGOING_KEYS:
+                if options.get(key) is not None:
+                    logger.warning("moesiftornado_durable: option %r is ignored: CAPTURE_OUTGOING_REQUESTS is not "
+                                   "True", key)
         prepare_spool_dir(config.spool_dir)
         return config
 
@@ -190,22 +213,19 @@ _KNOWN_KEYS = frozenset(
         "AUTHORIZATION_HEADER_NAME", "AUTHORIZATION_USER_ID_FIELD", "AUTH_RETRY_INTERVAL", "EVENT_MAX_AGE",
         "SPOOL_MAX_BYTES", "WHEN_FULL", "SPOOL_ENCRYPTION_KEY", "DEAD_LETTER_RETENTION", "EVENT_BATCH_TIMEOUT",
         "REQUEST_HEADER_MASKS", "RESPONSE_HEADER_MASKS", "REQUEST_BODY_MASKS", "RESPONSE_BODY_MASKS",
+        "CAPTURE_OUTGOING_REQUESTS", "SKIP_OUTGOING", "IDENTIFY_USER_OUTGOING", "IDENTIFY_COMPANY_OUTGOING",
+        "GET_SESSION_TOKEN_OUTGOING", "GET_METADATA_OUTGOING", "LOG_BODY_OUTGOING",
     }
 )
 
+_OUTGOING_KEYS = ("SKIP_OUTGOING", "IDENTIFY_USER_OUTGOING", "IDENTIFY_COMPANY_OUTGOING", "GET_SESSION_TOKEN_OUTGOING",
+                  "GET_METADATA_OUTGOING", "LOG_BODY_OUTGOING")
+
 # Options of the other Moesif Python middlewares that have no meaning here: accepted, with a warning saying why.
-_OUTGOING = "outgoing API calls are not captured by this library (incoming Tornado requests only)"
 IGNORED_OPTIONS: Mapping[str, str] = {
     "EVENT_QUEUE_SIZE": "there is no in-memory queue to bound: events are spooled on disk",
     "EVENT_WORKER_COUNT": "one flusher thread per process sends the spooled batches",
     "DISABLED_TRANSACTION_ID": "every event keeps its transaction_id, on which Moesif deduplicates resends",
-    "CAPTURE_OUTGOING_REQUESTS": _OUTGOING,
-    "GET_METADATA_OUTGOING": _OUTGOING,
-    "SKIP_OUTGOING": _OUTGOING,
-    "IDENTIFY_USER_OUTGOING": _OUTGOING,
-    "IDENTIFY_COMPANY_OUTGOING": _OUTGOING,
-    "GET_SESSION_TOKEN_OUTGOING": _OUTGOING,
-    "LOG_BODY_OUTGOING": _OUTGOING,
 }
 
 
@@ -241,6 +261,24 @@ class _Reader:
         if not callable(value):
             raise ConfigError(key, f"expected a function, got {type(value).__name__}")
         return value
+
+    def outgoing_callable(self, key: str) -> Optional[OutgoingCallable]:
+        """A function called as ``function(request, response)``, as moesifwsgi calls its ``*_OUTGOING`` options."""
+        function: Any = self.callable(key)
+        if function is None:
+            return None
+        if inspect.iscoroutinefunction(function):
+            raise ConfigError(key, "expected a plain function: an outgoing call is captured on the thread that made "
+                                   "it, where nothing awaits a coroutine")
+        try:
+            signature = inspect.signature(function)
+        except (TypeError, ValueError):  # a builtin or C function without a signature: trust it
+            return function
+        try:
+            signature.bind(None, None)
+        except TypeError:
+            raise ConfigError(key, f"expected a function of (request, response), got one of {signature}") from None
+        return function
 
     def string_or_callable(self, key: str) -> Union[None, str, HandlerCallable]:
         value = self._options.get(key)

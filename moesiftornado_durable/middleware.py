@@ -24,7 +24,7 @@ import time
 import weakref
 from typing import Any, Callable, Counter, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
-from . import audit, locks
+from . import audit, locks, outgoing
 from .capture import (
     RAISED,
     Outcome,
@@ -36,6 +36,7 @@ from .capture import (
     install_body_capture,
     log_user_error,
     refuse_awaitables,
+    run_sync,
 )
 from .codec import Codec, UndecryptableError
 from .config import Config, Handler
@@ -397,6 +398,15 @@ class MoesifMiddleware:
         except Exception:
             self._drop("capture_error", "could not capture the request")
 
+    def _log_outgoing(self, call: outgoing.OutgoingCall) -> None:
+        """outgoing.py's recorder (CAPTURE_OUTGOING_REQUESTS): capture a call the app made and spool it as
+        `log_event` spools a request, on the caller's thread (any thread: nothing is awaited). Never raises."""
+        try:
+            self._finish(run_sync(outgoing.outgoing_steps(call, self.config, self._sampler.weight_for),
+                                  self._user_error))
+        except Exception:
+            self._drop("capture_error", "could not capture an outgoing call")
+
     def _finish(self, outcome: Outcome) -> None:
         if outcome.event is None:
             self.counters[outcome.dropped or "skipped"] += 1
@@ -465,6 +475,7 @@ class MoesifMiddleware:
         """
         with self._lock:
             runtime, self._runtime = self._runtime, None
+        outgoing.unregister(self._log_outgoing)
         if runtime is not None and runtime.pid == os.getpid():
             runtime.close(timeout)
 
@@ -544,6 +555,8 @@ class MoesifMiddleware:
             return runtime
         with self._lock:
             if self._runtime is None or self._runtime.pid != os.getpid():
+                if self.config.capture_outgoing_requests:  # again after a close(), as the pipeline starts again
+                    outgoing.register(self._log_outgoing, self.config.base_uri)
                 try:
                     self._runtime = (_ProcessRuntime(self.config, self._sampler.update)
                                      if self.config.shipper == "process"

@@ -201,10 +201,9 @@ def test_a_bad_mask_list_fails_naming_the_key(tmp_path: Any, key: str, value: An
 def test_options_of_the_other_middlewares_are_accepted_with_a_reason(tmp_path: Any, caplog: Any) -> None:
     with caplog.at_level(logging.WARNING, logger="moesiftornado_durable"):
         config = Config.from_dict({"APPLICATION_ID": "a", "SPOOL_DIR": str(tmp_path), "EVENT_QUEUE_SIZE": 10,
-                                   "EVENT_WORKER_COUNT": 4, "CAPTURE_OUTGOING_REQUESTS": True,
-                                   "EVENT_BATCH_TIMEOUT": 3})
+                                   "EVENT_WORKER_COUNT": 4, "EVENT_BATCH_TIMEOUT": 3})
     messages = " ".join(record.getMessage() for record in caplog.records)
-    for key in ("EVENT_QUEUE_SIZE", "EVENT_WORKER_COUNT", "CAPTURE_OUTGOING_REQUESTS"):
+    for key in ("EVENT_QUEUE_SIZE", "EVENT_WORKER_COUNT"):
         assert key in messages
     assert "typo" not in messages and "EVENT_BATCH_TIMEOUT" not in messages
     assert config.flush_interval == 3.0  # moesifwsgi's name for FLUSH_INTERVAL
