@@ -1,0 +1,250 @@
+"""Every HTTP request this library makes, on one persistent connection with three hard limits.
+
+A hostile or broken collector must not be able to lose, leak or stall anything, so `Transport.request`:
+
+- never follows a redirect: a 3xx is returned like any other status, and the caller decides (`sender.py`
+  treats it as a failure; only a 2xx to the request itself is an ack);
+- ends by one deadline, `timeout` seconds after it starts, from connecting (through a proxy tunnel and the TLS
+  handshake) to the last byte of the body: every blocking socket call gets only the time left, so a server
+  trickling its answer a byte at a time cannot stretch it (a per-read timeout alone would wait forever);
+- reads at most `MAX_RESPONSE_BYTES` of a response body (Moesif answers with a few bytes; the app config is
+  small) and raises `ResponseTooLarge` beyond that, without reading the rest into memory.
+
+Proxies (``HTTP(S)_PROXY``, ``ALL_PROXY``, ``NO_PROXY``) and the CA bundle (``REQUESTS_CA_BUNDLE``,
+``CURL_CA_BUNDLE``, else certifi's) come from the environment, read once, as `requests` read them.
+Failures surface as `TimeoutError`, `OSError`, `http.client.HTTPException` or `ResponseTooLarge`; `sender.py`
+maps them to `errors.py`'s classes.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import os
+import select
+import socket
+import ssl
+import threading
+import time
+import urllib.request
+from typing import Any, Callable, Dict, Iterator, Mapping, NamedTuple, Optional, Tuple
+from urllib.parse import unquote, urlsplit
+
+import certifi
+
+MAX_RESPONSE_BYTES = 1 << 20  # 1 MiB: Moesif's answers are a few bytes, the app config a few KB
+_READ_CHUNK = 64 * 1024
+
+
+class ResponseTooLarge(Exception):
+    """The response body was longer than `MAX_RESPONSE_BYTES`; the rest was not read."""
+
+
+class Headers(Mapping[str, str]):
+    """Response headers, looked up case-insensitively (a repeated header keeps its last value)."""
+
+    def __init__(self, pairs: Any) -> None:
+        self._items: Dict[str, Tuple[str, str]] = {name.lower(): (name, value) for name, value in pairs}
+
+    def __getitem__(self, name: str) -> str:
+        return self._items[name.lower()][1]
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, _ in self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._items
+
+    def __repr__(self) -> str:
+        return f"Headers({dict(self.items())!r})"
+
+
+class Response(NamedTuple):
+    """A complete answer: its status, headers and whole (capped) body."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+
+class _DeadlineSocket:
+    """A connected socket whose every send and receive gets only the time left until `owner.deadline`."""
+
+    def __init__(self, sock: socket.socket, owner: _Connection) -> None:
+        self.raw = sock
+        self._owner = owner
+
+    def sendall(self, data: Any) -> None:
+        self.raw.settimeout(self._owner.time_left())
+        self.raw.sendall(data)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0) -> int:
+        self.raw.settimeout(self._owner.time_left())
+        return self.raw.recv_into(buffer, nbytes)
+
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        """A buffered reader over this socket, as http.client reads a response (status, headers, body)."""
+        return io.BufferedReader(_Reader(self))
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class _Reader(io.RawIOBase):
+    def __init__(self, sock: _DeadlineSocket) -> None:
+        super().__init__()
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._sock.recv_into(buffer)
+
+
+class _Connection(http.client.HTTPConnection):
+    """An HTTP/1.1 connection (TLS when given a context) whose blocking steps all end by `deadline`."""
+
+    def __init__(self, host: str, port: int, tls: Optional[ssl.SSLContext],
+                 tunnel: Optional[Tuple[str, int, Dict[str, str]]] = None) -> None:
+        super().__init__(host, port)
+        self.deadline = 0.0
+        self._tls = tls
+        self._tls_hostname = host
+        self._tunnelled = tunnel is not None
+        if tunnel is not None:  # through an HTTP proxy at host:port, to tunnel's host and port
+            self.set_tunnel(*tunnel)
+            self._tls_hostname = tunnel[0]
+
+    def time_left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the send timeout expired")
+        return left
+
+    def connect(self) -> None:
+        raw = socket.create_connection((self.host, self.port), self.time_left())
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = _DeadlineSocket(raw, self)
+        if self._tunnelled:
+            self._tunnel()  # type: ignore[attr-defined]  # its CONNECT answer is read through the deadline socket
+        if self._tls is not None:
+            raw.settimeout(self.time_left())  # the handshake is one blocking call, bounded by this
+            self.sock = _DeadlineSocket(self._tls.wrap_socket(raw, server_hostname=self._tls_hostname), self)
+
+    def is_idle_and_open(self) -> bool:
+        """Whether the kept-alive socket can take a request: open, and nothing (not even EOF) waiting on it."""
+        if self.sock is None:
+            return False
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        return not readable
+
+
+class Transport:
+    """Requests to one base URI over one kept-alive connection, each bounded by `timeout` and the size cap."""
+
+    def __init__(self, base_uri: str, timeout: float, max_response_bytes: int = MAX_RESPONSE_BYTES) -> None:
+        parts = urlsplit(base_uri)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URI: {base_uri!r}")
+        self.timeout = timeout
+        self.max_response_bytes = max_response_bytes
+        self._origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+        self._base_path = parts.path.rstrip("/")
+        self._lock = threading.Lock()
+        self._connection: Optional[_Connection] = None
+        self._make: Callable[[], _Connection]
+        self._proxy_headers: Dict[str, str] = {}
+        self._absolute_target = False  # True through a plain-HTTP proxy: the request line names the full URL
+        tls = _tls_context() if parts.scheme == "https" else None
+        port = parts.port or (443 if tls else 80)
+        proxy = _proxy_for(parts.scheme, parts.hostname)
+        if proxy is None:
+            self._make = lambda: _Connection(parts.hostname or "", port, tls)
+            return
+        proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if proxy_parts.username is not None:
+            credentials = f"{unquote(proxy_parts.username)}:{unquote(proxy_parts.password or '')}"
+            self._proxy_headers["Proxy-Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
+        if tls is None:  # plain HTTP: the request line names the full URL, and the proxy forwards it
+            proxy_tls = _tls_context() if proxy_parts.scheme == "https" else None
+            proxy_address = (proxy_parts.hostname or "", proxy_parts.port or (443 if proxy_tls else 80))
+            self._absolute_target = True
+            self._make = lambda: _Connection(*proxy_address, proxy_tls)
+            return
+        if proxy_parts.scheme != "http":
+            raise ValueError(f"an {proxy_parts.scheme}:// proxy for an https:// collector is not supported: use an "
+                             "http:// proxy URL (the tunnel through it is TLS to the collector anyway)")
+        tunnel_headers, self._proxy_headers = self._proxy_headers, {}  # sent once, on the CONNECT
+
+        self._make = lambda: _Connection(proxy_parts.hostname or "", proxy_parts.port or 80, tls,
+                                         (parts.hostname or "", port, tunnel_headers))
+
+    def request(self, method: str, path: str, body: Optional[bytes] = None,
+                headers: Optional[Mapping[str, str]] = None) -> Response:
+        """Send one request to `path` under the base URI and read its whole answer, within the limits above."""
+        target = self._base_path + path
+        if self._absolute_target:
+            target = self._origin + target
+        all_headers = dict(headers or {}, **self._proxy_headers)
+        with self._lock:
+            connection = self._connection
+            if connection is None or not connection.is_idle_and_open():
+                if connection is not None:
+                    connection.close()
+                connection = self._connection = self._make()
+            connection.deadline = time.monotonic() + self.timeout
+            try:
+                connection.request(method, target, body=body, headers=all_headers)
+                response = connection.getresponse()
+                payload = _read_capped(response, self.max_response_bytes)
+                return Response(response.status, Headers(response.getheaders()), payload)
+            except BaseException:
+                connection.close()  # whatever state it is in, it is not reused
+                self._connection = None
+                raise
+
+    def close(self) -> None:
+        """Close the kept-alive connection; the next request opens a new one."""
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+
+def _read_capped(response: http.client.HTTPResponse, cap: int) -> bytes:
+    """The whole body, or `ResponseTooLarge` as soon as it is known to exceed `cap` bytes."""
+    if response.length is not None and response.length > cap:
+        raise ResponseTooLarge(f"a {response.length}-byte answer (at most {cap} are read)")
+    body = bytearray()
+    while True:
+        chunk = response.read(min(_READ_CHUNK, cap + 1 - len(body)))
+        if not chunk:
+            return bytes(body)
+        body += chunk
+        if len(body) > cap:
+            raise ResponseTooLarge(f"an answer longer than {cap} bytes")
+
+
+def _tls_context() -> ssl.SSLContext:
+    """Certificate-verifying TLS with the CA bundle requests would use: the environment's, else certifi's."""
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or certifi.where()
+    if os.path.isdir(bundle):
+        return ssl.create_default_context(capath=bundle)
+    return ssl.create_default_context(cafile=bundle)
+
+
+def _proxy_for(scheme: str, host: str) -> Optional[str]:
+    """The proxy URL the environment names for `scheme` (or ALL_PROXY), unless NO_PROXY exempts `host`."""
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass_environment(host, proxies):  # type: ignore[attr-defined]
+        return None
+    return proxy
