@@ -82,13 +82,13 @@ class _DeadlineSocket:
         self.raw.settimeout(self._owner.time_left())
         self.raw.sendall(data)
 
-    def recv_into(self, buffer: Any, nbytes: int = 0) -> int:
-        self.raw.settimeout(self._owner.time_left())
-        return self.raw.recv_into(buffer, nbytes)
-
     def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
-        """A buffered reader over this socket, as http.client reads a response (status, headers, body)."""
-        return io.BufferedReader(_Reader(self))
+        """A buffered reader over this socket, as http.client reads a response (status, headers, body).
+
+        It holds the socket's own file object, so the socket stays open until the response is read even when
+        http.client closes the connection first (as it does when the server says ``Connection: close``).
+        """
+        return io.BufferedReader(_Reader(self.raw, self._owner))
 
     def fileno(self) -> int:
         return self.raw.fileno()
@@ -98,15 +98,25 @@ class _DeadlineSocket:
 
 
 class _Reader(io.RawIOBase):
-    def __init__(self, sock: _DeadlineSocket) -> None:
+    """Reads from a socket, each read given only the time left until the owner's deadline."""
+
+    def __init__(self, sock: socket.socket, owner: _Connection) -> None:
         super().__init__()
         self._sock = sock
+        self._file = sock.makefile("rb", buffering=0)
+        self._owner = owner
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        return self._sock.recv_into(buffer)
+        self._sock.settimeout(self._owner.time_left())
+        read = self._file.readinto(buffer)
+        return 0 if read is None else read  # None only on a non-blocking socket, which this never is
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 class _Connection(http.client.HTTPConnection):
@@ -204,7 +214,10 @@ class Transport:
             try:
                 connection.request(method, target, body=body, headers=all_headers)
                 response = connection.getresponse()
-                payload = _read_capped(response, self.max_response_bytes)
+                try:
+                    payload = _read_capped(response, self.max_response_bytes)
+                finally:
+                    response.close()  # a no-op once the body is read; else it lets go of the socket
                 return Response(response.status, Headers(response.getheaders()), payload)
             except BaseException:
                 connection.close()  # whatever state it is in, it is not reused
