@@ -129,6 +129,7 @@ class _Connection(http.client.HTTPConnection):
         self._tls = tls
         self._tls_hostname = host
         self._tunnelled = tunnel is not None
+        self._socket: Optional[socket.socket] = None
         if tunnel is not None:  # through an HTTP proxy at host:port, to tunnel's host and port
             self.set_tunnel(*tunnel)
             self._tls_hostname = tunnel[0]
@@ -142,12 +143,26 @@ class _Connection(http.client.HTTPConnection):
     def connect(self) -> None:
         raw = socket.create_connection((self.host, self.port), self.time_left())
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._socket = raw
         self.sock = _DeadlineSocket(raw, self)
         if self._tunnelled:
             self._tunnel()  # type: ignore[attr-defined]  # its CONNECT answer is read through the deadline socket
         if self._tls is not None:
             raw.settimeout(self.time_left())  # the handshake is one blocking call, bounded by this
-            self.sock = _DeadlineSocket(self._tls.wrap_socket(raw, server_hostname=self._tls_hostname), self)
+            self._socket = self._tls.wrap_socket(raw, server_hostname=self._tls_hostname)
+            self.sock = _DeadlineSocket(self._socket, self)
+
+    def shut_down(self) -> None:
+        """End the connection under a request another thread is making, which then fails at once.
+
+        Only the socket is shut (at the descriptor, not through TLS or http.client's state, which belong to
+        that thread); a blocked read or write wakes up.
+        """
+        if self._socket is not None:
+            try:
+                socket.socket.shutdown(self._socket, socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def is_idle_and_open(self) -> bool:
         """Whether the kept-alive socket can take a request: open, and nothing (not even EOF) waiting on it."""
@@ -225,11 +240,19 @@ class Transport:
                 raise
 
     def close(self) -> None:
-        """Close the kept-alive connection; the next request opens a new one."""
-        with self._lock:
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
+        """Close the kept-alive connection at once, even under a request in flight on another thread (which then
+        fails and drops it); the next request opens a new connection."""
+        connection = self._connection
+        if connection is None:
+            return
+        connection.shut_down()
+        if self._lock.acquire(blocking=False):  # else the request in flight closes it as it fails
+            try:
+                connection.close()
+                if self._connection is connection:
+                    self._connection = None
+            finally:
+                self._lock.release()
 
 
 def _read_capped(response: http.client.HTTPResponse, cap: int) -> bytes:

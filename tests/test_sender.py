@@ -307,3 +307,26 @@ def test_a_plain_http_proxy_from_the_environment_is_used(collector: Collector,
     sender.send(EVENT, [EVENT_BODY])
     assert collector.transaction_ids() == ["t-1"]
     sender.close()
+
+
+def test_close_ends_a_request_in_flight_on_another_thread_at_once(collector: Collector) -> None:
+    collector.stall(30)
+    slow = Sender(collector.base_uri, "test-app-id", timeout=30.0)
+    raised: List[BaseException] = []
+    worker = threading.Thread(target=lambda: raised.extend(ends_within(10.0, slow.send, EVENT, [EVENT_BODY])))
+    worker.start()
+    assert wait_until_served(collector)
+    slow.close()  # returns without waiting for the stalled answer...
+    worker.join(10)
+    assert not worker.is_alive() and len(raised) == 1 and isinstance(raised[0], RetryableError)  # ...which fails
+    slow.send(EVENT, [EVENT_BODY])  # and the sender works again, on a new connection
+    assert collector.transaction_ids() == ["t-1"]
+    slow.close()
+
+
+def wait_until_served(collector: Collector) -> bool:
+    """Until the collector has taken the stalled request off the fault queue (it is being served)."""
+    deadline = time.monotonic() + 5
+    while collector.faults_pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return collector.faults_pending == 0
