@@ -29,7 +29,7 @@ import threading
 import time
 import urllib.request
 from typing import Any, Callable, Dict, Iterator, Mapping, NamedTuple, Optional, Tuple
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 import certifi
 
@@ -183,48 +183,23 @@ class Transport:
         self.max_response_bytes = max_response_bytes
         self._origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
         self._base_path = parts.path.rstrip("/")
+        self._route = _route(parts)
         self._lock = threading.Lock()
         self._connection: Optional[_Connection] = None
-        self._make: Callable[[], _Connection]
-        self._proxy_headers: Dict[str, str] = {}
-        self._absolute_target = False  # True through a plain-HTTP proxy: the request line names the full URL
-        tls = _tls_context() if parts.scheme == "https" else None
-        port = parts.port or (443 if tls else 80)
-        proxy = _proxy_for(parts.scheme, parts.hostname)
-        if proxy is None:
-            self._make = lambda: _Connection(parts.hostname or "", port, tls)
-            return
-        proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        if proxy_parts.username is not None:
-            credentials = f"{unquote(proxy_parts.username)}:{unquote(proxy_parts.password or '')}"
-            self._proxy_headers["Proxy-Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
-        if tls is None:  # plain HTTP: the request line names the full URL, and the proxy forwards it
-            proxy_tls = _tls_context() if proxy_parts.scheme == "https" else None
-            proxy_address = (proxy_parts.hostname or "", proxy_parts.port or (443 if proxy_tls else 80))
-            self._absolute_target = True
-            self._make = lambda: _Connection(*proxy_address, proxy_tls)
-            return
-        if proxy_parts.scheme != "http":
-            raise ValueError(f"an {proxy_parts.scheme}:// proxy for an https:// collector is not supported: use an "
-                             "http:// proxy URL (the tunnel through it is TLS to the collector anyway)")
-        tunnel_headers, self._proxy_headers = self._proxy_headers, {}  # sent once, on the CONNECT
-
-        self._make = lambda: _Connection(proxy_parts.hostname or "", proxy_parts.port or 80, tls,
-                                         (parts.hostname or "", port, tunnel_headers))
 
     def request(self, method: str, path: str, body: Optional[bytes] = None,
                 headers: Optional[Mapping[str, str]] = None) -> Response:
         """Send one request to `path` under the base URI and read its whole answer, within the limits above."""
         target = self._base_path + path
-        if self._absolute_target:
+        if self._route.absolute_target:
             target = self._origin + target
-        all_headers = dict(headers or {}, **self._proxy_headers)
+        all_headers = dict(headers or {}, **self._route.headers)
         with self._lock:
             connection = self._connection
             if connection is None or not connection.is_idle_and_open():
                 if connection is not None:
                     connection.close()
-                connection = self._connection = self._make()
+                connection = self._connection = self._route.connect()
             connection.deadline = time.monotonic() + self.timeout
             try:
                 connection.request(method, target, body=body, headers=all_headers)
@@ -267,6 +242,46 @@ def _read_capped(response: http.client.HTTPResponse, cap: int) -> bytes:
         body += chunk
         if len(body) > cap:
             raise ResponseTooLarge(f"an answer longer than {cap} bytes")
+
+
+class _Route(NamedTuple):
+    """How requests reach the collector: a connection maker, headers for every request, the request-target form."""
+
+    connect: Callable[[], _Connection]
+    headers: Dict[str, str]
+    absolute_target: bool  # through a plain-HTTP proxy the request line names the full URL
+
+
+def _route(parts: SplitResult) -> _Route:
+    """Straight to the collector, or through the proxy the environment names (as requests would)."""
+    tls = _tls_context() if parts.scheme == "https" else None
+    host, port = parts.hostname or "", parts.port or (443 if tls else 80)
+    proxy = _proxy_for(parts.scheme, host)
+    if proxy is None:
+        return _Route(lambda: _Connection(host, port, tls), {}, False)
+    via = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    credentials: Dict[str, str] = {}
+    if via.username is not None:
+        user_password = f"{unquote(via.username)}:{unquote(via.password or '')}".encode()
+        credentials["Proxy-Authorization"] = "Basic " + base64.b64encode(user_password).decode()
+    if tls is None:  # plain HTTP: each request goes to the proxy, naming the full URL, with the credentials
+        via_tls = _tls_context() if via.scheme == "https" else None
+        via_port = via.port or (443 if via_tls else 80)
+        return _Route(lambda: _Connection(via.hostname or "", via_port, via_tls), credentials, True)
+    if via.scheme != "http":
+        return _Route(_unsupported_proxy(via.scheme), {}, False)
+    # HTTPS: a CONNECT tunnel through the proxy (the credentials go on the CONNECT only), TLS to the collector
+    return _Route(lambda: _Connection(via.hostname or "", via.port or 80, tls, (host, port, credentials)), {}, False)
+
+
+def _unsupported_proxy(scheme: str) -> Callable[[], _Connection]:
+    """A connection maker that fails each request (retried, logged; nothing lost) with the reason."""
+
+    def refuse() -> _Connection:
+        raise OSError(f"a {scheme}:// proxy for an https:// collector is not supported: use an http:// proxy URL "
+                      "(the tunnel through it is TLS to the collector anyway)")
+
+    return refuse
 
 
 def _tls_context() -> ssl.SSLContext:
