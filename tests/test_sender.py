@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -247,12 +248,16 @@ def test_the_config_fetch_does_not_follow_a_redirect() -> None:
         sender.close()
 
 
-def test_policy_retries_a_redirect_at_the_auth_interval(sender: Sender, collector: Collector) -> None:
+def test_policy_retries_a_redirect_at_the_auth_interval(sender: Sender, collector: Collector,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
     collector.redirect("http://127.0.0.1:9/v1/events/batch")
     waits: List[float] = []
     policy = delivery_policy(threading.Event(), max_wait=2.0, auth_wait=77.0, sleep=waits.append)
-    policy(sender.send, EVENT, [EVENT_BODY])
+    with caplog.at_level(logging.WARNING, logger="moesiftornado_durable"):
+        policy(sender.send, EVENT, [EVENT_BODY])
     assert waits == [77.0] and collector.transaction_ids() == ["t-1"]
+    [record] = [r for r in caplog.records if "HTTP 301" in r.getMessage()]
+    assert record.levelno == logging.ERROR and "http://127.0.0.1:9/v1/events/batch" in record.getMessage()
     replay = delivery_policy(threading.Event(), max_wait=2.0, sleep=waits.append, retry_auth=False)
     collector.redirect("http://127.0.0.1:9/v1/events/batch")
     with pytest.raises(RedirectError):  # the replay command gives up at once, as on an auth error
