@@ -15,6 +15,7 @@ import gzip
 import http.client
 import json
 import logging
+import socket
 import threading
 import time
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
@@ -152,7 +153,7 @@ def _mapped(call: Callable[..., Any], *args: Any) -> Any:
         raise _classify(int(exc.response_code), getattr(exc.context.response, "headers", None)) from exc
     except ResponseTooLarge as exc:
         raise RetryableError(f"the answer was too large: {exc}") from exc
-    except TimeoutError as exc:
+    except (TimeoutError, socket.timeout) as exc:  # the same class since Python 3.10
         raise RetryableError("no complete answer within the send timeout") from exc
     except (OSError, http.client.HTTPException) as exc:
         raise RetryableError(f"connection failed ({exc.__class__.__name__}: {exc})") from exc
