@@ -168,6 +168,10 @@ class _Connection(http.client.HTTPConnection):
         """Whether the kept-alive socket can take a request: open, and nothing (not even EOF) waiting on it."""
         if self.sock is None:
             return False
+        if hasattr(select, "poll"):  # select() fails on descriptors past 1023, common in a busy server process
+            poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)
+            return not poller.poll(0)
         readable, _, _ = select.select([self.sock], [], [], 0)
         return not readable
 

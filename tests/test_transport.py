@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import select
 import socket
 import ssl
+import subprocess
+import sys
+import textwrap
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator, List, Tuple
@@ -162,3 +166,27 @@ def test_https_through_a_connect_proxy_with_credentials(tls_server: Tuple[str, s
     direct.send(EVENT, [{"transaction_id": "b"}])
     assert len(heads) == 1  # NO_PROXY: straight to the server
     direct.close()
+
+
+def test_a_kept_alive_connection_on_a_descriptor_past_1023_is_reused(tmp_path: Any) -> None:
+    """A busy server process has many sockets open: the idle check must not use select() (limited to 1023)."""
+    script = textwrap.dedent("""
+        import resource, socket, sys
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 2048), hard), hard))
+        from moesiftornado_durable.sender import Sender
+        from moesiftornado_durable.spool import EVENT
+        from moesiftornado_durable.testing import Collector
+        held = [socket.socket() for _ in range(1100)]
+        with Collector() as collector:
+            sender = Sender(collector.base_uri, "app", 5.0)
+            for n in range(3):
+                sender.send(EVENT, [{"transaction_id": f"t{n}"}])
+            assert collector.transaction_ids() == ["t0", "t1", "t2"]
+            assert len({r.headers.get("Host") for r in collector.requests}) == 1
+            sender.close()
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert result.stdout.strip() == "ok", result.stderr
