@@ -32,6 +32,7 @@ setup(
         "moesifapi>=1.5,<2",
         "persist-queue>=1.0,<2",
         "tenacity>=8.2",
+        "certifi",  # the CA bundle for HTTPS to Moesif (the one requests used; transport.py reads it directly)
     ],
     extras_require={
         "encryption": ["cryptography>=41"],

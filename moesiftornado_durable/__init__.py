@@ -9,6 +9,7 @@ from .errors import (  # noqa: E402
     DeliveryError,
     MoesifDurableError,
     PermanentError,
+    RedirectError,
     RetryableError,
 )
 from .metrics import HealthHandler, MetricsHandler  # noqa: E402
@@ -24,6 +25,7 @@ __all__ = [
     "MoesifDurableError",
     "MoesifMiddleware",
     "PermanentError",
+    "RedirectError",
     "RetryableError",
     "SpoolBeforeSendMixin",
     "__version__",

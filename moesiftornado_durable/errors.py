@@ -5,12 +5,13 @@
     ├── SpoolFullError         the spool holds SPOOL_MAX_BYTES and WHEN_FULL is 'drop_newest'
     └── DeliveryError          a batch did not reach Moesif
         ├── RetryableError     worth trying again later: connection refused, timeout, 408, 429, 5xx
-        │   └── AuthError      401/402/403: wrong application id or lapsed plan; data is kept, retried slowly
+        │   ├── AuthError      401/402/403: wrong application id or lapsed plan; data is kept, retried slowly
+        │   └── RedirectError  3xx: never followed (BASE_URI is wrong); data is kept, retried slowly
         └── PermanentError     the collector rejected the batch for good (400, 404, 422, ...): dead-lettered
             │                  (a 400 or 422 on several events is first narrowed down by splitting the batch)
             └── PayloadTooLargeError  413: the batch is split and retried; a lone event too large is dead-lettered
 
-moesifapi's `APIException` and requests' exceptions are mapped here, in `sender.py`, and nowhere else.
+moesifapi's `APIException` and the transport's exceptions are mapped here, in `sender.py`, and nowhere else.
 """
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ class RetryableError(DeliveryError):
 
 class AuthError(RetryableError):
     """The collector refused the application id (401/402/403). Never fatal to data: retried at a long interval."""
+
+
+class RedirectError(RetryableError):
+    """A 3xx answer. Never followed (the batch and the application id stay with BASE_URI's origin) and never an
+    ack: the records stay spooled and are retried at the auth interval until BASE_URI is fixed."""
+
+    def __init__(self, message: str, status: Optional[int] = None, location: Optional[str] = None) -> None:
+        super().__init__(message, status)
+        self.location = location
 
 
 class PermanentError(DeliveryError):

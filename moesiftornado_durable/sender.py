@@ -1,88 +1,76 @@
-"""Send one batch to the Moesif collector with moesifapi, and the retry policy around it.
+"""Send one batch to the Moesif collector, and the retry policy around it.
 
 `Sender.send` makes exactly one HTTP request and either returns or raises one of `errors.py`'s classes:
-every moesifapi and requests failure is mapped here. moesifapi has no timeout and retries on its own
-(with prints to stdout); `_Client` replaces its HTTP client with one that has a timeout, no hidden
-retries, and this sender's own base URI and application id (moesifapi keeps those in process-wide
-globals). `delivery_policy` is the tenacity policy the flusher wraps around `send`.
+every moesifapi and transport failure is mapped here. Every request, moesifapi's included (its own client
+has no timeout and retries with prints to stdout; `_Client` replaces it), goes through `transport.py`:
+no redirects followed, SEND_TIMEOUT for the whole exchange, a capped response body. Only a 2xx to the
+request itself is an ack; a 3xx is a `RedirectError`, retried at the slow auth interval, never dead-lettered.
+`delivery_policy` is the tenacity policy the flusher wraps around `send`.
 """
 
 from __future__ import annotations
 
 import email.utils
 import gzip
+import http.client
 import json
 import logging
+import socket
 import threading
 import time
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
-import requests
 import tenacity
 from moesifapi.configuration import Configuration
 from moesifapi.controllers.api_controller import ApiController
 from moesifapi.exceptions.api_exception import APIException
+from moesifapi.http.http_client import HttpClient
 from moesifapi.http.http_method_enum import HttpMethodEnum
 from moesifapi.http.http_request import HttpRequest
 from moesifapi.http.http_response import HttpResponse
-from moesifapi.http.requests_client import RequestsClient
-from requests.adapters import HTTPAdapter
 
 from . import __version__
-from .errors import AuthError, DeliveryError, PayloadTooLargeError, PermanentError, RetryableError
+from .errors import AuthError, DeliveryError, PayloadTooLargeError, PermanentError, RedirectError, RetryableError
 from .sampling import CONFIG_ETAG_HEADER
 from .spool import COMPANY, EVENT, SUBSCRIPTION, USER
+from .transport import ResponseTooLarge, Transport
 
 logger = logging.getLogger("moesiftornado_durable")
 
 USER_AGENT = f"moesiftornado-durable/{__version__}"
 _RETRYABLE_STATUSES = frozenset({408, 429})
 EVENTS_BATCH_PATH = "/v1/events/batch"
+APP_CONFIG_PATH = "/v1/config"
 GZIP_LEVEL = 1  # 500 events: 1.5 ms at level 1, 7.2 ms at moesifapi's 9, for a similar size
 _AUTH_STATUSES = frozenset({401, 402, 403})
+# Failures only a configuration change ends: retried every AUTH_RETRY_INTERVAL, logged at ERROR.
+_MISCONFIGURED = (AuthError, RedirectError)
 
 
-class _Client(RequestsClient):
-    """moesifapi's HTTP client with a timeout, no retries of its own, and a per-instance URI and app id."""
+class _Client(HttpClient):
+    """moesifapi's HTTP client, sending through this sender's `Transport` with its base URI and app id.
 
-    def __init__(self, base_uri: str, application_id: str, timeout: float) -> None:
-        # RequestsClient.__init__ would build a session that retries; this one never does.
-        self._base_uri = base_uri
-        self._identity = {"X-Moesif-Application-Id": application_id, "User-Agent": USER_AGENT}
-        self._timeout = timeout
-        self.session = requests.Session()
-        # Proxy and CA-bundle settings from the environment, read once: requests would re-read the
-        # environment on every request, which cost ~1 ms per batch here.
-        self._environment = self.session.merge_environment_settings(base_uri, {}, None, None, None)
-        self.session.trust_env = False
-        self.adapter = HTTPAdapter(max_retries=0, pool_connections=1, pool_maxsize=2)
-        self.session.mount("http://", self.adapter)
-        self.session.mount("https://", self.adapter)
+    moesifapi keeps the base URI and application id in process-wide globals; the requests it builds are
+    re-aimed here, so two senders in one process keep their own.
+    """
+
+    def __init__(self, transport: Transport, identity: Mapping[str, str]) -> None:
+        self._transport = transport
+        self._identity = identity
 
     def execute_as_string(self, request: HttpRequest) -> HttpResponse:
-        headers = dict(request.headers or {}, **self._identity)
-        response = self.session.request(
-            HttpMethodEnum.to_string(request.http_method),
-            self._base_uri + _path_of(request.query_url),
-            headers=headers,
-            params=request.query_parameters,
-            data=request.parameters,
-            timeout=self._timeout,
-            **self._environment,
-        )
-        return self.convert_response(response, False)
+        path = _path_of(request.query_url)
+        if request.query_parameters:
+            path += "?" + urlencode(request.query_parameters)
+        body = request.parameters
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        response = self._transport.request(HttpMethodEnum.to_string(request.http_method), path, body,
+                                           dict(request.headers or {}, **self._identity))
+        return HttpResponse(response.status, response.headers, response.body)
 
     execute_as_binary = execute_as_string
-
-    def post_json(self, path: str, gzipped_body: bytes) -> requests.Response:
-        """POST a gzipped JSON body to `path` under this client's base URI."""
-        headers = {"Content-Type": "application/json; charset=utf-8", "Content-Encoding": "gzip", **self._identity}
-        return self.session.post(self._base_uri + path, data=gzipped_body, headers=headers, timeout=self._timeout,
-                                 **self._environment)
-
-    def close(self) -> None:
-        self.session.close()
 
 
 def _path_of(query_url: str) -> str:
@@ -98,8 +86,9 @@ class Sender:
 
     def __init__(self, base_uri: str, application_id: str, timeout: float) -> None:
         self._settings = (base_uri, application_id, timeout)
-        self._client = _Client(base_uri, application_id, timeout)
-        self._api = ApiController(http_client=self._client)
+        self._identity = {"X-Moesif-Application-Id": application_id, "User-Agent": USER_AGENT}
+        self._transport = Transport(base_uri, timeout)
+        self._api = ApiController(http_client=_Client(self._transport, self._identity))
         self._endpoints: Mapping[str, Callable[[List[Any]], Any]] = {  # events go through `_post_events`
             USER: self._api.update_users_batch,
             COMPANY: self._api.update_companies_batch,
@@ -112,7 +101,8 @@ class Sender:
         `records` are spooled items (with `.json` bytes and `.body`) or plain dicts. Event batches go out
         as the stored JSON bytes, joined and gzipped at level 1: the same request moesifapi builds,
         without parsing and re-encoding every event or its level-9 gzip (most of its cost per batch).
-        Profile updates, small and rare, go through moesifapi's client.
+        Profile updates, small and rare, go through moesifapi's client. Only a 2xx answer to this very
+        request returns; a redirect is never followed (`RedirectError`).
         """
         if kind == EVENT:
             return _mapped(self._post_events, [_json_of(record) for record in records])
@@ -122,33 +112,51 @@ class Sender:
         """Another sender to the same collector, with its own connection (for sending in parallel)."""
         return Sender(*self._settings)
 
+    def get_json(self, path: str) -> Tuple[Any, Mapping[str, str]]:
+        """GET `path` (e.g. '/v1/config'): its parsed JSON and headers; raises a `DeliveryError` or ValueError.
+
+        Bounded like every request: no redirects, SEND_TIMEOUT for the whole exchange, a capped body.
+        """
+        response = _mapped(self._transport.request, "GET", path, None, self._identity)
+        if not _is_ack(response.status):
+            raise _classify(response.status, response.headers)
+        return json.loads(response.body), response.headers
+
     def fetch_app_config(self) -> Tuple[Any, Optional[str]]:
         """GET /v1/config: the parsed JSON and its X-Moesif-Config-ETag; raises a `DeliveryError` or ValueError."""
-        response = _mapped(self._api.get_app_config)
-        return json.loads(response.raw_body), (response.headers or {}).get(CONFIG_ETAG_HEADER)
+        config, headers = self.get_json(APP_CONFIG_PATH)
+        return config, headers.get(CONFIG_ETAG_HEADER)
 
     def _post_events(self, payloads: List[bytes]) -> Mapping[str, str]:
         body = gzip.compress(b"[" + b",".join(payloads) + b"]", compresslevel=GZIP_LEVEL)
-        response = self._client.post_json(EVENTS_BATCH_PATH, body)
-        if not 200 <= response.status_code <= 208:
-            raise _classify(response.status_code, response.headers)
+        headers = {"Content-Type": "application/json; charset=utf-8", "Content-Encoding": "gzip", **self._identity}
+        response = self._transport.request("POST", EVENTS_BATCH_PATH, body, headers)
+        if not _is_ack(response.status):
+            raise _classify(response.status, response.headers)
         return response.headers
 
     def close(self) -> None:
-        """Close pooled connections."""
-        self._client.close()
+        """Close the kept-alive connection."""
+        self._transport.close()
+
+
+def _is_ack(status: int) -> bool:
+    """Whether a status acknowledges the request: a 2xx (200 to 208, as moesifapi checks), nothing else."""
+    return 200 <= status <= 208
 
 
 def _mapped(call: Callable[..., Any], *args: Any) -> Any:
-    """`call(*args)`, with moesifapi's and requests' exceptions mapped to this library's, in one place."""
+    """`call(*args)`, with moesifapi's and the transport's exceptions mapped to this library's, in one place."""
     try:
         return call(*args)
     except APIException as exc:
         raise _classify(int(exc.response_code), getattr(exc.context.response, "headers", None)) from exc
-    except requests.Timeout as exc:
-        raise RetryableError(f"no answer within the send timeout ({exc.__class__.__name__})") from exc
-    except requests.RequestException as exc:
-        raise RetryableError(f"connection failed ({exc.__class__.__name__})") from exc
+    except ResponseTooLarge as exc:
+        raise RetryableError(f"the answer was too large: {exc}") from exc
+    except (TimeoutError, socket.timeout) as exc:  # the same class since Python 3.10
+        raise RetryableError("no complete answer within the send timeout") from exc
+    except (OSError, http.client.HTTPException) as exc:
+        raise RetryableError(f"connection failed ({exc.__class__.__name__}: {exc})") from exc
 
 
 def _json_of(record: Any) -> bytes:
@@ -162,6 +170,11 @@ def _body_of(record: Any) -> Any:
 
 def _classify(status: int, headers: Optional[Mapping[str, str]]) -> DeliveryError:
     headers = headers or {}
+    if 300 <= status < 400:
+        return RedirectError(f"HTTP {status} to {headers.get('Location')!r}: not followed; check BASE_URI", status,
+                             location=headers.get("Location"))
+    if status < 200:
+        return RetryableError(f"HTTP {status}: no final answer", status)
     if status in _AUTH_STATUSES:
         return AuthError(f"HTTP {status}: the collector refused the application id", status)
     if status == 413:
@@ -190,7 +203,7 @@ class ShutdownRequested(Exception):
 
 
 class wait_for_collector(tenacity.wait.wait_base):
-    """Backoff that honours the server: Retry-After when sent (capped), a long wait on auth errors,
+    """Backoff that honours the server: Retry-After when sent (capped), a long wait on auth errors and redirects,
     otherwise the `backoff` policy."""
 
     def __init__(self, backoff: tenacity.wait.wait_base, max_wait: float, auth_wait: float) -> None:
@@ -203,7 +216,7 @@ class wait_for_collector(tenacity.wait.wait_base):
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         outcome = retry_state.outcome
         error = outcome.exception() if outcome is not None else None
-        if isinstance(error, AuthError):
+        if isinstance(error, _MISCONFIGURED):
             return self.auth_wait
         if isinstance(error, RetryableError) and error.retry_after is not None:
             return min(error.retry_after, self.max_wait)
@@ -224,7 +237,7 @@ def _log_retry(retry_state: tenacity.RetryCallState) -> None:
     outcome = retry_state.outcome
     error = outcome.exception() if outcome is not None else None
     wait = retry_state.next_action.sleep if retry_state.next_action else 0.0
-    level = logging.ERROR if isinstance(error, AuthError) else logging.WARNING
+    level = logging.ERROR if isinstance(error, _MISCONFIGURED) else logging.WARNING
     logger.log(
         level,
         "delivery to Moesif failed (%s); events stay spooled, attempt %d, next in %.1f s",
@@ -244,14 +257,14 @@ def delivery_policy(
 ) -> tenacity.Retrying:
     """Retry `RetryableError`s with exponential backoff and jitter until `stop` is set (or `attempts`).
 
-    While the application id is refused the wait is `auth_wait` (default `max_wait`), so the ERROR
-    saying so comes once per interval; `retry_auth=False` gives up on it at once instead (the replay
+    While the application id is refused or the collector redirects, the wait is `auth_wait` (default
+    `max_wait`), so the ERROR saying so comes once per interval; `retry_auth=False` gives up on both at once (the replay
     command). `PermanentError`s and anything unexpected propagate at once (reraise=True); a sleep cut
     short by `stop` raises `ShutdownRequested`, so no extra attempt is made during shutdown.
     """
     retryable: tenacity.retry_base = tenacity.retry_if_exception_type(RetryableError)
     if not retry_auth:
-        retryable = retryable & tenacity.retry_if_not_exception_type(AuthError)
+        retryable = retryable & tenacity.retry_if_not_exception_type(_MISCONFIGURED)
     give_up: tenacity.stop.stop_base = tenacity.stop_when_event_set(stop)
     if attempts is not None:
         give_up = give_up | tenacity.stop_after_attempt(attempts)

@@ -383,7 +383,7 @@ def test_salvage_of_a_spool_cut_in_half_copies_every_row_on_the_pages_left(
     spool.put_many(("event", body, time.time()) for body in put.values())
     spool.dead_letter([3, 4, 5], 400, "rejected")
     spool.close()
-    with sqlite3.connect(damaged) as conn:
+    with contextlib.closing(sqlite3.connect(damaged)) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         leaves = conn.execute("SELECT pageno, ncell FROM dbstat WHERE name IN ('ack_queue_default', 'dead_letter') "
@@ -422,7 +422,7 @@ def test_salvage_puts_large_records_back_together_from_their_overflow_pages(tmp_
     put = {f"big-{n}": {"transaction_id": f"big-{n}", "body": f"{n}-" * 10_000} for n in range(60)}  # ~20 KB each
     spool.put_many(("event", body, time.time()) for body in put.values())
     spool.close()
-    with sqlite3.connect(damaged) as conn:
+    with contextlib.closing(sqlite3.connect(damaged)) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         [[overflow_pages]] = conn.execute("SELECT COUNT(*) FROM dbstat WHERE pagetype = 'overflow'").fetchall()
     conn.close()

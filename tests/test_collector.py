@@ -8,6 +8,7 @@ import math
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -321,6 +322,11 @@ def test_faults_apply_in_order_and_until_reset(collector: Collector, session: re
         lambda c: c.respond_with(503, headers={"X-Evil": "a\r\nSet-Cookie: b"}),
         lambda c: c.stall(-1),
         lambda c: c.drop_connections(times=-2),
+        lambda c: c.redirect("http://127.0.0.1:1/", status=200),
+        lambda c: c.redirect("http://127.0.0.1:1/\r\nSet-Cookie: b"),
+        lambda c: c.trickle(0.1, size=0),
+        lambda c: c.trickle(-1),
+        lambda c: c.huge_body(-5),
     ],
 )
 def test_bad_faults_are_refused(collector: Collector, make_fault: Callable[[Collector], None]) -> None:
@@ -425,7 +431,7 @@ def test_control_endpoints_inject_faults_and_report(collector: Collector, sessio
 
     stats = control(session, collector, "stats").json()
     assert stats == {"events": 2, "unique_transaction_ids": 1, "users": 0, "companies": 0, "subscriptions": 0,
-                     "requests": 4, "faults_pending": 0}
+                     "requests": 4, "faults_pending": 0, "filler_bytes_written": 0}
     assert [e["transaction_id"] for e in control(session, collector, "events").json()] == ["b", "b"]
 
     control(session, collector, "fault", {"status": 500, "times": None})
@@ -434,6 +440,75 @@ def test_control_endpoints_inject_faults_and_report(collector: Collector, sessio
     assert control(session, collector, "fault", {"status": "five hundred"}).status_code == 400
     assert control(session, collector, "nothing").status_code == 404
     assert all(not r.path.startswith("/_control/") for r in collector.requests)
+
+
+def test_redirect_answers_with_a_location_and_records_nothing(collector: Collector,
+                                                              session: requests.Session) -> None:
+    collector.redirect("http://127.0.0.1:1/v1/events/batch", status=307)
+    response = session.post(collector.base_uri + "/v1/events/batch", data=json.dumps([event("a")]), headers=HEADERS,
+                            timeout=TIMEOUT, allow_redirects=False)
+    assert (response.status_code, response.headers["Location"]) == (307, "http://127.0.0.1:1/v1/events/batch")
+    assert collector.events == [] and collector.requests[0].status == 307
+    collector.redirect("http://127.0.0.1:1/v1/config", config=True)  # for the config GET, not for ingestion
+    assert post(session, collector, "/v1/events", event("b")).status_code == 201
+    config = session.get(collector.base_uri + "/v1/config", headers=HEADERS, timeout=TIMEOUT, allow_redirects=False)
+    assert config.status_code == 301 and collector.faults_pending == 0
+
+
+def test_control_queues_redirects_trickles_and_huge_bodies(collector: Collector, session: requests.Session) -> None:
+    control(session, collector, "fault", {"redirect": "http://127.0.0.1:1/", "redirect_status": 308})
+    control(session, collector, "fault", {"huge_body": 10, "config": True})
+    reply = control(session, collector, "fault", {"trickle": 0.01, "size": 50, "config": True})
+    assert reply.json() == {"ok": True, "faults_pending": 3}
+    response = session.post(collector.base_uri + "/v1/events", data=json.dumps(event("a")), headers=HEADERS,
+                            timeout=TIMEOUT, allow_redirects=False)
+    assert (response.status_code, response.headers["Location"]) == (308, "http://127.0.0.1:1/")
+    huge = session.get(collector.base_uri + "/v1/config", headers=HEADERS, timeout=TIMEOUT)
+    assert (huge.status_code, huge.content) == (200, b"x" * 10)
+    trickled = session.get(collector.base_uri + "/v1/config", headers=HEADERS, timeout=TIMEOUT)
+    assert trickled.json() == collector.app_config
+    assert control(session, collector, "fault", {"trickle": 0.1, "size": 0}).status_code == 400
+
+
+def test_trickle_writes_the_whole_answer_a_few_bytes_at_a_time(collector: Collector) -> None:
+    collector.trickle(0.02, size=5)
+    body = json.dumps([event("slow")]).encode()
+    pieces: List[bytes] = []
+    with socket.create_connection(("127.0.0.1", collector.port), timeout=TIMEOUT) as client:
+        client.sendall(b"POST /v1/events/batch HTTP/1.1\r\nHost: x\r\nX-Moesif-Application-Id: a\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        while True:
+            piece = client.recv(4096)
+            if not piece:
+                break
+            pieces.append(piece)
+    answer = b"".join(pieces)
+    assert answer.startswith(b"HTTP/1.1 201 ") and answer.endswith(b"\r\n\r\n{}")
+    assert max(len(piece) for piece in pieces) <= 5 and len(pieces) >= len(answer) // 10
+    assert collector.transaction_ids() == ["slow"]  # a slow answer, but a normal one: recorded
+
+
+@pytest.mark.parametrize("size", [100_000, None])
+def test_huge_body_streams_until_done_or_until_the_client_leaves(collector: Collector, size: Optional[int]) -> None:
+    collector.huge_body(size)
+    with socket.create_connection(("127.0.0.1", collector.port), timeout=TIMEOUT) as client:
+        client.sendall(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        received = 0
+        while received < 300_000:
+            piece = client.recv(65536)
+            if not piece:
+                break
+            received += len(piece)
+    if size is None:  # endless: it stops writing soon after the client hangs up
+        def settled() -> bool:
+            before = collector.filler_bytes_written
+            time.sleep(0.2)
+            return collector.filler_bytes_written == before
+
+        assert eventually(settled) and collector.filler_bytes_written < 64 << 20
+    else:
+        assert collector.filler_bytes_written == size and received > size  # headers and the whole body
+    assert collector.events == []
 
 
 def test_control_config_and_clear(collector: Collector, session: requests.Session) -> None:

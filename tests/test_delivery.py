@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import subprocess
@@ -455,7 +456,8 @@ def test_a_400_on_a_batch_is_narrowed_down_to_the_one_damaged_event(
 ) -> None:
     path = str(tmp_path / "spool-0.db")
     spool_of(path, 25).close()
-    with sqlite3.connect(path) as conn:  # fold the WAL in, so the record's bytes sit in the file's pages
+    # fold the WAL in, so the record's bytes sit in the file's pages
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     with open(path, "r+b") as f:  # one byte of one record damaged inside its page: `:` becomes `;`
         data = f.read()
@@ -522,3 +524,63 @@ def test_events_that_pass_event_max_age_while_their_batch_is_retried_are_dead_le
         delivering.join(5)
         sender.close()
         spool.close()
+
+
+# ---- hostile collectors: redirects, trickles, huge answers (the whole pipeline, shipper process included) ----------
+
+
+@pytest.mark.parametrize("status", [301, 307])
+def test_a_redirecting_collector_loses_nothing_and_nothing_goes_elsewhere(
+        make_middleware: Callable[..., MoesifMiddleware], collector: Collector, spool_dir: str, status: int) -> None:
+    with Collector() as elsewhere:
+        collector.redirect(elsewhere.base_uri + "/v1/events/batch", status, times=None)
+        middleware = make_middleware(BATCH_SIZE=10, AUTH_RETRY_INTERVAL=0.3)
+        serve_requests(middleware, 30)
+
+        def redirects() -> int:
+            return sum(1 for request in ingestion_requests(collector) if request.status == status)
+
+        assert wait_until(lambda: redirects() >= 2, 15)  # refused, then tried again later: not acked
+        assert collector.transaction_ids() == []
+        collector.reset()  # the redirect stops: everything goes out, to BASE_URI only
+        assert middleware.flush(15)
+        assert_each_once(collector, 30)
+        assert elsewhere.requests == []  # no batch and no application id ever reached the other origin
+        middleware.close(2)
+    spool = Spool(shipper_spool(spool_dir))
+    try:
+        assert spool.dead_letters() == []
+    finally:
+        spool.close()
+
+
+def test_a_trickling_collector_holds_a_send_no_longer_than_send_timeout(
+        make_middleware: Callable[..., MoesifMiddleware], collector: Collector) -> None:
+    collector.trickle(0.5, size=1)  # the first answer at 2 bytes/s: over a minute with per-read timeouts
+    middleware = make_middleware(SEND_TIMEOUT=2.0)
+    serve_requests(middleware, 5)
+    assert middleware.flush(20)
+    assert len(set(collector.transaction_ids())) == 5
+    assert len(ingestion_requests(collector)) >= 2  # the trickled send was given up and the batch sent again
+
+
+def test_a_huge_answer_is_not_an_ack(make_middleware: Callable[..., MoesifMiddleware],
+                                     collector: Collector) -> None:
+    collector.huge_body(64 << 20)  # a 200, with 64 MiB of body
+    middleware = make_middleware()
+    serve_requests(middleware, 5)
+    assert middleware.flush(20)
+    assert_each_once(collector, 5)  # the huge 200 recorded nothing: the events came with the next attempt
+    assert collector.filler_bytes_written < 32 << 20  # the shipper stopped reading at the cap
+
+
+def test_the_app_config_fetch_refuses_a_huge_answer(make_middleware: Callable[..., MoesifMiddleware],
+                                                   collector: Collector) -> None:
+    collector.huge_body(64 << 20, config=True, times=None)
+    middleware = make_middleware()
+    assert wait_until(lambda: middleware.stats().get("app_config_error") is not None, 15)
+    assert "too large" in str(middleware.stats()["app_config_error"])
+    assert collector.filler_bytes_written < 32 << 20
+    serve_requests(middleware, 3)  # the application and delivery are unaffected
+    assert middleware.flush(10)
+    assert_each_once(collector, 3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -10,10 +11,11 @@ from typing import Any, List
 import pytest
 import tenacity
 
-from moesiftornado_durable.errors import AuthError, PermanentError, RetryableError
+from moesiftornado_durable.errors import AuthError, PermanentError, RedirectError, RetryableError
 from moesiftornado_durable.sender import Sender, ShutdownRequested, delivery_policy, parse_retry_after
 from moesiftornado_durable.spool import COMPANY, EVENT, SUBSCRIPTION, USER
 from moesiftornado_durable.testing import Collector
+from moesiftornado_durable.transport import MAX_RESPONSE_BYTES
 
 EVENT_BODY = {"transaction_id": "t-1", "request": {"uri": "http://x/", "verb": "GET", "time": "2026-01-01T00:00:00.0"},
               "response": {"status": 200, "time": "2026-01-01T00:00:00.1"}}
@@ -196,3 +198,140 @@ def test_fetch_app_config_returns_the_config_and_its_etag_and_maps_errors() -> N
         finally:
             right.close()
             wrong.close()
+
+
+# ---- hostile collectors: redirects, trickles, huge answers --------------------------------------------------------
+
+
+def ends_within(seconds: float, call: Any, *args: Any) -> List[BaseException]:
+    """Run `call(*args)` in a thread; assert it ended within `seconds` (a generous bound); return what it raised."""
+    raised: List[BaseException] = []
+
+    def run() -> None:
+        try:
+            call(*args)
+        except BaseException as exc:  # noqa: BLE001 -- handed to the test
+            raised.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still sending after {seconds} s"
+    return raised
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_never_followed_and_never_an_ack(sender: Sender, collector: Collector, status: int) -> None:
+    with Collector() as elsewhere:
+        target = elsewhere.base_uri + "/v1/events/batch"
+        collector.redirect(target, status)
+        with pytest.raises(RedirectError) as raised:
+            sender.send(EVENT, [EVENT_BODY])
+        assert raised.value.status == status and raised.value.location == target
+        assert isinstance(raised.value, RetryableError) and not isinstance(raised.value, AuthError)
+        collector.redirect(elsewhere.base_uri + "/v1/users/batch", status)
+        with pytest.raises(RedirectError):  # moesifapi's calls go through the same transport
+            sender.send(USER, [{"user_id": "u-1"}])
+        assert elsewhere.requests == []  # no batch, no application id at the other origin
+    sender.send(EVENT, [EVENT_BODY])  # and the connection is fine afterwards
+    assert collector.transaction_ids() == ["t-1"]
+
+
+def test_the_config_fetch_does_not_follow_a_redirect() -> None:
+    with Collector() as collector, Collector() as elsewhere:
+        sender = Sender(collector.base_uri, "test-app-id", 1.0)
+        collector.redirect(elsewhere.base_uri + "/v1/config", 307, config=True)
+        with pytest.raises(RedirectError):
+            sender.fetch_app_config()
+        assert elsewhere.requests == []
+        assert sender.fetch_app_config()[0] == collector.app_config
+        sender.close()
+
+
+def test_policy_retries_a_redirect_at_the_auth_interval(sender: Sender, collector: Collector,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    collector.redirect("http://127.0.0.1:9/v1/events/batch")
+    waits: List[float] = []
+    policy = delivery_policy(threading.Event(), max_wait=2.0, auth_wait=77.0, sleep=waits.append)
+    with caplog.at_level(logging.WARNING, logger="moesiftornado_durable"):
+        policy(sender.send, EVENT, [EVENT_BODY])
+    assert waits == [77.0] and collector.transaction_ids() == ["t-1"]
+    [record] = [r for r in caplog.records if "HTTP 301" in r.getMessage()]
+    assert record.levelno == logging.ERROR and "http://127.0.0.1:9/v1/events/batch" in record.getMessage()
+    replay = delivery_policy(threading.Event(), max_wait=2.0, sleep=waits.append, retry_auth=False)
+    collector.redirect("http://127.0.0.1:9/v1/events/batch")
+    with pytest.raises(RedirectError):  # the replay command gives up at once, as on an auth error
+        replay(sender.send, EVENT, [EVENT_BODY])
+
+
+def test_a_trickled_answer_ends_at_the_send_timeout(collector: Collector) -> None:
+    sender = Sender(collector.base_uri, "test-app-id", timeout=2.0)
+    collector.trickle(0.5, size=1)  # ~150 bytes of answer, status line included: over a minute
+    raised = ends_within(15.0, sender.send, EVENT, [EVENT_BODY])  # per-read timeouts alone: never over
+    assert len(raised) == 1 and isinstance(raised[0], RetryableError) and "timeout" in str(raised[0])
+    sender.send(EVENT, [dict(EVENT_BODY, transaction_id="t-2")])  # a fresh connection works
+    assert collector.transaction_ids()[-1] == "t-2"
+    collector.trickle(0.5, size=1, config=True)
+    raised = ends_within(15.0, sender.fetch_app_config)
+    assert len(raised) == 1 and isinstance(raised[0], RetryableError)
+    sender.close()
+
+
+@pytest.mark.parametrize("size", [64 << 20, None])
+def test_a_huge_answer_is_not_read_and_not_an_ack(collector: Collector, size: Any) -> None:
+    sender = Sender(collector.base_uri, "test-app-id", timeout=10.0)
+    collector.huge_body(size)
+    raised = ends_within(15.0, sender.send, EVENT, [EVENT_BODY])
+    assert len(raised) == 1 and isinstance(raised[0], RetryableError) and "too large" in str(raised[0])
+    assert collector.transaction_ids() == []  # answered 200, but the sender did not take it as an ack
+    # The sender stopped reading at the cap: what the collector could write is the cap plus socket buffers.
+    time.sleep(0.2)
+    assert collector.filler_bytes_written < 32 << 20
+    collector.huge_body(size, config=True)
+    raised = ends_within(15.0, sender.fetch_app_config)
+    assert len(raised) == 1 and isinstance(raised[0], RetryableError)
+    assert collector.filler_bytes_written < 64 << 20
+    sender.send(EVENT, [EVENT_BODY])
+    assert collector.transaction_ids() == ["t-1"]
+    sender.close()
+
+
+def test_an_answer_at_the_cap_is_read(collector: Collector) -> None:
+    collector.app_config = {"padding": "x" * (MAX_RESPONSE_BYTES - 100)}
+    sender = Sender(collector.base_uri, "test-app-id", timeout=5.0)
+    assert sender.fetch_app_config()[0] == collector.app_config
+    sender.close()
+
+
+def test_a_plain_http_proxy_from_the_environment_is_used(collector: Collector,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTP_PROXY", collector.base_uri)  # the collector reads an absolute request target too
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    sender = Sender("http://collector.invalid", "test-app-id", timeout=2.0)
+    sender.send(EVENT, [EVENT_BODY])
+    assert collector.transaction_ids() == ["t-1"]
+    sender.close()
+
+
+def test_close_ends_a_request_in_flight_on_another_thread_at_once(collector: Collector) -> None:
+    collector.stall(30)
+    slow = Sender(collector.base_uri, "test-app-id", timeout=30.0)
+    raised: List[BaseException] = []
+    worker = threading.Thread(target=lambda: raised.extend(ends_within(10.0, slow.send, EVENT, [EVENT_BODY])))
+    worker.start()
+    assert wait_until_served(collector)
+    slow.close()  # returns without waiting for the stalled answer...
+    worker.join(10)
+    assert not worker.is_alive() and len(raised) == 1 and isinstance(raised[0], RetryableError)  # ...which fails
+    slow.send(EVENT, [EVENT_BODY])  # and the sender works again, on a new connection
+    assert collector.transaction_ids() == ["t-1"]
+    slow.close()
+
+
+def wait_until_served(collector: Collector) -> bool:
+    """Until the collector has taken the stalled request off the fault queue (it is being served)."""
+    deadline = time.monotonic() + 5
+    while collector.faults_pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return collector.faults_pending == 0
