@@ -48,6 +48,7 @@ logger = logging.getLogger("moesiftornado_durable")
 Event = Dict[str, Any]
 
 _CAPTURE_ATTRIBUTE = "_moesiftornado_durable_body"
+BLOCKED_BY_ATTRIBUTE = "_moesiftornado_durable_blocked_by"  # set on a handler a governance rule blocked
 MAX_JSON_DEPTH = 100  # JSON bodies nested deeper are sent as base64 (see encode_body)
 
 # Headers a proxy may set with the original client address, in the order they are trusted; spelled as
@@ -253,6 +254,9 @@ def _snapshot(handler: Handler, config: Config, finished_at: float, unsent_body:
         "weight": 1,
         "transaction_id": new_transaction_id(),
     }
+    blocked_by = getattr(handler, BLOCKED_BY_ATTRIBUTE, None)
+    if blocked_by:
+        event["blocked_by"] = blocked_by
     if fast:
         event = JSONReady(event)
     bodies: List[_Body] = []

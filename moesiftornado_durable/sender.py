@@ -31,6 +31,7 @@ from requests.adapters import HTTPAdapter
 
 from . import __version__
 from .errors import AuthError, DeliveryError, PayloadTooLargeError, PermanentError, RetryableError
+from .governance import RULES_TAG_HEADER
 from .sampling import CONFIG_ETAG_HEADER
 from .spool import COMPANY, EVENT, SUBSCRIPTION, USER
 
@@ -126,6 +127,11 @@ class Sender:
         """GET /v1/config: the parsed JSON and its X-Moesif-Config-ETag; raises a `DeliveryError` or ValueError."""
         response = _mapped(self._api.get_app_config)
         return json.loads(response.raw_body), (response.headers or {}).get(CONFIG_ETAG_HEADER)
+
+    def fetch_rules(self) -> Tuple[Any, Optional[str]]:
+        """GET /v1/rules: the parsed JSON and its X-Moesif-Rules-Tag; raises a `DeliveryError` or ValueError."""
+        response = _mapped(self._api.get_governance_rules)
+        return json.loads(response.raw_body), (response.headers or {}).get(RULES_TAG_HEADER)
 
     def _post_events(self, payloads: List[bytes]) -> Mapping[str, str]:
         body = gzip.compress(b"[" + b",".join(payloads) + b"]", compresslevel=GZIP_LEVEL)
