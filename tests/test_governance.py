@@ -23,6 +23,9 @@ CALLS: Dict[str, int] = {}
 class CountingHandler(tornado.web.RequestHandler):
     """Counts the calls of its methods, so a test sees whether a blocked request reached it."""
 
+    def prepare(self) -> None:
+        CALLS["prepare"] = CALLS.get("prepare", 0) + 1
+
     def get(self) -> None:
         CALLS["get"] = CALLS.get("get", 0) + 1
         self.write({"served": True})
@@ -108,7 +111,7 @@ def test_regex_rule_blocks_post_login_by_verb_and_route(governed: Any, collector
         assert headers["Content-Type"].startswith("application/json")
         assert request(base, "/login")[0] == 200  # GET: the verb does not match
         assert request(base, "/items", "POST", b"{}")[0] == 200  # the route does not match
-    assert CALLS == {"get": 1, "post": 1}  # the blocked request's handler did not run
+    assert CALLS == {"prepare": 2, "get": 1, "post": 1}  # the blocked request's handler did not run
     events = events_by_uri(collector, middleware, 3)
     blocked = [event for event in events if event.get("blocked_by")]
     assert [(e["blocked_by"], e["request"]["verb"], e["response"]["status"]) for e in blocked] == \
@@ -129,7 +132,7 @@ def test_header_and_body_field_conditions(governed: Any) -> None:
         assert request(base, "/items", "POST", b'{"plan": "pro"}')[0] == 200
         assert request(base, "/items", "POST", b'{"account": {"tier": "trial"}}')[0] == 403
         assert request(base, "/items", "POST", b"not json")[0] == 200
-    assert CALLS == {"get": 1, "post": 2}
+    assert CALLS == {"prepare": 3, "get": 1, "post": 2}
 
 
 def test_or_of_condition_groups_and_a_list_body(governed: Any) -> None:
@@ -150,7 +153,7 @@ def test_non_blocking_rule_adds_headers(governed: Any, collector: Collector) -> 
     with serve(app) as base:
         status, headers, body = request(base, "/items")
     assert (status, headers.get("X-Plan-Notice"), json.loads(body)) == (200, "upgrade soon", {"served": True})
-    assert CALLS == {"get": 1}
+    assert CALLS == {"prepare": 1, "get": 1}
     [event] = events_by_uri(collector, middleware, 1)
     assert "blocked_by" not in event and event["response"]["headers"]["X-Plan-Notice"] == "upgrade soon"
 
@@ -182,7 +185,7 @@ def test_user_rules_matching_and_not_matching(governed: Any, identify: Any) -> N
         assert request(base, "/items", headers={"X-User": "u-vip"})[0] == 200  # in vip-only's cohort: not applied
         assert request(base, "/items", headers={"X-User": "u-other"})[0] == 402  # not in vip-only's cohort
         assert request(base, "/items")[0] == 200  # unidentified: neither rule applies to them
-    assert CALLS == {"get": 2}
+    assert CALLS == {"prepare": 2, "get": 2}
 
 
 def test_applied_to_unidentified(governed: Any) -> None:
@@ -191,7 +194,7 @@ def test_applied_to_unidentified(governed: Any) -> None:
     with serve(app) as base:
         assert request(base, "/items")[0] == 401
         assert request(base, "/items", headers={"X-User": "someone"})[0] == 200  # identified, not in its cohort
-    assert CALLS == {"get": 1}
+    assert CALLS == {"prepare": 1, "get": 1}
 
 
 def test_company_rule_with_merge_tags_in_body_and_headers(governed: Any, collector: Collector) -> None:
