@@ -213,17 +213,35 @@ def test_company_rule_with_merge_tags_in_body_and_headers(governed: Any, collect
     assert sorted(str(event.get("blocked_by")) for event in events) == ["None", "quota"]
 
 
-def test_unknown_rule_id_in_a_cohort_and_a_later_entry_that_matches(governed: Any) -> None:
-    """moesifapi raises KeyError on the unknown id, and stops (`break`) at the first entry that does not match."""
-    rules = [cohort_rule("posts-only", "user", regex_config=None),
-             cohort_rule("banned", "user", status=451)]
-    rules[0]["regex_config"] = [{"conditions": [{"path": "request.verb", "value": "^POST$"}]}]
-    config = {"user_rules": {"u1": [{"rules": "deleted-rule", "values": {}}, {"rules": "posts-only"},
-                                    {"rules": "banned"}]}}
-    _, app = governed(rules, config, IDENTIFY_USER=identify_user)
+def test_a_cohort_naming_an_unknown_rule_is_skipped(governed: Any) -> None:
+    """moesifapi raises KeyError on the unknown id, so no user rule applies at all."""
+    config = {"user_rules": {"u1": [{"rules": "deleted-rule", "values": {}}, {"rules": "banned"}]}}
+    _, app = governed([cohort_rule("banned", "user", status=451)], config, IDENTIFY_USER=identify_user)
     with serve(app) as base:
         assert request(base, "/items", headers={"X-User": "u1"})[0] == 451
     assert CALLS == {}
+
+
+def test_every_cohort_entry_is_considered(governed: Any) -> None:
+    """moesifapi stops (`break`) at the first cohort entry whose rule does not match the request."""
+    posts_only = cohort_rule("posts-only", "user")
+    posts_only["regex_config"] = [{"conditions": [{"path": "request.verb", "value": "^POST$"}]}]
+    config = {"user_rules": {"u1": [{"rules": "posts-only"}, {"rules": "banned"}]}}
+    _, app = governed([posts_only, cohort_rule("banned", "user", status=451)], config, IDENTIFY_USER=identify_user)
+    with serve(app) as base:
+        assert request(base, "/items", headers={"X-User": "u1"})[0] == 451
+    assert CALLS == {}
+
+
+def test_identify_user_raising_counts_as_unidentified(governed: Any) -> None:
+    def broken(handler: tornado.web.RequestHandler) -> str:
+        raise RuntimeError("identify failed")
+
+    middleware, app = governed([cohort_rule("anonymous", "user", unidentified=True, status=401)],
+                               IDENTIFY_USER=broken)
+    with serve(app) as base:
+        assert request(base, "/items")[0] == 401
+    assert middleware.stats()["callable_errors"] >= 1
 
 
 # -- failures ---------------------------------------------------------------------------------------------
