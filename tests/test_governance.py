@@ -326,3 +326,20 @@ def test_first_request_body_captured_without_attach(collector: Collector, make_m
     assert event["response"]["body"] == {"served": True}
     assert other.transforms == other_transforms
     assert "moesiftornado_durable" not in other.settings
+
+
+def test_rules_apply_only_to_the_middlewares_application(governed: Any) -> None:
+    _, app = governed([regex_rule("items", [("request.route", "^/items$")])])  # no attach: the hook finds it
+    other = tornado.web.Application(ROUTES)
+    with serve(app) as base, serve(other) as other_base:
+        assert request(base, "/items")[0] == 403
+        assert request(other_base, "/items")[0] == 200
+    assert CALLS == {"prepare": 1, "get": 1}
+
+
+def test_thread_mode_applies_rules_too(governed: Any, collector: Collector) -> None:
+    middleware, app = governed([regex_rule("items", [("request.route", "^/items$")])], SHIPPER="thread")
+    with serve(app) as base:
+        assert request(base, "/items")[0] == 403
+    [event] = events_by_uri(collector, middleware, 1)
+    assert event["blocked_by"] == "items"
