@@ -40,6 +40,7 @@ logger = logging.getLogger("moesiftornado_durable")
 
 SETTINGS_KEY = "moesiftornado_durable"  # application.settings entry naming the owning middleware (`attach`)
 _PATCHED = "_moesiftornado_durable_patched"
+_GOVERNED = "_moesiftornado_durable_governed"  # set on a handler whose prepare applies the rules
 _install_lock = threading.Lock()
 
 Resolve = Callable[[List[UserCall], List[Any], Callable[[str], None]], Awaitable[List[Any]]]
@@ -121,8 +122,9 @@ class Governor:
     def wrap_prepare(self, handler: RequestHandler) -> None:
         """Make `handler.prepare` (of this one instance) apply the rules first; nothing when there are none."""
         rules = self._rules()
-        if not len(rules):
+        if not len(rules) or getattr(handler, _GOVERNED, False):
             return
+        setattr(handler, _GOVERNED, True)
         original = handler.prepare
         handler.prepare = lambda: self._prepare(handler, original, rules)  # type: ignore[method-assign]
 
