@@ -19,9 +19,8 @@ import dataclasses
 import json
 import logging
 import re
+from http.client import responses
 from typing import Any, Dict, List, Mapping, Optional, Pattern, Set, Tuple
-
-from tornado.httputil import responses
 
 logger = logging.getLogger("moesiftornado_durable")
 

@@ -78,10 +78,10 @@ class _Runtime:
     fetcher and the governance-rules fetcher. `put` makes one record durable; the subclasses say where
     and who delivers it.
 
-    The rules are fetched at start, at least every `DEFAULT_RULES_REFRESH_INTERVAL` seconds, and again
-    whenever a new app config arrives (a batch response with a new config etag asks for one): batch
-    responses reach the shipper process, not this one, so a changed ``X-Moesif-Rules-Tag`` there is
-    not seen here directly."""
+    The rules are fetched at start, at least every `DEFAULT_RULES_REFRESH_INTERVAL` seconds, whenever an
+    accepted event batch carried a new ``X-Moesif-Rules-Tag`` (in the default mode the shipper process
+    sees it and publishes it in its stats file, read here every second), and whenever a new app config
+    arrives."""
 
     slot_kind = "spool"
 
@@ -162,7 +162,8 @@ class _ThreadRuntime(_Runtime):
             self.lock.release()
             raise
         sender = Sender(config.base_uri, config.application_id, config.send_timeout)
-        self.flusher = Flusher(self.spool, sender, config, on_config_etag=self.fetcher.notice_etag)
+        self.flusher = Flusher(self.spool, sender, config, on_config_etag=self.fetcher.notice_etag,
+                               on_rules_tag=self.rules_fetcher.notice_etag)
         self.flusher.start()
         self.start_fetchers()
 
@@ -225,6 +226,7 @@ class _ProcessRuntime(_Runtime):
             self._shipper = stats
             self._written_since_stats = 0
             self.fetcher.notice_etag(stats.get("config_etag"))
+            self.rules_fetcher.notice_etag(stats.get("rules_tag"))
         try:
             self.writer.retire_if_spooled(self._view.journal_offset)
         except (sqlite3.Error, FileNotFoundError):

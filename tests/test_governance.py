@@ -311,6 +311,18 @@ def test_new_rules_are_fetched_when_the_app_config_changes(governed: Any, collec
         assert request(base, "/items")[0] == 403
 
 
+@pytest.mark.parametrize("shipper", ["process", "thread"])
+def test_new_rules_are_fetched_when_a_batch_carries_a_new_rules_tag(governed: Any, collector: Collector,
+                                                                     shipper: str) -> None:
+    middleware, app = governed([], SHIPPER=shipper)
+    collector.set_rules([regex_rule("later", [("request.route", "^/items$")])])  # the app config stays the same
+    with serve(app) as base:
+        assert request(base, "/login")[0] == 200
+        assert middleware.flush(10)  # the batch response carries the new X-Moesif-Rules-Tag
+        assert wait_until(lambda: middleware.stats()["rules_tag"] == collector.rules_tag, 10)
+        assert request(base, "/items")[0] == 403
+
+
 # -- item 3: the drop-in is one import ----------------------------------------------------------------------
 
 
