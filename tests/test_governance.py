@@ -355,3 +355,23 @@ def test_thread_mode_applies_rules_too(governed: Any, collector: Collector) -> N
         assert request(base, "/items")[0] == 403
     [event] = events_by_uri(collector, middleware, 1)
     assert event["blocked_by"] == "items"
+
+
+def test_collector_serves_rules_with_a_tag_in_every_answer(collector: Collector) -> None:
+    headers = {"X-Moesif-Application-Id": "test-app-id"}
+    empty_tag = collector.rules_tag
+    status, answer_headers, body = request(collector.base_uri, "/v1/rules", headers=headers)
+    assert (status, json.loads(body), answer_headers["X-Moesif-Rules-Tag"]) == (200, [], empty_tag)
+    collector.set_rules([regex_rule("r1", [("request.verb", "GET")])])
+    assert collector.rules_tag != empty_tag and collector.rules[0]["_id"] == "r1"
+    status, answer_headers, body = request(collector.base_uri, "/v1/rules", headers=headers)
+    assert json.loads(body)[0]["_id"] == "r1" and answer_headers["X-Moesif-Rules-Tag"] == collector.rules_tag
+    assert request(collector.base_uri, "/v1/config", headers=headers)[1]["X-Moesif-Rules-Tag"] == collector.rules_tag
+    batch = request(collector.base_uri, "/v1/events/batch", "POST", b"[]",
+                    dict(headers, **{"Content-Type": "application/json"}))
+    assert batch[1]["X-Moesif-Rules-Tag"] == collector.rules_tag
+    status, _, body = request(collector.base_uri, "/_control/rules", "POST", b"[]")
+    assert status == 200 and json.loads(body)["tag"] == empty_tag and collector.rules == []
+    assert request(collector.base_uri, "/_control/rules", "POST", b'{"not": "a list"}')[0] == 400
+    with pytest.raises(TypeError):
+        collector.set_rules({"not": "a list"})  # type: ignore[arg-type]
