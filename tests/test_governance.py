@@ -179,12 +179,13 @@ def test_user_rules_matching_and_not_matching(governed: Any, identify: Any) -> N
                                                         status=402)]
     config = {"user_rules": {"u-banned": [{"rules": "banned"}, {"rules": "vip-only"}],
                              "u-vip": [{"rules": "vip-only"}]}}
-    _, app = governed(rules, config, IDENTIFY_USER=identify)
+    middleware, app = governed(rules, config, IDENTIFY_USER=identify)
     with serve(app) as base:
         assert request(base, "/items", headers={"X-User": "u-banned"})[0] == 403  # in the cohort of "banned"
         assert request(base, "/items", headers={"X-User": "u-vip"})[0] == 200  # in vip-only's cohort: not applied
         assert request(base, "/items", headers={"X-User": "u-other"})[0] == 402  # not in vip-only's cohort
         assert request(base, "/items")[0] == 200  # unidentified: neither rule applies to them
+        assert wait_until(lambda: middleware.stats()["spooled"] == 4, 10)  # async captures finish on this loop
     assert CALLS == {"prepare": 2, "get": 2}
 
 
