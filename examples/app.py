@@ -88,7 +88,7 @@ def main() -> None:
     routes = [(r"/hello", StrictHelloHandler if args.strict else HelloHandler),
               (r"/echo", StrictEchoHandler if args.strict else EchoHandler)]
     app = tornado.web.Application(routes, log_function=middleware.log_event)
-    middleware.attach(app)  # capture response bodies from the very first request
+    middleware.attach(app)  # optional: the first request attaches it too (log_function is log_event)
     sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
     port = sockets[0].getsockname()[1]
     if args.port_file:

@@ -50,6 +50,7 @@ logger = logging.getLogger("moesiftornado_durable")
 Event = Dict[str, Any]
 
 _CAPTURE_ATTRIBUTE = "_moesiftornado_durable_body"
+BLOCKED_BY_ATTRIBUTE = "_moesiftornado_durable_blocked_by"  # set on a handler a governance rule blocked
 MAX_JSON_DEPTH = 100  # JSON bodies nested deeper are sent as base64 (see encode_body), or omitted under masks
 # Bodies that, decoded, hold fewer bytes than this together cannot take an event past Moesif's limit (a JSON
 # body rewritten grows at most ~4.5 times, '9E15' -> '9000000000000000.0'): larger ones are measured.
@@ -289,6 +290,9 @@ def _snapshot(handler: Handler, config: Config, finished_at: float, unsent_body:
         "weight": 1,
         "transaction_id": new_transaction_id(),
     }
+    blocked_by = getattr(handler, BLOCKED_BY_ATTRIBUTE, None)
+    if blocked_by:
+        event["blocked_by"] = blocked_by
     if fast:
         event = JSONReady(event)
     bodies: List[_Body] = []

@@ -25,6 +25,7 @@ from typing import Callable, Counter, List, Optional, Tuple
 from . import locks
 from .config import Config
 from .errors import DeliveryError, PayloadTooLargeError, PermanentError, RetryableError
+from .governance import RULES_TAG_HEADER
 from .sampling import CONFIG_ETAG_HEADER
 from .sender import Sender, ShutdownRequested, delivery_policy
 from .spool import EVENT, KINDS, Spool, SpooledItem, open_spool
@@ -60,9 +61,11 @@ class Courier:
     """
 
     def __init__(self, sender: Sender, policy: Callable[..., object], event_max_age: Optional[float] = None,
-                 on_config_etag: Optional[Callable[[Optional[str]], None]] = None) -> None:
+                 on_config_etag: Optional[Callable[[Optional[str]], None]] = None,
+                 on_rules_tag: Optional[Callable[[Optional[str]], None]] = None) -> None:
         self._sender = sender
-        self._on_config_etag = on_config_etag
+        self._tag_callbacks = [(header, callback) for header, callback in
+                               ((CONFIG_ETAG_HEADER, on_config_etag), (RULES_TAG_HEADER, on_rules_tag)) if callback]
         self._policy = policy
         self._event_max_age = event_max_age
         self._lock = threading.Lock()  # counters and the unacked list, updated from every drain thread
@@ -254,11 +257,11 @@ class Courier:
             self.failing = True
             self.last_error, self.last_error_at = exc, time.time()
             raise
-        if kind == EVENT and self._on_config_etag is not None:
+        for header, callback in self._tag_callbacks if kind == EVENT else ():
             try:
-                self._on_config_etag((headers or {}).get(CONFIG_ETAG_HEADER))
+                callback((headers or {}).get(header))
             except Exception:  # a callback bug must not turn a delivered batch into a resend
-                logger.exception("the config etag callback raised")
+                logger.exception("the %s callback raised", header)
 
 
 class _Batches:
@@ -318,19 +321,22 @@ class _Run:
 class Flusher:
     """Drains one `Spool` (and any orphans beside it) through one `Sender` on a named daemon thread.
 
-    `on_config_etag`, if given, is called on this thread with the ``X-Moesif-Config-ETag`` of every
-    accepted event batch (None when absent); it must return quickly and never raise into the loop.
+    `on_config_etag` and `on_rules_tag`, if given, are called on this thread with the
+    ``X-Moesif-Config-ETag`` and ``X-Moesif-Rules-Tag`` of every accepted event batch (None when absent);
+    they must return quickly and never raise into the loop.
     """
 
     def __init__(self, spool: Spool, sender: Sender, config: Config, adopt_orphans: bool = True,
-                 on_config_etag: Optional[Callable[[Optional[str]], None]] = None) -> None:
+                 on_config_etag: Optional[Callable[[Optional[str]], None]] = None,
+                 on_rules_tag: Optional[Callable[[Optional[str]], None]] = None) -> None:
         self._spool = spool
         self._sender = sender
         self._batch_size = config.batch_size
         self._flush_interval = config.flush_interval
         self._stop = threading.Event()
         policy = delivery_policy(self._stop, max_wait=config.retry_max_wait, auth_wait=config.auth_retry_interval)
-        self.courier = Courier(sender, policy, event_max_age=config.event_max_age, on_config_etag=on_config_etag)
+        self.courier = Courier(sender, policy, event_max_age=config.event_max_age, on_config_etag=on_config_etag,
+                               on_rules_tag=on_rules_tag)
         self._adopt_orphans = adopt_orphans
         self._dead_letter_retention = config.dead_letter_retention
         self._scrubbed_at_sent = 0  # counters["sent"] when the WAL was last emptied

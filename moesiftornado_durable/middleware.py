@@ -24,10 +24,11 @@ import time
 import weakref
 from typing import Any, Callable, Counter, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
-from . import audit, locks, outgoing
+from . import audit, hook, locks, outgoing
 from .capture import (
     RAISED,
     Outcome,
+    ResponseBodyCapture,
     Steps,
     UserCall,
     body_capture_transform,
@@ -42,6 +43,8 @@ from .codec import Codec, UndecryptableError
 from .config import Config, Handler
 from .errors import ConfigError, SpoolFullError
 from .flusher import Flusher
+from .governance import DEFAULT_RULES_REFRESH_INTERVAL, RuleSet
+from .hook import SETTINGS_KEY, ExecuteHook, Governor
 from .journal import INTAKE, JournalWriter, first_record
 from .profiles import COMPANY_FIELDS, SUBSCRIPTION_FIELDS, USER_FIELDS, normalize_profile, normalize_profiles
 from .sampling import DEFAULT_REFRESH_INTERVAL, AppConfig, ConfigFetcher, Sampler
@@ -66,26 +69,49 @@ DEFAULT_CLOSE_TIMEOUT = 10.0
 ASYNC_CALLABLE_TIMEOUT = 30.0  # seconds an awaitable returned by a user callable may take; then it counts as failed
 _CONFIG_CLOSE_WAIT = 0.2  # seconds close() waits for an app-config fetch in flight (its thread is a daemon)
 LOGGED_ATTRIBUTE = "_moesiftornado_durable_logged"
-_SETTINGS_KEY = "moesiftornado_durable"
 _ERROR_LOG_INTERVAL = 10.0  # seconds between repeated spool-failure logs
 _SPOOL_FAILING_FOR = 60.0  # seconds a failed spool write keeps stats()["spool_failing"] true
 _FLUSH_POLL = 0.05  # seconds between looks at the shipper's progress in flush()
 
 
 class _Runtime:
-    """The per-process parts, shared by both SHIPPER modes: this process's slot (locked) and the
-    app-config fetcher. `put` makes one record durable; the subclasses say where and who delivers it."""
+    """The per-process parts, shared by both SHIPPER modes: this process's slot (locked), the app-config
+    fetcher and the governance-rules fetcher. `put` makes one record durable; the subclasses say where
+    and who delivers it.
+
+    The rules are fetched at start, at least every `DEFAULT_RULES_REFRESH_INTERVAL` seconds, whenever an
+    accepted event batch carried a new ``X-Moesif-Rules-Tag`` (in the default mode the shipper process
+    sees it and publishes it in its stats file, read here every second), and whenever a new app config
+    arrives."""
 
     slot_kind = "spool"
 
-    def __init__(self, config: Config, on_app_config: Callable[[AppConfig], None]) -> None:
+    def __init__(self, config: Config, on_app_config: Callable[[AppConfig], None],
+                 on_rules: Callable[[RuleSet], None]) -> None:
         self.pid = os.getpid()
         self.config = config
         self.lock = locks.lock_free_slot(config.spool_dir, self.slot_kind)
-        # its own HTTP session: the fetcher runs on its own thread
+        self._on_app_config = on_app_config
+        self._config_etag: Optional[str] = None
+        # their own HTTP sessions: each fetcher runs on its own thread
         self._config_sender = Sender(config.base_uri, config.application_id, config.send_timeout)
-        self.fetcher = ConfigFetcher(self._config_sender.fetch_app_config, on_app_config,
+        self._rules_sender = Sender(config.base_uri, config.application_id, config.send_timeout)
+        self.fetcher = ConfigFetcher(self._config_sender.fetch_app_config, self._app_config_arrived,
                                      refresh_interval=DEFAULT_REFRESH_INTERVAL, retry_wait=config.retry_max_wait)
+        self.rules_fetcher = ConfigFetcher(self._rules_sender.fetch_rules, on_rules,
+                                           refresh_interval=DEFAULT_RULES_REFRESH_INTERVAL,
+                                           retry_wait=config.retry_max_wait, parse=RuleSet.parse,
+                                           what="governance rules", thread_name="moesif-durable-rules")
+
+    def _app_config_arrived(self, app_config: AppConfig) -> None:
+        self._on_app_config(app_config)
+        if self._config_etag is not None and app_config.etag != self._config_etag:
+            self.rules_fetcher.refresh()  # the config changed: the rules may have too
+        self._config_etag = app_config.etag
+
+    def start_fetchers(self) -> None:
+        self.fetcher.start()
+        self.rules_fetcher.start()
 
     def put(self, record: Dict[str, Any], kind: str) -> None:
         raise NotImplementedError
@@ -99,8 +125,11 @@ class _Runtime:
 
     def close(self, timeout: float) -> None:
         self.fetcher.close(min(timeout, _CONFIG_CLOSE_WAIT))
+        self.rules_fetcher.close(min(timeout, _CONFIG_CLOSE_WAIT))
         if not self.fetcher.is_alive:
             self._config_sender.close()
+        if not self.rules_fetcher.is_alive:
+            self._rules_sender.close()
 
     def abandon_after_fork(self) -> None:
         """In a forked child: drop the child's copy of the parent's lock fd; the parent keeps its lock."""
@@ -118,8 +147,8 @@ class _ThreadRuntime(_Runtime):
     flusher thread in this process delivers them."""
 
     def __init__(self, config: Config, on_evict: Callable[[List[str]], None],
-                 on_app_config: Callable[[AppConfig], None]) -> None:
-        super().__init__(config, on_app_config)
+                 on_app_config: Callable[[AppConfig], None], on_rules: Callable[[RuleSet], None]) -> None:
+        super().__init__(config, on_app_config, on_rules)
         try:
             self.spool = open_spool(self.lock.spool_path, sync=config.spool_sync, max_bytes=config.spool_max_bytes,
                                     when_full=config.when_full, on_evict=on_evict,
@@ -134,9 +163,10 @@ class _ThreadRuntime(_Runtime):
             self.lock.release()
             raise
         sender = Sender(config.base_uri, config.application_id, config.send_timeout)
-        self.flusher = Flusher(self.spool, sender, config, on_config_etag=self.fetcher.notice_etag)
+        self.flusher = Flusher(self.spool, sender, config, on_config_etag=self.fetcher.notice_etag,
+                               on_rules_tag=self.rules_fetcher.notice_etag)
         self.flusher.start()
-        self.fetcher.start()
+        self.start_fetchers()
 
     def put(self, record: Dict[str, Any], kind: str) -> None:
         self.spool.put(record, kind)
@@ -172,8 +202,9 @@ class _ProcessRuntime(_Runtime):
 
     slot_kind = INTAKE
 
-    def __init__(self, config: Config, on_app_config: Callable[[AppConfig], None]) -> None:
-        super().__init__(config, on_app_config)
+    def __init__(self, config: Config, on_app_config: Callable[[AppConfig], None],
+                 on_rules: Callable[[RuleSet], None]) -> None:
+        super().__init__(config, on_app_config, on_rules)
         self.codec = Codec(config.spool_encryption_keys)
         spool_path = locks.spool_path(config.spool_dir, locks.SHIPPER_SLOT)
         try:
@@ -187,7 +218,7 @@ class _ProcessRuntime(_Runtime):
         self._view = SpoolView(spool_path)  # the supervisor thread's own read-only look at the spool
         self.supervisor = Supervisor(config, self._tick)
         self.supervisor.start()
-        self.fetcher.start()
+        self.start_fetchers()
 
     def _tick(self, stats: Dict[str, Any]) -> None:
         """Every second, on the supervisor thread: take the shipper's figures, and delete our journal
@@ -196,6 +227,7 @@ class _ProcessRuntime(_Runtime):
             self._shipper = stats
             self._written_since_stats = 0
             self.fetcher.notice_etag(stats.get("config_etag"))
+            self.rules_fetcher.notice_etag(stats.get("rules_tag"))
         try:
             self.writer.retire_if_spooled(self._view.journal_offset)
         except (sqlite3.Error, FileNotFoundError):
@@ -313,12 +345,14 @@ def _check_readable(path: str, problem: Optional[str]) -> None:
                           "start with the key the spool was written with (a list keeps old keys readable)")
 
 
-class MoesifMiddleware:
+class MoesifMiddleware(ExecuteHook):
     """Logs every finished Tornado request to Moesif through a crash-safe on-disk spool.
 
     Use it as moesiftornado's: ``Application(routes, log_function=middleware.log_event)``. Once
     `log_event` has returned, the event is committed to SQLite in SPOOL_DIR and survives a crash of the
-    process or an outage of Moesif of any length.
+    process or an outage of Moesif of any length. Constructing one installs `hook.install`'s patch,
+    through which it captures response bodies from an application's first request and applies the
+    Moesif governance rules before its handlers run.
     """
 
     def __init__(self, moesif_config: Mapping[str, Any]) -> None:
@@ -336,6 +370,10 @@ class MoesifMiddleware:
         self._last_error_log = 0.0
         self._last_spool_failure = -_SPOOL_FAILING_FOR
         self._user_error_log: Dict[str, Tuple[float, int]] = {}  # option -> (last logged, failures since)
+        self._rules = RuleSet()  # none until the first fetch; replaced by one reference swap
+        self._governor = Governor(self.config, lambda: self._rules, lambda: self._sampler.config.cohorts,
+                                  self._user_error, _resolve)
+        hook.install()
         _register_process_hooks(self)
         self._runtime_here()  # start now, so a backlog from an earlier run is sent without new traffic
 
@@ -416,17 +454,30 @@ class MoesifMiddleware:
         self._spool_record(outcome.event, EVENT)
 
     def attach(self, application: Any) -> Any:
-        """Capture response bodies of `application` from its first request; returns the application.
+        """Capture response bodies of `application` and apply governance rules to it; returns it.
 
-        `log_event` does this itself on the first request it sees, whose response body is then missed;
-        call this once after building the Application to capture that one too.
+        Optional: an application whose log_function is this middleware's `log_event` is attached at the
+        start of its first request (`before_execute`). Call it for an application that logs otherwise
+        (e.g. through your own log_function that calls `log_event`).
         """
         if application is not None and application not in self._attached:
             if self.config.log_body:
                 install_body_capture(application, self._body_capture)
-            application.settings.setdefault(_SETTINGS_KEY, self)  # where SpoolBeforeSendMixin finds us
+            application.settings.setdefault(SETTINGS_KEY, self)  # where SpoolBeforeSendMixin and the hook find us
             self._attached.add(application)
         return application
+
+    def before_execute(self, handler: Any, transforms: List[Any]) -> None:
+        """At the start of each request of an application using this middleware (`hook.install`): attach
+        the application, capture this request's response body too (its transforms were built before),
+        and have its `prepare` apply the governance rules first."""
+        self.attach(handler.application)
+        if self.config.log_body and not any(isinstance(t, ResponseBodyCapture) for t in transforms):
+            transforms.insert(0, self._body_capture(handler.request))
+        self._governor.wrap_prepare(handler)
+
+    def _rules_arrived(self, rules: RuleSet) -> None:
+        self._rules = rules
 
     # -- users, companies and subscriptions ------------------------------------------------------
 
@@ -493,14 +544,17 @@ class MoesifMiddleware:
         result.update(self.counters)
         result.update(ready=None, in_flight=None, dead_letter=None, undecryptable=None, oldest_age=None,
                       spool_bytes=None, last_error=None, last_error_at=None, spool_error=None,
-                      app_config_error=None)
+                      app_config_error=None, rules_error=None)
         result["capture_pending"] = len(self._pending)
         result["app_config_etag"] = self._sampler.config.etag
+        result["rules"] = len(self._rules)
+        result["rules_tag"] = self._rules.tag
         result["spool_failing"] = time.monotonic() - self._last_spool_failure < _SPOOL_FAILING_FOR
         runtime = self._runtime
         if runtime is None or runtime.pid != os.getpid():
             return result
         result["app_config_error"] = runtime.fetcher.last_error
+        result["rules_error"] = runtime.rules_fetcher.last_error
         try:
             delivery, spool = runtime.delivery_stats()
             result.update(delivery)
@@ -558,9 +612,10 @@ class MoesifMiddleware:
                 if self.config.capture_outgoing_requests:  # again after a close(), as the pipeline starts again
                     outgoing.register(self._log_outgoing, self.config.base_uri)
                 try:
-                    self._runtime = (_ProcessRuntime(self.config, self._sampler.update)
+                    self._runtime = (_ProcessRuntime(self.config, self._sampler.update, self._rules_arrived)
                                      if self.config.shipper == "process"
-                                     else _ThreadRuntime(self.config, self._evicted, self._sampler.update))
+                                     else _ThreadRuntime(self.config, self._evicted, self._sampler.update,
+                                                         self._rules_arrived))
                 except (sqlite3.Error, OSError):
                     # logged here, with the cause; a record that this costs is counted by the caller
                     self._log_error(f"cannot open the spool in {self.config.spool_dir}")
@@ -658,7 +713,7 @@ def _middleware_of(handler: Any) -> Optional[MoesifMiddleware]:
     settings = getattr(handler, "application", None) and handler.application.settings
     if not settings:
         return None
-    found = settings.get(_SETTINGS_KEY) or getattr(settings.get("log_function"), "__self__", None)
+    found = settings.get(SETTINGS_KEY) or getattr(settings.get("log_function"), "__self__", None)
     return found if isinstance(found, MoesifMiddleware) else None
 
 

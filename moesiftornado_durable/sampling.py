@@ -8,6 +8,7 @@ Three parts, kept apart:
 - `Sampler` holds the current `AppConfig` and decides per event: keep it with a weight, or drop it.
 - `ConfigFetcher` is a small daemon thread that fetches the config at start, again when a batch
   response carries a new ``X-Moesif-Config-ETag``, and at least every `refresh_interval` seconds.
+  Another one fetches the governance rules (`governance.RuleSet`) the same way.
   It never runs on the IOLoop, so a slow or dead Moesif never delays a request. A failed fetch keeps
   the last good config (before the first one: everything is kept, rate 100).
 
@@ -32,6 +33,7 @@ import time
 from typing import Any, Callable, Dict, Mapping, Optional, Pattern, Tuple
 from urllib.parse import urlsplit
 
+from .governance import Cohorts
 from .worker import ProcessThread
 
 logger = logging.getLogger("moesiftornado_durable")
@@ -80,6 +82,7 @@ class AppConfig:
     user_sample_rate: Mapping[str, float] = dataclasses.field(default_factory=dict)
     company_sample_rate: Mapping[str, float] = dataclasses.field(default_factory=dict)
     regex_rules: Tuple[RegexRule, ...] = ()
+    cohorts: Cohorts = Cohorts()  # for governance rules: ``user_rules`` and ``company_rules``
     etag: Optional[str] = None
 
     @classmethod
@@ -93,6 +96,7 @@ class AppConfig:
             user_sample_rate=_rates(body.get("user_sample_rate"), "user_sample_rate"),
             company_sample_rate=_rates(body.get("company_sample_rate"), "company_sample_rate"),
             regex_rules=_rules(body.get("regex_config")),
+            cohorts=Cohorts.parse(body),
             etag=etag,
         )
 
@@ -191,18 +195,24 @@ Fetch = Callable[[], Tuple[Any, Optional[str]]]
 class ConfigFetcher:
     """Fetches the app config on a daemon thread of its own and hands each good one to `on_config`.
 
-    `fetch()` returns the config JSON and its etag, or raises. `notice_etag` is given every
-    ``X-Moesif-Config-ETag`` a batch response carried; a new one wakes the thread at once. After a
+    `fetch()` returns the config JSON and its etag, or raises; `parse(json, etag)` makes the object handed
+    on (default `AppConfig.parse`; the governance rules use `RuleSet.parse` and their rules tag).
+    `notice_etag` is given every ``X-Moesif-Config-ETag`` a batch response carried; a new one wakes the
+    thread at once; `refresh` wakes it too. After a
     failure the thread waits `retry_wait` seconds, whatever wakes it. Fork-safe as the flusher: a thread
     belongs to the process that started it (`is_alive` checks the pid).
     """
 
-    def __init__(self, fetch: Fetch, on_config: Callable[[AppConfig], None],
-                 refresh_interval: float = DEFAULT_REFRESH_INTERVAL, retry_wait: float = 60.0) -> None:
+    def __init__(self, fetch: Fetch, on_config: Callable[[Any], None],
+                 refresh_interval: float = DEFAULT_REFRESH_INTERVAL, retry_wait: float = 60.0, *,
+                 parse: Callable[[Any, Optional[str]], Any] = AppConfig.parse, what: str = "app config",
+                 thread_name: str = "moesif-durable-config") -> None:
         if refresh_interval <= 0 or retry_wait <= 0:
             raise ValueError("refresh_interval and retry_wait must be positive")
         self._fetch = fetch
         self._on_config = on_config
+        self._parse = parse
+        self._what = what
         self._refresh_interval = refresh_interval
         self._retry_wait = retry_wait
         self._stop = threading.Event()
@@ -212,7 +222,7 @@ class ConfigFetcher:
         self._failures = 0
         self.fetches = 0
         self.last_error: Optional[str] = None
-        self._worker = ProcessThread("moesif-durable-config", self._run)
+        self._worker = ProcessThread(thread_name, self._run)
 
     def start(self) -> None:
         self._worker.start()
@@ -226,6 +236,10 @@ class ConfigFetcher:
         if etag and etag != self._etag and etag != self._noticed:
             self._noticed = etag
             self._wake.set()
+
+    def refresh(self) -> None:
+        """Fetch again now (e.g. the rules, when the app config changed)."""
+        self._wake.set()
 
     def close(self, timeout: float) -> None:
         """Stop the thread, waiting at most `timeout` for a fetch in progress."""
@@ -247,16 +261,16 @@ class ConfigFetcher:
         self.fetches += 1
         try:
             body, etag = self._fetch()
-            config = AppConfig.parse(body, etag)
+            config = self._parse(body, etag)
         except Exception as exc:  # a fetch may fail in any way; the last good config stays in use
             self.last_error = repr(exc)
             self._failures += 1
             level = logging.WARNING if self._failures == 1 else logging.DEBUG
-            logger.log(level, "could not fetch the Moesif app config (%s); keeping the last good one, "
-                       "retrying in %g s", exc, self._retry_wait)
+            logger.log(level, "could not fetch the Moesif %s (%s); keeping the last good one, "
+                       "retrying in %g s", self._what, exc, self._retry_wait)
             return False
         self._failures = 0
         self._etag = etag
         self._on_config(config)
-        logger.debug("Moesif app config updated (etag %s)", etag)
+        logger.debug("Moesif %s updated (etag %s)", self._what, etag)
         return True

@@ -32,6 +32,7 @@ from moesifapi.http.http_response import HttpResponse
 
 from . import __version__
 from .errors import AuthError, DeliveryError, PayloadTooLargeError, PermanentError, RedirectError, RetryableError
+from .governance import RULES_TAG_HEADER
 from .sampling import CONFIG_ETAG_HEADER
 from .spool import COMPANY, EVENT, SUBSCRIPTION, USER
 from .transport import ResponseTooLarge, Transport
@@ -42,6 +43,7 @@ USER_AGENT = f"moesiftornado-durable/{__version__}"
 _RETRYABLE_STATUSES = frozenset({408, 429})
 EVENTS_BATCH_PATH = "/v1/events/batch"
 APP_CONFIG_PATH = "/v1/config"
+RULES_PATH = "/v1/rules"
 GZIP_LEVEL = 1  # 500 events: 1.5 ms at level 1, 7.2 ms at moesifapi's 9, for a similar size
 _AUTH_STATUSES = frozenset({401, 402, 403})
 # Failures only a configuration change ends: retried every AUTH_RETRY_INTERVAL, logged at ERROR.
@@ -126,6 +128,11 @@ class Sender:
         """GET /v1/config: the parsed JSON and its X-Moesif-Config-ETag; raises a `DeliveryError` or ValueError."""
         config, headers = self.get_json(APP_CONFIG_PATH)
         return config, headers.get(CONFIG_ETAG_HEADER)
+
+    def fetch_rules(self) -> Tuple[Any, Optional[str]]:
+        """GET /v1/rules: the parsed JSON and its X-Moesif-Rules-Tag; raises a `DeliveryError` or ValueError."""
+        rules, headers = self.get_json(RULES_PATH)
+        return rules, headers.get(RULES_TAG_HEADER)
 
     def _post_events(self, payloads: List[bytes]) -> Mapping[str, str]:
         body = gzip.compress(b"[" + b",".join(payloads) + b"]", compresslevel=GZIP_LEVEL)

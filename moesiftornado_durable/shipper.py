@@ -95,8 +95,9 @@ class Shipper:
                                        on_evict=self._evicted, codec=Codec(config.spool_encryption_keys))
         self.reader = journal_reader(self.spool)
         self.flusher = Flusher(self.spool, Sender(config.base_uri, config.application_id, config.send_timeout),
-                               config, on_config_etag=self._notice_etag)
+                               config, on_config_etag=self._notice_etag, on_rules_tag=self._notice_rules_tag)
         self._config_etag: Optional[str] = None
+        self._rules_tag: Optional[str] = None
         self._dropped_oldest = 0
         self._flush_seen = self._flush_requested_at()
         self._published: Dict[str, Any] = {}
@@ -120,6 +121,9 @@ class Shipper:
     def _notice_etag(self, etag: Optional[str]) -> None:
         self._config_etag = etag or self._config_etag
 
+    def _notice_rules_tag(self, tag: Optional[str]) -> None:
+        self._rules_tag = tag or self._rules_tag
+
     def _evicted(self, record_ids: List[str]) -> None:
         self._dropped_oldest += len(record_ids)
         logger.error("moesiftornado_durable: the spool is full (SPOOL_MAX_BYTES); dropped the %d oldest waiting "
@@ -139,7 +143,7 @@ class Shipper:
             "pid": os.getpid(), "counters": figures,
             "last_error": None if courier.last_error is None else str(courier.last_error),
             "last_error_at": courier.last_error_at, "failing": courier.failing,
-            "config_etag": self._config_etag, "live_bytes": self.spool.live_bytes,
+            "config_etag": self._config_etag, "rules_tag": self._rules_tag, "live_bytes": self.spool.live_bytes,
         }
         if stats == self._published and not self.flusher.hurried:
             return  # unchanged; while a flush is waiting, every look is published (it waits for a fresh one)

@@ -2,7 +2,7 @@
 
 ``Collector`` is a real HTTP server on the loopback interface that speaks the part of Moesif's ingestion API this
 library uses: ``POST /v1/events``, ``/v1/events/batch``, ``/v1/users[/batch]``, ``/v1/companies[/batch]``,
-``/v1/subscriptions[/batch]``, ``GET /v1/config`` (and ``GET /v1/rules``, answered with no governance rules). It
+``/v1/subscriptions[/batch]``, ``GET /v1/config`` and ``GET /v1/rules`` (governance rules, none unless set). It
 records everything it accepts, so a test can assert on what arrived, and it can be told to misbehave -- answer 503
 or 429, stall, drop the connection, stop listening for a while -- so retries and spooling can be exercised without a
 Moesif account::
@@ -60,6 +60,7 @@ DEFAULT_APP_CONFIG: Mapping[str, Any] = {
 }
 APPLICATION_ID_HEADER = "X-Moesif-Application-Id"
 CONFIG_ETAG_HEADER = "X-Moesif-Config-ETag"
+RULES_TAG_HEADER = "X-Moesif-Rules-Tag"
 MAX_BODY_BYTES = 50 * 1024 * 1024  # Moesif's documented limit for one batch
 CONTROL_PREFIX = "/_control/"
 GC_THRESHOLD = 100_000  # allocations between garbage collections when the collector runs as its own process
@@ -358,7 +359,7 @@ class _Recorder:
 class _AppConfig:
     """The app config served on ``GET /v1/config``, kept as JSON bytes with an etag derived from them."""
 
-    def __init__(self, initial: Mapping[str, Any]) -> None:
+    def __init__(self, initial: Any) -> None:
         self._lock = threading.Lock()
         self._body = b"{}"
         self._etag = ""
@@ -368,21 +369,35 @@ class _AppConfig:
         """Replace the config; the etag changes whenever the JSON does."""
         if not isinstance(config, Mapping):
             raise TypeError(f"app_config must be a dict, not {type(config).__name__}")
-        body = json.dumps(dict(config), sort_keys=True, separators=(",", ":")).encode("utf-8")
+        self._store(dict(config))
+
+    def _store(self, value: Any) -> None:
+        body = json.dumps(value, sort_keys=True, separators=(",", ":")).encode("utf-8")
         with self._lock:
             self._body = body
             self._etag = hashlib.sha256(body).hexdigest()[:32]
 
-    def get(self) -> JSONObject:
+    def get(self) -> Any:
         """A fresh copy of the config."""
         body, _ = self.snapshot()
-        result: JSONObject = json.loads(body)
-        return result
+        return json.loads(body)
 
     def snapshot(self) -> Tuple[bytes, str]:
         """The config's JSON bytes and etag, read together."""
         with self._lock:
             return self._body, self._etag
+
+
+class _Rules(_AppConfig):
+    """The governance rules served on ``GET /v1/rules``: a JSON list, with a tag that changes with it."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    def set(self, rules: Any) -> None:
+        if not isinstance(rules, list) or not all(isinstance(rule, Mapping) for rule in rules):
+            raise TypeError("rules must be a list of dicts")
+        self._store(rules)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -635,7 +650,8 @@ class Collector:
       ``{"down_for": 2.5}`` (stops listening, answers, and listens again by itself after that long);
       ``"times": null`` means until reset, and the default is 1.
     - ``GET /_control/stats`` (counts), ``GET /_control/events`` (recorded events), ``POST /_control/clear``,
-      ``GET`` or ``POST /_control/config`` (read or replace ``app_config``).
+      ``GET`` or ``POST /_control/config`` (read or replace ``app_config``), ``GET`` or ``POST /_control/rules``
+      (read or replace the governance ``rules``).
 
     Control requests are not listed in ``requests``.
     """
@@ -653,6 +669,7 @@ class Collector:
         self._filler_lock = threading.Lock()
         self._filler_bytes = 0
         self._config = _AppConfig(DEFAULT_APP_CONFIG)
+        self._rules = _Rules()
         # Requests with a larger body (as sent, i.e. gzipped) are answered 413, as Moesif does past its limits.
         self.max_request_bytes = MAX_BODY_BYTES
 
@@ -862,8 +879,13 @@ class Collector:
 
     @property
     def app_config(self) -> JSONObject:
-        """The config served on ``GET /v1/config`` (a copy: assign a new dict to change it)."""
-        return self._config.get()
+        """The config served on ``GET /v1/config`` (a copy: assign a new dict to change it).
+
+        Its ``user_rules`` and ``company_rules`` put users and companies in the cohorts of governance rules:
+        ``{"user_rules": {"u1": [{"rules": "<rule _id>", "values": {"name": "value"}}]}}``.
+        """
+        result: JSONObject = self._config.get()
+        return result
 
     @app_config.setter
     def app_config(self, config: Mapping[str, Any]) -> None:
@@ -873,6 +895,27 @@ class Collector:
     def config_etag(self) -> str:
         """The etag of ``app_config``, sent as ``X-Moesif-Config-ETag``; it changes when the config does."""
         return self._config.snapshot()[1]
+
+    @property
+    def rules(self) -> List[JSONObject]:
+        """The governance rules served on ``GET /v1/rules`` (a copy: assign a new list to change them), e.g.
+        ``[{"_id": "r1", "type": "regex", "block": True, "regex_config": [{"conditions": [{"path":
+        "request.route", "value": "^/login$"}]}], "response": {"status": 403, "headers": {}, "body": {}}}]``."""
+        result: List[JSONObject] = self._rules.get()
+        return result
+
+    @rules.setter
+    def rules(self, rules: List[Mapping[str, Any]]) -> None:
+        self._rules.set(rules)
+
+    def set_rules(self, rules: List[Mapping[str, Any]]) -> None:
+        """Serve `rules` on ``GET /v1/rules`` from now on (the rules tag changes with them)."""
+        self._rules.set(rules)
+
+    @property
+    def rules_tag(self) -> str:
+        """The tag of ``rules``, sent as ``X-Moesif-Rules-Tag`` with the rules, the config and event batches."""
+        return self._rules.snapshot()[1]
 
     # ---- fault injection ---------------------------------------------------------------------------------------
 
@@ -977,7 +1020,7 @@ class Collector:
             auth_error = self._auth_error(request)
             if auth_error:
                 return _error(401, auth_error), None, None
-            answer = self._answer_config() if request.path == "/v1/config" else _json_answer(200, [])
+            answer = self._answer_config() if request.path == "/v1/config" else self._answer_rules()
             return _trickled(answer, trickle), None, None
         route = _INGESTION_ROUTES.get(request.path)
         if route is None:
@@ -997,7 +1040,7 @@ class Collector:
             accepted = _parse_items(request, is_batch)
         except ValueError as exc:
             return _error(400, str(exc)), None, None
-        headers = {CONFIG_ETAG_HEADER: self.config_etag} if kind == "events" else {}
+        headers = {CONFIG_ETAG_HEADER: self.config_etag, RULES_TAG_HEADER: self.rules_tag} if kind == "events" else {}
         return _trickled(_json_answer(201, {}, headers), trickle), kind, accepted
 
     def _auth_error(self, request: _Incoming) -> Optional[str]:
@@ -1010,7 +1053,12 @@ class Collector:
 
     def _answer_config(self) -> _Answer:
         body, etag = self._config.snapshot()
-        return _Answer(200, body, {"Content-Type": "application/json; charset=utf-8", CONFIG_ETAG_HEADER: etag})
+        return _Answer(200, body, {"Content-Type": "application/json; charset=utf-8", CONFIG_ETAG_HEADER: etag,
+                                   RULES_TAG_HEADER: self.rules_tag})
+
+    def _answer_rules(self) -> _Answer:
+        body, tag = self._rules.snapshot()
+        return _Answer(200, body, {"Content-Type": "application/json; charset=utf-8", RULES_TAG_HEADER: tag})
 
     def _answer_control(self, request: _Incoming) -> _Answer:
         """Answer ``/_control/...``: statistics, recorded events, config, and fault injection from afar."""
@@ -1028,11 +1076,16 @@ class Collector:
             if route == ("POST", "config"):
                 self.app_config = _parse_json(request.body)
                 return _json_answer(200, {"ok": True, "etag": self.config_etag})
+            if route == ("GET", "rules"):
+                return _json_answer(200, self.rules)
+            if route == ("POST", "rules"):
+                self.rules = _parse_json(request.body)
+                return _json_answer(200, {"ok": True, "tag": self.rules_tag})
             if route == ("POST", "fault"):
                 return self._apply_fault_spec(_parse_json(request.body))
         except (TypeError, ValueError) as exc:
             return _error(400, str(exc))
-        if route[1] in ("stats", "events", "clear", "config", "fault"):
+        if route[1] in ("stats", "events", "clear", "config", "rules", "fault"):
             return _error(405, "wrong method")
         return _error(404, "no such control path")
 

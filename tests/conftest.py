@@ -172,8 +172,8 @@ def children_of(pid: int, shippers: bool = False) -> List[int]:
 
 
 def ingestion_requests(collector: Collector) -> List[Any]:
-    """The requests the collector received, without the middleware's GET /v1/config (app config fetches)."""
-    return [request for request in collector.requests if request.path != "/v1/config"]
+    """The requests the collector received, without the middleware's GET /v1/config and /v1/rules fetches."""
+    return [request for request in collector.requests if request.path not in ("/v1/config", "/v1/rules")]
 
 
 @pytest.fixture

@@ -299,6 +299,7 @@ def test_masked_values_never_reach_the_spool_file(make_middleware: Any, collecto
 
     def mask(event: EventModel) -> EventModel:
         event.request.body = {"masked": True}
+        event.response.body = {"masked": True}  # /json echoes the request body
         return event
 
     middleware = make_middleware(MASK_EVENT_MODEL=mask)
