@@ -8,11 +8,16 @@ SPOOL_SYNC 'full' the writer also ``fdatasync``s, which survives a power cut.
 
 The shipper (`JournalReader`) reads the frames into the spool in group commits. How far it got in a
 segment is stored in the spool, in the same transaction as the records, so a crash at any point neither
-loses nor duplicates a record. Every frame carries a CRC-32: a torn last write (the process died in the
-middle of ``write``) or damaged bytes are detected, counted and skipped, never spooled.
+loses nor duplicates a record. A frame's header and its payload each carry a CRC-32: a torn last write
+(the process died in the middle of ``write``) or damaged bytes are detected, counted and skipped, never
+spooled, and the reader resynchronises on the next intact frame. A segment with damage before intact
+frames is kept aside as ``<segment>.damaged`` (a hard link, so nothing is copied) instead of deleted.
 
-Frame: magic ``MJ``, format byte, kind byte, payload length (u32), CRC-32 of the rest (u32),
-spooled_at (f64), then the payload (the record as the spool stores it: JSON, or a Fernet token).
+Frame (format 2): magic ``MJ``, format byte 2, kind byte, payload length (u32), spooled_at (f64),
+CRC-32 of the payload (u32), CRC-32 of these 20 header bytes (u32), then the payload (the record as the
+spool stores it: JSON, or a Fernet token). Format 1 (what earlier builds wrote: magic, format 1, kind, length,
+CRC-32 of spooled_at + payload, spooled_at; no header check) is still read, so segments left on disk by
+an older version are spooled after an upgrade.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import dataclasses
 import logging
 import os
 import re
+import shutil
 import struct
 import threading
 import time
@@ -33,10 +39,15 @@ logger = logging.getLogger("moesiftornado_durable")
 INTAKE = "intake"  # the lock-file prefix of journal slots: intake-<slot>.lock
 SEGMENT_PATTERN = re.compile(r"^intake-(\d+)-(\d+)\.jnl$")
 SEGMENT_BYTES = 4 * 1024 * 1024  # a writer starts a new segment past this; the reader deletes ingested ones
+DAMAGED_SUFFIX = ".damaged"  # a segment with damage before intact frames is kept as <segment>.damaged
 _MAGIC = b"MJ"
-_FORMAT = 1
-_HEADER = struct.Struct("<2sBBIId")  # magic, format, kind, payload length, crc32(spooled_at + payload), spooled_at
-_CHECKED = struct.Struct("<d")
+_FORMAT = 2
+_HEADER = struct.Struct("<2sBBIdI")  # magic, format 2, kind, payload length, spooled_at, crc32(payload)
+_HEADER_CRC = struct.Struct("<I")  # crc32 of the header above: a damaged length is caught before it is used
+_FRAME_START = _HEADER.size + _HEADER_CRC.size
+_HEADER_V1 = struct.Struct("<2sBBIId")  # format 1: magic, 1, kind, length, crc32(spooled_at + payload), spooled_at
+_CHECKED_V1 = struct.Struct("<d")
+_PREFIXES = (_MAGIC + b"\x01", _MAGIC + b"\x02")  # what a frame of a known format starts with
 MAX_PAYLOAD = 64 * 1024 * 1024  # a length beyond this is damage, not a record
 KIND_CODES = {"event": 1, "user": 2, "company": 3, "subscription": 4}
 KIND_NAMES = {code: name for name, code in KIND_CODES.items()}
@@ -58,9 +69,15 @@ def segments(directory: str) -> List[Tuple[int, int, str]]:
 
 
 def frame(kind: str, payload: bytes, spooled_at: float) -> bytes:
-    """One record as the journal stores it."""
-    checked = _CHECKED.pack(spooled_at) + payload
-    return _HEADER.pack(_MAGIC, _FORMAT, KIND_CODES[kind], len(payload), zlib.crc32(checked), spooled_at) + payload
+    """One record as the journal stores it (format 2)."""
+    header = _HEADER.pack(_MAGIC, _FORMAT, KIND_CODES[kind], len(payload), spooled_at, zlib.crc32(payload))
+    return header + _HEADER_CRC.pack(zlib.crc32(header)) + payload
+
+
+def frame_v1(kind: str, payload: bytes, spooled_at: float) -> bytes:
+    """One record in format 1, as earlier builds wrote it (no header check); for tests and tools."""
+    checked = _CHECKED_V1.pack(spooled_at) + payload
+    return _HEADER_V1.pack(_MAGIC, 1, KIND_CODES[kind], len(payload), zlib.crc32(checked), spooled_at) + payload
 
 
 class JournalWriter:
@@ -138,20 +155,26 @@ class JournalWriter:
 @dataclasses.dataclass
 class Chunk:
     """What one read of a segment found: its intact records, where the next read starts, the damaged
-    bytes it skipped, and whether it reached the end of the file."""
+    bytes it skipped (`torn_bytes` of them a torn last write at the end of a finished segment, the rest
+    damage with intact frames after it), and whether it reached the end of the file."""
 
     rows: List[Tuple[str, bytes, float]]
     end: int
     damaged_bytes: int = 0
     at_eof: bool = False
+    torn_bytes: int = 0
+
+
+_OK, _SHORT, _BAD = "ok", "short", "bad"
 
 
 def read_frames(path: str, offset: int, limit_bytes: int, finished: bool) -> Chunk:
     """Parse the frames of segment `path` from `offset`, about `limit_bytes` of them.
 
     An incomplete frame at the end of a segment still being written is a write in progress: the read
-    stops before it. In a `finished` segment (its writer is gone or moved on) it is a torn last write,
-    and bad bytes anywhere are damage: the reader skips to the next good frame and reports the bytes.
+    stops before it. In a `finished` segment (its writer is gone or moved on) it is damage. Bad bytes are
+    skipped up to the next intact frame (resynchronisation) and reported; damage that reaches the end of
+    a finished segment, with no intact frame after it, is its torn last write (`Chunk.torn_bytes`).
     """
     with open(path, "rb") as f:
         file_size = os.fstat(f.fileno()).st_size
@@ -159,40 +182,86 @@ def read_frames(path: str, offset: int, limit_bytes: int, finished: bool) -> Chu
         data = f.read(limit_bytes)
         rows: List[Tuple[str, bytes, float]] = []
         position = damaged = 0
+        damage_start: Optional[int] = None  # where the damage since the last intact frame began
         while position < len(data):
-            header_end = position + _HEADER.size
-            if header_end > len(data):
-                length = None  # not even the header is here
-            else:
-                magic, version, kind, length, crc, spooled_at = _HEADER.unpack_from(data, position)
-                if magic != _MAGIC or version != _FORMAT or kind not in KIND_NAMES or length > MAX_PAYLOAD:
-                    damaged, position = _skip_damage(data, position, damaged)
-                    continue
-                if header_end + length <= len(data):
-                    payload = data[header_end:header_end + length]
-                    if zlib.crc32(_CHECKED.pack(spooled_at) + payload) != crc:
-                        damaged, position = _skip_damage(data, position, damaged)
-                        continue
-                    rows.append((KIND_NAMES[kind], payload, spooled_at))
-                    position = header_end + length
-                    continue
-            # the frame at `position` is incomplete in what was read
-            if offset + len(data) < file_size:  # the file goes on: read further
-                if rows or damaged:
-                    break  # return what we have; the next read starts at this frame
-                data += f.read((length or 0) + _HEADER.size)
+            status, end, row = _frame_at(data, position)
+            if status is _OK:
+                assert row is not None
+                rows.append(row)
+                position, damage_start = end, None
                 continue
-            if finished:  # the file ends in the middle of a frame: a torn last write
-                return Chunk(rows, offset + len(data), damaged + len(data) - position, at_eof=True)
-            return Chunk(rows, offset + position, damaged, at_eof=True)  # being written right now
-    return Chunk(rows, offset + position, damaged, at_eof=offset + position >= file_size)
+            if status is _SHORT:  # the frame at `position` is incomplete in what was read
+                if offset + len(data) < file_size:  # the file goes on: read further
+                    if rows or damaged:
+                        break  # return what we have; the next read starts at this frame
+                    data += f.read(end - (len(data) - position))
+                    continue
+                if not finished:
+                    return Chunk(rows, offset + position, damaged, at_eof=True)  # being written right now
+                # in a finished segment a frame cut by the end of the file is damage, like a bad one
+            if damage_start is None:
+                damage_start = position
+            after = _resync(data, position + 1)
+            damaged += after - position
+            position = after
+    at_eof = offset + position >= file_size
+    torn = len(data) - damage_start if finished and at_eof and damage_start is not None else 0
+    return Chunk(rows, offset + position, damaged, at_eof, torn)
 
 
-def _skip_damage(data: bytes, position: int, damaged: int) -> Tuple[int, int]:
-    """Skip from a bad frame at `position` to the next place a frame may start."""
-    found = data.find(_MAGIC, position + 1)
-    after = len(data) if found < 0 else found
-    return damaged + after - position, after
+def _frame_at(data: bytes, position: int) -> Tuple[str, int, Optional[Tuple[str, bytes, float]]]:
+    """The frame at `position`: (_OK, its end, the record), (_SHORT, bytes it needs from `position`, None)
+    when `data` ends inside it, or (_BAD, 0, None) when no intact frame starts there."""
+    prefix = data[position:position + 3]
+    if not any(known.startswith(prefix) for known in _PREFIXES):
+        return _BAD, 0, None
+    if len(prefix) < 3:
+        return _SHORT, _FRAME_START, None
+    if prefix[2] == 1:
+        return _frame_v1_at(data, position)
+    header_end = position + _FRAME_START
+    if header_end > len(data):
+        return _SHORT, _FRAME_START, None
+    _, _, kind, length, spooled_at, payload_crc = _HEADER.unpack_from(data, position)
+    (header_crc,) = _HEADER_CRC.unpack_from(data, position + _HEADER.size)
+    if zlib.crc32(data[position:position + _HEADER.size]) != header_crc or kind not in KIND_NAMES \
+            or length > MAX_PAYLOAD:
+        return _BAD, 0, None
+    if header_end + length > len(data):
+        return _SHORT, _FRAME_START + length, None
+    payload = data[header_end:header_end + length]
+    if zlib.crc32(payload) != payload_crc:
+        return _BAD, 0, None
+    return _OK, header_end + length, (KIND_NAMES[kind], payload, spooled_at)
+
+
+def _frame_v1_at(data: bytes, position: int) -> Tuple[str, int, Optional[Tuple[str, bytes, float]]]:
+    """`_frame_at` for a format-1 frame, whose length is unchecked until the payload's CRC is."""
+    header_end = position + _HEADER_V1.size
+    if header_end > len(data):
+        return _SHORT, _HEADER_V1.size, None
+    _, _, kind, length, crc, spooled_at = _HEADER_V1.unpack_from(data, position)
+    if kind not in KIND_NAMES or length > MAX_PAYLOAD:
+        return _BAD, 0, None
+    if header_end + length > len(data):
+        return _SHORT, _HEADER_V1.size + length, None
+    payload = data[header_end:header_end + length]
+    if zlib.crc32(_CHECKED_V1.pack(spooled_at) + payload) != crc:
+        return _BAD, 0, None
+    return _OK, header_end + length, (KIND_NAMES[kind], payload, spooled_at)
+
+
+def _resync(data: bytes, start: int) -> int:
+    """The first position from `start` where an intact frame starts, or one that `data` cuts short (the
+    next read completes it); len(data) if there is none."""
+    position = start
+    while True:
+        found = data.find(_MAGIC, position)
+        if found < 0:  # a magic's first byte at the very end may start a frame the next read completes
+            return len(data) - 1 if len(data) - 1 >= start and data.endswith(_MAGIC[:1]) else len(data)
+        if _frame_at(data, found)[0] is not _BAD:
+            return found
+        position = found + 1
 
 
 def _fsync_directory(directory: str) -> None:
@@ -222,7 +291,8 @@ class JournalReader:
         self._forget = forget
         self._chunk_bytes = chunk_bytes
         self._lock = threading.Lock()  # the flusher's loop and the shipper's close may both ingest
-        self.counters: Dict[str, int] = {"journal_records": 0, "journal_damaged_bytes": 0}
+        self.counters: Dict[str, int] = {"journal_records": 0, "journal_damaged_bytes": 0,
+                                         "journal_damaged_segments": 0}
 
     def ingest(self, max_bytes: int = 8 * 1024 * 1024) -> int:
         """One pass over the journals: spool what was appended since the last pass, up to about
@@ -248,17 +318,15 @@ class JournalReader:
                 except FileNotFoundError:
                     break
                 if chunk.damaged_bytes:
-                    self.counters["journal_damaged_bytes"] += chunk.damaged_bytes
-                    logger.error("moesiftornado_durable: skipped %d damaged byte(s) in journal %s at offset %d "
-                                 "(a torn last write of a killed process, or disk damage)",
-                                 chunk.damaged_bytes, path, offset)
-                if chunk.end != offset:
+                    self._report_damage(path, offset, chunk)
+                progressed = chunk.end != offset  # past records, or past damage only
+                if progressed:
                     self._commit(chunk.rows, name, chunk.end)
                     moved += len(chunk.rows)
                     self.counters["journal_records"] += len(chunk.rows)
                     budget -= chunk.end - offset
                     offset = chunk.end
-                if chunk.at_eof or not chunk.rows:
+                if chunk.at_eof or not progressed:
                     break
             if finished and offset >= _size(path):
                 _remove(path)
@@ -267,11 +335,55 @@ class JournalReader:
                 break
         return moved
 
+    def _report_damage(self, path: str, offset: int, chunk: Chunk) -> None:
+        """Count and log skipped bytes. Damage before intact frames is not a torn last write: the segment
+        is kept aside (`keep_aside`) before the offset moves past the damage, so a crash cannot lose it."""
+        self.counters["journal_damaged_bytes"] += chunk.damaged_bytes
+        inner = chunk.damaged_bytes - chunk.torn_bytes
+        if not inner:
+            logger.error("moesiftornado_durable: skipped a torn last write of %d byte(s) at the end of journal %s "
+                         "(its process was killed in the middle of a write)", chunk.torn_bytes, path)
+            return
+        if keep_aside(path):
+            self.counters["journal_damaged_segments"] += 1
+        logger.error("moesiftornado_durable: skipped %d damaged byte(s) in journal %s after offset %d and read on "
+                     "from the next intact record (disk damage?); the segment is kept as %s%s", inner, path, offset,
+                     path, DAMAGED_SUFFIX)
+
     def pending_bytes(self) -> int:
         """Bytes appended to the journals and not yet spooled."""
         offsets = self._offsets()
         return sum(max(0, _size(path) - offsets.get(os.path.basename(path), 0))
                    for _, _, path in segments(self.directory))
+
+
+def keep_aside(path: str) -> bool:
+    """Keep damaged segment `path` as ``<path>.damaged``: a hard link (the same 0600 inode, nothing
+    copied), or a 0600 copy where the file system has no hard links. Deleting the segment once it is
+    spooled then leaves the damaged bytes for inspection. False if it was kept already (before a restart)."""
+    aside = path + DAMAGED_SUFFIX
+    try:
+        try:
+            os.link(path, aside, follow_symlinks=False)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here (EPERM, ENOTSUP): copy, never following a link
+            fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with open(fd, "wb") as target, open(path, "rb") as source:
+                shutil.copyfileobj(source, target)
+    except FileExistsError:
+        return False
+    return True
+
+
+def damaged_segments(directory: str) -> List[str]:
+    """Names of the damaged segments kept aside in `directory` (see `keep_aside`)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(name for name in names if name.endswith(DAMAGED_SUFFIX) and
+                  SEGMENT_PATTERN.match(name[:-len(DAMAGED_SUFFIX)]))
 
 
 def _size(path: str) -> int:
