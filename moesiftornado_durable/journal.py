@@ -34,6 +34,8 @@ import time
 import zlib
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+from .errors import SpoolUnavailableError
+
 logger = logging.getLogger("moesiftornado_durable")
 
 INTAKE = "intake"  # the lock-file prefix of journal slots: intake-<slot>.lock
@@ -82,34 +84,77 @@ def frame_v1(kind: str, payload: bytes, spooled_at: float) -> bytes:
 
 class JournalWriter:
     """Appends records to this process's segments of one slot. Not thread-safe: one writer, one thread
-    (the IOLoop's); `append` raises OSError on a failed write (disk full) and loses nothing already written."""
+    (the IOLoop's); `append` raises OSError on a failed write (disk full) and loses nothing already written.
 
-    def __init__(self, directory: str, slot: int, sync: str = "normal", segment_bytes: int = SEGMENT_BYTES) -> None:
+    A segment deleted under the writer (SPOOL_DIR removed while the app runs) would swallow every later
+    write unseen, so each append checks the open file's link count (one ``fstat``); on a deleted segment
+    the writer recreates SPOOL_DIR, takes a slot again through `reclaim_slot` (the lock went with the
+    directory; without one the shipper would take the new segment for a dead writer's), starts a fresh
+    segment and writes the record again there. `append` raises `SpoolUnavailableError` if it cannot.
+    """
+
+    def __init__(self, directory: str, slot: int, sync: str = "normal", segment_bytes: int = SEGMENT_BYTES,
+                 reclaim_slot: Optional[Callable[[], int]] = None) -> None:
         self.directory = directory
         self.slot = slot
         self._fsync = sync == "full"
         self._segment_bytes = segment_bytes
+        self._reclaim_slot = reclaim_slot
         self._fd: Optional[int] = None
         self._lock = threading.Lock()  # uncontended on the IOLoop; user updates may come from other threads
         self.path = ""
         self.size = 0
+        self.recoveries = 0  # how many times the segment or SPOOL_DIR was found deleted and made again
         self.pid = os.getpid()
 
     def append(self, kind: str, payload: bytes, spooled_at: float) -> None:
         """Write one record with one ``write()``; it survives a process crash once this returns."""
         data = frame(kind, payload, spooled_at)
         with self._lock:
-            fd = self._fd if self._fd is not None and self.size < self._segment_bytes else self._next_segment()
-            try:
-                written = os.write(fd, data)
-                while written < len(data):  # a short write: only on a nearly full disk or a signal
-                    written += os.write(fd, data[written:])
-                if self._fsync:
-                    os.fdatasync(fd)
-            except OSError:
-                self._abandon_segment()  # its tail may be torn: the next record starts a clean segment
-                raise
-            self.size += len(data)
+            if self._fd is None or self.size >= self._segment_bytes:
+                self._start_segment()
+            self._write(data)
+            assert self._fd is not None
+            if os.fstat(self._fd).st_nlink == 0:  # the segment was deleted: this record went nowhere
+                self._recover(f"journal segment {self.path} was deleted")
+                self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        fd = self._fd
+        assert fd is not None
+        try:
+            written = os.write(fd, data)
+            while written < len(data):  # a short write: only on a nearly full disk or a signal
+                written += os.write(fd, data[written:])
+            if self._fsync:
+                os.fdatasync(fd)
+        except OSError:
+            self._abandon_segment()  # its tail may be torn: the next record starts a clean segment
+            raise
+        self.size += len(data)
+
+    def _start_segment(self) -> None:
+        try:
+            self._next_segment()
+        except OSError:
+            if os.path.isdir(self.directory):
+                raise  # a full disk, say: the caller counts it
+            self._recover(f"SPOOL_DIR {self.directory} was deleted")
+
+    def _recover(self, what: str) -> None:
+        """Make SPOOL_DIR (0700), a slot lock and a segment again after `what` happened under the app."""
+        self._abandon_segment()
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            if self._reclaim_slot is not None:
+                self.slot = self._reclaim_slot()
+            self._next_segment()
+        except OSError as exc:
+            raise SpoolUnavailableError(f"{what} while the app ran, and could not be made again: {exc}") from exc
+        self.recoveries += 1
+        logger.error("moesiftornado_durable: %s while the app ran; recreated it and continue in %s. Records "
+                     "not yet delivered before the deletion were deleted with it; none written since is lost",
+                     what, self.path)
 
     def _next_segment(self) -> int:
         self._abandon_segment()

@@ -39,7 +39,7 @@ from .capture import (
 )
 from .codec import Codec, UndecryptableError
 from .config import Config, Handler
-from .errors import ConfigError, SpoolFullError
+from .errors import ConfigError, SpoolFullError, SpoolUnavailableError
 from .flusher import Flusher
 from .journal import INTAKE, JournalWriter, first_record
 from .profiles import COMPANY_FIELDS, SUBSCRIPTION_FIELDS, USER_FIELDS, normalize_profile, normalize_profiles
@@ -180,10 +180,12 @@ class _ProcessRuntime(_Runtime):
         except BaseException:
             self.lock.release()
             raise
-        self.writer = JournalWriter(config.spool_dir, self.lock.slot, config.spool_sync)
+        self.writer = JournalWriter(config.spool_dir, self.lock.slot, config.spool_sync,
+                                    reclaim_slot=self._reclaim_slot)
         self._shipper: Dict[str, Any] = {}
         self._written_since_stats = 0
         self._view = SpoolView(spool_path)  # the supervisor thread's own read-only look at the spool
+        self._view_recoveries = 0  # the writer's `recoveries` when `_view` was opened
         self.supervisor = Supervisor(config, self._tick)
         self.supervisor.start()
         self.fetcher.start()
@@ -195,10 +197,22 @@ class _ProcessRuntime(_Runtime):
             self._shipper = stats
             self._written_since_stats = 0
             self.fetcher.notice_etag(stats.get("config_etag"))
+        if self.writer.recoveries != self._view_recoveries:  # SPOOL_DIR was made again: so is the spool
+            self._view_recoveries = self.writer.recoveries
+            self._view.close()
+            self._view = SpoolView(self._view.path)
         try:
             self.writer.retire_if_spooled(self._view.journal_offset)
         except (sqlite3.Error, FileNotFoundError):
             pass  # no shipper has created its spool yet
+
+    def _reclaim_slot(self) -> int:
+        """The writer found SPOOL_DIR deleted and made it again: hold a slot lock in the directory as it
+        is now (the old lock file went with it), so the shipper sees our new segment's writer as alive."""
+        if not self.lock.intact():
+            self.lock.release()
+            self.lock = locks.lock_free_slot(self.config.spool_dir, INTAKE)
+        return self.lock.slot
 
     def put(self, record: Dict[str, Any], kind: str) -> None:
         data = self.codec.encode(record)
@@ -513,6 +527,10 @@ class MoesifMiddleware:
             return
         try:
             runtime.put(record, kind)
+        except SpoolUnavailableError as exc:
+            self._last_spool_failure = time.monotonic()
+            self._drop("spool_unavailable", str(exc), record)
+            return
         except SpoolFullError:
             audit.record_left([record_id(record)], "refused: spool full (WHEN_FULL='drop_newest')", kind)
             self._drop("spool_full", f"the spool is full (SPOOL_MAX_BYTES, WHEN_FULL={self.config.when_full!r}); "

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -385,3 +387,25 @@ def test_fuzzed_damage_never_spools_a_damaged_frame_and_never_loses_an_intact_on
         assert chunk.at_eof and chunk.end == len(data)
     assert read == intact
     assert skipped == len(data) - sum(len(piece) for payload, piece in zip(payloads, frames) if payload in intact)
+
+
+@pytest.mark.parametrize("deleted", ["directory", "segment"])
+def test_a_writer_whose_segment_was_deleted_writes_the_record_again_in_a_new_one(tmp_path: str, deleted: str,
+                                                                                 caplog: Any) -> None:
+    """A deleted segment would swallow every later write unseen: the writer notices at once (its file has
+    no link left), makes SPOOL_DIR (0700) and a segment again, and writes the record there."""
+    directory = os.path.join(str(tmp_path), "spool")
+    os.makedirs(directory, mode=0o700)
+    writer = write_records(directory, 5)
+    if deleted == "directory":
+        shutil.rmtree(directory)
+    else:
+        os.remove(writer.path)
+    with caplog.at_level(logging.ERROR, logger="moesiftornado_durable"):
+        for n in range(5, 10):
+            writer.append("event", record(n), 1000.0 + n)
+    writer.close()
+    assert os.stat(directory).st_mode & 0o777 == 0o700 and writer.recoveries == 1
+    [(_, _, path)] = segments(directory)
+    assert [json.loads(data)["n"] for _, data, _ in iter_records(path)] == [5, 6, 7, 8, 9]
+    assert sum("was deleted" in r.getMessage() for r in caplog.records) == 1  # one ERROR, not one per record
