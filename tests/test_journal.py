@@ -19,7 +19,7 @@ from conftest import wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moesiftornado_durable import MoesifMiddleware, locks
+from moesiftornado_durable import MoesifMiddleware, cli, locks
 from moesiftornado_durable.journal import (
     INTAKE,
     JournalWriter,
@@ -159,6 +159,20 @@ def test_one_flipped_bit_in_a_frame_loses_that_frame_only_and_the_segment_is_kep
     assert os.stat(kept).st_mode & 0o777 == 0o600 and os.path.getsize(kept) == sum(map(len, frames))
 
 
+def test_status_lists_damaged_segments_kept_aside(tmp_path: str, capsys: Any) -> None:
+    directory = str(tmp_path)
+    frames = [frame("event", record(n), float(n)) for n in range(3)]
+    path = os.path.join(directory, "intake-0-00000001.jnl")
+    with open(path, "wb") as f:
+        f.write(b"".join(frames))
+    flip(path, len(frames[0]) + 7, 0x01)
+    ingest_all(directory)
+    assert cli.main(["status", "--spool-dir", directory, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["damaged_journals"] == ["intake-0-00000001.jnl.damaged"]
+    assert cli.main(["status", "--spool-dir", directory]) == 0
+    assert "damaged journal segment" in capsys.readouterr().out
+
+
 def test_damage_in_a_live_segment_is_skipped_and_the_frames_after_it_spooled(tmp_path: str) -> None:
     directory = str(tmp_path)
     lock = locks.try_lock(directory, 0, INTAKE)
@@ -254,7 +268,7 @@ def test_a_live_writers_segment_is_read_as_it_grows_and_kept(tmp_path: str) -> N
 
 WRITER = """
 import sys, json, time
-from moesiftornado_durable import MoesifMiddleware, locks
+from moesiftornado_durable import MoesifMiddleware, cli, locks
 from moesiftornado_durable.journal import INTAKE, JournalWriter
 directory = sys.argv[1]
 lock = locks.try_lock(directory, 0, INTAKE)
@@ -269,7 +283,7 @@ while n < 10_000_000:
 
 INGESTER = """
 import sys
-from moesiftornado_durable import MoesifMiddleware, locks
+from moesiftornado_durable import MoesifMiddleware, cli, locks
 from moesiftornado_durable.shipper import journal_reader
 from moesiftornado_durable.spool import Spool
 from moesiftornado_durable.testing import Collector
