@@ -239,7 +239,10 @@ def read_frames(path: str, offset: int, limit_bytes: int, finished: bool) -> Chu
                 if offset + len(data) < file_size:  # the file goes on: read further
                     if rows or damaged:
                         break  # return what we have; the next read starts at this frame
-                    data += f.read(end - (len(data) - position))
+                    more = f.read(end - (len(data) - position))
+                    if not more:  # the file was truncated since: what was read is all there is
+                        file_size = offset + len(data)
+                    data += more
                     continue
                 if not finished:
                     return Chunk(rows, offset + position, damaged, at_eof=True)  # being written right now
