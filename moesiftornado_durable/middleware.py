@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import contextlib
 import errno
 import inspect
 import logging
@@ -230,7 +231,8 @@ class _ProcessRuntime(_Runtime):
         segment, size = os.path.basename(self.writer.path), self.writer.size
         view = SpoolView(locks.spool_path(self.config.spool_dir, locks.SHIPPER_SLOT))
         try:
-            request_flush(self.config.spool_dir)
+            with contextlib.suppress(OSError):  # SPOOL_DIR deleted: the next write or shipper makes it again
+                request_flush(self.config.spool_dir)
             mark: Optional[int] = None
             while time.monotonic() < deadline:
                 try:

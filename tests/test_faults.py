@@ -340,3 +340,17 @@ def test_events_that_cannot_be_kept_after_spool_dir_is_deleted_are_counted_and_l
     assert middleware.flush(30), middleware.stats()
     delivered = set(collector.transaction_ids())
     assert {f"f-{n}" for n in range(30, 40)} <= delivered and not {f"f-{n}" for n in range(10, 30)} & delivered
+
+
+def test_flush_after_spool_dir_is_deleted_does_not_raise_and_the_shipper_starts_again_in_a_new_one(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, spool_dir: str
+) -> None:
+    middleware = make_middleware()
+    spool_events(middleware, [event(n) for n in range(10)])
+    assert middleware.flush(15), middleware.stats()
+    shutil.rmtree(spool_dir, ignore_errors=True)
+    assert middleware.flush(15)  # nothing written since; the shipper makes SPOOL_DIR again by itself
+    assert os.path.isfile(os.path.join(spool_dir, "shipper.db"))
+    spool_events(middleware, [event(n) for n in range(10, 20)])
+    assert middleware.flush(15), middleware.stats()
+    assert {f"f-{n}" for n in range(20)} <= set(collector.transaction_ids())
