@@ -1,6 +1,6 @@
 """The intake journal: how `log_event` makes a record durable with one `write()`, off the SQLite path.
 
-Each app process appends its records to its own segment files, ``intake-<slot>-<seq>.jnl`` in SPOOL_DIR
+Each app process appends its records to its own segment files, ``intake-<slot>-<seq>.jnl2`` in SPOOL_DIR
 (the slot is the one `locks` gave the process, so the slot lock also says whether the writer lives).
 A record is one frame, written with a single ``os.write``: once it returns, the bytes are in the page
 cache and survive a crash of the process, as a SQLite commit with ``synchronous=NORMAL`` does; with
@@ -16,8 +16,9 @@ frames is kept aside as ``<segment>.damaged`` (a hard link, so nothing is copied
 Frame (format 2): magic ``MJ``, format byte 2, kind byte, payload length (u32), spooled_at (f64),
 CRC-32 of the payload (u32), CRC-32 of these 20 header bytes (u32), then the payload (the record as the
 spool stores it: JSON, or a Fernet token). Format 1 (what earlier builds wrote: magic, format 1, kind, length,
-CRC-32 of spooled_at + payload, spooled_at; no header check) is still read, so segments left on disk by
-an older version are spooled after an upgrade.
+CRC-32 of spooled_at + payload, spooled_at; no header check), in ``.jnl`` segments, is still read, so
+segments left on disk by an older build are spooled after an upgrade; the new name keeps format-2
+segments away from an older build's shipper (during a rolling upgrade), which would take them for damage.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from .errors import SpoolUnavailableError
 logger = logging.getLogger("moesiftornado_durable")
 
 INTAKE = "intake"  # the lock-file prefix of journal slots: intake-<slot>.lock
-SEGMENT_PATTERN = re.compile(r"^intake-(\d+)-(\d+)\.jnl$")
+SEGMENT_PATTERN = re.compile(r"^intake-(\d+)-(\d+)\.jnl2?$")  # .jnl: format 1, from earlier builds
 SEGMENT_BYTES = 4 * 1024 * 1024  # a writer starts a new segment past this; the reader deletes ingested ones
 DAMAGED_SUFFIX = ".damaged"  # a segment with damage before intact frames is kept as <segment>.damaged
 _MAGIC = b"MJ"
@@ -56,7 +57,7 @@ KIND_NAMES = {code: name for name, code in KIND_CODES.items()}
 
 
 def segment_name(slot: int, seq: int) -> str:
-    return f"intake-{slot}-{seq:08d}.jnl"
+    return f"intake-{slot}-{seq:08d}.jnl2"
 
 
 def segments(directory: str) -> List[Tuple[int, int, str]]:

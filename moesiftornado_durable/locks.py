@@ -17,7 +17,7 @@ from typing import Iterator, List, Optional
 
 SPOOL_PATTERN = re.compile(r"^spool-(\d+)\.db$")
 SHIPPER_SLOT = -1  # the shipper's spool (``shipper.db``, locked through ``shipper.lock``), one per SPOOL_DIR
-_JOURNAL_PATTERN = re.compile(r"^intake-\d+-\d+\.jnl$")
+_JOURNAL_PATTERN = re.compile(r"^intake-\d+-\d+\.jnl2?$")
 
 
 def spool_path(directory: str, slot: int) -> str:
