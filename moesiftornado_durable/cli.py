@@ -27,7 +27,7 @@ from .codec import Codec
 from .config import DEFAULT_BASE_URI, DEFAULT_BATCH_SIZE, SPOOL_SYNC_MODES, Config
 from .errors import ConfigError
 from .flusher import Courier, Outcome, remove_spool_files
-from .journal import segments
+from .journal import damaged_segments, segments
 from .sender import Sender, delivery_policy
 from .shipper import EXIT_ANOTHER_SHIPPER, StopRequest, journal_reader, serve
 from .spool import EVENT, KINDS, Spool, SpoolStats, open_spool, read_stats, salvage
@@ -137,7 +137,8 @@ def _status(args: argparse.Namespace) -> int:
                                       for _, _, path in segments(args.spool_dir)]
     if args.json:
         print(json.dumps({"spool_dir": args.spool_dir, "files": rows, "total": totals,
-                          "journals": journals, "quarantined": _quarantined(args.spool_dir)}))
+                          "journals": journals, "quarantined": _quarantined(args.spool_dir),
+                          "damaged_journals": damaged_segments(args.spool_dir)}))
         return EXIT_OK
     header = ("file", "owner", "alive", "ready", "in flight", "dead", "oldest", "bytes")
     print(f"{header[0]:<16} " + " ".join(f"{h:>{w}}" for h, w in zip(header[1:], (8, 5, 9, 9, 7, 10, 12))))
@@ -155,6 +156,8 @@ def _status(args: argparse.Namespace) -> int:
         print(f"{totals['undecryptable']} record(s) cannot be decrypted with the configured key(s); kept untouched")
     for name in _quarantined(args.spool_dir):
         print(f"quarantined (damaged, kept for `salvage`): {name}")
+    for name in damaged_segments(args.spool_dir):
+        print(f"damaged journal segment (its intact records were spooled; kept for inspection): {name}")
     return EXIT_OK
 
 

@@ -3,6 +3,7 @@
     MoesifDurableError
     ├── ConfigError            an option is missing or invalid (also a ValueError); names the key
     ├── SpoolFullError         the spool holds SPOOL_MAX_BYTES and WHEN_FULL is 'drop_newest'
+    ├── SpoolUnavailableError  SPOOL_DIR was deleted under the app and could not be made again
     └── DeliveryError          a batch did not reach Moesif
         ├── RetryableError     worth trying again later: connection refused, timeout, 408, 429, 5xx
         │   ├── AuthError      401/402/403: wrong application id or lapsed plan; data is kept, retried slowly
@@ -33,6 +34,10 @@ class ConfigError(MoesifDurableError, ValueError):
 
 class SpoolFullError(MoesifDurableError):
     """The spool already holds SPOOL_MAX_BYTES of records and WHEN_FULL is 'drop_newest': this one is refused."""
+
+
+class SpoolUnavailableError(MoesifDurableError):
+    """The journal's segment or SPOOL_DIR was deleted while the app ran, and neither could be created again."""
 
 
 class DeliveryError(MoesifDurableError):

@@ -1,6 +1,6 @@
 """The intake journal: how `log_event` makes a record durable with one `write()`, off the SQLite path.
 
-Each app process appends its records to its own segment files, ``intake-<slot>-<seq>.jnl`` in SPOOL_DIR
+Each app process appends its records to its own segment files, ``intake-<slot>-<seq>.jnl2`` in SPOOL_DIR
 (the slot is the one `locks` gave the process, so the slot lock also says whether the writer lives).
 A record is one frame, written with a single ``os.write``: once it returns, the bytes are in the page
 cache and survive a crash of the process, as a SQLite commit with ``synchronous=NORMAL`` does; with
@@ -8,11 +8,17 @@ SPOOL_SYNC 'full' the writer also ``fdatasync``s, which survives a power cut.
 
 The shipper (`JournalReader`) reads the frames into the spool in group commits. How far it got in a
 segment is stored in the spool, in the same transaction as the records, so a crash at any point neither
-loses nor duplicates a record. Every frame carries a CRC-32: a torn last write (the process died in the
-middle of ``write``) or damaged bytes are detected, counted and skipped, never spooled.
+loses nor duplicates a record. A frame's header and its payload each carry a CRC-32: a torn last write
+(the process died in the middle of ``write``) or damaged bytes are detected, counted and skipped, never
+spooled, and the reader resynchronises on the next intact frame. A segment with damage before intact
+frames is kept aside as ``<segment>.damaged`` (a hard link, so nothing is copied) instead of deleted.
 
-Frame: magic ``MJ``, format byte, kind byte, payload length (u32), CRC-32 of the rest (u32),
-spooled_at (f64), then the payload (the record as the spool stores it: JSON, or a Fernet token).
+Frame (format 2): magic ``MJ``, format byte 2, kind byte, payload length (u32), spooled_at (f64),
+CRC-32 of the payload (u32), CRC-32 of these 20 header bytes (u32), then the payload (the record as the
+spool stores it: JSON, or a Fernet token). Format 1 (what earlier builds wrote: magic, format 1, kind, length,
+CRC-32 of spooled_at + payload, spooled_at; no header check), in ``.jnl`` segments, is still read, so
+segments left on disk by an older build are spooled after an upgrade; the new name keeps format-2
+segments away from an older build's shipper (during a rolling upgrade), which would take them for damage.
 """
 
 from __future__ import annotations
@@ -22,28 +28,36 @@ import dataclasses
 import logging
 import os
 import re
+import shutil
 import struct
 import threading
 import time
 import zlib
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+from .errors import SpoolUnavailableError
+
 logger = logging.getLogger("moesiftornado_durable")
 
 INTAKE = "intake"  # the lock-file prefix of journal slots: intake-<slot>.lock
-SEGMENT_PATTERN = re.compile(r"^intake-(\d+)-(\d+)\.jnl$")
+SEGMENT_PATTERN = re.compile(r"^intake-(\d+)-(\d+)\.jnl2?$")  # .jnl: format 1, from earlier builds
 SEGMENT_BYTES = 4 * 1024 * 1024  # a writer starts a new segment past this; the reader deletes ingested ones
+DAMAGED_SUFFIX = ".damaged"  # a segment with damage before intact frames is kept as <segment>.damaged
 _MAGIC = b"MJ"
-_FORMAT = 1
-_HEADER = struct.Struct("<2sBBIId")  # magic, format, kind, payload length, crc32(spooled_at + payload), spooled_at
-_CHECKED = struct.Struct("<d")
+_FORMAT = 2
+_HEADER = struct.Struct("<2sBBIdI")  # magic, format 2, kind, payload length, spooled_at, crc32(payload)
+_HEADER_CRC = struct.Struct("<I")  # crc32 of the header above: a damaged length is caught before it is used
+_FRAME_START = _HEADER.size + _HEADER_CRC.size
+_HEADER_V1 = struct.Struct("<2sBBIId")  # format 1: magic, 1, kind, length, crc32(spooled_at + payload), spooled_at
+_CHECKED_V1 = struct.Struct("<d")
+_PREFIXES = (_MAGIC + b"\x01", _MAGIC + b"\x02")  # what a frame of a known format starts with
 MAX_PAYLOAD = 64 * 1024 * 1024  # a length beyond this is damage, not a record
 KIND_CODES = {"event": 1, "user": 2, "company": 3, "subscription": 4}
 KIND_NAMES = {code: name for name, code in KIND_CODES.items()}
 
 
 def segment_name(slot: int, seq: int) -> str:
-    return f"intake-{slot}-{seq:08d}.jnl"
+    return f"intake-{slot}-{seq:08d}.jnl2"
 
 
 def segments(directory: str) -> List[Tuple[int, int, str]]:
@@ -58,41 +72,90 @@ def segments(directory: str) -> List[Tuple[int, int, str]]:
 
 
 def frame(kind: str, payload: bytes, spooled_at: float) -> bytes:
-    """One record as the journal stores it."""
-    checked = _CHECKED.pack(spooled_at) + payload
-    return _HEADER.pack(_MAGIC, _FORMAT, KIND_CODES[kind], len(payload), zlib.crc32(checked), spooled_at) + payload
+    """One record as the journal stores it (format 2)."""
+    header = _HEADER.pack(_MAGIC, _FORMAT, KIND_CODES[kind], len(payload), spooled_at, zlib.crc32(payload))
+    return header + _HEADER_CRC.pack(zlib.crc32(header)) + payload
+
+
+def frame_v1(kind: str, payload: bytes, spooled_at: float) -> bytes:
+    """One record in format 1, as earlier builds wrote it (no header check); for tests and tools."""
+    checked = _CHECKED_V1.pack(spooled_at) + payload
+    return _HEADER_V1.pack(_MAGIC, 1, KIND_CODES[kind], len(payload), zlib.crc32(checked), spooled_at) + payload
 
 
 class JournalWriter:
     """Appends records to this process's segments of one slot. Not thread-safe: one writer, one thread
-    (the IOLoop's); `append` raises OSError on a failed write (disk full) and loses nothing already written."""
+    (the IOLoop's); `append` raises OSError on a failed write (disk full) and loses nothing already written.
 
-    def __init__(self, directory: str, slot: int, sync: str = "normal", segment_bytes: int = SEGMENT_BYTES) -> None:
+    A segment deleted under the writer (SPOOL_DIR removed while the app runs) would swallow every later
+    write unseen, so each append checks the open file's link count (one ``fstat``); on a deleted segment
+    the writer recreates SPOOL_DIR, takes a slot again through `reclaim_slot` (the lock went with the
+    directory; without one the shipper would take the new segment for a dead writer's), starts a fresh
+    segment and writes the record again there. `append` raises `SpoolUnavailableError` if it cannot.
+    """
+
+    def __init__(self, directory: str, slot: int, sync: str = "normal", segment_bytes: int = SEGMENT_BYTES,
+                 reclaim_slot: Optional[Callable[[], int]] = None) -> None:
         self.directory = directory
         self.slot = slot
         self._fsync = sync == "full"
         self._segment_bytes = segment_bytes
+        self._reclaim_slot = reclaim_slot
         self._fd: Optional[int] = None
         self._lock = threading.Lock()  # uncontended on the IOLoop; user updates may come from other threads
         self.path = ""
         self.size = 0
+        self.recoveries = 0  # how many times the segment or SPOOL_DIR was found deleted and made again
         self.pid = os.getpid()
 
     def append(self, kind: str, payload: bytes, spooled_at: float) -> None:
         """Write one record with one ``write()``; it survives a process crash once this returns."""
         data = frame(kind, payload, spooled_at)
         with self._lock:
-            fd = self._fd if self._fd is not None and self.size < self._segment_bytes else self._next_segment()
-            try:
-                written = os.write(fd, data)
-                while written < len(data):  # a short write: only on a nearly full disk or a signal
-                    written += os.write(fd, data[written:])
-                if self._fsync:
-                    os.fdatasync(fd)
-            except OSError:
-                self._abandon_segment()  # its tail may be torn: the next record starts a clean segment
-                raise
-            self.size += len(data)
+            if self._fd is None or self.size >= self._segment_bytes:
+                self._start_segment()
+            self._write(data)
+            assert self._fd is not None
+            if os.fstat(self._fd).st_nlink == 0:  # the segment was deleted: this record went nowhere
+                self._recover(f"journal segment {self.path} was deleted")
+                self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        fd = self._fd
+        assert fd is not None
+        try:
+            written = os.write(fd, data)
+            while written < len(data):  # a short write: only on a nearly full disk or a signal
+                written += os.write(fd, data[written:])
+            if self._fsync:
+                os.fdatasync(fd)
+        except OSError:
+            self._abandon_segment()  # its tail may be torn: the next record starts a clean segment
+            raise
+        self.size += len(data)
+
+    def _start_segment(self) -> None:
+        try:
+            self._next_segment()
+        except OSError:
+            if os.path.isdir(self.directory):
+                raise  # a full disk, say: the caller counts it
+            self._recover(f"SPOOL_DIR {self.directory} was deleted")
+
+    def _recover(self, what: str) -> None:
+        """Make SPOOL_DIR (0700), a slot lock and a segment again after `what` happened under the app."""
+        self._abandon_segment()
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            if self._reclaim_slot is not None:
+                self.slot = self._reclaim_slot()
+            self._next_segment()
+        except OSError as exc:
+            raise SpoolUnavailableError(f"{what} while the app ran, and could not be made again: {exc}") from exc
+        self.recoveries += 1
+        logger.error("moesiftornado_durable: %s while the app ran; recreated it and continue in %s. Records "
+                     "not yet delivered before the deletion were deleted with it; none written since is lost",
+                     what, self.path)
 
     def _next_segment(self) -> int:
         self._abandon_segment()
@@ -138,20 +201,26 @@ class JournalWriter:
 @dataclasses.dataclass
 class Chunk:
     """What one read of a segment found: its intact records, where the next read starts, the damaged
-    bytes it skipped, and whether it reached the end of the file."""
+    bytes it skipped (`torn_bytes` of them a torn last write at the end of a finished segment, the rest
+    damage with intact frames after it), and whether it reached the end of the file."""
 
     rows: List[Tuple[str, bytes, float]]
     end: int
     damaged_bytes: int = 0
     at_eof: bool = False
+    torn_bytes: int = 0
+
+
+_OK, _SHORT, _BAD = "ok", "short", "bad"
 
 
 def read_frames(path: str, offset: int, limit_bytes: int, finished: bool) -> Chunk:
     """Parse the frames of segment `path` from `offset`, about `limit_bytes` of them.
 
     An incomplete frame at the end of a segment still being written is a write in progress: the read
-    stops before it. In a `finished` segment (its writer is gone or moved on) it is a torn last write,
-    and bad bytes anywhere are damage: the reader skips to the next good frame and reports the bytes.
+    stops before it. In a `finished` segment (its writer is gone or moved on) it is damage. Bad bytes are
+    skipped up to the next intact frame (resynchronisation) and reported; damage that reaches the end of
+    a finished segment, with no intact frame after it, is its torn last write (`Chunk.torn_bytes`).
     """
     with open(path, "rb") as f:
         file_size = os.fstat(f.fileno()).st_size
@@ -159,40 +228,89 @@ def read_frames(path: str, offset: int, limit_bytes: int, finished: bool) -> Chu
         data = f.read(limit_bytes)
         rows: List[Tuple[str, bytes, float]] = []
         position = damaged = 0
+        damage_start: Optional[int] = None  # where the damage since the last intact frame began
         while position < len(data):
-            header_end = position + _HEADER.size
-            if header_end > len(data):
-                length = None  # not even the header is here
-            else:
-                magic, version, kind, length, crc, spooled_at = _HEADER.unpack_from(data, position)
-                if magic != _MAGIC or version != _FORMAT or kind not in KIND_NAMES or length > MAX_PAYLOAD:
-                    damaged, position = _skip_damage(data, position, damaged)
-                    continue
-                if header_end + length <= len(data):
-                    payload = data[header_end:header_end + length]
-                    if zlib.crc32(_CHECKED.pack(spooled_at) + payload) != crc:
-                        damaged, position = _skip_damage(data, position, damaged)
-                        continue
-                    rows.append((KIND_NAMES[kind], payload, spooled_at))
-                    position = header_end + length
-                    continue
-            # the frame at `position` is incomplete in what was read
-            if offset + len(data) < file_size:  # the file goes on: read further
-                if rows or damaged:
-                    break  # return what we have; the next read starts at this frame
-                data += f.read((length or 0) + _HEADER.size)
+            status, end, row = _frame_at(data, position)
+            if status is _OK:
+                assert row is not None
+                rows.append(row)
+                position, damage_start = end, None
                 continue
-            if finished:  # the file ends in the middle of a frame: a torn last write
-                return Chunk(rows, offset + len(data), damaged + len(data) - position, at_eof=True)
-            return Chunk(rows, offset + position, damaged, at_eof=True)  # being written right now
-    return Chunk(rows, offset + position, damaged, at_eof=offset + position >= file_size)
+            if status is _SHORT:  # the frame at `position` is incomplete in what was read
+                if offset + len(data) < file_size:  # the file goes on: read further
+                    if rows or damaged:
+                        break  # return what we have; the next read starts at this frame
+                    more = f.read(end - (len(data) - position))
+                    if not more:  # the file was truncated since: what was read is all there is
+                        file_size = offset + len(data)
+                    data += more
+                    continue
+                if not finished:
+                    return Chunk(rows, offset + position, damaged, at_eof=True)  # being written right now
+                # in a finished segment a frame cut by the end of the file is damage, like a bad one
+            if damage_start is None:
+                damage_start = position
+            after = _resync(data, position + 1)
+            damaged += after - position
+            position = after
+    at_eof = offset + position >= file_size
+    torn = len(data) - damage_start if finished and at_eof and damage_start is not None else 0
+    return Chunk(rows, offset + position, damaged, at_eof, torn)
 
 
-def _skip_damage(data: bytes, position: int, damaged: int) -> Tuple[int, int]:
-    """Skip from a bad frame at `position` to the next place a frame may start."""
-    found = data.find(_MAGIC, position + 1)
-    after = len(data) if found < 0 else found
-    return damaged + after - position, after
+def _frame_at(data: bytes, position: int) -> Tuple[str, int, Optional[Tuple[str, bytes, float]]]:
+    """The frame at `position`: (_OK, its end, the record), (_SHORT, bytes it needs from `position`, None)
+    when `data` ends inside it, or (_BAD, 0, None) when no intact frame starts there."""
+    prefix = data[position:position + 3]
+    if not any(known.startswith(prefix) for known in _PREFIXES):
+        return _BAD, 0, None
+    if len(prefix) < 3:
+        return _SHORT, _FRAME_START, None
+    if prefix[2] == 1:
+        return _frame_v1_at(data, position)
+    header_end = position + _FRAME_START
+    if header_end > len(data):
+        return _SHORT, _FRAME_START, None
+    _, _, kind, length, spooled_at, payload_crc = _HEADER.unpack_from(data, position)
+    (header_crc,) = _HEADER_CRC.unpack_from(data, position + _HEADER.size)
+    if zlib.crc32(data[position:position + _HEADER.size]) != header_crc or kind not in KIND_NAMES \
+            or length > MAX_PAYLOAD:
+        return _BAD, 0, None
+    if header_end + length > len(data):
+        return _SHORT, _FRAME_START + length, None
+    payload = data[header_end:header_end + length]
+    if zlib.crc32(payload) != payload_crc:
+        return _BAD, 0, None
+    return _OK, header_end + length, (KIND_NAMES[kind], payload, spooled_at)
+
+
+def _frame_v1_at(data: bytes, position: int) -> Tuple[str, int, Optional[Tuple[str, bytes, float]]]:
+    """`_frame_at` for a format-1 frame, whose length is unchecked until the payload's CRC is."""
+    header_end = position + _HEADER_V1.size
+    if header_end > len(data):
+        return _SHORT, _HEADER_V1.size, None
+    _, _, kind, length, crc, spooled_at = _HEADER_V1.unpack_from(data, position)
+    if kind not in KIND_NAMES or length > MAX_PAYLOAD:
+        return _BAD, 0, None
+    if header_end + length > len(data):
+        return _SHORT, _HEADER_V1.size + length, None
+    payload = data[header_end:header_end + length]
+    if zlib.crc32(_CHECKED_V1.pack(spooled_at) + payload) != crc:
+        return _BAD, 0, None
+    return _OK, header_end + length, (KIND_NAMES[kind], payload, spooled_at)
+
+
+def _resync(data: bytes, start: int) -> int:
+    """The first position from `start` where an intact frame starts, or one that `data` cuts short (the
+    next read completes it); len(data) if there is none."""
+    position = start
+    while True:
+        found = data.find(_MAGIC, position)
+        if found < 0:  # a magic's first byte at the very end may start a frame the next read completes
+            return len(data) - 1 if len(data) - 1 >= start and data.endswith(_MAGIC[:1]) else len(data)
+        if _frame_at(data, found)[0] is not _BAD:
+            return found
+        position = found + 1
 
 
 def _fsync_directory(directory: str) -> None:
@@ -222,7 +340,8 @@ class JournalReader:
         self._forget = forget
         self._chunk_bytes = chunk_bytes
         self._lock = threading.Lock()  # the flusher's loop and the shipper's close may both ingest
-        self.counters: Dict[str, int] = {"journal_records": 0, "journal_damaged_bytes": 0}
+        self.counters: Dict[str, int] = {"journal_records": 0, "journal_damaged_bytes": 0,
+                                         "journal_damaged_segments": 0}
 
     def ingest(self, max_bytes: int = 8 * 1024 * 1024) -> int:
         """One pass over the journals: spool what was appended since the last pass, up to about
@@ -248,17 +367,15 @@ class JournalReader:
                 except FileNotFoundError:
                     break
                 if chunk.damaged_bytes:
-                    self.counters["journal_damaged_bytes"] += chunk.damaged_bytes
-                    logger.error("moesiftornado_durable: skipped %d damaged byte(s) in journal %s at offset %d "
-                                 "(a torn last write of a killed process, or disk damage)",
-                                 chunk.damaged_bytes, path, offset)
-                if chunk.end != offset:
+                    self._report_damage(path, offset, chunk)
+                progressed = chunk.end != offset  # past records, or past damage only
+                if progressed:
                     self._commit(chunk.rows, name, chunk.end)
                     moved += len(chunk.rows)
                     self.counters["journal_records"] += len(chunk.rows)
                     budget -= chunk.end - offset
                     offset = chunk.end
-                if chunk.at_eof or not chunk.rows:
+                if chunk.at_eof or not progressed:
                     break
             if finished and offset >= _size(path):
                 _remove(path)
@@ -267,11 +384,55 @@ class JournalReader:
                 break
         return moved
 
+    def _report_damage(self, path: str, offset: int, chunk: Chunk) -> None:
+        """Count and log skipped bytes. Damage before intact frames is not a torn last write: the segment
+        is kept aside (`keep_aside`) before the offset moves past the damage, so a crash cannot lose it."""
+        self.counters["journal_damaged_bytes"] += chunk.damaged_bytes
+        inner = chunk.damaged_bytes - chunk.torn_bytes
+        if not inner:
+            logger.error("moesiftornado_durable: skipped a torn last write of %d byte(s) at the end of journal %s "
+                         "(its process was killed in the middle of a write)", chunk.torn_bytes, path)
+            return
+        if keep_aside(path):
+            self.counters["journal_damaged_segments"] += 1
+        logger.error("moesiftornado_durable: skipped %d damaged byte(s) in journal %s after offset %d and read on "
+                     "from the next intact record (disk damage?); the segment is kept as %s%s", inner, path, offset,
+                     path, DAMAGED_SUFFIX)
+
     def pending_bytes(self) -> int:
         """Bytes appended to the journals and not yet spooled."""
         offsets = self._offsets()
         return sum(max(0, _size(path) - offsets.get(os.path.basename(path), 0))
                    for _, _, path in segments(self.directory))
+
+
+def keep_aside(path: str) -> bool:
+    """Keep damaged segment `path` as ``<path>.damaged``: a hard link (the same 0600 inode, nothing
+    copied), or a 0600 copy where the file system has no hard links. Deleting the segment once it is
+    spooled then leaves the damaged bytes for inspection. False if it was kept already (before a restart)."""
+    aside = path + DAMAGED_SUFFIX
+    try:
+        try:
+            os.link(path, aside, follow_symlinks=False)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here (EPERM, ENOTSUP): copy, never following a link
+            fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with open(fd, "wb") as target, open(path, "rb") as source:
+                shutil.copyfileobj(source, target)
+    except FileExistsError:
+        return False
+    return True
+
+
+def damaged_segments(directory: str) -> List[str]:
+    """Names of the damaged segments kept aside in `directory` (see `keep_aside`)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(name for name in names if name.endswith(DAMAGED_SUFFIX) and
+                  SEGMENT_PATTERN.match(name[:-len(DAMAGED_SUFFIX)]))
 
 
 def _size(path: str) -> int:

@@ -17,7 +17,7 @@ from typing import Iterator, List, Optional
 
 SPOOL_PATTERN = re.compile(r"^spool-(\d+)\.db$")
 SHIPPER_SLOT = -1  # the shipper's spool (``shipper.db``, locked through ``shipper.lock``), one per SPOOL_DIR
-_JOURNAL_PATTERN = re.compile(r"^intake-\d+-\d+\.jnl$")
+_JOURNAL_PATTERN = re.compile(r"^intake-\d+-\d+\.jnl2?$")
 
 
 def spool_path(directory: str, slot: int) -> str:
@@ -46,9 +46,10 @@ def slots(directory: str) -> List[int]:
 class SlotLock:
     """An exclusive lock on one slot, held until `release` (or the process's death)."""
 
-    def __init__(self, directory: str, slot: int, fd: int) -> None:
+    def __init__(self, directory: str, slot: int, fd: int, prefix: str = "spool") -> None:
         self.directory = directory
         self.slot = slot
+        self.prefix = prefix
         self._fd: Optional[int] = fd
         self.pid = os.getpid()
 
@@ -60,6 +61,19 @@ class SlotLock:
     def held(self) -> bool:
         """True while this process holds the lock (a forked child does not)."""
         return self._fd is not None and self.pid == os.getpid()
+
+    def intact(self) -> bool:
+        """True while the lock file at our path is the file we lock; False once it (or SPOOL_DIR) was
+        deleted or replaced: our `flock` then guards nothing, and another process may take the slot."""
+        if not self.held:
+            return False
+        assert self._fd is not None
+        try:
+            there = os.stat(lock_path(self.directory, self.slot, self.prefix))
+        except OSError:  # FileNotFoundError, NotADirectoryError: the directory is gone
+            return False
+        mine = os.fstat(self._fd)
+        return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
     def release(self) -> None:
         """Give the slot up; idempotent. In a forked child this only closes the child's copy of the fd."""
@@ -88,7 +102,7 @@ def try_lock(directory: str, slot: int, prefix: str = "spool") -> Optional[SlotL
         raise
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode("ascii"))
-    return SlotLock(directory, slot, fd)
+    return SlotLock(directory, slot, fd, prefix)
 
 
 def lock_free_slot(directory: str, prefix: str = "spool") -> SlotLock:

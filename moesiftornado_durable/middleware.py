@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import contextlib
 import errno
 import inspect
 import logging
@@ -41,7 +42,7 @@ from .capture import (
 )
 from .codec import Codec, UndecryptableError
 from .config import Config, Handler
-from .errors import ConfigError, SpoolFullError
+from .errors import ConfigError, SpoolFullError, SpoolUnavailableError
 from .flusher import Flusher
 from .governance import DEFAULT_RULES_REFRESH_INTERVAL, RuleSet
 from .hook import SETTINGS_KEY, ExecuteHook, Governor
@@ -212,10 +213,12 @@ class _ProcessRuntime(_Runtime):
         except BaseException:
             self.lock.release()
             raise
-        self.writer = JournalWriter(config.spool_dir, self.lock.slot, config.spool_sync)
+        self.writer = JournalWriter(config.spool_dir, self.lock.slot, config.spool_sync,
+                                    reclaim_slot=self._reclaim_slot)
         self._shipper: Dict[str, Any] = {}
         self._written_since_stats = 0
         self._view = SpoolView(spool_path)  # the supervisor thread's own read-only look at the spool
+        self._view_recoveries = 0  # the writer's `recoveries` when `_view` was opened
         self.supervisor = Supervisor(config, self._tick)
         self.supervisor.start()
         self.start_fetchers()
@@ -228,10 +231,22 @@ class _ProcessRuntime(_Runtime):
             self._written_since_stats = 0
             self.fetcher.notice_etag(stats.get("config_etag"))
             self.rules_fetcher.notice_etag(stats.get("rules_tag"))
+        if self.writer.recoveries != self._view_recoveries:  # SPOOL_DIR was made again: so is the spool
+            self._view_recoveries = self.writer.recoveries
+            self._view.close()
+            self._view = SpoolView(self._view.path)
         try:
             self.writer.retire_if_spooled(self._view.journal_offset)
         except (sqlite3.Error, FileNotFoundError):
             pass  # no shipper has created its spool yet
+
+    def _reclaim_slot(self) -> int:
+        """The writer found SPOOL_DIR deleted and made it again: hold a slot lock in the directory as it
+        is now (the old lock file went with it), so the shipper sees our new segment's writer as alive."""
+        if not self.lock.intact():
+            self.lock.release()
+            self.lock = locks.lock_free_slot(self.config.spool_dir, INTAKE)
+        return self.lock.slot
 
     def put(self, record: Dict[str, Any], kind: str) -> None:
         data = self.codec.encode(record)
@@ -249,7 +264,8 @@ class _ProcessRuntime(_Runtime):
         segment, size = os.path.basename(self.writer.path), self.writer.size
         view = SpoolView(locks.spool_path(self.config.spool_dir, locks.SHIPPER_SLOT))
         try:
-            request_flush(self.config.spool_dir)
+            with contextlib.suppress(OSError):  # SPOOL_DIR deleted: the next write or shipper makes it again
+                request_flush(self.config.spool_dir)
             mark: Optional[int] = None
             while time.monotonic() < deadline:
                 try:
@@ -581,6 +597,10 @@ class MoesifMiddleware(ExecuteHook):
             return
         try:
             runtime.put(record, kind)
+        except SpoolUnavailableError as exc:
+            self._last_spool_failure = time.monotonic()
+            self._drop("spool_unavailable", str(exc), record)
+            return
         except SpoolFullError:
             audit.record_left([record_id(record)], "refused: spool full (WHEN_FULL='drop_newest')", kind)
             self._drop("spool_full", f"the spool is full (SPOOL_MAX_BYTES, WHEN_FULL={self.config.when_full!r}); "

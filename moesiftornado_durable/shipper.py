@@ -155,11 +155,12 @@ class Shipper:
             json.dump(stats, f)
         os.replace(temporary, path)
 
-    def close(self, timeout: float) -> None:
-        """Spool everything the journals hold, deliver what can be delivered within `timeout`, stop."""
+    def close(self, timeout: float, spool_journals: bool = True) -> None:
+        """Spool everything the journals hold (unless `spool_journals` is false: they belong to another
+        spool now), deliver what can be delivered within `timeout`, stop."""
         deadline = time.monotonic() + timeout
         with contextlib.suppress(Exception):
-            while self.reader.ingest() and time.monotonic() < deadline:
+            while spool_journals and self.reader.ingest() and time.monotonic() < deadline:
                 pass
         self.flusher.close(max(0.0, deadline - time.monotonic()))
         with contextlib.suppress(Exception):
@@ -199,26 +200,41 @@ def main() -> int:
 
 def serve(config: Config, stop: StopRequest, keep_going: Callable[[], bool] = lambda: True) -> int:
     """Be the shipper of SPOOL_DIR until `stop` is requested or `keep_going()` turns false, then spool the
-    journals and deliver what can be delivered within CLOSE_TIMEOUT. EXIT_ANOTHER_SHIPPER if one runs."""
-    lock = locks.try_lock(config.spool_dir, locks.SHIPPER_SLOT)
-    if lock is None:
-        return EXIT_ANOTHER_SHIPPER
-    try:
-        shipper = Shipper(config)
-        shipper.start()
-        while True:
-            try:
-                shipper.tick()
-            except Exception:  # a full disk, a damaged spool: logged, and tried again at the next tick
-                logger.exception("moesiftornado_durable shipper: could not spool the journals; retrying")
-                time.sleep(1.0)
-            time.sleep(TICK)
-            if stop.requested or not keep_going() or not os.path.isdir(config.spool_dir):
-                break
-        shipper.close(CLOSE_TIMEOUT)
-    finally:
-        lock.release()
-    return 0
+    journals and deliver what can be delivered within CLOSE_TIMEOUT. EXIT_ANOTHER_SHIPPER if one runs.
+    If SPOOL_DIR is deleted meanwhile, deliver what this spool holds, make the directory again and go on."""
+    while True:
+        os.makedirs(config.spool_dir, mode=0o700, exist_ok=True)
+        lock = locks.try_lock(config.spool_dir, locks.SHIPPER_SLOT)
+        if lock is None:
+            return EXIT_ANOTHER_SHIPPER
+        try:
+            lost = _ship(config, stop, keep_going, lock)
+        finally:
+            lock.release()
+        if not lost or stop.requested or not keep_going():
+            return 0
+
+
+def _ship(config: Config, stop: StopRequest, keep_going: Callable[[], bool], lock: locks.SlotLock) -> bool:
+    """`serve` while `lock` holds; True if it stopped because SPOOL_DIR (or its shipper.lock) was deleted."""
+    shipper = Shipper(config)
+    shipper.start()
+    lost = False
+    while not (stop.requested or not keep_going()):
+        if not lock.intact():  # checked before each look, so no new segment goes into the deleted spool
+            lost = True
+            logger.error("moesiftornado_durable shipper: SPOOL_DIR %s was deleted (or its shipper.lock); "
+                         "delivering what this shipper's spool still holds, then starting again in a new one",
+                         config.spool_dir)
+            break
+        try:
+            shipper.tick()
+        except Exception:  # a full disk, a damaged spool: logged, and tried again at the next tick
+            logger.exception("moesiftornado_durable shipper: could not spool the journals; retrying")
+            time.sleep(1.0)
+        time.sleep(TICK)
+    shipper.close(CLOSE_TIMEOUT, spool_journals=not lost)
+    return lost
 
 
 class Supervisor:

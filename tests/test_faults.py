@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -334,3 +335,73 @@ def test_auth_errors_keep_every_event_and_log_one_error_per_interval(
     collector.reset()
     assert middleware.flush(10)
     assert sorted(collector.transaction_ids()) == [f"f-{n}" for n in range(5)]
+
+
+# -- SPOOL_DIR deleted while the app runs ----------------------------------------------------------
+
+
+def test_spool_dir_deleted_under_load_loses_no_later_event_silently(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, spool_dir: str, caplog: Any
+) -> None:
+    """Issue 13, item 11: `rm -rf SPOOL_DIR` while events stream in, with a real shipper process. Every event
+    logged after the deletion is delivered or counted as `dropped_spool_unavailable`, and an ERROR says so."""
+    middleware = make_middleware()
+    spool_events(middleware, [event(n) for n in range(100)])
+    assert middleware.flush(15), middleware.stats()
+    with caplog.at_level(logging.ERROR, logger="moesiftornado_durable"):
+        for n in range(100, 200):  # mid-stream: the shipper is ingesting while the directory goes
+            spool_events(middleware, [event(n)])
+        for _ in range(100):  # as `rm -rf`: the shipper may add a file while the tree goes (ENOTEMPTY)
+            shutil.rmtree(spool_dir, ignore_errors=True)
+            if not os.path.exists(spool_dir):
+                break
+        assert not os.path.exists(spool_dir)
+        for n in range(200, 600):
+            spool_events(middleware, [event(n)])
+            if n % 40 == 0:
+                time.sleep(0.05)  # let the old shipper notice and a new one start while events keep coming
+    flushed = middleware.flush(30)
+    stats = middleware.stats()
+    after = {f"f-{n}" for n in range(200, 600)}
+    delivered = after & set(collector.transaction_ids())
+    assert len(delivered) + stats.get("dropped_spool_unavailable", 0) == len(after), stats
+    assert len(delivered) == len(after) and flushed  # the directory could be made again: nothing was dropped
+    assert os.stat(spool_dir).st_mode & 0o777 == 0o700
+    assert any("was deleted" in record.getMessage() for record in caplog.records)
+
+
+def test_events_that_cannot_be_kept_after_spool_dir_is_deleted_are_counted_and_later_ones_kept(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, tmp_path: Any, caplog: Any
+) -> None:
+    parent = str(tmp_path / "parent")
+    spool_dir = os.path.join(parent, "spool")
+    middleware = make_middleware(SPOOL_DIR=spool_dir)
+    spool_events(middleware, [event(n) for n in range(10)])
+    assert middleware.flush(15), middleware.stats()
+    shutil.rmtree(parent, ignore_errors=True)
+    with open(parent, "w"):  # a file where SPOOL_DIR's parent was: the directory cannot be made again
+        pass
+    with caplog.at_level(logging.ERROR, logger="moesiftornado_durable"):
+        spool_events(middleware, [event(n) for n in range(10, 30)])
+    stats = middleware.stats()
+    assert stats["dropped_spool_unavailable"] == 20 and stats["spooled"] == 10, stats
+    assert any("could not be made again" in record.getMessage() for record in caplog.records)
+    os.remove(parent)  # the operator repairs it: the next event makes the directory and goes through
+    spool_events(middleware, [event(n) for n in range(30, 40)])
+    assert middleware.flush(30), middleware.stats()
+    delivered = set(collector.transaction_ids())
+    assert {f"f-{n}" for n in range(30, 40)} <= delivered and not {f"f-{n}" for n in range(10, 30)} & delivered
+
+
+def test_flush_after_spool_dir_is_deleted_does_not_raise_and_the_shipper_starts_again_in_a_new_one(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, spool_dir: str
+) -> None:
+    middleware = make_middleware()
+    spool_events(middleware, [event(n) for n in range(10)])
+    assert middleware.flush(15), middleware.stats()
+    shutil.rmtree(spool_dir, ignore_errors=True)
+    assert middleware.flush(15)  # nothing written since; the shipper makes SPOOL_DIR again by itself
+    assert os.path.isfile(os.path.join(spool_dir, "shipper.db"))
+    spool_events(middleware, [event(n) for n in range(10, 20)])
+    assert middleware.flush(15), middleware.stats()
+    assert {f"f-{n}" for n in range(20)} <= set(collector.transaction_ids())

@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Dict, List, Tuple
 
+import pytest
 from conftest import wait_until
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from moesiftornado_durable import MoesifMiddleware, locks
-from moesiftornado_durable.journal import INTAKE, JournalWriter, frame, iter_records, read_frames, segments
+from moesiftornado_durable import MoesifMiddleware, cli, locks
+from moesiftornado_durable.journal import (
+    INTAKE,
+    JournalWriter,
+    damaged_segments,
+    frame,
+    frame_v1,
+    iter_records,
+    read_frames,
+    segments,
+)
 from moesiftornado_durable.shipper import journal_reader
 from moesiftornado_durable.spool import Spool
 from moesiftornado_durable.testing import Collector
@@ -77,6 +92,143 @@ def test_damaged_bytes_in_the_middle_are_skipped_and_later_frames_kept(tmp_path:
     assert chunk.damaged_bytes == len(damaged)
 
 
+def ingest_all(directory: str, max_bytes: int = 8 * 1024 * 1024) -> Tuple[List[int], Dict[str, int]]:
+    """Spool every journal of `directory` into a real spool, in passes of `max_bytes`; (numbers, counters)."""
+    spool = Spool(locks.spool_path(directory, locks.SHIPPER_SLOT))
+    try:
+        reader = journal_reader(spool)
+        for _ in range(10_000):
+            reader.ingest(max_bytes=max_bytes)
+            if not segments(directory):
+                break
+        return [item["body"]["n"] for item in spool.records()], reader.counters
+    finally:
+        spool.close()
+
+
+def flip(path: str, position: int, mask: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(position)
+        byte = f.read(1)[0]
+        f.seek(position)
+        f.write(bytes([byte ^ mask]))
+
+
+def frame_offsets(frames: List[bytes]) -> List[int]:
+    offsets, position = [], 0
+    for data in frames:
+        offsets.append(position)
+        position += len(data)
+    return offsets
+
+
+# where in a frame the bit flips: (byte within the frame, mask)
+FLIPS = {
+    "length high byte": (7, 0x01),  # still under MAX_PAYLOAD: the length alone looks plausible
+    "length low byte": (4, 0x40),
+    "magic": (0, 0x08),
+    "format byte": (2, 0x01),
+    "kind byte": (3, 0x10),
+    "spooled_at": (12, 0x02),
+    "payload crc": (17, 0x80),
+    "header crc": (21, 0x04),
+    "payload": (40, 0x20),
+}
+
+
+@pytest.mark.parametrize("where", sorted(FLIPS))
+def test_one_flipped_bit_in_a_frame_loses_that_frame_only_and_the_segment_is_kept_aside(tmp_path: str,
+                                                                                        where: str) -> None:
+    """Issue 13, item 8: 300 frames, one bit flipped in frame 100: the 299 others are spooled, in order,
+    and the segment, which had damage before intact frames, is kept aside (0600), not deleted."""
+    directory = str(tmp_path)
+    frames = [frame("event", record(n), 1000.0 + n) for n in range(300)]
+    path = os.path.join(directory, "intake-0-00000001.jnl")
+    with open(path, "wb") as f:
+        f.write(b"".join(frames))
+    os.chmod(path, 0o600)
+    byte, mask = FLIPS[where]
+    flip(path, frame_offsets(frames)[100] + byte, mask)
+    numbers, counters = ingest_all(directory, max_bytes=7000)  # small passes: damage met across reads
+    assert numbers == [n for n in range(300) if n != 100]
+    assert counters["journal_damaged_bytes"] == len(frames[100])
+    assert counters["journal_damaged_segments"] == 1
+    assert segments(directory) == []
+    assert damaged_segments(directory) == ["intake-0-00000001.jnl.damaged"]
+    kept = os.path.join(directory, "intake-0-00000001.jnl.damaged")
+    assert os.stat(kept).st_mode & 0o777 == 0o600 and os.path.getsize(kept) == sum(map(len, frames))
+
+
+def test_status_lists_damaged_segments_kept_aside(tmp_path: str, capsys: Any) -> None:
+    directory = str(tmp_path)
+    frames = [frame("event", record(n), float(n)) for n in range(3)]
+    path = os.path.join(directory, "intake-0-00000001.jnl")
+    with open(path, "wb") as f:
+        f.write(b"".join(frames))
+    flip(path, len(frames[0]) + 7, 0x01)
+    ingest_all(directory)
+    assert cli.main(["status", "--spool-dir", directory, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["damaged_journals"] == ["intake-0-00000001.jnl.damaged"]
+    assert cli.main(["status", "--spool-dir", directory]) == 0
+    assert "damaged journal segment" in capsys.readouterr().out
+
+
+def test_damage_in_a_live_segment_is_skipped_and_the_frames_after_it_spooled(tmp_path: str) -> None:
+    directory = str(tmp_path)
+    lock = locks.try_lock(directory, 0, INTAKE)
+    assert lock is not None
+    writer = write_records(directory, 50)
+    [(_, _, path)] = segments(directory)
+    flip(path, frame_offsets([frame("event", record(n), 1000.0 + n) for n in range(50)])[20] + 7, 0x01)
+    spool = Spool(locks.spool_path(directory, locks.SHIPPER_SLOT))
+    try:
+        reader = journal_reader(spool)
+        assert reader.ingest() == 49  # the writer lives: not mistaken for a write in progress
+        writer.append("event", record(50), 2000.0)
+        assert reader.ingest() == 1
+        assert [item["body"]["n"] for item in spool.records()] == [n for n in range(51) if n != 20]
+        assert damaged_segments(directory) == [os.path.basename(path) + ".damaged"]
+        lock.release()
+        writer.close()
+        reader.ingest()
+        assert segments(directory) == [] and len(damaged_segments(directory)) == 1
+    finally:
+        spool.close()
+
+
+def test_a_torn_last_write_is_skipped_and_its_segment_deleted_not_kept_aside(tmp_path: str) -> None:
+    directory = str(tmp_path)
+    frames = [frame("event", record(n), float(n)) for n in range(10)]
+    with open(os.path.join(directory, "intake-0-00000001.jnl"), "wb") as f:
+        f.write(b"".join(frames)[:-25])
+    numbers, counters = ingest_all(directory)
+    assert numbers == list(range(9))
+    assert counters["journal_damaged_bytes"] == len(frames[9]) - 25 and counters["journal_damaged_segments"] == 0
+    assert segments(directory) == [] and damaged_segments(directory) == []
+
+
+def test_segments_in_the_old_format_are_still_read_even_with_a_damaged_length(tmp_path: str) -> None:
+    """Segments left on disk by an earlier build (format 1, no header check) are spooled after an upgrade;
+    a flipped length in one of them no longer costs the frames after it."""
+    directory = str(tmp_path)
+    old = [frame_v1("event", record(n), 1000.0 + n) for n in range(300)]
+    with open(os.path.join(directory, "intake-0-00000001.jnl"), "wb") as f:
+        f.write(b"".join(old[:100]))
+    damaged_path = os.path.join(directory, "intake-0-00000002.jnl")
+    with open(damaged_path, "wb") as f:
+        f.write(b"".join(old[100:]))
+    flip(damaged_path, frame_offsets(old[100:])[50] + 7, 0x01)  # frame 150's length, high byte
+    writer = JournalWriter(directory, 0)  # the upgraded app writes format 2 into a segment of its own
+    writer.append("event", record(300), 2000.0)
+    writer.close()
+    # named so that an earlier build's shipper (`\.jnl$`), still running in a rolling upgrade, leaves it alone
+    assert writer.path.endswith(".jnl2") and len(segments(directory)) == 3
+    numbers, counters = ingest_all(directory)
+    assert numbers == [n for n in range(301) if n != 150]
+    assert damaged_segments(directory) == ["intake-0-00000002.jnl.damaged"]
+    assert counters["journal_damaged_bytes"] == len(old[150])
+
+
 def test_ingest_moves_every_record_once_and_deletes_finished_segments(tmp_path: str) -> None:
     directory = str(tmp_path)
     writer = write_records(directory, 500, segment_bytes=16 * 1024)  # many small segments
@@ -118,7 +270,7 @@ def test_a_live_writers_segment_is_read_as_it_grows_and_kept(tmp_path: str) -> N
 
 WRITER = """
 import sys, json, time
-from moesiftornado_durable import MoesifMiddleware, locks
+from moesiftornado_durable import MoesifMiddleware, cli, locks
 from moesiftornado_durable.journal import INTAKE, JournalWriter
 directory = sys.argv[1]
 lock = locks.try_lock(directory, 0, INTAKE)
@@ -133,7 +285,7 @@ while n < 10_000_000:
 
 INGESTER = """
 import sys
-from moesiftornado_durable import MoesifMiddleware, locks
+from moesiftornado_durable import MoesifMiddleware, cli, locks
 from moesiftornado_durable.shipper import journal_reader
 from moesiftornado_durable.spool import Spool
 from moesiftornado_durable.testing import Collector
@@ -203,3 +355,73 @@ def test_the_shipper_restarts_after_a_sigkill_and_nothing_is_lost(make_middlewar
     assert middleware.flush(15)
     users = sorted(u["user_id"] for u in collector.users)
     assert users == sorted([f"before-{n}" for n in range(20)] + [f"after-{n}" for n in range(20)])
+
+
+DAMAGE = st.tuples(st.sampled_from(["flip", "zero", "garbage"]), st.integers(0, 1 << 20), st.integers(1, 300),
+                   st.binary(min_size=1, max_size=300))
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(0, 400), min_size=1, max_size=30), old_format=st.booleans(),
+       damage=st.lists(DAMAGE, max_size=3), cut=st.integers(0, 60), read_bytes=st.integers(1, 3000))
+def test_fuzzed_damage_never_spools_a_damaged_frame_and_never_loses_an_intact_one(
+        sizes: List[int], old_format: bool, damage: List[Tuple[str, int, int, bytes]], cut: int,
+        read_bytes: int) -> None:
+    """Bit flips, zeroed blocks and garbage anywhere, a torn end, reads of any size, either format: a
+    finished segment yields exactly its frames whose bytes are all intact, in order, once each."""
+    make = frame_v1 if old_format else frame
+    payloads = [json.dumps({"n": n, "pad": "z" * size}).encode() for n, size in enumerate(sizes)]
+    frames = [make("event", payload, float(n)) for n, payload in enumerate(payloads)]
+    original = b"".join(frames)
+    data = bytearray(original)
+    for how, at, length, garbage in damage:
+        at %= len(data)
+        end = min(len(data), at + length)
+        if how == "flip":
+            data[at] ^= 1 << (length % 8)
+        elif how == "zero":
+            data[at:end] = bytes(end - at)
+        else:
+            data[at:end] = (garbage * (length // len(garbage) + 1))[:end - at]
+    del data[len(data) - min(cut, len(data)):]
+    intact = [payload for payload, start, piece in zip(payloads, frame_offsets(frames), frames)
+              if start + len(piece) <= len(data) and data[start:start + len(piece)] == piece]
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "intake-0-00000001.jnl")
+        with open(path, "wb") as f:
+            f.write(bytes(data))
+        read: List[bytes] = []
+        offset, skipped = 0, 0
+        for _ in range(100_000):
+            chunk = read_frames(path, offset, read_bytes, finished=True)
+            read += [payload for _, payload, _ in chunk.rows]
+            skipped += chunk.damaged_bytes
+            assert chunk.end >= offset and chunk.torn_bytes <= chunk.damaged_bytes
+            if chunk.at_eof or chunk.end == offset:
+                break
+            offset = chunk.end
+        assert chunk.at_eof and chunk.end == len(data)
+    assert read == intact
+    assert skipped == len(data) - sum(len(piece) for payload, piece in zip(payloads, frames) if payload in intact)
+
+
+@pytest.mark.parametrize("deleted", ["directory", "segment"])
+def test_a_writer_whose_segment_was_deleted_writes_the_record_again_in_a_new_one(tmp_path: str, deleted: str,
+                                                                                 caplog: Any) -> None:
+    """A deleted segment would swallow every later write unseen: the writer notices at once (its file has
+    no link left), makes SPOOL_DIR (0700) and a segment again, and writes the record there."""
+    directory = os.path.join(str(tmp_path), "spool")
+    os.makedirs(directory, mode=0o700)
+    writer = write_records(directory, 5)
+    if deleted == "directory":
+        shutil.rmtree(directory)
+    else:
+        os.remove(writer.path)
+    with caplog.at_level(logging.ERROR, logger="moesiftornado_durable"):
+        for n in range(5, 10):
+            writer.append("event", record(n), 1000.0 + n)
+    writer.close()
+    assert os.stat(directory).st_mode & 0o777 == 0o700 and writer.recoveries == 1
+    [(_, _, path)] = segments(directory)
+    assert [json.loads(data)["n"] for _, data, _ in iter_records(path)] == [5, 6, 7, 8, 9]
+    assert sum("was deleted" in r.getMessage() for r in caplog.records) == 1  # one ERROR, not one per record
