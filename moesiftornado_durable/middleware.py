@@ -24,7 +24,7 @@ import time
 import weakref
 from typing import Any, Callable, Counter, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
-from . import audit, locks
+from . import audit, locks, spooldir
 from .capture import (
     RAISED,
     Outcome,
@@ -80,6 +80,9 @@ class _Runtime:
     def __init__(self, config: Config, on_app_config: Callable[[AppConfig], None]) -> None:
         self.pid = os.getpid()
         self.config = config
+        # The start-up checks of what SPOOL_DIR already holds, before anything is written there: that it is
+        # this application's (here) and that SPOOL_ENCRYPTION_KEY opens its records (`_stored_records_problem`).
+        spooldir.claim(config.spool_dir, config.application_id, config.base_uri)
         self.lock = locks.lock_free_slot(config.spool_dir, self.slot_kind)
         # its own HTTP session: the fetcher runs on its own thread
         self._config_sender = Sender(config.base_uri, config.application_id, config.send_timeout)
