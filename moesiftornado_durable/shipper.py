@@ -43,6 +43,7 @@ logger = logging.getLogger("moesiftornado_durable")
 
 STATS_FILE = "shipper-stats.json"
 FLUSH_REQUEST = "flush-request"
+_STATS_TEMPORARY = ".shipper-stats-"  # the prefix of the stats file's temporary twin (name made unpredictable)
 EXIT_ANOTHER_SHIPPER = 3  # this SPOOL_DIR already has a live shipper
 EXIT_REFUSED = 4  # SPOOL_DIR is unsafe or belongs to another application (the reason is on stderr)
 CLOSE_TIMEOUT = 10.0  # seconds the shipper spends delivering when asked to stop; the rest stays on disk
@@ -103,6 +104,10 @@ class Shipper:
         self._dropped_oldest = 0
         self._flush_seen = self._flush_requested_at()
         self._published: Dict[str, Any] = {}
+        for name in os.listdir(self.directory):  # a stats file a killed shipper left half-written
+            if name.startswith(_STATS_TEMPORARY) and name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.directory, name))
 
     def tick(self) -> None:
         """One look, on the main thread (the flusher's thread may be in a send or a backoff): spool what
@@ -149,7 +154,7 @@ class Shipper:
         self._published = stats
         stats = dict(stats, time=time.time())
         # a private temporary file (0600, a name no one can guess, never through a link) renamed over the last
-        fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=".shipper-stats-", suffix=".tmp")
+        fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=_STATS_TEMPORARY, suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(stats, f)
@@ -273,7 +278,11 @@ class Supervisor:
             if child.poll() is None:
                 return
             self._child = None
-            if child.returncode not in (0, EXIT_ANOTHER_SHIPPER):
+            if child.returncode == EXIT_REFUSED:
+                logger.error("moesiftornado_durable: the shipper (pid %d) refused %s (its reason is on stderr: the "
+                             "directory became unsafe or another application's); starting another",
+                             child.pid, self._config.spool_dir)
+            elif child.returncode not in (0, EXIT_ANOTHER_SHIPPER):
                 logger.error("moesiftornado_durable: the shipper (pid %d) exited with %s; starting another",
                              child.pid, child.returncode)
         if not shipper_running(self._config.spool_dir) and not self._stop.is_set():

@@ -234,7 +234,10 @@ def test_the_shipper_stats_file_never_follows_a_link(collector: Collector, spool
     config = Config.from_dict(options(spool_dir, ID_A, collector))
     os.symlink(victim, os.path.join(config.spool_dir, STATS_FILE))
     os.symlink(victim, os.path.join(config.spool_dir, f"{STATS_FILE}.{os.getpid()}.tmp"))
+    left_by_a_kill = os.path.join(config.spool_dir, ".shipper-stats-k1ll3d.tmp")
+    open(left_by_a_kill, "w").close()
     shipper = Shipper(config)
+    assert not os.path.exists(left_by_a_kill)  # the next shipper removes a temporary file a kill left
     try:
         shipper.publish_stats()
     finally:
