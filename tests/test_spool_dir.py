@@ -17,6 +17,7 @@ import tornado.web
 from conftest import serve, wait_until
 
 from moesiftornado_durable import ConfigError, MoesifMiddleware, locks
+from moesiftornado_durable import shipper as shipper_module
 from moesiftornado_durable.config import Config
 from moesiftornado_durable.shipper import STATS_FILE, Shipper, request_flush
 from moesiftornado_durable.spool import Spool
@@ -114,6 +115,26 @@ def test_the_ship_and_replay_commands_refuse_another_applications_backlog(
     own = cli("replay", "--spool-dir", spool_dir, "--base-uri", collector_a.base_uri, application_id=ID_A)
     assert own.returncode == 0, own.stderr
     assert uris(collector_a) == sorted(f"a-{n}" for n in range(20))
+
+
+def test_a_shipper_process_handed_another_applications_settings_refuses(two_collectors: Any, spool_dir: str) -> None:
+    """The shipper process checks the settings it gets over its pipe again, whoever started it."""
+    collector_a, collector_b = two_collectors
+    collector_a.go_down()
+    a = MoesifMiddleware(options(spool_dir, ID_A, collector_a, SHIPPER="thread"))
+    get(a, "/a", 3)
+    a.close(0.5)
+    handed = {"options": options(spool_dir, ID_B, collector_b), "parent": os.getpid()}
+    process = subprocess.Popen([sys.executable, "-c", shipper_module._BOOTSTRAP], cwd=REPO, text=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = process.communicate(json.dumps(handed), timeout=20)
+    except subprocess.TimeoutExpired:  # it did not refuse: it is shipping A's events to B
+        process.terminate()
+        out, err = process.communicate(timeout=30)
+    assert collector_b.requests == []
+    assert process.returncode == shipper_module.EXIT_REFUSED, err
+    assert "belongs to another application" in err and ID_A not in err and ID_B not in err
 
 
 def test_the_same_id_with_another_base_uri_is_refused(two_collectors: Any, spool_dir: str) -> None:
