@@ -50,13 +50,16 @@ def open_file(path: str, flags: int = os.O_RDWR, *, create: bool = True, new: bo
             raise OSError(errno.ELOOP, "a symbolic link where a spool file belongs; refusing to follow it "
                                        "(remove it: SPOOL_DIR must hold only the library's own files)", path) from exc
         raise
+    writing = bool(flags & (os.O_WRONLY | os.O_RDWR))
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EPERM, "refusing a spool file that is not a regular file (remove it)", path)
-        if flags & (os.O_WRONLY | os.O_RDWR) and info.st_nlink != 1:
+        if writing and info.st_nlink != 1:
             raise OSError(errno.EPERM, f"refusing to write a spool file with {info.st_nlink} hard links: it may "
                                        f"be another file's second name (remove it)", path)
+        if writing and stat.S_IMODE(info.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)  # a file an older version or another tool made readable by others
     except BaseException:
         os.close(fd)
         raise

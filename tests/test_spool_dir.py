@@ -243,6 +243,20 @@ def test_a_lock_file_planted_after_start_is_not_written_through(
             locks.owner(directory, slot, prefix)
 
 
+def test_a_spool_file_others_could_read_is_made_private_when_opened(tmp_path: Any) -> None:
+    """Files an older version (or a tool) left readable by others become 0600 when the library opens them."""
+    for name in ("shipper.lock", "flush-request"):
+        with open(tmp_path / name, "w"):
+            pass
+        os.chmod(tmp_path / name, 0o644)
+    lock = locks.try_lock(str(tmp_path), locks.SHIPPER_SLOT)
+    assert lock is not None
+    lock.release()
+    request_flush(str(tmp_path))
+    assert {name: stat.S_IMODE(os.stat(tmp_path / name).st_mode) for name in ("shipper.lock", "flush-request")} == \
+        {"shipper.lock": 0o600, "flush-request": 0o600}
+
+
 def test_a_flush_request_through_a_planted_link_fails_without_touching_the_target(tmp_path: Any, victim: str) -> None:
     directory = str(tmp_path)
     os.symlink(victim, os.path.join(directory, "flush-request"))
