@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, TextIO, Tuple
 
-from . import __version__, locks, testing
+from . import __version__, locks, spooldir, testing
 from .codec import Codec
 from .config import DEFAULT_BASE_URI, DEFAULT_BATCH_SIZE, SPOOL_SYNC_MODES, Config
 from .errors import ConfigError
@@ -206,6 +206,8 @@ def _ship(args: argparse.Namespace) -> int:
           file=sys.stderr)
     try:
         code = serve(config, stop)
+    except ConfigError as exc:  # SPOOL_DIR belongs to another application
+        raise CommandError(str(exc), EXIT_USAGE) from exc
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     if code == EXIT_ANOTHER_SHIPPER:
@@ -224,6 +226,12 @@ def _replay(args: argparse.Namespace) -> int:
         raise CommandError("--batch-size must be at least 1", EXIT_USAGE)
     if args.connections < 1:
         raise CommandError("--connections must be at least 1", EXIT_USAGE)
+    _checked_directory(args)
+    if application_id and not args.dry_run:  # its records go out under this id and URI: they must be its own
+        try:
+            spooldir.claim(args.spool_dir, application_id, args.base_uri.rstrip("/"))
+        except ConfigError as exc:
+            raise CommandError(str(exc), EXIT_USAGE) from exc
     stop = threading.Event()
     sender = Sender(args.base_uri, application_id or "", args.send_timeout)
     courier = Courier(sender, delivery_policy(stop, max_wait=REPLAY_MAX_WAIT, attempts=REPLAY_ATTEMPTS,
@@ -343,6 +351,7 @@ class Progress:
 
 
 def _dead_letter(args: argparse.Namespace) -> int:
+    _checked_directory(args)
     found = list(_dead_letters(args.spool_dir, args.reason, args.older_than))
     if args.action == "list":
         for path, record in found:
@@ -389,6 +398,7 @@ def _group_ids(found: List[Tuple[str, Any]]) -> Dict[str, List[int]]:
 
 
 def _export(args: argparse.Namespace) -> int:
+    _checked_directory(args)
     count = 0
     with _output(args.out) as out:
         for path in _spool_files(args.spool_dir):
@@ -452,7 +462,10 @@ def _salvage(args: argparse.Namespace) -> int:
 
 def _into_new_slot(directory: str, fill: Callable[[Spool], Any]) -> Any:
     """Fill a free slot, then release it: a live app adopts it, or `replay` sends it."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    try:
+        directory = spooldir.prepare(directory)
+    except ConfigError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from exc
     lock = locks.lock_free_slot(directory)
     try:
         spool = Spool(lock.spool_path, codec=_codec())
@@ -485,6 +498,16 @@ def _opened_beside_its_owner(path: str) -> Iterator[Spool]:
         yield spool
     finally:
         spool.close()
+
+
+def _checked_directory(args: argparse.Namespace) -> None:
+    """Refuse a --spool-dir others could plant files in (`spooldir.check`); use the directory it resolves to."""
+    if not os.path.isdir(args.spool_dir):
+        raise CommandError(f"no spool directory at {args.spool_dir}")
+    try:
+        args.spool_dir = spooldir.check(args.spool_dir)
+    except ConfigError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from exc
 
 
 def _spool_files(directory: str) -> List[str]:

@@ -11,10 +11,10 @@ import hashlib
 import inspect
 import logging
 import os
-import tempfile
 from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
+from . import spooldir
 from .errors import ConfigError
 
 logger = logging.getLogger("moesiftornado_durable")
@@ -201,8 +201,8 @@ class Config:
                 if options.get(key) is not None:
                     logger.warning("moesiftornado_durable: option %r is ignored: CAPTURE_OUTGOING_REQUESTS is not "
                                    "True", key)
-        prepare_spool_dir(config.spool_dir)
-        return config
+        # the directory it resolves to (SPOOL_DIR may be a link onto another disk), checked safe to write in
+        return dataclasses.replace(config, spool_dir=spooldir.prepare(config.spool_dir))
 
 
 _KNOWN_KEYS = frozenset(
@@ -356,13 +356,3 @@ def _validate_base_uri(uri: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError("BASE_URI", f"expected an http(s) URL such as {DEFAULT_BASE_URI!r}, got {uri!r}")
     return uri.rstrip("/")
-
-
-def prepare_spool_dir(path: str) -> None:
-    """Create SPOOL_DIR (mode 0700) if needed and prove it is writable, or raise `ConfigError`."""
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise ConfigError("SPOOL_DIR", f"cannot create or write {path!r}: {exc.strerror or exc}") from exc

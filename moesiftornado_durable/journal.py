@@ -35,6 +35,7 @@ import time
 import zlib
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+from . import spooldir
 from .errors import SpoolUnavailableError
 
 logger = logging.getLogger("moesiftornado_durable")
@@ -163,7 +164,7 @@ class JournalWriter:
         # from the clock, so a name is never used twice (the spool may still hold a deleted segment's offset)
         seq = max(max(taken, default=0) + 1, time.time_ns() // 1000)
         self.path = os.path.join(self.directory, segment_name(self.slot, seq))
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._fd = spooldir.open_file(self.path, os.O_WRONLY | os.O_APPEND, new=True)
         self.size = 0
         if self._fsync:
             _fsync_directory(self.directory)  # the new file's name must survive a power cut too
@@ -222,7 +223,7 @@ def read_frames(path: str, offset: int, limit_bytes: int, finished: bool) -> Chu
     skipped up to the next intact frame (resynchronisation) and reported; damage that reaches the end of
     a finished segment, with no intact frame after it, is its torn last write (`Chunk.torn_bytes`).
     """
-    with open(path, "rb") as f:
+    with os.fdopen(spooldir.open_file(path, os.O_RDONLY, create=False), "rb") as f:
         file_size = os.fstat(f.fileno()).st_size
         f.seek(offset)
         data = f.read(limit_bytes)

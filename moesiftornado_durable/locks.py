@@ -15,6 +15,8 @@ import os
 import re
 from typing import Iterator, List, Optional
 
+from . import spooldir
+
 SPOOL_PATTERN = re.compile(r"^spool-(\d+)\.db$")
 SHIPPER_SLOT = -1  # the shipper's spool (``shipper.db``, locked through ``shipper.lock``), one per SPOOL_DIR
 _JOURNAL_PATTERN = re.compile(r"^intake-\d+-\d+\.jnl2?$")
@@ -91,7 +93,7 @@ class SlotLock:
 
 def try_lock(directory: str, slot: int, prefix: str = "spool") -> Optional[SlotLock]:
     """Take `slot` if no live process holds it; None if one does. Records our pid in the lock file."""
-    fd = os.open(lock_path(directory, slot, prefix), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = spooldir.open_file(lock_path(directory, slot, prefix))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -131,18 +133,17 @@ def orphans(directory: str, exclude: int = -1) -> Iterator[SlotLock]:
 
 def owner(directory: str, slot: int, prefix: str = "spool") -> tuple:
     """(pid recorded in the lock file or None, whether a live process holds the lock). Changes nothing."""
-    path = lock_path(directory, slot, prefix)
     try:
-        with open(path, "rb") as f:
-            text = f.read().decode("ascii", "replace").strip()
+        fd = spooldir.open_file(lock_path(directory, slot, prefix), os.O_RDONLY, create=False)
     except FileNotFoundError:
         return None, False
-    pid = int(text) if text.isdigit() else None
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return pid, True
+        text = os.read(fd, 64).decode("ascii", "replace").strip()
+        pid = int(text) if text.isdigit() else None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return pid, True
     finally:
         os.close(fd)  # closing drops the shared lock we may have taken
     return pid, False

@@ -25,7 +25,7 @@ import time
 import weakref
 from typing import Any, Callable, Counter, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
-from . import audit, hook, locks, outgoing
+from . import audit, hook, locks, outgoing, spooldir
 from .capture import (
     RAISED,
     Outcome,
@@ -91,6 +91,9 @@ class _Runtime:
                  on_rules: Callable[[RuleSet], None]) -> None:
         self.pid = os.getpid()
         self.config = config
+        # The start-up checks of what SPOOL_DIR already holds, before anything is written there: that it is
+        # this application's (here) and that SPOOL_ENCRYPTION_KEY opens its records (`_stored_records_problem`).
+        spooldir.claim(config.spool_dir, config.application_id, config.base_uri)
         self.lock = locks.lock_free_slot(config.spool_dir, self.slot_kind)
         self._on_app_config = on_app_config
         self._config_etag: Optional[str] = None

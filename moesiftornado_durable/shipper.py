@@ -24,13 +24,15 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from . import audit, locks
+from . import audit, locks, spooldir
 from .codec import Codec
 from .config import Config
+from .errors import ConfigError
 from .flusher import Flusher
 from .journal import INTAKE, JournalReader
 from .sender import Sender
@@ -41,7 +43,9 @@ logger = logging.getLogger("moesiftornado_durable")
 
 STATS_FILE = "shipper-stats.json"
 FLUSH_REQUEST = "flush-request"
+_STATS_TEMPORARY = ".shipper-stats-"  # the prefix of the stats file's temporary twin (name made unpredictable)
 EXIT_ANOTHER_SHIPPER = 3  # this SPOOL_DIR already has a live shipper
+EXIT_REFUSED = 4  # SPOOL_DIR is unsafe or belongs to another application (the reason is on stderr)
 CLOSE_TIMEOUT = 10.0  # seconds the shipper spends delivering when asked to stop; the rest stays on disk
 TICK = 0.05  # seconds between looks at the journals (and the figures, published when they change)
 SUPERVISE_INTERVAL = 1.0  # seconds between an app process's looks at whether a shipper runs
@@ -56,18 +60,18 @@ _BOOTSTRAP = (f"import signal, sys; signal.signal(signal.SIGTERM, lambda *a: set
 def read_stats_file(directory: str) -> Dict[str, Any]:
     """What the shipper last published about itself; {} when there is none yet."""
     try:
-        with open(os.path.join(directory, STATS_FILE), encoding="utf-8") as f:
-            return dict(json.load(f))
-    except (OSError, ValueError):
+        return dict(json.loads(spooldir.read_bytes(os.path.join(directory, STATS_FILE))))
+    except (OSError, ValueError, TypeError):
         return {}
 
 
 def request_flush(directory: str) -> None:
     """Ask the shipper to send partial batches at once (what `flush` needs), by touching a file."""
-    path = os.path.join(directory, FLUSH_REQUEST)
-    with open(path, "a", encoding="utf-8"):
-        pass
-    os.utime(path, None)
+    fd = spooldir.open_file(os.path.join(directory, FLUSH_REQUEST), os.O_WRONLY)
+    try:
+        os.utime(fd)
+    finally:
+        os.close(fd)
 
 
 def shipper_running(directory: str) -> bool:
@@ -101,6 +105,10 @@ class Shipper:
         self._dropped_oldest = 0
         self._flush_seen = self._flush_requested_at()
         self._published: Dict[str, Any] = {}
+        for name in os.listdir(self.directory):  # a stats file a killed shipper left half-written
+            if name.startswith(_STATS_TEMPORARY) and name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.directory, name))
 
     def tick(self) -> None:
         """One look, on the main thread (the flusher's thread may be in a send or a backoff): spool what
@@ -114,7 +122,7 @@ class Shipper:
 
     def _flush_requested_at(self) -> float:
         try:
-            return os.stat(os.path.join(self.directory, FLUSH_REQUEST)).st_mtime
+            return os.lstat(os.path.join(self.directory, FLUSH_REQUEST)).st_mtime
         except FileNotFoundError:
             return 0.0
 
@@ -149,11 +157,16 @@ class Shipper:
             return  # unchanged; while a flush is waiting, every look is published (it waits for a fresh one)
         self._published = stats
         stats = dict(stats, time=time.time())
-        path = os.path.join(self.directory, STATS_FILE)
-        temporary = f"{path}.{os.getpid()}.tmp"
-        with open(temporary, "w", encoding="utf-8") as f:
-            json.dump(stats, f)
-        os.replace(temporary, path)
+        # a private temporary file (0600, a name no one can guess, never through a link) renamed over the last
+        fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=_STATS_TEMPORARY, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(stats, f)
+            os.replace(temporary, os.path.join(self.directory, STATS_FILE))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(temporary)
+            raise
 
     def close(self, timeout: float, spool_journals: bool = True) -> None:
         """Spool everything the journals hold (unless `spool_journals` is false: they belong to another
@@ -188,22 +201,28 @@ def main() -> int:
     if getattr(sys, _EARLY_SIGTERM, False):  # it came while this module was still being imported
         stop.set()
     handed = json.loads(sys.stdin.read())
-    config = Config.from_dict(handed["options"])
     parent = int(handed["parent"])  # not os.getppid(): the parent may have exited while this one started
-    logging.basicConfig(level=logging.DEBUG if config.debug else logging.WARNING,
-                        format="%(asctime)s moesif-shipper[%(process)d] %(levelname)s %(message)s")
-    audit.audit_logger.setLevel(logging.INFO)  # relayed to the app process, which logs it where the user wants
-    audit.audit_logger.propagate = False
-    audit.audit_logger.addHandler(audit.RelayHandler(sys.stdout))
-    return serve(config, stop, lambda: os.getppid() == parent)
+    try:
+        config = Config.from_dict(handed["options"])
+        logging.basicConfig(level=logging.DEBUG if config.debug else logging.WARNING,
+                            format="%(asctime)s moesif-shipper[%(process)d] %(levelname)s %(message)s")
+        audit.audit_logger.setLevel(logging.INFO)  # relayed to the app process, which logs it where the user wants
+        audit.audit_logger.propagate = False
+        audit.audit_logger.addHandler(audit.RelayHandler(sys.stdout))
+        return serve(config, stop, lambda: os.getppid() == parent)
+    except ConfigError as exc:  # SPOOL_DIR turned unsafe, or bound to another application, since the app started
+        print(f"moesif-shipper[{os.getpid()}]: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
 
 
 def serve(config: Config, stop: StopRequest, keep_going: Callable[[], bool] = lambda: True) -> int:
     """Be the shipper of SPOOL_DIR until `stop` is requested or `keep_going()` turns false, then spool the
     journals and deliver what can be delivered within CLOSE_TIMEOUT. EXIT_ANOTHER_SHIPPER if one runs.
-    If SPOOL_DIR is deleted meanwhile, deliver what this spool holds, make the directory again and go on."""
+    If SPOOL_DIR is deleted meanwhile, deliver what this spool holds, make the directory again and go on.
+    Raises `ConfigError` if SPOOL_DIR belongs to another application (its records are not ours to send)."""
     while True:
         os.makedirs(config.spool_dir, mode=0o700, exist_ok=True)
+        spooldir.claim(config.spool_dir, config.application_id, config.base_uri)
         lock = locks.try_lock(config.spool_dir, locks.SHIPPER_SLOT)
         if lock is None:
             return EXIT_ANOTHER_SHIPPER
@@ -279,7 +298,11 @@ class Supervisor:
             if child.poll() is None:
                 return
             self._child = None
-            if child.returncode not in (0, EXIT_ANOTHER_SHIPPER):
+            if child.returncode == EXIT_REFUSED:
+                logger.error("moesiftornado_durable: the shipper (pid %d) refused %s (its reason is on stderr: the "
+                             "directory became unsafe or another application's); starting another",
+                             child.pid, self._config.spool_dir)
+            elif child.returncode not in (0, EXIT_ANOTHER_SHIPPER):
                 logger.error("moesiftornado_durable: the shipper (pid %d) exited with %s; starting another",
                              child.pid, child.returncode)
         if not shipper_running(self._config.spool_dir) and not self._stop.is_set():

@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 from persistqueue import SQLiteAckQueue
 from persistqueue.sqlackqueue import AckStatus
 
-from . import audit, pagescan
+from . import audit, pagescan, spooldir
 from .codec import Codec, UndecryptableError, to_json_bytes
 from .errors import SpoolFullError
 from .journal import unspooled_records
@@ -494,6 +494,7 @@ class Spool:
 
     def _fold_wal(self, stop: threading.Event, wal_bytes: int, interval: float) -> None:
         try:
+            spooldir.refuse_link(self.path)
             conn = sqlite3.connect(self.path, timeout=10)
             try:
                 conn.execute(f"PRAGMA synchronous={self._sync.upper()}")
@@ -502,7 +503,7 @@ class Spool:
                         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             finally:
                 conn.close()
-        except sqlite3.Error:
+        except (sqlite3.Error, OSError):
             logger.warning("folding the WAL of %s aside failed; commits fold it again", self.path, exc_info=True)
             self._fold_in_commits()
 
@@ -696,6 +697,7 @@ def read_stats(path: str) -> SpoolStats:
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"no spool file at {path}")
+    spooldir.refuse_link(path)
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
         return _stats_of(conn, path)
@@ -715,6 +717,7 @@ class SpoolView:
         if self._conn is None:
             if not os.path.exists(self.path):
                 raise FileNotFoundError(f"no spool file at {self.path}")
+            spooldir.refuse_link(self.path)
             self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10,
                                          check_same_thread=False)
         return self._conn
@@ -965,6 +968,6 @@ def record_id(body: Any) -> str:
 
 
 def _create_private_file(path: str) -> None:
-    """Create the database file 0600 before SQLite does; SQLite gives its WAL files the same mode."""
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    os.close(fd)
+    """Create the database file 0600 before SQLite does (SQLite gives its -wal and -shm files the same
+    mode), and refuse a symbolic link at its name: SQLite would follow it."""
+    os.close(spooldir.open_file(path))

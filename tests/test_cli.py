@@ -28,6 +28,9 @@ from moesiftornado_durable.spool import Spool, directory_stats
 from moesiftornado_durable.testing import Collector
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The example app's own id (examples/app.py): a directory's records are replayed or shipped under the id they
+# were captured for, so the commands here use the id of the app that wrote them.
+APP_ID = "example-application-id"
 
 
 def dead_process_spool(spool_dir: str, count: int, prefix: str = "t") -> None:
@@ -52,7 +55,7 @@ def dead_process_spool(spool_dir: str, count: int, prefix: str = "t") -> None:
 
 
 def cli(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    environment = dict(os.environ, MOESIF_APPLICATION_ID="cli-test-app")
+    environment = dict(os.environ, MOESIF_APPLICATION_ID=APP_ID)
     environment.update(env or {})
     return subprocess.run([sys.executable, "-m", "moesiftornado_durable", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env=environment)
@@ -103,7 +106,7 @@ def test_sigint_mid_replay_loses_nothing_and_a_second_replay_finishes(collector:
     process = subprocess.Popen(
         [sys.executable, "-m", "moesiftornado_durable", "replay", "--spool-dir", spool_dir, "--base-uri",
          collector.base_uri, "--batch-size", "100"],
-        cwd=REPO, env=dict(os.environ, MOESIF_APPLICATION_ID="x"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=REPO, env=dict(os.environ, MOESIF_APPLICATION_ID=APP_ID), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
         assert wait_until(lambda: len(collector.transaction_ids()) >= 300, timeout=30)
@@ -134,7 +137,7 @@ def test_a_second_sigint_aborts_at_once_with_batches_in_flight_on_several_connec
     process = subprocess.Popen(
         [sys.executable, "-m", "moesiftornado_durable", "replay", "--spool-dir", spool_dir, "--base-uri",
          collector.base_uri, "--batch-size", "100", "--connections", "3"],
-        cwd=REPO, env=dict(os.environ, MOESIF_APPLICATION_ID="x"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=REPO, env=dict(os.environ, MOESIF_APPLICATION_ID=APP_ID), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
         assert wait_until(lambda: len(connections_to(collector)) >= 3, timeout=30)
@@ -165,7 +168,7 @@ def test_two_replays_at_once_never_send_the_same_event_twice(collector: Collecto
         dead_process_spool(spool_dir, 1_500, prefix=f"p{part}")
     command = [sys.executable, "-m", "moesiftornado_durable", "replay", "--spool-dir", spool_dir,
                "--base-uri", collector.base_uri, "--batch-size", "50"]
-    environment = dict(os.environ, MOESIF_APPLICATION_ID="x")
+    environment = dict(os.environ, MOESIF_APPLICATION_ID=APP_ID)
     first = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     second = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     codes = [first.wait(120), second.wait(120)]
@@ -479,7 +482,7 @@ def test_ship_runs_the_shipper_as_a_service_and_app_processes_start_none(
     os.makedirs(spool_dir, exist_ok=True)
     service = subprocess.Popen([sys.executable, "-m", "moesiftornado_durable", "ship", "--spool-dir", spool_dir,
                                 "--base-uri", collector.base_uri, "--batch-size", "5"], cwd=REPO,
-                               env=dict(os.environ, MOESIF_APPLICATION_ID="cli-test-app"),
+                               env=dict(os.environ, MOESIF_APPLICATION_ID=APP_ID),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_until(lambda: locks.owner(spool_dir, locks.SHIPPER_SLOT) == (service.pid, True), timeout=20)

@@ -9,6 +9,7 @@ what the examples set.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Dict, List
 
@@ -249,10 +250,14 @@ class Example:
     """Runs README blocks in one namespace, as a user pasting them into one module would."""
 
     def __init__(self, collector: Collector, spool_dir: str) -> None:
-        self.namespace: Dict[str, Any] = {"COLLECTOR_URI": collector.base_uri, "SPOOL_DIR": spool_dir}
+        self.namespace: Dict[str, Any] = {"COLLECTOR_URI": collector.base_uri}
         self.middlewares: List[MoesifMiddleware] = []
+        self._spool_dir = spool_dir
 
     def run(self, code: str) -> MoesifMiddleware:
+        # Each block's configuration its own SPOOL_DIR: the README's blocks use different application ids,
+        # and a directory serves one application (its records go out under that application's id).
+        self.namespace["SPOOL_DIR"] = os.path.join(self._spool_dir, str(len(self.middlewares)))
         exec(compile(adapt(code), "<moesiftornado README>", "exec"), self.namespace)
         middleware = self.namespace["middleware"]
         assert isinstance(middleware, MoesifMiddleware)
