@@ -33,6 +33,7 @@ logger = logging.getLogger("moesiftornado_durable")
 INTAKE = "intake"  # the lock-file prefix of journal slots: intake-<slot>.lock
 SEGMENT_PATTERN = re.compile(r"^intake-(\d+)-(\d+)\.jnl$")
 SEGMENT_BYTES = 4 * 1024 * 1024  # a writer starts a new segment past this; the reader deletes ingested ones
+_ROTATE_SHARE = 16  # ... or once 1/16 of it is in the spool: a record is not kept twice for long (a tight disk)
 _MAGIC = b"MJ"
 _FORMAT = 1
 _HEADER = struct.Struct("<2sBBIId")  # magic, format, kind, payload length, crc32(spooled_at + payload), spooled_at
@@ -113,13 +114,16 @@ class JournalWriter:
                 os.close(fd)
 
     def retire_if_spooled(self, spooled_offset: Callable[[str], Optional[int]]) -> bool:
-        """Delete the open segment if the shipper has spooled all of it (`spooled_offset(name)`), so the
-        journal keeps no copy of a record once the spool has it; the next record starts a new segment."""
+        """Delete the open segment if the shipper has spooled all of it into its main file, not only its WAL
+        (`spooled_offset(name)`: the folded offset), so the journal keeps no copy of a record once the spool
+        holds it for good; the next record starts a new segment."""
         with self._lock:
             if self._fd is None or self.pid != os.getpid():
                 return False
             offset = spooled_offset(os.path.basename(self.path))
             if offset is None or offset < self.size:
+                if offset is not None and offset >= self._segment_bytes // _ROTATE_SHARE:
+                    self._abandon_segment()  # the next record starts a new segment; the reader deletes this one
                 return False
             self._abandon_segment()
             with contextlib.suppress(FileNotFoundError):
@@ -208,18 +212,22 @@ class JournalReader:
 
     `writer_alive(slot)` says whether a live process still writes to that slot's newest segment;
     `commit(rows, segment, offset)` must store the rows and the new offset in one transaction, and
-    `offsets()` returns what was committed so far ({segment name: offset}).
+    `offsets()` returns what was committed so far ({segment name: offset}). `fold()` makes everything
+    committed so far durable in the spool's main file and returns how far that covers each segment: a
+    finished segment is deleted only once it is covered to its end, since a commit still in SQLite's
+    WAL is lost if SQLite discards the WAL, and the segment is then the records' only other copy.
     """
 
     def __init__(self, directory: str, writer_alive: Callable[[int], bool],
                  commit: Callable[[List[Tuple[str, bytes, float]], str, int], None],
                  offsets: Callable[[], Dict[str, int]], forget: Callable[[str], None],
-                 chunk_bytes: int = 1024 * 1024) -> None:
+                 fold: Callable[[], Dict[str, int]], chunk_bytes: int = 1024 * 1024) -> None:
         self.directory = directory
         self._writer_alive = writer_alive
         self._commit = commit
         self._offsets = offsets
         self._forget = forget
+        self._fold = fold
         self._chunk_bytes = chunk_bytes
         self._lock = threading.Lock()  # the flusher's loop and the shipper's close may both ingest
         self.counters: Dict[str, int] = {"journal_records": 0, "journal_damaged_bytes": 0}
@@ -232,6 +240,7 @@ class JournalReader:
 
     def _ingest(self, max_bytes: int) -> int:
         offsets = self._offsets()
+        folded: Optional[Dict[str, int]] = None  # asked for once per pass, when a segment could go
         moved = 0
         budget = max_bytes
         listed = segments(self.directory)
@@ -247,13 +256,14 @@ class JournalReader:
                     chunk = read_frames(path, offset, min(self._chunk_bytes, budget), finished)
                 except FileNotFoundError:
                     break
+                if chunk.end != offset:
+                    self._commit(chunk.rows, name, chunk.end)  # damage is counted once it is skipped for good
                 if chunk.damaged_bytes:
                     self.counters["journal_damaged_bytes"] += chunk.damaged_bytes
                     logger.error("moesiftornado_durable: skipped %d damaged byte(s) in journal %s at offset %d "
                                  "(a torn last write of a killed process, or disk damage)",
                                  chunk.damaged_bytes, path, offset)
                 if chunk.end != offset:
-                    self._commit(chunk.rows, name, chunk.end)
                     moved += len(chunk.rows)
                     self.counters["journal_records"] += len(chunk.rows)
                     budget -= chunk.end - offset
@@ -261,8 +271,10 @@ class JournalReader:
                 if chunk.at_eof or not chunk.rows:
                     break
             if finished and offset >= _size(path):
-                _remove(path)
-                self._forget(name)
+                folded = self._fold() if folded is None else folded
+                if folded.get(name, 0) >= _size(path):  # its records are in the spool's main file
+                    _remove(path)
+                    self._forget(name)
             if budget <= 0:
                 break
         return moved

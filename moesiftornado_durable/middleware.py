@@ -196,7 +196,7 @@ class _ProcessRuntime(_Runtime):
             self._written_since_stats = 0
             self.fetcher.notice_etag(stats.get("config_etag"))
         try:
-            self.writer.retire_if_spooled(self._view.journal_offset)
+            self.writer.retire_if_spooled(self._view.journal_folded_offset)
         except (sqlite3.Error, FileNotFoundError):
             pass  # no shipper has created its spool yet
 
@@ -472,7 +472,8 @@ class MoesifMiddleware:
         Keys: spooled, skipped, sent, send_attempts, retries, dead_lettered, dropped_<reason> (one per
         reason seen), ready, in_flight, dead_letter, undecryptable, oldest_age (seconds), spool_bytes,
         last_error and last_error_at (the last delivery error), spool_failing (a write to the spool failed
-        in the last minute, or the spool cannot be read) and spool_error.
+        in the last minute, or the spool cannot be read) and spool_error; lost_wal once the shipper found
+        committed records SQLite had discarded with a damaged WAL (spooled again from the journals).
         """
         result: Dict[str, Any] = {name: 0 for name in ("spooled", "skipped", "sent", "send_attempts", "retries",
                                                        "dead_lettered")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,8 +15,9 @@ from typing import Any, Callable
 from conftest import wait_until
 
 from moesiftornado_durable import MoesifMiddleware, locks
+from moesiftornado_durable.config import Config
 from moesiftornado_durable.journal import INTAKE, JournalWriter, frame, iter_records, read_frames, segments
-from moesiftornado_durable.shipper import journal_reader
+from moesiftornado_durable.shipper import Shipper, journal_reader, read_stats_file
 from moesiftornado_durable.spool import Spool
 from moesiftornado_durable.testing import Collector
 
@@ -203,3 +205,50 @@ def test_the_shipper_restarts_after_a_sigkill_and_nothing_is_lost(make_middlewar
     assert middleware.flush(15)
     users = sorted(u["user_id"] for u in collector.users)
     assert users == sorted([f"before-{n}" for n in range(20)] + [f"after-{n}" for n in range(20)])
+
+
+SPOOL_AND_DIE = """
+import os, signal, sys
+from moesiftornado_durable import locks
+from moesiftornado_durable.shipper import journal_reader
+from moesiftornado_durable.spool import Spool
+spool = Spool(locks.spool_path(sys.argv[1], locks.SHIPPER_SLOT))
+reader = journal_reader(spool)
+while reader.ingest():
+    pass
+print("ready", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no close: SQLite does not fold the WAL into the database file
+"""
+
+
+def test_records_sqlite_discards_with_a_damaged_wal_are_detected_counted_and_spooled_again(
+    tmp_path: str, caplog: Any
+) -> None:
+    """1,000 records spooled only into the WAL (no fold yet, the segment still being written), the shipper
+    killed, garbage at the start of the WAL: SQLite discards the WAL whole. The next open says so in an
+    ERROR, counts the lost records in the shipper's figures, and spools them again from the journal,
+    which was kept because they never reached the database file."""
+    directory = str(tmp_path)
+    lock = locks.try_lock(directory, 0, INTAKE)  # a live writer: its segment is not finished
+    assert lock is not None
+    try:
+        write_records(directory, 1000).close()
+        kill(start(SPOOL_AND_DIE, directory))
+        path = locks.spool_path(directory, locks.SHIPPER_SLOT)
+        assert os.path.getsize(path + "-wal") > 100_000  # the records are in the WAL only
+        with open(path + "-wal", "r+b") as wal:
+            wal.write(os.urandom(200))
+        with caplog.at_level(logging.ERROR, logger="moesiftornado_durable"):
+            shipper = Shipper(Config.from_dict({"APPLICATION_ID": "x", "SPOOL_DIR": directory,
+                                                "BASE_URI": "http://127.0.0.1:9"}))
+        try:
+            assert shipper.spool.lost_wal == 1000
+            assert any("lost 1000 committed record(s)" in r.getMessage() for r in caplog.records)
+            assert any("has a WAL SQLite will discard" in r.getMessage() for r in caplog.records)
+            shipper.tick()  # spools the journal again and publishes the figures
+            assert [item["body"]["n"] for item in shipper.spool.records()] == list(range(1000))
+            assert read_stats_file(directory)["counters"]["lost_wal"] == 1000
+        finally:
+            shipper.spool.close()
+    finally:
+        lock.release()
