@@ -34,6 +34,7 @@ INTAKE = "intake"  # the lock-file prefix of journal slots: intake-<slot>.lock
 SEGMENT_PATTERN = re.compile(r"^intake-(\d+)-(\d+)\.jnl$")
 SEGMENT_BYTES = 4 * 1024 * 1024  # a writer starts a new segment past this; the reader deletes ingested ones
 _ROTATE_SHARE = 16  # ... or once 1/16 of it is in the spool: a record is not kept twice for long (a tight disk)
+_MIN_CHUNK_BYTES = 16 * 1024  # the reader's smallest commit, after commits failed (a full disk)
 _MAGIC = b"MJ"
 _FORMAT = 1
 _HEADER = struct.Struct("<2sBBIId")  # magic, format, kind, payload length, crc32(spooled_at + payload), spooled_at
@@ -228,7 +229,7 @@ class JournalReader:
         self._offsets = offsets
         self._forget = forget
         self._fold = fold
-        self._chunk_bytes = chunk_bytes
+        self._chunk_bytes = self._max_chunk_bytes = chunk_bytes
         self._lock = threading.Lock()  # the flusher's loop and the shipper's close may both ingest
         self.counters: Dict[str, int] = {"journal_records": 0, "journal_damaged_bytes": 0}
 
@@ -257,7 +258,12 @@ class JournalReader:
                 except FileNotFoundError:
                     break
                 if chunk.end != offset:
-                    self._commit(chunk.rows, name, chunk.end)  # damage is counted once it is skipped for good
+                    try:
+                        self._commit(chunk.rows, name, chunk.end)  # damage is counted once skipped for good
+                    except Exception:  # a full disk: a smaller commit may fit where this one did not
+                        self._chunk_bytes = max(_MIN_CHUNK_BYTES, self._chunk_bytes // 4)
+                        raise
+                    self._chunk_bytes = min(self._max_chunk_bytes, self._chunk_bytes * 2)
                 if chunk.damaged_bytes:
                     self.counters["journal_damaged_bytes"] += chunk.damaged_bytes
                     logger.error("moesiftornado_durable: skipped %d damaged byte(s) in journal %s at offset %d "

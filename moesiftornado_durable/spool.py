@@ -7,8 +7,8 @@ JSON (never pickle: a spool file is data and must not run code when read). The f
 flight by a killed process are made ready again when the spool is next opened: at-least-once delivery.
 
 Size on disk: a backlog takes about 1.1x its records' JSON bytes (a new file's 8 KiB pages hold five
-~1.5 KB records where 4 KiB pages held two), plus a WAL of up to ~4 MiB, and less on a nearly full disk
-(`_keep_wal_small` folds it into the database and truncates it past 1/8 of the free space). Once a
+~1.5 KB records where 4 KiB pages held two), plus a WAL of up to ~8 MiB (SQLite folds it every 1000 pages),
+less on a nearly full disk (`_keep_wal_small` folds it and truncates it past 1/8 of the free space). Once a
 backlog is delivered, `scrub` gives the pages back (VACUUM) and empties the WAL, so a drained spool is a
 few pages again; benchmarks/backlog.py measures both.
 """
@@ -49,9 +49,9 @@ _READY_BELOW = int(AckStatus.unack)  # persist-queue: 0 inited and 1 ready are b
 _IN_FLIGHT = int(AckStatus.unack)
 _UNDECRYPTABLE = 7  # our own status: no configured key opens it; kept untouched, retried at the next open
 WAL_AUTOCHECKPOINT_PAGES = 1000  # SQLite's default: a commit folds the WAL into the database past 1000 pages
-WAL_FOLD_BYTES = 4 * 1024 * 1024  # `checkpoints_aside` folds past this; so do commits while the disk is roomy
-WAL_SHARE_OF_FREE_SPACE = 8  # ... and past 1/8 of the file system's free space (`_keep_wal_small`)
-WAL_CHECK_BYTES = 64 * 1024  # the WAL's size is looked at again after about this many bytes of records
+WAL_FOLD_BYTES = 4 * 1024 * 1024  # `checkpoints_aside` folds past this
+WAL_SHARE_OF_FREE_SPACE = 8  # a WAL past 1/8 of the file system's free space is folded and cut (`_keep_wal_small`)
+WAL_CHECK_COMMITS = 16  # `put` looks at the WAL's size every this many commits (`ingest` and `ack` at each)
 FOLD_INTERVAL = 1.0  # seconds between the shipper's folds (so fully spooled journal segments can go)
 MARK_SUFFIX = "-mark"  # beside the database: the highest record id committed (see `_check_mark`)
 
@@ -222,7 +222,7 @@ class Spool:
             self._execute_many(f"UPDATE {self._table} SET status = {AckStatus.ready} WHERE status = ?",
                                [(_UNDECRYPTABLE,)])
         self._mark_fd: Optional[int] = None
-        self._wal_grown = 0  # bytes of records committed since the WAL's size was last looked at
+        self._commits_unchecked = 0  # commits since the WAL's size was last looked at
         self._folded_at = 0.0  # monotonic time of the last `fold`
         self._committed_since_fold = True
         self.lost_wal = self._check_mark()  # records SQLite discarded with a damaged or deleted WAL
@@ -244,7 +244,7 @@ class Spool:
             self._after_failed_commit(exc)
             raise
         self._grow(len(data))
-        self._keep_wal_small(len(data))
+        self._keep_wal_small(1)
         self._queue.put_event.set()
         return int(row_id)
 
@@ -356,7 +356,7 @@ class Spool:
             for marks, chunk in _in_chunks(ids):  # one statement per 500 rows: half the time of one per row
                 conn.execute(f"DELETE FROM {self._table} WHERE {self._key} IN ({marks})", chunk)
         self._grow(-freed)
-        self._keep_wal_small(freed)  # secure_delete rewrites the pages: acks grow the WAL too
+        self._keep_wal_small(WAL_CHECK_COMMITS)  # secure_delete rewrites the pages: acks grow the WAL too
 
     def _record_id(self, data: bytes) -> str:
         """The id that names a record in logs: its transaction_id (events) or user/company id."""
@@ -564,7 +564,7 @@ class Spool:
         self._write_mark(last_id)
         self._committed_since_fold = True
         self._grow(added)
-        self._keep_wal_small(added)
+        self._keep_wal_small(WAL_CHECK_COMMITS)
         if self._max_bytes is not None and self._when_full == "drop_oldest" and self._live_bytes > self._max_bytes:
             self._evict_oldest(0)  # the newest stay
         if rows:
@@ -621,40 +621,38 @@ class Spool:
         if self._committed_since_fold and time.monotonic() - self._folded_at >= FOLD_INTERVAL:
             self.fold()
 
-    def _keep_wal_small(self, committed: int) -> None:
-        """Fold and truncate the WAL once it outgrows its share of the disk (every ~WAL_CHECK_BYTES committed).
+    def _keep_wal_small(self, commits: int) -> None:
+        """Fold and truncate the WAL once it outgrows its share of the disk (looked at every WAL_CHECK_COMMITS).
 
         SQLite folds the WAL only past 1000 pages (8 MiB here), and a fold has to grow the database file
         before the WAL can shrink: on a nearly full disk, a WAL left to grow can take the last free bytes and
         then never be folded (measured on a 2 MB tmpfs: a 1.9 MB WAL, a 8 KiB database, every write refused
-        for good). So the WAL is kept under WAL_FOLD_BYTES and under 1/WAL_SHARE_OF_FREE_SPACE of the free
-        space, which leaves room for the fold to copy it. A fold that fails (the disk is full) is retried
-        at the next commit's check.
+        for good). So the WAL is kept under 1/WAL_SHARE_OF_FREE_SPACE of the free space, which leaves room
+        for the fold to copy it. A fold that fails (the disk is full) is retried at the next commit's check.
         """
-        self._wal_grown += committed
-        if self._wal_grown < WAL_CHECK_BYTES:
+        self._commits_unchecked += commits
+        if self._commits_unchecked < WAL_CHECK_COMMITS:
             return
-        self._wal_grown = 0
+        self._commits_unchecked = 0
         wal = bytes_on_disk(self.path + "-wal")
         try:
             found = os.statvfs(self.directory)
             free = found.f_bavail * found.f_frsize
         except OSError:
             free = WAL_FOLD_BYTES * WAL_SHARE_OF_FREE_SPACE
-        if wal <= min(WAL_FOLD_BYTES, free // WAL_SHARE_OF_FREE_SPACE):
-            return
+        if wal <= free // WAL_SHARE_OF_FREE_SPACE:
+            return  # a roomy disk: SQLite's own folds (WAL_AUTOCHECKPOINT_PAGES) do
         try:
             self.fold(truncate=True)
         except sqlite3.OperationalError as exc:  # e.g. the disk is full: the database file cannot grow yet
-            self._wal_grown = WAL_CHECK_BYTES  # try again at the next commit
+            self._commits_unchecked = WAL_CHECK_COMMITS  # try again at the next commit
             logger.warning("could not fold the WAL of %s into the database (%s); trying again", self.path, exc)
 
     def _after_failed_commit(self, exc: sqlite3.OperationalError) -> None:
         """A commit the full disk refused: fold and truncate the WAL now if it is over its share, so the
         space it holds comes back and the next commit finds room."""
         if "full" in str(exc):
-            self._wal_grown = WAL_CHECK_BYTES
-            self._keep_wal_small(0)
+            self._keep_wal_small(WAL_CHECK_COMMITS)
 
     def _last_id(self, conn: sqlite3.Connection) -> int:
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (self._table.strip("`"),)).fetchone()

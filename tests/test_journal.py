@@ -18,7 +18,7 @@ from moesiftornado_durable import MoesifMiddleware, locks
 from moesiftornado_durable.config import Config
 from moesiftornado_durable.journal import INTAKE, JournalWriter, frame, iter_records, read_frames, segments
 from moesiftornado_durable.shipper import Shipper, journal_reader, read_stats_file
-from moesiftornado_durable.spool import Spool
+from moesiftornado_durable.spool import Spool, SpoolView
 from moesiftornado_durable.testing import Collector
 
 
@@ -137,7 +137,7 @@ INGESTER = """
 import sys
 from moesiftornado_durable import MoesifMiddleware, locks
 from moesiftornado_durable.shipper import journal_reader
-from moesiftornado_durable.spool import Spool
+from moesiftornado_durable.spool import Spool, SpoolView
 from moesiftornado_durable.testing import Collector
 spool = Spool(locks.spool_path(sys.argv[1], locks.SHIPPER_SLOT))
 reader = journal_reader(spool)
@@ -211,7 +211,7 @@ SPOOL_AND_DIE = """
 import os, signal, sys
 from moesiftornado_durable import locks
 from moesiftornado_durable.shipper import journal_reader
-from moesiftornado_durable.spool import Spool
+from moesiftornado_durable.spool import Spool, SpoolView
 spool = Spool(locks.spool_path(sys.argv[1], locks.SHIPPER_SLOT))
 reader = journal_reader(spool)
 while reader.ingest():
@@ -251,4 +251,39 @@ def test_records_sqlite_discards_with_a_damaged_wal_are_detected_counted_and_spo
         finally:
             shipper.spool.close()
     finally:
+        lock.release()
+
+
+def test_a_live_writer_closes_its_segment_once_part_of_it_is_folded_so_the_reader_can_delete_it(
+    tmp_path: str
+) -> None:
+    """A record stays in the journal until the spool's database file holds it; a busy writer never catches
+    up with the shipper, so it starts a new segment once 1/16 of the open one is folded (a tight disk
+    would otherwise hold every record twice, up to a whole segment)."""
+    directory = str(tmp_path)
+    lock = locks.try_lock(directory, 0, INTAKE)
+    assert lock is not None
+    spool = Spool(locks.spool_path(directory, locks.SHIPPER_SLOT))
+    view = SpoolView(spool.path)
+    try:
+        writer = write_records(directory, 200, segment_bytes=64 * 1024)  # ~30 KB: past 1/16 of the segment
+        first = writer.path
+        reader = journal_reader(spool)
+        assert reader.ingest() == 200
+        writer.append("event", record(200), 2000.0)  # the writer is ahead of the shipper again
+        assert not writer.retire_if_spooled(view.journal_folded_offset)  # nothing folded yet: kept
+        spool.fold()
+        assert not writer.retire_if_spooled(view.journal_folded_offset)  # not all of it: kept, but closed
+        writer.append("event", record(201), 2001.0)
+        assert writer.path != first
+        assert reader.ingest() == 2  # the closed segment is spooled to its end, folded, deleted
+        assert [p for _, _, p in segments(directory)] == [writer.path]
+        spool.fold()
+        assert writer.retire_if_spooled(view.journal_folded_offset)  # all of it folded: deleted
+        assert segments(directory) == []
+        assert [item["body"]["n"] for item in spool.records()] == list(range(202))
+        writer.close()
+    finally:
+        view.close()
+        spool.close()
         lock.release()
