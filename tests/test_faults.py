@@ -194,8 +194,9 @@ def fill(path: str) -> None:
                 f.write(b"\0" * 4096)
 
 
+@pytest.mark.parametrize("shipper", ["process", "thread"])
 def test_after_a_full_disk_with_a_spool_in_use_spooling_resumes_and_every_drop_is_counted_once(
-    collector: Collector, tmp_path: Any, logs: Callable[[], List[str]]
+    collector: Collector, tmp_path: Any, logs: Callable[[], List[str]], shipper: str
 ) -> None:
     """The shipper has spooled events (its WAL in use) when another file takes the last free bytes: new
     events are dropped and counted; once that file is gone, the next events are spooled and delivered,
@@ -204,7 +205,7 @@ def test_after_a_full_disk_with_a_spool_in_use_spooling_resumes_and_every_drop_i
         spool_dir = os.path.join(mount, "spool")
         collector.go_down()
         middleware = MoesifMiddleware({"APPLICATION_ID": "x", "SPOOL_DIR": spool_dir, "BASE_URI": collector.base_uri,
-                                       "FLUSH_INTERVAL": 0.05, "RETRY_MAX_WAIT": 0.2})
+                                       "FLUSH_INTERVAL": 0.05, "RETRY_MAX_WAIT": 0.2, "SHIPPER": shipper})
         try:
             logged = 0
 
