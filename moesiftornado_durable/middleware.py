@@ -252,8 +252,8 @@ class _ProcessRuntime(_Runtime):
         return False
 
     def _spooled(self, view: SpoolView, segment: str, size: int) -> bool:
-        if not segment:
-            return True  # this process wrote nothing
+        if not segment or size == 0:
+            return True  # this process wrote nothing (or its newest segment is empty: a write the full disk refused)
         offset = view.journal_offset(segment)
         if offset is None:
             return not os.path.exists(self.writer.path)  # deleted once spooled completely

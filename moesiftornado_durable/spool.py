@@ -54,6 +54,8 @@ WAL_SHARE_OF_FREE_SPACE = 8  # a WAL past 1/8 of the file system's free space is
 WAL_CHECK_COMMITS = 16  # `put` looks at the WAL's size every this many commits (`ingest` and `ack` at each)
 FOLD_INTERVAL = 1.0  # seconds between the shipper's folds (so fully spooled journal segments can go)
 MARK_SUFFIX = "-mark"  # beside the database: the highest record id committed (see `_check_mark`)
+RESERVE_SUFFIX = "-reserve"  # beside the database: space held back for acks and folds on a full disk
+RESERVE_BYTES = 256 * 1024  # enough for an ack of a few batches and a fold of a small WAL (`_release_reserve`)
 
 PAGE_SIZE = 8192  # of a new spool file: five ~1.5 KB records per page (a 4 KiB page holds two: 1.36x the JSON)
 SHRINK_MIN_FREE_BYTES = 512 * 1024  # `scrub` gives free pages back once they add up to this much
@@ -223,6 +225,7 @@ class Spool:
                                [(_UNDECRYPTABLE,)])
         self._mark_fd: Optional[int] = None
         self._commits_unchecked = 0  # commits since the WAL's size was last looked at
+        self._reserved = os.path.exists(path + RESERVE_SUFFIX)
         self._folded_at = 0.0  # monotonic time of the last `fold`
         self._committed_since_fold = True
         self.lost_wal = self._check_mark()  # records SQLite discarded with a damaged or deleted WAL
@@ -351,10 +354,15 @@ class Spool:
 
     def ack(self, ids: Sequence[int]) -> None:
         """Delivered: delete the rows, in one transaction."""
-        with self._queue.tran_lock, self._conn() as conn:
-            freed = self._bytes_of(conn, ids)
-            for marks, chunk in _in_chunks(ids):  # one statement per 500 rows: half the time of one per row
-                conn.execute(f"DELETE FROM {self._table} WHERE {self._key} IN ({marks})", chunk)
+        try:
+            with self._queue.tran_lock, self._conn() as conn:
+                freed = self._bytes_of(conn, ids)
+                for marks, chunk in _in_chunks(ids):  # one statement per 500 rows: half the time of one per row
+                    conn.execute(f"DELETE FROM {self._table} WHERE {self._key} IN ({marks})", chunk)
+        except sqlite3.OperationalError as exc:
+            if "full" in str(exc):
+                self._release_reserve()  # deleting delivered rows is how space comes back: let it happen
+            raise
         self._grow(-freed)
         self._keep_wal_small(WAL_CHECK_COMMITS)  # secure_delete rewrites the pages: acks grow the WAL too
 
@@ -640,6 +648,8 @@ class Spool:
             free = found.f_bavail * found.f_frsize
         except OSError:
             free = WAL_FOLD_BYTES * WAL_SHARE_OF_FREE_SPACE
+        if not self._reserved and free >= 4 * RESERVE_BYTES:
+            self._make_reserve()
         if wal <= free // WAL_SHARE_OF_FREE_SPACE:
             return  # a roomy disk: SQLite's own folds (WAL_AUTOCHECKPOINT_PAGES) do
         try:
@@ -647,6 +657,38 @@ class Spool:
         except sqlite3.OperationalError as exc:  # e.g. the disk is full: the database file cannot grow yet
             self._commits_unchecked = WAL_CHECK_COMMITS  # try again at the next commit
             logger.warning("could not fold the WAL of %s into the database (%s); trying again", self.path, exc)
+
+    def _make_reserve(self) -> None:
+        """Set RESERVE_BYTES of the disk aside in a file of their own, while there is room to spare: on a
+        disk that fills up, deleting delivered records and folding the WAL need a little space themselves,
+        and without it a full spool could never be emptied (measured on a 2 MB tmpfs: every ack refused
+        after the collector came back, 25 of 1,500 events delivered in 30 s)."""
+        try:
+            fd = os.open(self.path + RESERVE_SUFFIX,
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            self._reserved = True
+            return
+        except OSError:
+            return
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            self._reserved = True
+        except OSError:
+            os.remove(self.path + RESERVE_SUFFIX)
+        finally:
+            os.close(fd)
+
+    def _release_reserve(self) -> None:
+        """Give the reserved space back (the disk is full), so the next ack or fold finds room; it is set
+        aside again once there is room to spare."""
+        if not self._reserved:
+            return
+        self._reserved = False
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path + RESERVE_SUFFIX)
+            logger.warning("the disk of %s is full: released the spool's reserve of %d bytes so delivered "
+                           "records can be deleted", self.path, RESERVE_BYTES)
 
     def _after_failed_commit(self, exc: sqlite3.OperationalError) -> None:
         """A commit the full disk refused: fold and truncate the WAL now if it is over its share, so the
@@ -962,8 +1004,9 @@ def quarantine(path: str, problem: str) -> str:
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(path + suffix):
             os.replace(path + suffix, aside + suffix)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path + MARK_SUFFIX)  # it speaks of the file set aside; the fresh spool starts from 0
+    for suffix in (MARK_SUFFIX, RESERVE_SUFFIX):  # they speak of the file set aside; the fresh spool starts anew
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + suffix)
     logger.error("spool file %s is damaged (%s); kept as %s for `moesiftornado-durable salvage`, "
                  "a fresh spool starts in its place", path, problem, aside)
     return aside

@@ -242,6 +242,32 @@ def test_after_a_full_disk_with_a_spool_in_use_spooling_resumes_and_every_drop_i
             middleware.close(2)
 
 
+def test_a_spool_that_filled_the_disk_is_delivered_and_emptied_when_the_collector_returns(
+    collector: Collector, tmp_path: Any
+) -> None:
+    """The collector is down until the spool and the journals take the whole disk: deleting delivered
+    records needs a little space too, which the spool's reserve gives back; everything spooled is then
+    delivered and acked, and the dropped count is exactly what never arrived."""
+    with tiny_filesystem(str(tmp_path / "small")) as mount:
+        spool_dir = os.path.join(mount, "spool")
+        collector.go_down()
+        middleware = MoesifMiddleware({"APPLICATION_ID": "x", "SPOOL_DIR": spool_dir, "BASE_URI": collector.base_uri,
+                                       "FLUSH_INTERVAL": 0.05, "RETRY_MAX_WAIT": 0.2})
+        try:
+            for first in range(0, 1500, 10):  # ~2.3 MB of records: more than the disk holds
+                spool_events(middleware, [event(n, padding=1000) for n in range(first, first + 10)])
+                time.sleep(0.03)
+            assert middleware.stats().get("dropped_disk_full", 0) > 0
+            collector.come_up()
+            assert middleware.flush(60), middleware.stats()
+            stats = middleware.stats()
+            delivered = set(collector.transaction_ids())
+            assert stats["dropped_disk_full"] == 1500 - len(delivered), (stats, len(delivered))
+            assert stats["ready"] == stats["in_flight"] == 0
+        finally:
+            middleware.close(2)
+
+
 # -- corrupt spool ---------------------------------------------------------------------------------
 
 
