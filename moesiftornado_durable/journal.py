@@ -117,13 +117,14 @@ class JournalWriter:
     def retire_if_spooled(self, spooled_offset: Callable[[str], Optional[int]]) -> bool:
         """Delete the open segment if the shipper has spooled all of it into its main file, not only its WAL
         (`spooled_offset(name)`: the folded offset), so the journal keeps no copy of a record once the spool
-        holds it for good; the next record starts a new segment."""
+        holds it for good; the next record starts a new segment. A segment already closed (after a failed
+        write, or closed early below) and still the newest is deleted here too: the reader waits for a newer one."""
         with self._lock:
-            if self._fd is None or self.pid != os.getpid():
+            if not self.path or self.pid != os.getpid() or (self._fd is None and not os.path.exists(self.path)):
                 return False
             offset = spooled_offset(os.path.basename(self.path))
             if offset is None or offset < self.size:
-                if offset is not None and offset >= self._segment_bytes // _ROTATE_SHARE:
+                if self._fd is not None and offset is not None and offset >= self._segment_bytes // _ROTATE_SHARE:
                     self._abandon_segment()  # the next record starts a new segment; the reader deletes this one
                 return False
             self._abandon_segment()
