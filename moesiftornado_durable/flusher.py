@@ -500,7 +500,7 @@ class Flusher:
 
 def remove_spool_files(path: str) -> None:
     """Delete a spool file and its WAL and shared-memory files (only ever with its lock held)."""
-    for suffix in ("-wal", "-shm", ""):
+    for suffix in ("-wal", "-shm", "-mark", "-reserve", ""):
         try:
             os.remove(path + suffix)
         except FileNotFoundError:

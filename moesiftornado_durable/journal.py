@@ -44,6 +44,8 @@ INTAKE = "intake"  # the lock-file prefix of journal slots: intake-<slot>.lock
 SEGMENT_PATTERN = re.compile(r"^intake-(\d+)-(\d+)\.jnl2?$")  # .jnl: format 1, from earlier builds
 SEGMENT_BYTES = 4 * 1024 * 1024  # a writer starts a new segment past this; the reader deletes ingested ones
 DAMAGED_SUFFIX = ".damaged"  # a segment with damage before intact frames is kept as <segment>.damaged
+_ROTATE_SHARE = 16  # ... or once 1/16 of it is in the spool: a record is not kept twice for long (a tight disk)
+_MIN_CHUNK_BYTES = 16 * 1024  # the reader's smallest commit, after commits failed (a full disk)
 _MAGIC = b"MJ"
 _FORMAT = 2
 _HEADER = struct.Struct("<2sBBIdI")  # magic, format 2, kind, payload length, spooled_at, crc32(payload)
@@ -177,13 +179,17 @@ class JournalWriter:
                 os.close(fd)
 
     def retire_if_spooled(self, spooled_offset: Callable[[str], Optional[int]]) -> bool:
-        """Delete the open segment if the shipper has spooled all of it (`spooled_offset(name)`), so the
-        journal keeps no copy of a record once the spool has it; the next record starts a new segment."""
+        """Delete the open segment if the shipper has spooled all of it into its main file, not only its WAL
+        (`spooled_offset(name)`: the folded offset), so the journal keeps no copy of a record once the spool
+        holds it for good; the next record starts a new segment. A segment already closed (after a failed
+        write, or closed early below) and still the newest is deleted here too: the reader waits for a newer one."""
         with self._lock:
-            if self._fd is None or self.pid != os.getpid():
+            if not self.path or self.pid != os.getpid() or (self._fd is None and not os.path.exists(self.path)):
                 return False
             offset = spooled_offset(os.path.basename(self.path))
             if offset is None or offset < self.size:
+                if self._fd is not None and offset is not None and offset >= self._segment_bytes // _ROTATE_SHARE:
+                    self._abandon_segment()  # the next record starts a new segment; the reader deletes this one
                 return False
             self._abandon_segment()
             with contextlib.suppress(FileNotFoundError):
@@ -327,19 +333,23 @@ class JournalReader:
 
     `writer_alive(slot)` says whether a live process still writes to that slot's newest segment;
     `commit(rows, segment, offset)` must store the rows and the new offset in one transaction, and
-    `offsets()` returns what was committed so far ({segment name: offset}).
+    `offsets()` returns what was committed so far ({segment name: offset}). `fold()` makes everything
+    committed so far durable in the spool's main file and returns how far that covers each segment: a
+    finished segment is deleted only once it is covered to its end, since a commit still in SQLite's
+    WAL is lost if SQLite discards the WAL, and the segment is then the records' only other copy.
     """
 
     def __init__(self, directory: str, writer_alive: Callable[[int], bool],
                  commit: Callable[[List[Tuple[str, bytes, float]], str, int], None],
                  offsets: Callable[[], Dict[str, int]], forget: Callable[[str], None],
-                 chunk_bytes: int = 1024 * 1024) -> None:
+                 fold: Callable[[], Dict[str, int]], chunk_bytes: int = 1024 * 1024) -> None:
         self.directory = directory
         self._writer_alive = writer_alive
         self._commit = commit
         self._offsets = offsets
         self._forget = forget
-        self._chunk_bytes = chunk_bytes
+        self._fold = fold
+        self._chunk_bytes = self._max_chunk_bytes = chunk_bytes
         self._lock = threading.Lock()  # the flusher's loop and the shipper's close may both ingest
         self.counters: Dict[str, int] = {"journal_records": 0, "journal_damaged_bytes": 0,
                                          "journal_damaged_segments": 0}
@@ -352,6 +362,7 @@ class JournalReader:
 
     def _ingest(self, max_bytes: int) -> int:
         offsets = self._offsets()
+        folded: Optional[Dict[str, int]] = None  # asked for once per pass, when a segment could go
         moved = 0
         budget = max_bytes
         listed = segments(self.directory)
@@ -367,11 +378,19 @@ class JournalReader:
                     chunk = read_frames(path, offset, min(self._chunk_bytes, budget), finished)
                 except FileNotFoundError:
                     break
-                if chunk.damaged_bytes:
-                    self._report_damage(path, offset, chunk)
                 progressed = chunk.end != offset  # past records, or past damage only
+                if chunk.damaged_bytes > chunk.torn_bytes:
+                    self._keep_damaged_aside(path)  # before the offset moves past the damage
                 if progressed:
-                    self._commit(chunk.rows, name, chunk.end)
+                    try:
+                        self._commit(chunk.rows, name, chunk.end)
+                    except Exception:  # a full disk: a smaller commit may fit where this one did not
+                        self._chunk_bytes = max(_MIN_CHUNK_BYTES, self._chunk_bytes // 4)
+                        raise
+                    self._chunk_bytes = min(self._max_chunk_bytes, self._chunk_bytes * 2)
+                if progressed:
+                    if chunk.damaged_bytes:
+                        self._report_damage(path, offset, chunk)  # once, after the commit that skips it for good
                     moved += len(chunk.rows)
                     self.counters["journal_records"] += len(chunk.rows)
                     budget -= chunk.end - offset
@@ -379,23 +398,28 @@ class JournalReader:
                 if chunk.at_eof or not progressed:
                     break
             if finished and offset >= _size(path):
-                _remove(path)
-                self._forget(name)
+                folded = self._fold() if folded is None else folded
+                if folded.get(name, 0) >= _size(path):  # its records are in the spool's main file
+                    _remove(path)
+                    self._forget(name)
             if budget <= 0:
                 break
         return moved
 
+    def _keep_damaged_aside(self, path: str) -> None:
+        """Damage before intact frames is not a torn last write: keep the segment aside (`keep_aside`)
+        before the offset moves past the damage, so a crash cannot lose it."""
+        if keep_aside(path):
+            self.counters["journal_damaged_segments"] += 1
+
     def _report_damage(self, path: str, offset: int, chunk: Chunk) -> None:
-        """Count and log skipped bytes. Damage before intact frames is not a torn last write: the segment
-        is kept aside (`keep_aside`) before the offset moves past the damage, so a crash cannot lose it."""
+        """Count and log skipped bytes, once they are skipped for good."""
         self.counters["journal_damaged_bytes"] += chunk.damaged_bytes
         inner = chunk.damaged_bytes - chunk.torn_bytes
         if not inner:
             logger.error("moesiftornado_durable: skipped a torn last write of %d byte(s) at the end of journal %s "
                          "(its process was killed in the middle of a write)", chunk.torn_bytes, path)
             return
-        if keep_aside(path):
-            self.counters["journal_damaged_segments"] += 1
         logger.error("moesiftornado_durable: skipped %d damaged byte(s) in journal %s after offset %d and read on "
                      "from the next intact record (disk damage?); the segment is kept as %s%s", inner, path, offset,
                      path, DAMAGED_SUFFIX)

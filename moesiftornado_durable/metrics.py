@@ -36,6 +36,8 @@ _METRICS: Tuple[Tuple[str, str, str, str], ...] = (
     ("spool_bytes", "spool_bytes", "gauge", "Size of the spool files on disk."),
     ("last_error_at", "last_error_timestamp_seconds", "gauge", "When the last delivery error happened."),
     ("spool_failing", "spool_failing", "gauge", "1 if writing to or reading the spool failed recently."),
+    ("lost_wal", "lost_wal_total", "counter",
+     "Committed records SQLite discarded with a damaged WAL (spooled again from the journals)."),
 )
 
 

@@ -239,7 +239,7 @@ class _ProcessRuntime(_Runtime):
             self._view.close()
             self._view = SpoolView(self._view.path)
         try:
-            self.writer.retire_if_spooled(self._view.journal_offset)
+            self.writer.retire_if_spooled(self._view.journal_folded_offset)
         except (sqlite3.Error, FileNotFoundError):
             pass  # no shipper has created its spool yet
 
@@ -304,8 +304,8 @@ class _ProcessRuntime(_Runtime):
         return False
 
     def _spooled(self, view: SpoolView, segment: str, size: int) -> bool:
-        if not segment:
-            return True  # this process wrote nothing
+        if not segment or size == 0:
+            return True  # this process wrote nothing (or its newest segment is empty: a write the full disk refused)
         offset = view.journal_offset(segment)
         if offset is None:
             return not os.path.exists(self.writer.path)  # deleted once spooled completely
@@ -556,7 +556,8 @@ class MoesifMiddleware(ExecuteHook):
         reason seen), body_omitted_<reason> (bodies left out of events that were kept: too_large,
         unmaskable, event_too_large), ready, in_flight, dead_letter, undecryptable, oldest_age (seconds), spool_bytes,
         last_error and last_error_at (the last delivery error), spool_failing (a write to the spool failed
-        in the last minute, or the spool cannot be read) and spool_error.
+        in the last minute, or the spool cannot be read) and spool_error; lost_wal once the shipper found
+        committed records SQLite had discarded with a damaged WAL (spooled again from the journals).
         """
         result: Dict[str, Any] = {name: 0 for name in ("spooled", "skipped", "sent", "send_attempts", "retries",
                                                        "dead_lettered")}

@@ -86,7 +86,8 @@ def journal_reader(spool: Spool) -> JournalReader:
     def writer_alive(slot: int) -> bool:
         return bool(locks.owner(directory, slot, INTAKE)[1])
 
-    return JournalReader(directory, writer_alive, spool.ingest, spool.journal_offsets, spool.forget_segment)
+    return JournalReader(directory, writer_alive, spool.ingest, spool.journal_offsets, spool.forget_segment,
+                         spool.fold)
 
 
 class Shipper:
@@ -118,6 +119,7 @@ class Shipper:
             self._flush_seen = requested
             self.flusher.hurry(_FLUSH_URGENCY)
         self.reader.ingest()
+        self.spool.fold_if_due()  # so the app processes may delete the segments they wrote (`retire_if_spooled`)
         self.publish_stats()
 
     def _flush_requested_at(self) -> float:
@@ -147,6 +149,8 @@ class Shipper:
         figures.update(self.reader.counters)
         if self._dropped_oldest:  # stats() shows a dropped_<reason> key only once something was dropped
             figures["dropped_oldest"] = self._dropped_oldest
+        if self.spool.lost_wal:  # committed records SQLite discarded with a damaged WAL (spooled again)
+            figures["lost_wal"] = self.spool.lost_wal
         stats = {
             "pid": os.getpid(), "counters": figures,
             "last_error": None if courier.last_error is None else str(courier.last_error),

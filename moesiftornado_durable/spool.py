@@ -7,9 +7,10 @@ JSON (never pickle: a spool file is data and must not run code when read). The f
 flight by a killed process are made ready again when the spool is next opened: at-least-once delivery.
 
 Size on disk: a backlog takes about 1.1x its records' JSON bytes (a new file's 8 KiB pages hold five
-~1.5 KB records where 4 KiB pages held two), plus a WAL of up to ~8 MiB (SQLite checkpoints it every 1000
-pages). Once a backlog is delivered, `scrub` gives the pages back (VACUUM) and empties the WAL, so a
-drained spool is a few pages again; benchmarks/backlog.py measures both.
+~1.5 KB records where 4 KiB pages held two), plus a WAL of up to ~8 MiB (SQLite folds it every 1000 pages),
+less on a nearly full disk (`_keep_wal_small` folds it and truncates it past 1/8 of the free space). Once a
+backlog is delivered, `scrub` gives the pages back (VACUUM) and empties the WAL, so a drained spool is a
+few pages again; benchmarks/backlog.py measures both.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import logging
 import os
 import sqlite3
+import struct
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
@@ -47,8 +49,14 @@ KINDS = (EVENT, USER, COMPANY, SUBSCRIPTION)
 _READY_BELOW = int(AckStatus.unack)  # persist-queue: 0 inited and 1 ready are both takeable
 _IN_FLIGHT = int(AckStatus.unack)
 _UNDECRYPTABLE = 7  # our own status: no configured key opens it; kept untouched, retried at the next open
-WAL_AUTOCHECKPOINT_PAGES = 1000  # SQLite's default: a commit folds the WAL into the database past ~4 MB
-WAL_FOLD_BYTES = 4 * 1024 * 1024  # the same, for `checkpoints_aside`
+WAL_AUTOCHECKPOINT_PAGES = 1000  # SQLite's default: a commit folds the WAL into the database past 1000 pages
+WAL_FOLD_BYTES = 4 * 1024 * 1024  # `checkpoints_aside` folds past this
+WAL_SHARE_OF_FREE_SPACE = 8  # a WAL past 1/8 of the file system's free space is folded and cut (`_keep_wal_small`)
+WAL_CHECK_COMMITS = 16  # `put` looks at the WAL's size every this many commits (`ingest` and `ack` at each)
+FOLD_INTERVAL = 1.0  # seconds between the shipper's folds (so fully spooled journal segments can go)
+MARK_SUFFIX = "-mark"  # beside the database: the highest record id committed (see `_check_mark`)
+RESERVE_SUFFIX = "-reserve"  # beside the database: space held back for acks and folds on a full disk
+RESERVE_BYTES = 256 * 1024  # enough for an ack of a few batches and a fold of a small WAL (`_release_reserve`)
 
 PAGE_SIZE = 8192  # of a new spool file: five ~1.5 KB records per page (a 4 KiB page holds two: 1.36x the JSON)
 SHRINK_MIN_FREE_BYTES = 512 * 1024  # `scrub` gives free pages back once they add up to this much
@@ -168,6 +176,8 @@ class _AckQueue(SQLiteAckQueue):
                 "data BLOB, timestamp FLOAT, http_status INTEGER, reason TEXT, dead_at FLOAT)"
             )
             conn.execute("CREATE TABLE IF NOT EXISTS journal_offsets (segment TEXT PRIMARY KEY, offset INTEGER)")
+            # how far each segment's records are in the database file itself, not only in the WAL (`fold`)
+            conn.execute("CREATE TABLE IF NOT EXISTS journal_folded (segment TEXT PRIMARY KEY, offset INTEGER)")
 
 
 class Spool:
@@ -195,6 +205,7 @@ class Spool:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         _create_private_file(path)
         self._sync = sync
+        _set_aside_damaged_wal(path)  # before SQLite opens it: SQLite would ignore it, then overwrite it
         self._queue = _AckQueue(path, sync, resume)
         self._table = self._queue._table_name
         self._key = self._queue._key_column
@@ -213,6 +224,12 @@ class Spool:
         if resume and undecryptable:  # records no key opened last time: try again with today's keys
             self._execute_many(f"UPDATE {self._table} SET status = {AckStatus.ready} WHERE status = ?",
                                [(_UNDECRYPTABLE,)])
+        self._mark_fd: Optional[int] = None
+        self._commits_unchecked = 0  # commits since the WAL's size was last looked at
+        self._reserved = os.path.exists(path + RESERVE_SUFFIX)
+        self._folded_at = 0.0  # monotonic time of the last `fold`
+        self._committed_since_fold = True
+        self.lost_wal = self._check_mark()  # records SQLite discarded with a damaged or deleted WAL
 
     def put(self, body: Any, kind: str = EVENT) -> int:
         """Commit one record to disk; returns its id once SQLite has committed it.
@@ -225,8 +242,13 @@ class Spool:
             if self._when_full == "drop_newest":
                 raise SpoolFullError(f"the spool holds {self._live_bytes} bytes (SPOOL_MAX_BYTES {self._max_bytes})")
             self._evict_oldest(len(data))
-        row_id = self._queue._insert_into(data, time.time(), kind)
+        try:
+            row_id = self._queue._insert_into(data, time.time(), kind)
+        except sqlite3.OperationalError as exc:
+            self._after_failed_commit(exc)
+            raise
         self._grow(len(data))
+        self._keep_wal_small(1)
         self._queue.put_event.set()
         return int(row_id)
 
@@ -333,11 +355,17 @@ class Spool:
 
     def ack(self, ids: Sequence[int]) -> None:
         """Delivered: delete the rows, in one transaction."""
-        with self._queue.tran_lock, self._conn() as conn:
-            freed = self._bytes_of(conn, ids)
-            for marks, chunk in _in_chunks(ids):  # one statement per 500 rows: half the time of one per row
-                conn.execute(f"DELETE FROM {self._table} WHERE {self._key} IN ({marks})", chunk)
+        try:
+            with self._queue.tran_lock, self._conn() as conn:
+                freed = self._bytes_of(conn, ids)
+                for marks, chunk in _in_chunks(ids):  # one statement per 500 rows: half the time of one per row
+                    conn.execute(f"DELETE FROM {self._table} WHERE {self._key} IN ({marks})", chunk)
+        except sqlite3.OperationalError as exc:
+            if "full" in str(exc):
+                self._release_reserve()  # deleting delivered rows is how space comes back: let it happen
+            raise
         self._grow(-freed)
+        self._keep_wal_small(WAL_CHECK_COMMITS)  # secure_delete rewrites the pages: acks grow the WAL too
 
     def _record_id(self, data: bytes) -> str:
         """The id that names a record in logs: its transaction_id (events) or user/company id."""
@@ -533,11 +561,20 @@ class Spool:
         WHEN_FULL 'drop_oldest' the oldest waiting records make room.
         """
         added = sum(len(data) for _, data, _ in rows)
-        with self._queue.tran_lock, self._conn() as conn:
-            conn.executemany(f"INSERT INTO {self._table} (data, timestamp, status, kind) VALUES (?, ?, 0, ?)",
-                             [(data, spooled_at, kind) for kind, data, spooled_at in rows])
-            conn.execute("INSERT OR REPLACE INTO journal_offsets (segment, offset) VALUES (?, ?)", (segment, offset))
+        try:
+            with self._queue.tran_lock, self._conn() as conn:
+                conn.executemany(f"INSERT INTO {self._table} (data, timestamp, status, kind) VALUES (?, ?, 0, ?)",
+                                 [(data, spooled_at, kind) for kind, data, spooled_at in rows])
+                conn.execute("INSERT OR REPLACE INTO journal_offsets (segment, offset) VALUES (?, ?)",
+                             (segment, offset))
+                last_id = self._last_id(conn)
+        except sqlite3.OperationalError as exc:
+            self._after_failed_commit(exc)
+            raise
+        self._write_mark(last_id)
+        self._committed_since_fold = True
         self._grow(added)
+        self._keep_wal_small(WAL_CHECK_COMMITS)
         if self._max_bytes is not None and self._when_full == "drop_oldest" and self._live_bytes > self._max_bytes:
             self._evict_oldest(0)  # the newest stay
         if rows:
@@ -549,8 +586,146 @@ class Spool:
             return _journal_offsets(self._conn())
 
     def forget_segment(self, segment: str) -> None:
-        """Drop the offset of a journal segment that was spooled completely and deleted."""
-        self._execute_many("DELETE FROM journal_offsets WHERE segment = ?", [(segment,)])
+        """Drop the offsets of a journal segment that was spooled completely, folded and deleted."""
+        with self._queue.tran_lock, self._conn() as conn:
+            conn.execute("DELETE FROM journal_offsets WHERE segment = ?", (segment,))
+            conn.execute("DELETE FROM journal_folded WHERE segment = ?", (segment,))
+
+    def journal_folded(self) -> Dict[str, int]:
+        """How far each journal segment's records are in the database file itself (see `fold`)."""
+        with self._queue.tran_lock:
+            return _journal_folded(self._conn())
+
+    def fold(self, truncate: bool = False) -> Dict[str, int]:
+        """Checkpoint: copy every committed page from the WAL into the database file, then record the
+        journal offsets that this covered as folded; returns the folded offsets ({segment: offset}).
+
+        Why: a journal segment may be deleted only once its records are in the database file. Records that
+        are only in the WAL are lost if SQLite discards it (garbage at its start, a deleted file), and the
+        journal is then their only other copy. The order that makes this hold through a power cut: with
+        ``synchronous`` NORMAL or FULL (SPOOL_SYNC), a checkpoint syncs the WAL before it copies and the
+        database file after (SQLite's PRAGMA synchronous documentation), so once it reports every frame
+        copied, the offsets read before it (under the lock every commit takes) are on disk in the database
+        file; only then are they written to ``journal_folded``, which the deleters read. A checkpoint that
+        readers held back leaves the previous folded offsets: the segments wait for the next one.
+        `truncate` also cuts the WAL file to zero bytes, giving its space back (a tight disk).
+        """
+        with self._queue.tran_lock:
+            conn = self._conn()
+            offsets = _journal_offsets(conn)
+            busy, frames, copied = conn.execute(
+                f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'PASSIVE'})").fetchone()
+            self._folded_at = time.monotonic()
+            if busy or frames != copied:
+                return _journal_folded(conn)
+            self._committed_since_fold = False
+            if _journal_folded(conn) != offsets:
+                with conn:
+                    conn.execute("DELETE FROM journal_folded")
+                    conn.executemany("INSERT INTO journal_folded (segment, offset) VALUES (?, ?)", offsets.items())
+            return offsets
+
+    def fold_if_due(self) -> None:
+        """`fold` if records were spooled since the last one and FOLD_INTERVAL has passed (the shipper's
+        tick), so segments are deleted soon after they are spooled."""
+        if self._committed_since_fold and time.monotonic() - self._folded_at >= FOLD_INTERVAL:
+            self.fold()
+
+    def _keep_wal_small(self, commits: int) -> None:
+        """Fold and truncate the WAL once it outgrows its share of the disk (looked at every WAL_CHECK_COMMITS).
+
+        SQLite folds the WAL only past 1000 pages (8 MiB here), and a fold has to grow the database file
+        before the WAL can shrink: on a nearly full disk, a WAL left to grow can take the last free bytes and
+        then never be folded (measured on a 2 MB tmpfs: a 1.9 MB WAL, a 8 KiB database, every write refused
+        for good). So the WAL is kept under 1/WAL_SHARE_OF_FREE_SPACE of the free space, which leaves room
+        for the fold to copy it. A fold that fails (the disk is full) is retried at the next commit's check.
+        """
+        self._commits_unchecked += commits
+        if self._commits_unchecked < WAL_CHECK_COMMITS:
+            return
+        self._commits_unchecked = 0
+        wal = bytes_on_disk(self.path + "-wal")
+        try:
+            found = os.statvfs(self.directory)
+            free = found.f_bavail * found.f_frsize
+        except OSError:
+            free = WAL_FOLD_BYTES * WAL_SHARE_OF_FREE_SPACE
+        if not self._reserved and free >= 4 * RESERVE_BYTES:
+            self._make_reserve()
+        if wal <= free // WAL_SHARE_OF_FREE_SPACE:
+            return  # a roomy disk: SQLite's own folds (WAL_AUTOCHECKPOINT_PAGES) do
+        try:
+            self.fold(truncate=True)
+        except sqlite3.OperationalError as exc:  # e.g. the disk is full: the database file cannot grow yet
+            self._commits_unchecked = WAL_CHECK_COMMITS  # try again at the next commit
+            logger.warning("could not fold the WAL of %s into the database (%s); trying again", self.path, exc)
+
+    def _make_reserve(self) -> None:
+        """Set RESERVE_BYTES of the disk aside in a file of their own, while there is room to spare: on a
+        disk that fills up, deleting delivered records and folding the WAL need a little space themselves,
+        and without it a full spool could never be emptied (measured on a 2 MB tmpfs: every ack refused
+        after the collector came back, 25 of 1,500 events delivered in 30 s)."""
+        try:
+            fd = spooldir.open_file(self.path + RESERVE_SUFFIX, os.O_WRONLY, new=True)
+        except FileExistsError:
+            self._reserved = True
+            return
+        except OSError:
+            return
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            self._reserved = True
+        except OSError:
+            os.remove(self.path + RESERVE_SUFFIX)
+        finally:
+            os.close(fd)
+
+    def _release_reserve(self) -> None:
+        """Give the reserved space back (the disk is full), so the next ack or fold finds room; it is set
+        aside again once there is room to spare."""
+        if not self._reserved:
+            return
+        self._reserved = False
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path + RESERVE_SUFFIX)
+            logger.warning("the disk of %s is full: released the spool's reserve of %d bytes so delivered "
+                           "records can be deleted", self.path, RESERVE_BYTES)
+
+    def _after_failed_commit(self, exc: sqlite3.OperationalError) -> None:
+        """A commit the full disk refused: fold and truncate the WAL now if it is over its share, so the
+        space it holds comes back and the next commit finds room."""
+        if "full" in str(exc):
+            self._keep_wal_small(WAL_CHECK_COMMITS)
+
+    def _last_id(self, conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (self._table.strip("`"),)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _check_mark(self) -> int:
+        """How many committed records SQLite has lost since the last commit `ingest` recorded in the mark
+        file: the highest record id it wrote there is above the highest id the database knows when SQLite
+        discarded a WAL (garbage in it, or a deleted file). Logged as an ERROR; the journal segments those
+        records came from are still on disk (they go only once folded), so the reader spools them again."""
+        try:
+            with os.fdopen(spooldir.open_file(self.path + MARK_SUFFIX, os.O_RDONLY, create=False), "rb") as f:
+                committed = int(f.read(64).strip() or 0)
+        except (OSError, ValueError):
+            return 0
+        last_id = self.last_id()
+        if committed <= last_id:
+            return 0
+        logger.error("moesiftornado_durable: spool file %s lost %d committed record(s) (ids %d to %d): SQLite "
+                     "discarded its WAL (damaged or deleted); they are spooled again from the intake journals",
+                     self.path, committed - last_id, last_id + 1, committed)
+        self._write_mark(last_id)
+        return committed - last_id
+
+    def _write_mark(self, last_id: int) -> None:
+        """Record the highest committed record id beside the database (one small write, no sync: a power
+        cut may lose it, which only hides a loss it could not have caused)."""
+        if self._mark_fd is None:
+            self._mark_fd = spooldir.open_file(self.path + MARK_SUFFIX, os.O_WRONLY)
+        os.pwrite(self._mark_fd, b"%20d\n" % last_id, 0)
 
     def records(self) -> Iterator[Dict[str, Any]]:
         """Every record in the file, live ones then dead letters, with its state (for export and audit)."""
@@ -569,10 +744,7 @@ class Spool:
     def last_id(self) -> int:
         """The highest record id ever assigned (0 for a new spool): a mark for `pending_through`."""
         with self._queue.tran_lock:
-            row = self._conn().execute(
-                "SELECT seq FROM sqlite_sequence WHERE name = ?", (self._table.strip("`"),)
-            ).fetchone()
-        return int(row[0]) if row else 0
+            return self._last_id(self._conn())
 
     def pending_through(self, mark: int) -> int:
         """How many records with id <= `mark` are still ready or in flight."""
@@ -654,6 +826,9 @@ class Spool:
             self._closed = True
             with self._queue.tran_lock:
                 self._queue.close()
+            if self._mark_fd is not None:
+                os.close(self._mark_fd)
+                self._mark_fd = None
 
     @property
     def closed(self) -> bool:
@@ -734,6 +909,16 @@ class SpoolView:
         row = self._connection().execute("SELECT offset FROM journal_offsets WHERE segment = ?", (segment,)).fetchone()
         return None if row is None else int(row[0])
 
+    def journal_folded_offset(self, segment: str) -> Optional[int]:
+        """How far `segment`'s records are in the database file itself (`Spool.fold`): how much of it may
+        be deleted. None if none of it is yet, or the spool predates folding."""
+        try:
+            row = self._connection().execute("SELECT offset FROM journal_folded WHERE segment = ?",
+                                             (segment,)).fetchone()
+        except sqlite3.OperationalError:  # a spool from before journal_folded: its shipper creates the table
+            return None
+        return None if row is None else int(row[0])
+
     def last_id(self) -> int:
         """The highest record id ever assigned."""
         row = self._connection().execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (TABLE,)).fetchone()
@@ -757,6 +942,10 @@ class SpoolView:
 
 def _journal_offsets(conn: sqlite3.Connection) -> Dict[str, int]:
     return dict(conn.execute("SELECT segment, offset FROM journal_offsets").fetchall())
+
+
+def _journal_folded(conn: sqlite3.Connection) -> Dict[str, int]:
+    return dict(conn.execute("SELECT segment, offset FROM journal_folded").fetchall())
 
 
 def _unreadable_sample(conn: sqlite3.Connection, codec: Codec) -> Optional[str]:
@@ -817,6 +1006,9 @@ def quarantine(path: str, problem: str) -> str:
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(path + suffix):
             os.replace(path + suffix, aside + suffix)
+    for suffix in (MARK_SUFFIX, RESERVE_SUFFIX):  # they speak of the file set aside; the fresh spool starts anew
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + suffix)
     logger.error("spool file %s is damaged (%s); kept as %s for `moesiftornado-durable salvage`, "
                  "a fresh spool starts in its place", path, problem, aside)
     return aside
@@ -965,6 +1157,52 @@ def record_id(body: Any) -> str:
             if body.get(key):
                 return str(body[key])
     return "?"
+
+
+_WAL_MAGIC = (0x377F0682, 0x377F0683)  # SQLite's WAL header magic: checksums little- or big-endian
+
+
+def _wal_header_damaged(wal: bytes) -> bool:
+    """True if `wal` (a WAL file's first 32 bytes, or fewer) is a header SQLite would reject, which makes it
+    ignore every frame in the file. Fewer than 32 bytes hold no commit at all."""
+    if len(wal) < 32:
+        return False
+    magic = int.from_bytes(wal[:4], "big")
+    if magic not in _WAL_MAGIC:
+        return True
+    words = struct.unpack(">6I" if magic & 1 else "<6I", wal[:24])
+    s0 = s1 = 0
+    for at in range(0, 6, 2):  # SQLite's WAL checksum over the header's first 24 bytes
+        s0 = (s0 + words[at] + s1) & 0xFFFFFFFF
+        s1 = (s1 + words[at + 1] + s0) & 0xFFFFFFFF
+    return (s0, s1) != (int.from_bytes(wal[24:28], "big"), int.from_bytes(wal[28:32], "big"))
+
+
+def _set_aside_damaged_wal(path: str) -> None:
+    """Copy a WAL whose header SQLite would reject aside (0600) and log an ERROR naming the copy: SQLite
+    ignores such a WAL, and every commit in it, and overwrites it at its next write."""
+    wal = path + "-wal"
+    try:
+        with os.fdopen(spooldir.open_file(wal, os.O_RDONLY, create=False), "rb") as f:
+            if not _wal_header_damaged(f.read(32)):
+                return
+            f.seek(0)
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            aside = f"{path}.corrupt-{stamp}-{os.getpid()}-wal"
+            with os.fdopen(spooldir.open_file(aside, os.O_WRONLY, new=True), "wb") as copy:
+                while True:
+                    block = f.read(1 << 20)
+                    if not block:
+                        break
+                    copy.write(block)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        logger.error("spool file %s has a WAL SQLite will discard (damaged header); could not copy it aside: %s",
+                     path, exc)
+        return
+    logger.error("spool file %s has a WAL SQLite will discard (damaged header); its commits are lost to SQLite, "
+                 "a copy is kept as %s; records still in the intake journals are spooled again", path, aside)
 
 
 def _create_private_file(path: str) -> None:

@@ -11,12 +11,15 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, List
 
 import pytest
-from conftest import shipper_spool, wait_until
+import requests
+from conftest import AppProcess, shipper_spool, wait_until
 
 from moesiftornado_durable import MoesifMiddleware
+from moesiftornado_durable.journal import segments
 from moesiftornado_durable.locks import SHIPPER_SLOT, spool_path
 from moesiftornado_durable.spool import Spool, directory_stats, open_spool
 from moesiftornado_durable.testing import Collector
@@ -184,6 +187,88 @@ def test_a_full_disk_is_counted_and_survived_and_spooling_resumes_when_space_ret
         middleware.close(2)
 
 
+def fill(path: str) -> None:
+    """Take every free byte of the file system with the file `path`."""
+    with open(path, "wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+
+
+@pytest.mark.parametrize("shipper", ["process", "thread"])
+def test_after_a_full_disk_with_a_spool_in_use_spooling_resumes_and_every_drop_is_counted_once(
+    collector: Collector, tmp_path: Any, logs: Callable[[], List[str]], shipper: str
+) -> None:
+    """The shipper has spooled events (its WAL in use) when another file takes the last free bytes: new
+    events are dropped and counted; once that file is gone, the next events are spooled and delivered,
+    and the dropped count is exactly what never reached the collector."""
+    with tiny_filesystem(str(tmp_path / "small")) as mount:
+        spool_dir = os.path.join(mount, "spool")
+        collector.go_down()
+        middleware = MoesifMiddleware({"APPLICATION_ID": "x", "SPOOL_DIR": spool_dir, "BASE_URI": collector.base_uri,
+                                       "FLUSH_INTERVAL": 0.05, "RETRY_MAX_WAIT": 0.2, "SHIPPER": shipper})
+        try:
+            logged = 0
+
+            def log(count: int) -> None:
+                nonlocal logged
+                spool_events(middleware, [event(n, padding=1000) for n in range(logged, logged + count)])
+                logged += count
+
+            for _ in range(15):  # ~200 KB, while the shipper spools them
+                log(10)
+                time.sleep(0.05)
+            spooled = lambda: middleware.stats()["ready"] + middleware.stats()["in_flight"]  # noqa: E731
+            assert wait_until(lambda: spooled() == 150, timeout=20), middleware.stats()
+            filler = os.path.join(mount, "filler")
+            fill(filler)
+            for _ in range(10):
+                log(10)
+                time.sleep(0.05)
+            assert middleware.stats().get("dropped_disk_full", 0) > 0
+            os.remove(filler)  # space returns
+            first_after = logged
+            for _ in range(30):
+                log(5)
+                time.sleep(0.05)
+            collector.come_up()
+            assert middleware.flush(30), middleware.stats()
+            delivered = set(collector.transaction_ids())
+            assert {f"f-{n}" for n in range(first_after, logged)} <= delivered  # spooling resumed at once
+            stats = middleware.stats()
+            assert stats["dropped_disk_full"] == logged - len(delivered), (stats, logged, len(delivered))
+            torn = Counter(line for line in logs() if "damaged byte(s) in journal" in line)
+            assert all(times == 1 for times in torn.values()), torn  # each torn write counted once
+        finally:
+            middleware.close(2)
+
+
+def test_a_spool_that_filled_the_disk_is_delivered_and_emptied_when_the_collector_returns(
+    collector: Collector, tmp_path: Any
+) -> None:
+    """The collector is down until the spool and the journals take the whole disk: deleting delivered
+    records needs a little space too, which the spool's reserve gives back; everything spooled is then
+    delivered and acked, and the dropped count is exactly what never arrived."""
+    with tiny_filesystem(str(tmp_path / "small")) as mount:
+        spool_dir = os.path.join(mount, "spool")
+        collector.go_down()
+        middleware = MoesifMiddleware({"APPLICATION_ID": "x", "SPOOL_DIR": spool_dir, "BASE_URI": collector.base_uri,
+                                       "FLUSH_INTERVAL": 0.05, "RETRY_MAX_WAIT": 0.2})
+        try:
+            for first in range(0, 1500, 10):  # ~2.3 MB of records: more than the disk holds
+                spool_events(middleware, [event(n, padding=1000) for n in range(first, first + 10)])
+                time.sleep(0.03)
+            assert middleware.stats().get("dropped_disk_full", 0) > 0
+            collector.come_up()
+            assert middleware.flush(60), middleware.stats()
+            stats = middleware.stats()
+            delivered = set(collector.transaction_ids())
+            assert stats["dropped_disk_full"] == 1500 - len(delivered), (stats, len(delivered))
+            assert stats["ready"] == stats["in_flight"] == 0
+        finally:
+            middleware.close(2)
+
+
 # -- corrupt spool ---------------------------------------------------------------------------------
 
 
@@ -311,6 +396,42 @@ os.kill(os.getpid(), signal.SIGKILL)
     finally:
         spool.close()
     assert not [n for n in os.listdir(spool_dir) if ".corrupt-" in n]
+
+
+def test_garbage_at_the_start_of_the_wal_after_a_crash_loses_no_event(
+    app_processes: Callable[..., AppProcess], collector: Collector, spool_dir: str, tmp_path: Any
+) -> None:
+    """1,000 events spooled by the shipper, their journal segments deleted, the app and its shipper killed;
+    200 bytes of garbage at the start of the WAL make SQLite discard it whole. A segment goes only once its
+    records are in the database file, so all 1,000 still arrive; the damaged WAL is copied aside and named
+    in an ERROR."""
+    collector.go_down()
+    output_path = str(tmp_path / "app-output.txt")
+    with open(output_path, "wb") as output:
+        app = app_processes(spool_dir, collector.base_uri, output=output)
+        with ThreadPoolExecutor(4) as pool:
+            statuses = list(pool.map(
+                lambda n: requests.get(f"{app.url}/hello?n={n}", timeout=10).status_code, range(1000)))
+        assert statuses == [200] * 1000
+        shipper_db = shipper_spool(spool_dir)
+
+        def spooled() -> int:
+            with contextlib.closing(sqlite3.connect(shipper_db, timeout=10)) as conn:
+                return int(conn.execute("SELECT COUNT(*) FROM ack_queue_default WHERE status < 5").fetchone()[0])
+
+        # the journals hold no copy any more: the records are only in the spool
+        assert wait_until(lambda: os.path.exists(shipper_db) and spooled() == 1000 and not segments(spool_dir),
+                          timeout=30)
+        app.kill()  # the shipper too (same process group): SQLite does not fold the WAL at a close
+        with open(shipper_db + "-wal", "r+b") as wal:
+            wal.write(os.urandom(200))
+        collector.come_up()
+        app_processes(spool_dir, collector.base_uri, output=output)
+        assert collector.wait_for_events(1000, timeout=30), collector.stats()
+    assert len(set(collector.transaction_ids())) == 1000
+    with open(output_path, encoding="utf-8", errors="replace") as f:
+        assert "has a WAL SQLite will discard" in f.read()
+    assert [n for n in os.listdir(spool_dir) if n.startswith("shipper.db.corrupt-") and n.endswith("-wal")]
 
 
 # -- auth errors -----------------------------------------------------------------------------------

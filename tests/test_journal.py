@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moesiftornado_durable import MoesifMiddleware, cli, locks
+from moesiftornado_durable.config import Config
 from moesiftornado_durable.journal import (
     INTAKE,
     JournalWriter,
@@ -30,8 +31,8 @@ from moesiftornado_durable.journal import (
     read_frames,
     segments,
 )
-from moesiftornado_durable.shipper import journal_reader
-from moesiftornado_durable.spool import Spool
+from moesiftornado_durable.shipper import Shipper, journal_reader, read_stats_file
+from moesiftornado_durable.spool import Spool, SpoolView
 from moesiftornado_durable.testing import Collector
 
 
@@ -287,7 +288,7 @@ INGESTER = """
 import sys
 from moesiftornado_durable import MoesifMiddleware, cli, locks
 from moesiftornado_durable.shipper import journal_reader
-from moesiftornado_durable.spool import Spool
+from moesiftornado_durable.spool import Spool, SpoolView
 from moesiftornado_durable.testing import Collector
 spool = Spool(locks.spool_path(sys.argv[1], locks.SHIPPER_SLOT))
 reader = journal_reader(spool)
@@ -425,3 +426,86 @@ def test_a_writer_whose_segment_was_deleted_writes_the_record_again_in_a_new_one
     [(_, _, path)] = segments(directory)
     assert [json.loads(data)["n"] for _, data, _ in iter_records(path)] == [5, 6, 7, 8, 9]
     assert sum("was deleted" in r.getMessage() for r in caplog.records) == 1  # one ERROR, not one per record
+
+
+SPOOL_AND_DIE = """
+import os, signal, sys
+from moesiftornado_durable import locks
+from moesiftornado_durable.shipper import journal_reader
+from moesiftornado_durable.spool import Spool, SpoolView
+spool = Spool(locks.spool_path(sys.argv[1], locks.SHIPPER_SLOT))
+reader = journal_reader(spool)
+while reader.ingest():
+    pass
+print("ready", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no close: SQLite does not fold the WAL into the database file
+"""
+
+
+def test_records_sqlite_discards_with_a_damaged_wal_are_detected_counted_and_spooled_again(
+    tmp_path: str, caplog: Any
+) -> None:
+    """1,000 records spooled only into the WAL (no fold yet, the segment still being written), the shipper
+    killed, garbage at the start of the WAL: SQLite discards the WAL whole. The next open says so in an
+    ERROR, counts the lost records in the shipper's figures, and spools them again from the journal,
+    which was kept because they never reached the database file."""
+    directory = str(tmp_path)
+    lock = locks.try_lock(directory, 0, INTAKE)  # a live writer: its segment is not finished
+    assert lock is not None
+    try:
+        write_records(directory, 1000).close()
+        kill(start(SPOOL_AND_DIE, directory))
+        path = locks.spool_path(directory, locks.SHIPPER_SLOT)
+        assert os.path.getsize(path + "-wal") > 100_000  # the records are in the WAL only
+        with open(path + "-wal", "r+b") as wal:
+            wal.write(os.urandom(200))
+        with caplog.at_level(logging.ERROR, logger="moesiftornado_durable"):
+            shipper = Shipper(Config.from_dict({"APPLICATION_ID": "x", "SPOOL_DIR": directory,
+                                                "BASE_URI": "http://127.0.0.1:9"}))
+        try:
+            assert shipper.spool.lost_wal == 1000
+            assert any("lost 1000 committed record(s)" in r.getMessage() for r in caplog.records)
+            assert any("has a WAL SQLite will discard" in r.getMessage() for r in caplog.records)
+            shipper.tick()  # spools the journal again and publishes the figures
+            assert [item["body"]["n"] for item in shipper.spool.records()] == list(range(1000))
+            assert read_stats_file(directory)["counters"]["lost_wal"] == 1000
+        finally:
+            shipper.spool.close()
+    finally:
+        lock.release()
+
+
+def test_a_live_writer_closes_its_segment_once_part_of_it_is_folded_so_the_reader_can_delete_it(
+    tmp_path: str
+) -> None:
+    """A record stays in the journal until the spool's database file holds it; a busy writer never catches
+    up with the shipper, so it starts a new segment once 1/16 of the open one is folded (a tight disk
+    would otherwise hold every record twice, up to a whole segment). A closed segment that is still the
+    newest (the app went quiet) is deleted by its writer once folded to its end."""
+    directory = str(tmp_path)
+    lock = locks.try_lock(directory, 0, INTAKE)
+    assert lock is not None
+    spool = Spool(locks.spool_path(directory, locks.SHIPPER_SLOT))
+    view = SpoolView(spool.path)
+    try:
+        writer = write_records(directory, 200, segment_bytes=64 * 1024)  # ~30 KB: past 1/16 of the segment
+        first = writer.path
+        reader = journal_reader(spool)
+        assert reader.ingest() == 200
+        writer.append("event", record(200), 2000.0)  # the writer is ahead of the shipper again
+        assert not writer.retire_if_spooled(view.journal_folded_offset)  # nothing folded yet: kept, open
+        spool.fold()
+        assert not writer.retire_if_spooled(view.journal_folded_offset)  # not all of it: kept, but closed
+        assert reader.ingest() == 1 and os.path.exists(first)  # still the newest of a live writer: kept
+        spool.fold()
+        assert writer.retire_if_spooled(view.journal_folded_offset)  # folded to its end: deleted
+        assert segments(directory) == []
+        writer.append("event", record(201), 2001.0)
+        assert writer.path != first
+        assert reader.ingest() == 1
+        assert [item["body"]["n"] for item in spool.records()] == list(range(202))
+        writer.close()
+    finally:
+        view.close()
+        spool.close()
+        lock.release()
