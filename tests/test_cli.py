@@ -24,6 +24,7 @@ from moesiftornado_durable import locks
 from moesiftornado_durable.cli import main
 from moesiftornado_durable.codec import Codec, is_encrypted
 from moesiftornado_durable.locks import spool_path
+from moesiftornado_durable.shipper import shipper_running
 from moesiftornado_durable.spool import Spool, directory_stats
 from moesiftornado_durable.testing import Collector
 
@@ -219,6 +220,8 @@ def test_replay_refuses_a_spool_locked_by_a_live_process(
     collector.go_down()
     app = app_processes(spool_dir, collector.base_uri, SHIPPER=shipper)
     assert requests.get(app.url + "/hello", timeout=5).status_code == 200
+    if shipper == "process":  # the app starts its shipper in the background: wait until it holds the spool
+        assert wait_until(lambda: shipper_running(spool_dir), 30)
     collector.come_up()
     collector.stall(30, times=None)  # the app's own flusher must not deliver during the test
     result = cli("replay", "--spool-dir", spool_dir, "--base-uri", collector.base_uri)
