@@ -19,6 +19,7 @@ import pytest
 import requests
 import tornado.web
 from conftest import serve, wait_until
+from test_delivery import run_script
 
 from moesiftornado_durable import MoesifMiddleware, locks, middleware
 from moesiftornado_durable.journal import INTAKE
@@ -228,3 +229,33 @@ def test_an_outgoing_call_is_captured_once_however_many_middlewares_share_the_pi
     assert outgoing_uris == [f"{url}/backend?call=1", f"{url}/backend?call=2"]
     for made in per_request:
         made.close(5)
+
+
+def test_shared_pipelines_work_in_forked_children_one_runtime_each(collector: Collector, tmp_path: Any) -> None:
+    """Two middlewares sharing a pipeline and a third with another application, built before a fork: each
+    child opens one runtime per pipeline (two supervisors, not three) and delivers through all three."""
+    first_dir, second_dir = str(tmp_path / "first"), str(tmp_path / "second")
+    result = run_script(f"""
+        import os, sys, threading
+        from moesiftornado_durable import MoesifMiddleware
+        def make(directory, app):
+            return MoesifMiddleware({{"APPLICATION_ID": app, "SPOOL_DIR": directory,
+                                     "BASE_URI": {collector.base_uri!r}, "FLUSH_INTERVAL": 0.05}})
+        one, two, other = make({first_dir!r}, "app-a"), make({first_dir!r}, "app-a"), make({second_dir!r}, "app-b")
+        pids = []
+        for child in range(2):
+            pid = os.fork()
+            if pid == 0:
+                supervisors = [t for t in threading.enumerate() if t.name == "moesif-durable-supervisor"]
+                for number, made in enumerate((one, two, other)):
+                    made.update_user({{"user_id": "child-%d-%d" % (child, number)}})
+                ok = one.flush(20) and other.flush(20)
+                os._exit(0 if ok and len(supervisors) == 2 else 3)
+            pids.append(pid)
+        codes = [os.waitpid(pid, 0)[1] for pid in pids]
+        print(codes)
+        sys.exit(0 if not any(codes) else 1)
+    """, timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(user["user_id"] for user in collector.users) == sorted(
+        f"child-{child}-{number}" for child in range(2) for number in range(3))
