@@ -38,8 +38,10 @@ setup(
         "encryption": ["cryptography>=41"],
         # orjson writes captured events ~10x faster than the json module (same values): log_event's biggest cost
         "fast": ["orjson>=3.9"],
+        # names the shipper process in ps/top by its SPOOL_DIR (without it: only the short name, on Linux)
+        "proctitle": ["setproctitle>=1.3"],
         "test": ["pytest>=7", "hypothesis>=6", "ruff>=0.4", "mypy>=1.8", "types-requests", "cryptography>=41",
-                 "orjson>=3.9"],
+                 "orjson>=3.9", "setproctitle>=1.3"],
     },
     entry_points={"console_scripts": ["moesiftornado-durable=moesiftornado_durable.cli:main"]},
     classifiers=[

@@ -22,9 +22,9 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, TextIO, Tuple
 
-from . import __version__, locks, spooldir, testing
+from . import __version__, locks, proctitle, spooldir, testing
 from .codec import Codec
-from .config import DEFAULT_BASE_URI, DEFAULT_BATCH_SIZE, SPOOL_SYNC_MODES, Config
+from .config import DEFAULT_BASE_URI, DEFAULT_BATCH_SIZE, SPOOL_SYNC_MODES, Config, default_spool_dir
 from .errors import ConfigError
 from .flusher import Courier, Outcome, remove_spool_files
 from .journal import damaged_segments, segments
@@ -38,6 +38,9 @@ DEFAULT_REPLAY_CONNECTIONS = 2  # one batch in flight while the next is read, co
 REPLAY_ATTEMPTS = 5  # per batch, before replay gives up and says why
 REPLAY_MAX_WAIT = 5.0
 KEY_ENVIRONMENT_VARIABLE = "MOESIF_SPOOL_ENCRYPTION_KEY"
+APPLICATION_ID_VARIABLE = "MOESIF_APPLICATION_ID"
+_SPOOL_DIR_HELP = (f"default: the directory the middleware uses when SPOOL_DIR is not set, found from "
+                   f"${APPLICATION_ID_VARIABLE}")
 
 
 class CommandError(Exception):
@@ -55,6 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return testing.main(argv[1:])
     args = _parser().parse_args(argv)
     try:
+        _default_spool_dir(args)
         return int(args.run(args))
     except CommandError as exc:
         print(f"moesiftornado-durable: {exc}", file=sys.stderr)
@@ -75,11 +79,11 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     status = command("status", _status, "counts per spool file and in total (read-only, safe next to a live app)")
-    status.add_argument("--spool-dir", required=True)
+    status.add_argument("--spool-dir", help=_SPOOL_DIR_HELP)
     status.add_argument("--json", action="store_true", help="print JSON")
 
     replay = command("replay", _replay, "send the backlog of every spool file not owned by a live process")
-    replay.add_argument("--spool-dir", required=True)
+    replay.add_argument("--spool-dir", help=_SPOOL_DIR_HELP)
     replay.add_argument("--application-id", help="default: $MOESIF_APPLICATION_ID (safer: not shown in ps)")
     replay.add_argument("--base-uri", default=DEFAULT_BASE_URI)
     replay.add_argument("--batch-size", type=int, default=DEFAULT_REPLAY_BATCH_SIZE)
@@ -92,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ship = command("ship", _ship, "run the shipper of a SPOOL_DIR in the foreground, as a service (app processes "
                    "then start none); stops on SIGTERM or Ctrl-C")
-    ship.add_argument("--spool-dir", required=True)
+    ship.add_argument("--spool-dir", help=_SPOOL_DIR_HELP)
     ship.add_argument("--application-id", help="default: $MOESIF_APPLICATION_ID (safer: not shown in ps)")
     ship.add_argument("--base-uri", default=DEFAULT_BASE_URI)
     ship.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
@@ -100,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
     dead = command("dead-letter", _dead_letter, "list, requeue, purge or export dead-lettered records")
     dead.add_argument("action", choices=["list", "requeue", "purge", "export"])
-    dead.add_argument("--spool-dir", required=True)
+    dead.add_argument("--spool-dir", help=_SPOOL_DIR_HELP)
     dead.add_argument("--reason", help="only records whose reason contains this text")
     dead.add_argument("--older-than", type=_age, help="only records dead-lettered longer ago, e.g. 90s, 30m, 12h, 7d")
     dead.add_argument("--out", help="export: write JSONL here instead of stdout")
@@ -108,20 +112,34 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("--json", action="store_true", help="list: print JSONL")
 
     export = command("export", _export, "write every record of every spool file as JSONL (for an audit)")
-    export.add_argument("--spool-dir", required=True)
+    export.add_argument("--spool-dir", help=_SPOOL_DIR_HELP)
     export.add_argument("--out", required=True, help="the JSONL file to write")
 
     imp = command("import", _import, "add the records of a JSONL export to a spool (as ready records)")
     imp.add_argument("file")
-    imp.add_argument("--spool-dir", required=True)
+    imp.add_argument("--spool-dir", help=_SPOOL_DIR_HELP)
 
     salv = command("salvage", _salvage, "copy every readable record of a damaged spool file into a spool")
     salv.add_argument("file")
-    salv.add_argument("--spool-dir", required=True)
+    salv.add_argument("--spool-dir", help=_SPOOL_DIR_HELP)
 
     command("collector", lambda args: EXIT_OK, "run the local Moesif-compatible collector in the foreground "
             "(see: collector --help)")
     return parser
+
+
+def _default_spool_dir(args: argparse.Namespace) -> None:
+    """Without --spool-dir: the middleware's own default for the application id (`config.default_spool_dir`),
+    said on stderr. The id comes from the environment (or `replay`/`ship`'s --application-id): a command
+    line shows in `ps`, so status, dead-letter, export, import and salvage take no id there."""
+    if not hasattr(args, "spool_dir") or args.spool_dir:
+        return
+    application_id = getattr(args, "application_id", None) or os.environ.get(APPLICATION_ID_VARIABLE)
+    if not application_id:
+        raise CommandError(f"no --spool-dir: pass one, or set {APPLICATION_ID_VARIABLE} to use the default "
+                           f"directory of that application", EXIT_USAGE)
+    args.spool_dir = default_spool_dir(application_id)
+    print(f"using SPOOL_DIR {args.spool_dir}", file=sys.stderr)
 
 
 # -- status --------------------------------------------------------------------------------------
@@ -186,7 +204,7 @@ def _file_status(directory: str, slot: int) -> Dict[str, Any]:
 
 
 def _ship(args: argparse.Namespace) -> int:
-    application_id = args.application_id or os.environ.get("MOESIF_APPLICATION_ID")
+    application_id = args.application_id or os.environ.get(APPLICATION_ID_VARIABLE)
     if not application_id:
         raise CommandError("no application id: set MOESIF_APPLICATION_ID (or pass --application-id)", EXIT_USAGE)
     options: Dict[str, Any] = {"APPLICATION_ID": application_id, "SPOOL_DIR": args.spool_dir,
@@ -200,6 +218,7 @@ def _ship(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from exc
     logging.basicConfig(level=logging.INFO, format="%(asctime)s moesif-shipper %(levelname)s %(message)s")
+    proctitle.set_title(proctitle.shipper_title(config.spool_dir))  # also hides an --application-id from ps
     stop = StopRequest()
     signal.signal(signal.SIGTERM, stop.set)
     print(f"shipping {config.spool_dir} to {config.base_uri} (pid {os.getpid()}); Ctrl-C or SIGTERM stops",
@@ -219,7 +238,7 @@ def _ship(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    application_id = args.application_id or os.environ.get("MOESIF_APPLICATION_ID")
+    application_id = args.application_id or os.environ.get(APPLICATION_ID_VARIABLE)
     if not application_id and not args.dry_run:
         raise CommandError("no application id: set MOESIF_APPLICATION_ID (or pass --application-id)", EXIT_USAGE)
     if args.batch_size < 1:

@@ -5,7 +5,8 @@ into Tornado and counts every event it did not spool, by reason. When a user cal
 awaitable (an async function), the rest of the capture runs as a task on the running event loop and
 the event is spooled when the awaitables resolve. The spool, the flusher thread and the app-config
 thread belong to one process: after a fork the child abandons the parent's (a SQLite connection or a
-thread must not cross a fork) and opens its own.
+thread must not cross a fork) and opens its own. Middlewares with the same delivery options share them
+(`_Pipeline`): an app may build one per request, as Moesif's own Tornado example does.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import collections
 import contextlib
 import errno
 import inspect
+import json
 import logging
 import os
 import sqlite3
@@ -23,7 +25,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Callable, Counter, Dict, Iterable, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Counter, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from . import audit, hook, locks, outgoing, spooldir
 from .capture import (
@@ -73,6 +75,10 @@ LOGGED_ATTRIBUTE = "_moesiftornado_durable_logged"
 _ERROR_LOG_INTERVAL = 10.0  # seconds between repeated spool-failure logs
 _SPOOL_FAILING_FOR = 60.0  # seconds a failed spool write keeps stats()["spool_failing"] true
 _FLUSH_POLL = 0.05  # seconds between looks at the shipper's progress in flush()
+# Seconds a pipeline stays open after its last middleware was garbage-collected without close(): an app that
+# builds a middleware per request would otherwise start and stop a runtime (and a shipper) per request.
+IDLE_CLOSE_AFTER = 30.0
+_REAP_INTERVAL = 1.0  # seconds between the reaper's looks at collected middlewares and idle pipelines
 
 
 class _Runtime:
@@ -364,6 +370,244 @@ def _check_readable(path: str, problem: Optional[str]) -> None:
                           "start with the key the spool was written with (a list keeps old keys readable)")
 
 
+class _ErrorLog:
+    """Log an ERROR, with the current traceback, at most once every few seconds."""
+
+    def __init__(self) -> None:
+        self._last = -_ERROR_LOG_INTERVAL
+
+    def __call__(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last < _ERROR_LOG_INTERVAL:
+            return
+        self._last = now
+        logger.error("moesiftornado_durable: %s", message, exc_info=sys.exc_info()[0] is not None)
+
+
+class _Pipeline:
+    """What every middleware with the same delivery options (`Config.delivery_options`) shares in this
+    process: the runtime (journal slot, shipper supervisor or flusher, the app-config and rules fetchers)
+    and what it fetched (the sampler's app config, the governance rules). `_Registry` counts its users."""
+
+    def __init__(self, key: str, config: Config) -> None:
+        self.key = key
+        self.config = config  # the first user's; the runtime reads only delivery options, the same for all
+        self.sampler = Sampler()
+        self.rules = RuleSet()  # none until the first fetch; replaced by one reference swap
+        self.runtime: Optional[_Runtime] = None
+        self.abandoned: List[_Runtime] = []  # inherited across a fork: kept, never used or closed
+        self.lock = threading.Lock()
+        self.closed = False
+        self.users = 0  # middlewares holding it (changed under the registry's lock)
+        self.holders: weakref.WeakSet[MoesifMiddleware] = weakref.WeakSet()
+        self.idle_since: Optional[float] = None
+        self.outgoing_owner: Optional[weakref.ReferenceType[MoesifMiddleware]] = None  # captures for all
+        self.dropped_oldest = 0
+        self._log_error = _ErrorLog()
+
+    def runtime_here(self) -> Optional[_Runtime]:
+        """This process's runtime, opened on first use; None once closed. Raises what opening raises."""
+        runtime = self.runtime
+        if runtime is not None and runtime.pid == os.getpid():
+            return runtime
+        with self.lock:
+            if self.closed:
+                return None
+            if self.runtime is None or self.runtime.pid != os.getpid():
+                self.runtime = (_ProcessRuntime(self.config, self.sampler.update, self._rules_arrived)
+                                if self.config.shipper == "process"
+                                else _ThreadRuntime(self.config, self._evicted, self.sampler.update,
+                                                    self._rules_arrived))
+            return self.runtime
+
+    def _rules_arrived(self, rules: RuleSet) -> None:
+        self.rules = rules
+
+    def _evicted(self, record_ids: List[str]) -> None:
+        """WHEN_FULL='drop_oldest' deleted these waiting records to make room: count and log them."""
+        self.dropped_oldest += len(record_ids)
+        shown = ", ".join(record_ids[:20]) + (" …" if len(record_ids) > 20 else "")
+        self._log_error(f"the spool is full (SPOOL_MAX_BYTES); dropped the {len(record_ids)} oldest waiting "
+                        f"record(s): {shown}; dropped so far: {self.dropped_oldest}")
+
+    def close(self, timeout: float) -> None:
+        """Close the runtime (deliver within `timeout`, release the slot); a later user opens a new pipeline."""
+        with self.lock:
+            runtime, self.runtime, self.closed = self.runtime, None, True
+        if runtime is not None and runtime.pid == os.getpid():
+            runtime.close(timeout)
+
+    def before_fork(self) -> None:
+        runtime = self.runtime
+        if runtime is not None and runtime.pid == os.getpid():
+            runtime.before_fork()
+
+    def after_fork_in_parent(self) -> None:
+        runtime = self.runtime
+        if runtime is not None and runtime.pid == os.getpid():
+            runtime.after_fork_in_parent()
+
+    def after_fork_in_child(self) -> None:
+        """Leave the parent's runtime alone (its lock fd dropped), and start this process's own if used."""
+        self.lock = threading.Lock()
+        if self.runtime is not None:
+            self.runtime.abandon_after_fork()
+            self.abandoned.append(self.runtime)
+            self.runtime = None
+        if self.users:
+            try:
+                self.runtime_here()
+            except Exception:
+                logger.exception("moesiftornado_durable: could not start after fork")
+
+
+class _Registry:
+    """The process's pipelines, one per set of delivery options, and how many middlewares use each.
+
+    A middleware takes a share when it is made (or used again after `close`) and gives it back on
+    `close`, which closes the pipeline at once when it was the last share. A middleware collected without
+    `close` is noticed by the reaper thread, which closes its pipeline `IDLE_CLOSE_AFTER` seconds after
+    the last one went, unless a new middleware took it meanwhile. One fork hook and one exit hook serve
+    every pipeline (`os.register_at_fork` cannot unregister: one per middleware would leak).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pipelines: Dict[str, _Pipeline] = {}
+        # The pipelines of collected middlewares: appended by a weakref.finalize callback, which may run in
+        # any thread at any allocation, so it takes no lock (deque.append is atomic); `_settle` counts them.
+        self.collected: Deque[_Pipeline] = collections.deque()
+        self._reaper: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._hooks_installed = False
+
+    def acquire(self, middleware: MoesifMiddleware) -> _Pipeline:
+        """A share of the pipeline of `middleware`'s delivery options (made if there is none), recorded
+        in `middleware._share`."""
+        key = json.dumps(middleware.config.delivery_options(), sort_keys=True)
+        with self.lock:
+            self._install_hooks()
+            self._settle()
+            pipeline = self.pipelines.get(key)
+            if pipeline is None:
+                pipeline = self.pipelines[key] = _Pipeline(key, middleware.config)
+            pipeline.users += 1
+            pipeline.idle_since = None
+            pipeline.holders.add(middleware)
+            share = weakref.finalize(middleware, self.collected.append, pipeline)
+            share.atexit = False
+            middleware._share = share
+            self._offer_outgoing(pipeline, middleware)
+            if self._reaper is None or not self._reaper.is_alive():
+                self._reaper = threading.Thread(target=self._reap, name="moesif-durable-reaper", daemon=True)
+                self._reaper.start()
+            return pipeline
+
+    def release(self, pipeline: _Pipeline, middleware: MoesifMiddleware, timeout: float) -> None:
+        """`middleware.close()`: give its share back; the last one closes the pipeline now, within `timeout`."""
+        with self.lock:
+            self._settle()  # middlewares collected meanwhile count no more
+            pipeline.holders.discard(middleware)
+            pipeline.users -= 1
+            if pipeline.outgoing_owner is not None and pipeline.outgoing_owner() is middleware:
+                outgoing.unregister(middleware._log_outgoing)
+                pipeline.outgoing_owner = None
+                self._offer_outgoing(pipeline)
+            if pipeline.users > 0:
+                return
+            if self.pipelines.get(pipeline.key) is pipeline:
+                del self.pipelines[pipeline.key]
+        pipeline.close(timeout)
+
+    def _offer_outgoing(self, pipeline: _Pipeline, candidate: Optional[MoesifMiddleware] = None) -> None:
+        """Under the lock: one middleware per pipeline captures the app's outgoing calls (one event per call
+        and destination): the first with CAPTURE_OUTGOING_REQUESTS and, when it goes, another that has it."""
+        if pipeline.outgoing_owner is not None and pipeline.outgoing_owner() is not None:
+            return
+        pipeline.outgoing_owner = None
+        for middleware in [candidate] if candidate is not None else list(pipeline.holders):
+            if middleware.config.capture_outgoing_requests:
+                outgoing.register(middleware._log_outgoing, middleware.config.base_uri)
+                pipeline.outgoing_owner = weakref.ref(middleware)
+                return
+
+    def _settle(self) -> None:
+        """Under the lock: count the shares of collected middlewares as given back."""
+        while self.collected:
+            pipeline = self.collected.popleft()
+            pipeline.users -= 1
+            if pipeline.users == 0:
+                pipeline.idle_since = time.monotonic()
+            self._offer_outgoing(pipeline)
+
+    def _reap(self) -> None:
+        """The reaper thread: settle collected shares and close the pipelines idle for IDLE_CLOSE_AFTER; it
+        ends when no pipeline is left (the next `acquire` starts another)."""
+        while not self._stop.is_set():
+            with self.lock:
+                self._settle()
+                now = time.monotonic()
+                idle = [pipeline for pipeline in self.pipelines.values()
+                        if pipeline.idle_since is not None and now - pipeline.idle_since >= IDLE_CLOSE_AFTER]
+                for pipeline in idle:
+                    del self.pipelines[pipeline.key]
+                done = not self.pipelines
+                if done and self._reaper is threading.current_thread():
+                    self._reaper = None
+            for pipeline in idle:
+                try:
+                    pipeline.close(DEFAULT_CLOSE_TIMEOUT)
+                except Exception:
+                    logger.exception("moesiftornado_durable: could not close an unused pipeline")
+            if done:
+                return
+            self._stop.wait(min(_REAP_INTERVAL, IDLE_CLOSE_AFTER))
+
+    def _install_hooks(self) -> None:
+        if self._hooks_installed:
+            return
+        self._hooks_installed = True
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(before=self._before_fork, after_in_parent=self._after_fork_in_parent,
+                                after_in_child=self._after_fork_in_child)
+        atexit.register(self.close_all)
+
+    def _before_fork(self) -> None:
+        self.lock.acquire()  # the child gets the registry whole, not halfway through a change
+        for pipeline in self.pipelines.values():
+            pipeline.before_fork()
+
+    def _after_fork_in_parent(self) -> None:
+        for pipeline in self.pipelines.values():
+            pipeline.after_fork_in_parent()
+        self.lock.release()
+
+    def _after_fork_in_child(self) -> None:
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._settle()
+        for key, pipeline in list(self.pipelines.items()):
+            if not pipeline.users:  # idle in the parent: nothing of it is the child's
+                del self.pipelines[key]
+            pipeline.after_fork_in_child()
+        self._reaper = None
+        if self.pipelines:
+            self._reaper = threading.Thread(target=self._reap, name="moesif-durable-reaper", daemon=True)
+            self._reaper.start()
+
+    def close_all(self) -> None:
+        """At exit: close every pipeline of this process, each within DEFAULT_CLOSE_TIMEOUT."""
+        with self.lock:
+            pipelines = list(self.pipelines.values())
+            self.pipelines.clear()
+            self._stop.set()
+        for pipeline in pipelines:
+            pipeline.close(DEFAULT_CLOSE_TIMEOUT)
+
+
+_REGISTRY = _Registry()
+
+
 class MoesifMiddleware(ExecuteHook):
     """Logs every finished Tornado request to Moesif through a crash-safe on-disk spool.
 
@@ -372,6 +616,10 @@ class MoesifMiddleware(ExecuteHook):
     process or an outage of Moesif of any length. Constructing one installs `hook.install`'s patch,
     through which it captures response bodies from an application's first request and applies the
     Moesif governance rules before its handlers run.
+
+    Middlewares with the same delivery options in one process (the same SPOOL_DIR, application id,
+    BASE_URI, SHIPPER, keys, batching...) share one pipeline: one journal slot, one shipper supervisor or
+    flusher, one app-config and rules fetcher. Making one per request costs no thread, file or slot.
     """
 
     def __init__(self, moesif_config: Mapping[str, Any]) -> None:
@@ -379,21 +627,18 @@ class MoesifMiddleware(ExecuteHook):
         if self.config.debug and logger.level == logging.NOTSET:
             logger.setLevel(logging.DEBUG)
         self.counters: Counter[str] = collections.Counter()
-        self._sampler = Sampler()
         self._pending: Set[Any] = set()  # captures waiting for awaitables (asyncio tasks, kept alive here)
         self._body_capture = body_capture_transform(self.config.max_body_bytes)
         self._attached: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._lock = threading.Lock()
-        self._runtime: Optional[_Runtime] = None
-        self._abandoned: List[_Runtime] = []  # inherited across a fork: kept, never used or closed
-        self._last_error_log = 0.0
+        self._share: Optional[weakref.finalize] = None  # set while this middleware holds `_pipeline`
+        self._pipeline = _REGISTRY.acquire(self)
+        self._log_error = _ErrorLog()
         self._last_spool_failure = -_SPOOL_FAILING_FOR
         self._user_error_log: Dict[str, Tuple[float, int]] = {}  # option -> (last logged, failures since)
-        self._rules = RuleSet()  # none until the first fetch; replaced by one reference swap
-        self._governor = Governor(self.config, lambda: self._rules, lambda: self._sampler.config.cohorts,
+        self._governor = Governor(self.config, lambda: self._pipeline.rules,
+                                  lambda: self._pipeline.sampler.config.cohorts,
                                   self._user_error, _resolve)
         hook.install()
-        _register_process_hooks(self)
         self._runtime_here()  # start now, so a backlog from an earlier run is sent without new traffic
 
     # -- capture ---------------------------------------------------------------------------------
@@ -417,7 +662,7 @@ class MoesifMiddleware(ExecuteHook):
         try:
             finished_at = time.time()
             self.attach(handler.application)
-            steps = capture_steps(handler, self.config, finished_at, self._sampler.weight_for, unsent_body)
+            steps = capture_steps(handler, self.config, finished_at, self._pipeline.sampler.weight_for, unsent_body)
             self._advance(steps, None)
         except Exception:
             self._drop("capture_error", "could not capture the request")
@@ -459,7 +704,7 @@ class MoesifMiddleware(ExecuteHook):
         """outgoing.py's recorder (CAPTURE_OUTGOING_REQUESTS): capture a call the app made and spool it as
         `log_event` spools a request, on the caller's thread (any thread: nothing is awaited). Never raises."""
         try:
-            self._finish(run_sync(outgoing.outgoing_steps(call, self.config, self._sampler.weight_for),
+            self._finish(run_sync(outgoing.outgoing_steps(call, self.config, self._pipeline.sampler.weight_for),
                                   self._user_error))
         except Exception:
             self._drop("capture_error", "could not capture an outgoing call")
@@ -494,9 +739,6 @@ class MoesifMiddleware(ExecuteHook):
         if self.config.log_body and not any(isinstance(t, ResponseBodyCapture) for t in transforms):
             transforms.insert(0, self._body_capture(handler.request))
         self._governor.wrap_prepare(handler)
-
-    def _rules_arrived(self, rules: RuleSet) -> None:
-        self._rules = rules
 
     # -- users, companies and subscriptions ------------------------------------------------------
 
@@ -541,16 +783,17 @@ class MoesifMiddleware(ExecuteHook):
         """Deliver what can be delivered within `timeout`, stop the flusher; the rest stays on disk.
 
         Returns within `timeout` even during a backoff or a stalled send. A later `log_event` starts
-        the pipeline again.
+        the pipeline again. While other middlewares of this process share the pipeline, it stays open
+        for them and this one only lets go of it: the last one to close closes it.
         """
-        with self._lock:
-            runtime, self._runtime = self._runtime, None
-        outgoing.unregister(self._log_outgoing)
-        if runtime is not None and runtime.pid == os.getpid():
-            runtime.close(timeout)
+        share, self._share = self._share, None
+        if share is None or share.detach() is None:
+            return  # not holding the pipeline (closed already)
+        _REGISTRY.release(self._pipeline, self, timeout)
 
     def stats(self) -> Dict[str, Any]:
-        """Counters of this process and the spool's current state; never raises.
+        """This middleware's capture counters, and the delivery counters and spool state of its pipeline
+        (shared by the middlewares with the same delivery options, as the spool is); never raises.
 
         Keys: spooled, skipped, sent, send_attempts, retries, dead_lettered, dropped_<reason> (one per
         reason seen), body_omitted_<reason> (bodies left out of events that were kept: too_large,
@@ -566,11 +809,14 @@ class MoesifMiddleware(ExecuteHook):
                       spool_bytes=None, last_error=None, last_error_at=None, spool_error=None,
                       app_config_error=None, rules_error=None)
         result["capture_pending"] = len(self._pending)
-        result["app_config_etag"] = self._sampler.config.etag
-        result["rules"] = len(self._rules)
-        result["rules_tag"] = self._rules.tag
+        pipeline = self._pipeline
+        result["app_config_etag"] = pipeline.sampler.config.etag
+        result["rules"] = len(pipeline.rules)
+        result["rules_tag"] = pipeline.rules.tag
         result["spool_failing"] = time.monotonic() - self._last_spool_failure < _SPOOL_FAILING_FOR
-        runtime = self._runtime
+        if pipeline.dropped_oldest:
+            result["dropped_oldest"] = pipeline.dropped_oldest
+        runtime = pipeline.runtime if self._share is not None else None
         if runtime is None or runtime.pid != os.getpid():
             return result
         result["app_config_error"] = runtime.fetcher.last_error
@@ -619,32 +865,20 @@ class MoesifMiddleware(ExecuteHook):
             return
         self.counters["spooled"] += 1
 
-    def _evicted(self, record_ids: List[str]) -> None:
-        """WHEN_FULL='drop_oldest' deleted these waiting records to make room: count and log them."""
-        self.counters["dropped_oldest"] += len(record_ids)
-        shown = ", ".join(record_ids[:20]) + (" …" if len(record_ids) > 20 else "")
-        self._log_error(f"the spool is full (SPOOL_MAX_BYTES); dropped the {len(record_ids)} oldest waiting "
-                        f"record(s): {shown}; dropped so far: {self.counters['dropped_oldest']}")
-
     def _runtime_here(self) -> Optional[_Runtime]:
-        """This process's runtime, opening the spool and starting the flusher on first use."""
-        runtime = self._runtime
-        if runtime is not None and runtime.pid == os.getpid():
-            return runtime
-        with self._lock:
-            if self._runtime is None or self._runtime.pid != os.getpid():
-                if self.config.capture_outgoing_requests:  # again after a close(), as the pipeline starts again
-                    outgoing.register(self._log_outgoing, self.config.base_uri)
-                try:
-                    self._runtime = (_ProcessRuntime(self.config, self._sampler.update, self._rules_arrived)
-                                     if self.config.shipper == "process"
-                                     else _ThreadRuntime(self.config, self._evicted, self._sampler.update,
-                                                         self._rules_arrived))
-                except (sqlite3.Error, OSError):
-                    # logged here, with the cause; a record that this costs is counted by the caller
-                    self._log_error(f"cannot open the spool in {self.config.spool_dir}")
-                    return None
-            return self._runtime
+        """This process's runtime of this middleware's pipeline, taking a share again after a `close()`."""
+        for _ in range(2):  # twice if a close() on another thread closed the pipeline just now
+            if self._share is None:
+                self._pipeline = _REGISTRY.acquire(self)
+            try:
+                runtime = self._pipeline.runtime_here()
+            except (sqlite3.Error, OSError):
+                # logged here, with the cause; a record that this costs is counted by the caller
+                self._log_error(f"cannot open the spool in {self.config.spool_dir}")
+                return None
+            if runtime is not None:
+                return runtime
+        return None
 
     def _user_error(self, option: str) -> None:
         """Count a user callable that failed; log its traceback at most every few seconds per option."""
@@ -663,56 +897,6 @@ class MoesifMiddleware(ExecuteHook):
         transaction_id = (record or {}).get("transaction_id")
         self._log_error(f"{message} (transaction_id={transaction_id}); dropped so far: "
                         f"{self.counters[f'dropped_{reason}']}")
-
-    def _log_error(self, message: str) -> None:
-        """Log an ERROR with the current traceback, at most once every few seconds."""
-        now = time.monotonic()
-        if now - self._last_error_log < _ERROR_LOG_INTERVAL:
-            return
-        self._last_error_log = now
-        logger.error("moesiftornado_durable: %s", message, exc_info=sys.exc_info()[0] is not None)
-
-    def _before_fork(self) -> None:
-        runtime = self._runtime
-        if runtime is not None and runtime.pid == os.getpid():
-            runtime.before_fork()
-
-    def _after_fork_in_parent(self) -> None:
-        runtime = self._runtime
-        if runtime is not None and runtime.pid == os.getpid():
-            runtime.after_fork_in_parent()
-
-    def _after_fork_in_child(self) -> None:
-        self._lock = threading.Lock()
-        if self._runtime is not None:
-            self._runtime.abandon_after_fork()
-            self._abandoned.append(self._runtime)
-            self._runtime = None
-        try:
-            self._runtime_here()
-        except Exception:
-            logger.exception("moesiftornado_durable: could not start after fork")
-
-
-def _register_process_hooks(middleware: MoesifMiddleware) -> None:
-    """Fork and exit hooks that hold only a weak reference, so a discarded middleware can be collected."""
-    ref = weakref.ref(middleware)
-
-    def call(method: str) -> Any:
-        def hook() -> None:
-            target = ref()
-            if target is not None:
-                getattr(target, method)()
-
-        return hook
-
-    if hasattr(os, "register_at_fork"):
-        os.register_at_fork(
-            before=call("_before_fork"),
-            after_in_parent=call("_after_fork_in_parent"),
-            after_in_child=call("_after_fork_in_child"),
-        )
-    atexit.register(call("close"))
 
 
 class SpoolBeforeSendMixin:

@@ -157,6 +157,7 @@ def register(recorder: Recorder, own_base_uri: str) -> None:
         def reference() -> Recorder:
             return recorder
     with _lock:
+        _forget_collected()
         _recorders[_key(recorder)] = (reference, _origin(own_base_uri))
         _install()
 
@@ -165,8 +166,17 @@ def unregister(recorder: Recorder) -> None:
     """Stop sending calls to `recorder`; the last one out restores the original methods."""
     with _lock:
         _recorders.pop(_key(recorder), None)
+        _forget_collected()
         if not _recorders:
             _uninstall()
+
+
+def _forget_collected() -> None:
+    """Under the lock: drop the recorders of middlewares collected without close() (weakly held), so that
+    a process making many middlewares does not keep one entry per middleware."""
+    for key, (reference, _) in list(_recorders.items()):
+        if reference() is None:
+            del _recorders[key]
 
 
 def _key(recorder: Recorder) -> Any:

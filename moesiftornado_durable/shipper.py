@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from . import audit, locks, spooldir
+from . import audit, locks, proctitle, spooldir
 from .codec import Codec
 from .config import Config
 from .errors import ConfigError
@@ -208,6 +208,7 @@ def main() -> int:
     parent = int(handed["parent"])  # not os.getppid(): the parent may have exited while this one started
     try:
         config = Config.from_dict(handed["options"])
+        proctitle.set_title(proctitle.shipper_title(config.spool_dir))  # not `python -c import signal, …` in ps
         logging.basicConfig(level=logging.DEBUG if config.debug else logging.WARNING,
                             format="%(asctime)s moesif-shipper[%(process)d] %(levelname)s %(message)s")
         audit.audit_logger.setLevel(logging.INFO)  # relayed to the app process, which logs it where the user wants

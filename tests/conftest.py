@@ -163,7 +163,8 @@ def children_of(pid: int, shippers: bool = False) -> List[int]:
             with open(f"/proc/{entry}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                is_shipper = b"moesiftornado_durable.shipper" in f.read()
+                cmdline = f.read()  # the bootstrap command while it starts, then its title (proctitle.py)
+            is_shipper = b"moesiftornado_durable.shipper" in cmdline or b"moesiftornado-durable shipper" in cmdline
         except OSError:
             continue
         if int(fields[1]) == pid and fields[0] != "Z" and is_shipper == shippers:
