@@ -8,9 +8,8 @@ is then captured again and again in this process, which is what `log_event` does
 
 - naive: ``json.dumps(capture_event(...))``: every value plain, the json module writes the whole event
   (the baseline pipeline.py uses);
-- current: ``Codec().encode(capture_steps(...) outcome)``: the middleware's path (with orjson when it is
-  installed: bodies parsed and written once by orjson, the event written by orjson);
-- current without orjson: the same with orjson hidden (only printed when orjson is installed).
+- current: ``Codec().encode(capture_steps(...) outcome)``: the middleware's path (bodies parsed and
+  written once by orjson, the event written by orjson).
 
 Then the steps of the current path, each alone. p50 and p99 are the medians over rounds of each round's
 percentile of single calls (wall clock, perf_counter); "CPU" is this thread's CPU time per call, the
@@ -32,6 +31,7 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List
 
+import orjson
 import requests
 import tornado.web
 
@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from conftest import serve  # noqa: E402
 from pipeline import BODY, OrderHandler  # noqa: E402  # the same 1.5 KB event as pipeline.py's log_event rows
 
-from moesiftornado_durable import capture, codec  # noqa: E402
+from moesiftornado_durable import capture  # noqa: E402
 from moesiftornado_durable.capture import (  # noqa: E402
     body_capture_transform,
     capture_event,
@@ -77,17 +77,6 @@ def percentiles(function: Callable[[], Any], calls: int) -> Dict[str, float]:
                for q, share in (("p50", 0.5), ("p99", 0.99))}
     figures["cpu"] = cpu
     return figures
-
-
-def without_orjson(function: Callable[[], Any]) -> Callable[[], Any]:
-    def call() -> Any:
-        saved, codec.orjson = codec.orjson, None
-        try:
-            return function()
-        finally:
-            codec.orjson = saved
-
-    return call
 
 
 def run(modes: Dict[str, Callable[[], Any]], calls: int, rounds: int) -> Dict[str, Dict[str, float]]:
@@ -126,20 +115,16 @@ def main() -> int:
         return encode(run_sync(capture_steps(handler, config, now)).event)
 
     event_bytes = len(current())
-    orjson_version = getattr(codec.orjson, "__version__", None)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"orjson {orjson_version or 'not installed'}, event {event_bytes} bytes, "
+          f"orjson {orjson.__version__}, event {event_bytes} bytes, "
           f"{'quick' if args.quick else 'full'} run ({rounds} rounds of {calls} calls)", flush=True)
 
     modes: Dict[str, Callable[[], Any]] = {"naive": naive, "current": current}
-    if orjson_version:
-        modes["current without orjson"] = without_orjson(current)
     totals = run(modes, calls, rounds)
 
     raw = handler.request.body
     prepared = run_sync(capture_steps(handler, config, now)).event
     plain = capture_event(handler, config, now)
-    fast_bodies = codec.orjson is not None
     steps: Dict[str, Callable[[], Any]] = {
         "timestamps (2)": lambda: (capture.format_time(now - 0.002), capture.format_time(now)),
         "headers joined (2)": lambda: (capture.join_headers(handler.request.headers),
@@ -148,19 +133,17 @@ def main() -> int:
         "transaction id": capture.new_transaction_id,
         "bodies read, json module (2)": lambda: (capture.encode_body(raw), capture.encode_body(raw)),
         "event written, json module (plain values)": lambda: to_json_bytes(plain),
+        "bodies read + written, orjson (2)": lambda: (capture._json_by_orjson(raw, frozenset()),
+                                                      capture._json_by_orjson(raw, frozenset())),
+        "event written, orjson (bodies already written)": lambda: to_json_bytes(prepared),
     }
-    if fast_bodies:
-        steps["bodies read + written, orjson (2)"] = lambda: (capture._json_by_orjson(raw, frozenset()),
-                                                              capture._json_by_orjson(raw, frozenset()))
-        steps["event written, orjson (bodies already written)"] = lambda: to_json_bytes(prepared)
     parts = run(steps, calls, rounds)
 
     print()
     base = totals["naive"]
     print("| capture + serialize, µs per call | p50 | p99 | CPU | ratio to naive (p50, CPU) |")
     print("|---|---|---|---|---|")
-    labels = {"naive": "naive: json.dumps(capture_event(...))", "current": "current: capture_steps + Codec.encode",
-              "current without orjson": "current, orjson not installed"}
+    labels = {"naive": "naive: json.dumps(capture_event(...))", "current": "current: capture_steps + Codec.encode"}
     for name, figures in totals.items():
         print(f"| {labels[name]} | {figures['p50']:.1f} | {figures['p99']:.1f} | {figures['cpu']:.1f} | "
               f"{figures['p50'] / base['p50']:.2f}, {figures['cpu'] / base['cpu']:.2f} |")

@@ -37,6 +37,7 @@ from typing import (
     Type,
 )
 
+import orjson
 from moesifapi.models import BaseModel, EventModel
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
 from tornado.web import OutputTransform
@@ -115,10 +116,9 @@ def capture_steps(handler: Handler, config: Config, finished_at: float,
     log_function); the request's start is derived from Tornado's own `request_time()`. `unsent_body` is
     the part of the response still in the handler's buffer (strict mode captures before the last flush).
 
-    `prepared` (the middleware's path) gives, when orjson is installed and there is no MASK_EVENT_MODEL
-    to show the event to, a `JSONReady` event whose JSON bodies and metadata are `RawJSON`: the spool
-    writes it with orjson, with the same values. Otherwise, and with `prepared=False`, every value is
-    plain.
+    `prepared` (the middleware's path) gives, when there is no MASK_EVENT_MODEL to show the event to, a
+    `JSONReady` event whose JSON bodies and metadata are `RawJSON`: the spool writes it with orjson, with
+    the same values. Otherwise, and with `prepared=False`, every value is plain.
     """
     if config.skip is not None:
         [skip] = yield [("SKIP", config.skip, handler)]
@@ -186,9 +186,9 @@ def finish_steps(event: Event, bodies: List[_Body], config: Config, weight_for: 
 
 
 def prepared_form(config: Config) -> bool:
-    """True when capture may hand the spool a `JSONReady` event: orjson is installed and no MASK_EVENT_MODEL
-    is to see the event (see `capture_steps`)."""
-    return codec.orjson is not None and config.mask_event_model is None
+    """True when capture may hand the spool a `JSONReady` event: no MASK_EVENT_MODEL is to see the event
+    (it is given a moesifapi `EventModel`, made of plain values; see `capture_steps`)."""
+    return config.mask_event_model is None
 
 
 def call_user_functions(calls: List[UserCall], on_error: Optional[Callable[[str], None]] = None) -> List[Any]:
@@ -566,14 +566,14 @@ def _json_by_orjson(raw: bytes, masks: AbstractSet[str]) -> Optional[RawJSON]:
     if raw.lstrip()[:1] not in (b"{", b"[") or _may_hold_a_long_integer(raw):
         return None
     try:
-        parsed = codec.orjson.loads(raw)
-    except ValueError:  # orjson.JSONDecodeError
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
         return None
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _deeper_than(parsed, MAX_JSON_DEPTH):
         return None  # encode_body sends it as base64
     try:
-        return RawJSON(codec.orjson.dumps(mask_body(parsed, masks)))
-    except TypeError:  # orjson.JSONEncodeError: not expected of what it parsed, but never lose the event
+        return RawJSON(orjson.dumps(mask_body(parsed, masks)))
+    except orjson.JSONEncodeError:  # not expected of what it parsed, but never lose the event
         return None
 
 

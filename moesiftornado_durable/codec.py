@@ -5,33 +5,23 @@ JSON, never pickle: a spool file is data and must not run code when read. Encryp
 `MultiFernet` does: new records use the first key, older ones stay readable with the rest. Encrypted
 and plain records can sit side by side in one file (a spool that gains a key keeps its old rows).
 
-With orjson installed (``pip install 'moesiftornado-durable[fast]'``), the events the middleware captures
-are written by orjson, about ten times faster than by the json module, and read back as the same values:
-capture hands them over as `JSONReady` dicts, whose bodies and metadata are already `RawJSON` (see
-`to_json_bytes`). Everything else is written by the json module, as without orjson.
+The events the middleware captures are written by orjson (a dependency), about ten times faster than by
+the json module, and read back as the same values: capture hands them over as `JSONReady` dicts, whose
+bodies and metadata are already `RawJSON` (see `to_json_bytes`). Every other record, and every value
+orjson refuses or would write differently (NaN, an int past 64 bits, a lone surrogate, a datetime), is
+written by the json module.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import json.encoder
 import re
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
+import orjson
+
 from .errors import ConfigError, MoesifDurableError
-
-
-def _fast_encoder() -> Any:
-    """orjson if it is installed (the optional 'fast' extra) and can write raw JSON (3.9 and later), else None."""
-    try:
-        module = importlib.import_module("orjson")
-    except ImportError:
-        return None
-    return module if hasattr(module, "Fragment") else None
-
-
-orjson: Any = _fast_encoder()  # None: every record is written by the json module
 
 KeyInput = Union[str, bytes]
 _FERNET_PREFIX = b"gAAAAA"  # every Fernet token starts with version byte 0x80, base64-encoded
@@ -113,18 +103,18 @@ class JSONReady(Dict[str, Any]):
 def to_json_bytes(value: Any) -> bytes:
     """Compact, strict JSON; values JSON cannot express are written as text.
 
-    The fast path writes objects JSON does not know as their str(). Whatever else would make json.dumps
-    fail -- keys that are not strings, a circular reference, nesting too deep, an object whose str()
-    raises, NaN or infinity (not JSON: Moesif would reject the whole batch) -- takes the slow path, which
-    rewrites those values as text, so a record is never lost for what a user callback put in it. A lone
-    surrogate (a JSON body's ``"\\ud800"``, a callback's string) cannot be UTF-8: it is written as its
-    JSON escape, which reads back as the same string. A `RawJSON` value is written as its bytes; a
-    `JSONReady` record is written by orjson when it is installed.
+    A `JSONReady` record is written by orjson, its `RawJSON` values as their bytes. Any other record, or
+    one holding a value orjson refuses (a lone surrogate, an int past 64 bits), is written by the json
+    module, objects it does not know as their str(). Whatever else would make json.dumps fail -- keys
+    that are not strings, a circular reference, nesting too deep, an object whose str() raises, NaN or
+    infinity (not JSON: Moesif would reject the whole batch) -- is rewritten as text, so a record is never
+    lost for what a user callback put in it. A lone surrogate (a JSON body's ``"\\ud800"``, a callback's
+    string) cannot be UTF-8: it is written as its JSON escape, which reads back as the same string.
     """
-    if orjson is not None and type(value) is JSONReady:
+    if type(value) is JSONReady:
         try:
             return orjson.dumps(value, default=_fragment)
-        except TypeError:  # orjson.JSONEncodeError: a lone surrogate, an int past 64 bits
+        except orjson.JSONEncodeError:  # a lone surrogate, an int past 64 bits: the json module writes them
             pass
     return _json_bytes(value, 0)
 
