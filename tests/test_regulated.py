@@ -43,9 +43,12 @@ def post_marker(middleware: MoesifMiddleware, count: int = 3) -> None:
 def files_containing(directory: str, needle: bytes) -> List[str]:
     found = []
     for name in os.listdir(directory):
-        with open(os.path.join(directory, name), "rb") as f:
-            if needle in f.read():
-                found.append(name)
+        try:
+            with open(os.path.join(directory, name), "rb") as f:
+                if needle in f.read():
+                    found.append(name)
+        except FileNotFoundError:
+            pass  # deleted since the listing (a journal segment folded away): it holds nothing any more
     return found
 
 
