@@ -28,9 +28,10 @@ from .config import DEFAULT_BASE_URI, DEFAULT_BATCH_SIZE, SPOOL_SYNC_MODES, Conf
 from .errors import ConfigError
 from .flusher import Courier, Outcome, remove_spool_files
 from .journal import damaged_segments, segments
+from .kinds import EVENT, KINDS
 from .sender import Sender, delivery_policy
 from .shipper import EXIT_ANOTHER_SHIPPER, StopRequest, journal_reader, serve
-from .spool import EVENT, KINDS, Spool, SpoolStats, open_spool, read_stats, salvage
+from .spool import Spool, SpoolStats, open_spool, read_stats, salvage
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_REPLAY_BATCH_SIZE = 500

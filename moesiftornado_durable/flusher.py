@@ -26,9 +26,10 @@ from . import locks
 from .config import Config
 from .errors import DeliveryError, PayloadTooLargeError, PermanentError, RetryableError
 from .governance import RULES_TAG_HEADER
+from .kinds import EVENT, KINDS
 from .sampling import CONFIG_ETAG_HEADER
 from .sender import Sender, ShutdownRequested, delivery_policy
-from .spool import EVENT, KINDS, Spool, SpooledItem, open_spool
+from .spool import Spool, SpooledItem, open_spool
 from .worker import ProcessThread
 
 logger = logging.getLogger("moesiftornado_durable")

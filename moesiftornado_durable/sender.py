@@ -33,8 +33,8 @@ from moesifapi.http.http_response import HttpResponse
 from . import __version__
 from .errors import AuthError, DeliveryError, PayloadTooLargeError, PermanentError, RedirectError, RetryableError
 from .governance import RULES_TAG_HEADER
+from .kinds import COMPANY, EVENT, SUBSCRIPTION, USER
 from .sampling import CONFIG_ETAG_HEADER
-from .spool import COMPANY, EVENT, SUBSCRIPTION, USER
 from .transport import ResponseTooLarge, Transport
 
 logger = logging.getLogger("moesiftornado_durable")

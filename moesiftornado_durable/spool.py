@@ -35,16 +35,11 @@ from . import audit, pagescan, spooldir
 from .codec import Codec, UndecryptableError, to_json_bytes
 from .errors import SpoolFullError
 from .journal import unspooled_records
+from .kinds import COMPANY, EVENT, KINDS, SUBSCRIPTION, USER  # noqa: F401 (re-exported: older imports)
 
 logger = logging.getLogger("moesiftornado_durable")
 
 TABLE = "ack_queue_default"  # persist-queue's table name for a queue named "default"
-
-EVENT = "event"
-USER = "user"
-COMPANY = "company"
-SUBSCRIPTION = "subscription"
-KINDS = (EVENT, USER, COMPANY, SUBSCRIPTION)
 
 _READY_BELOW = int(AckStatus.unack)  # persist-queue: 0 inited and 1 ready are both takeable
 _IN_FLIGHT = int(AckStatus.unack)
