@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, TextIO, Tuple
 
-from . import __version__, locks, spooldir, testing
+from . import __version__, locks, spooldir
 from .codec import Codec
 from .config import DEFAULT_BASE_URI, DEFAULT_BATCH_SIZE, SPOOL_SYNC_MODES, Config
 from .errors import ConfigError
@@ -53,6 +53,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the console script and of ``python -m moesiftornado_durable``."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["collector"]:  # its options are the collector's own
+        from . import testing  # a large module only this command needs: not imported on every start
+
         return testing.main(argv[1:])
     args = _parser().parse_args(argv)
     try:
