@@ -463,6 +463,12 @@ def test_collector_command_runs_the_local_collector() -> None:
         process.stdout.close()  # type: ignore[union-attr]
 
 
+def test_starting_the_cli_does_not_import_the_collector() -> None:
+    code = "import sys, moesiftornado_durable.cli; print('moesiftornado_durable.testing' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout.strip()) == (0, "False"), result.stderr
+
+
 def test_every_command_has_help() -> None:
     for command in (["--help"], ["status", "--help"], ["replay", "--help"], ["dead-letter", "--help"],
                     ["export", "--help"], ["import", "--help"], ["salvage", "--help"]):
