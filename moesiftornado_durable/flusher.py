@@ -363,14 +363,6 @@ class Flusher:
         """True while the last delivery attempt failed and the flusher is backing off."""
         return self.courier.failing
 
-    @property
-    def last_error(self) -> Optional[str]:
-        """The last delivery error with its UTC time, or None."""
-        error, when = self.courier.last_error, self.courier.last_error_at
-        if error is None or when is None:
-            return None
-        return f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(when))} {error}"
-
     def hurry(self, seconds: float) -> None:
         """Send partial batches at once for the next `seconds` (a flush asked for by another process)."""
         self._urgent_until = max(self._urgent_until, time.monotonic() + seconds)

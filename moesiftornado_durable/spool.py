@@ -34,7 +34,6 @@ from persistqueue.sqlackqueue import AckStatus
 from . import audit, pagescan, spooldir
 from .codec import Codec, UndecryptableError, to_json_bytes
 from .errors import SpoolFullError
-from .journal import unspooled_records
 from .kinds import COMPANY, EVENT, KINDS, SUBSCRIPTION, USER  # noqa: F401 (re-exported: older imports)
 
 logger = logging.getLogger("moesiftornado_durable")
@@ -1031,21 +1030,6 @@ def directory_stats(directory: str) -> SpoolStats:
         bytes_on_disk=sum(p.bytes_on_disk for p in parts),
         undecryptable=sum(p.undecryptable for p in parts),
     )
-
-
-def waiting(directory: str) -> int:
-    """Records of a SPOOL_DIR not yet delivered: ready or in flight in a spool file, or in an intake
-    journal and not yet spooled."""
-    stats = directory_stats(directory)
-    offsets: Dict[str, int] = {}
-    shipper_spool = os.path.join(directory, "shipper.db")
-    if os.path.exists(shipper_spool):
-        view = SpoolView(shipper_spool)
-        try:
-            offsets = view.journal_offsets()
-        finally:
-            view.close()
-    return stats.ready + stats.in_flight + unspooled_records(directory, offsets)
 
 
 @dataclasses.dataclass(frozen=True)

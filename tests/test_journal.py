@@ -15,7 +15,7 @@ import time
 from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
-from conftest import wait_until
+from conftest import iter_records, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +27,6 @@ from moesiftornado_durable.journal import (
     damaged_segments,
     frame,
     frame_v1,
-    iter_records,
     read_frames,
     segments,
 )
