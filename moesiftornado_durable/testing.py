@@ -15,6 +15,10 @@ Moesif account::
 
 A collector in another process (``python -m moesiftornado_durable.testing``) is controlled over HTTP instead:
 ``POST /_control/fault``, ``GET /_control/stats``, ``GET /_control/events`` (see ``Collector`` and ``main``).
+
+It serves with Tornado's ``HTTPServer`` on an IOLoop of its own, in a thread of its own: the same from a plain
+synchronous test as from the test of a Tornado application running its own IOLoop. Faults that wait (stalls,
+trickled answers) wait on that loop without holding up the other connections.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from tornado.iostream import IOStream, StreamClosedError
 from tornado.util import TimeoutError as _WaitTimeout
 
 _orjson: Any
-try:  # checks a batch in less than half the time of the standard parser, which is most of the collector's work
+try:  # checks a batch faster than the standard parser, and checking is most of the collector's work
     import orjson as _orjson
 except ImportError:  # pragma: no cover - orjson is in the test extra
     _orjson = None
@@ -622,9 +626,10 @@ def _check_loopback(host: str) -> None:
 class Collector:
     """A local HTTP server speaking Moesif's ingestion API, recording what it accepts and misbehaving on demand.
 
-    Use it as a context manager (``with Collector() as c:``) or call ``start()`` and ``stop()``. It listens on
-    loopback only; ``port=0`` picks a free port, read back from ``port`` or ``base_uri``. When ``application_id``
-    is given, requests carrying another ``X-Moesif-Application-Id`` get 401; otherwise any non-empty id is taken.
+    Use it as a context manager (``with Collector() as c:``) or call ``start()`` and ``stop()``; it serves from a
+    daemon thread named "moesif-collector". It listens on loopback only; ``port=0`` picks a free port, read back
+    from ``port`` or ``base_uri``. When ``application_id`` is given, requests carrying another
+    ``X-Moesif-Application-Id`` get 401; otherwise any non-empty id is taken.
 
     Besides Moesif's paths it answers, without faults and without an application id:
 
@@ -1181,7 +1186,7 @@ def _parse_json(body: bytes) -> Any:
 
 
 def _parse_to_check(body: bytes) -> Any:
-    """`body` parsed only to check it, through orjson when it is installed (in less than half the time).
+    """`body` parsed only to check it, through orjson when it is installed (faster).
 
     What orjson refuses (NaN, lone surrogates, UTF-16, numbers past a double) the standard parser decides,
     so the collector accepts exactly what it accepts without orjson. The objects are thrown away: orjson
@@ -1251,8 +1256,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     collector = Collector(args.host, args.port, args.application_id)
-    # Checking a batch of 500 events builds ~20k containers, all alive until the check ends: at the default
-    # threshold (700) that starts some 30 garbage collections per batch, a quarter of the collector's time.
+    # Checking a batch builds tens of thousands of containers, all alive until the check ends: at the default
+    # threshold (700) that starts dozens of garbage collections per batch (docs/benchmarks.md, "Replay").
     # Run from here the collector usually has a process to itself: collect less often (restored on return).
     previous_thresholds = gc.get_threshold()
     gc.set_threshold(GC_THRESHOLD, *previous_thresholds[1:])
