@@ -39,11 +39,12 @@ import socket
 import sys
 import threading
 import time
+import weakref
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple, Type, Union
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple, Type, Union
 from urllib.parse import urlsplit
 
 import tornado.gen
@@ -423,36 +424,40 @@ class _Server(tornado.httpserver.HTTPServer):
         super().handle_stream(stream, address)
 
 
-class _Period:
+class _Period(tornado.httputil.HTTPServerConnectionDelegate):
     """One listening period of a Collector (start or come_up, to go_down or stop): its server, the connections
-    it accepted, and ``closing``, set when the period ends so stalls and slow answers stop at once.
+    it accepted, and ``closing``, set when the period ends so stalls and slow answers stop at once. Gives each
+    request an `_Exchange`.
 
     Used on the collector's IOLoop thread only.
     """
 
     def __init__(self, collector: Collector, sockets: List[socket.socket]) -> None:
         self.closing = tornado.locks.Event()
-        self._streams: Set[IOStream] = set()
+        self._collector = collector
+        self._streams: weakref.WeakSet[IOStream] = weakref.WeakSet()  # a closed connection's stream goes by itself
         # Bodies are limited per request (Collector.max_request_bytes, answered 413), not by Tornado (a bare 400).
-        self.server = _Server(_Exchanges(collector, self), max_body_size=_UNLIMITED)
+        self.server = _Server(self, max_body_size=_UNLIMITED)
         self.server.period = self
         self.server.add_sockets(sockets)
 
     def track(self, stream: IOStream) -> None:
         """Remember an accepted connection so ``end`` can close it."""
-        if len(self._streams) >= _PRUNE_STREAMS_PAST:
-            self._streams = {s for s in self._streams if not s.closed()}
         self._streams.add(stream)
+
+    def start_request(self, server_conn: object,
+                      request_conn: tornado.httputil.HTTPConnection) -> tornado.httputil.HTTPMessageDelegate:
+        assert isinstance(request_conn, HTTP1Connection)
+        return _Exchange(self._collector, self, request_conn)
 
     def end(self, spare: Optional[IOStream] = None) -> None:
         """Stop listening (the port refuses connections from here on), wake stalled requests and close every
         connection but ``spare``."""
         self.server.stop()
         self.closing.set()
-        for stream in self._streams:
+        for stream in list(self._streams):
             if stream is not spare:
                 stream.close()
-        self._streams.clear()
 
     async def ends_within(self, seconds: float) -> bool:
         """Wait ``seconds`` without holding up the IOLoop; True if the period ended meanwhile."""
@@ -461,19 +466,6 @@ class _Period:
         except _WaitTimeout:
             pass
         return self.closing.is_set()
-
-
-class _Exchanges(tornado.httputil.HTTPServerConnectionDelegate):
-    """Gives each request of a period an `_Exchange`."""
-
-    def __init__(self, collector: Collector, period: _Period) -> None:
-        self._collector = collector
-        self._period = period
-
-    def start_request(self, server_conn: object,
-                      request_conn: tornado.httputil.HTTPConnection) -> tornado.httputil.HTTPMessageDelegate:
-        assert isinstance(request_conn, HTTP1Connection)
-        return _Exchange(self._collector, self._period, request_conn)
 
 
 class _Exchange(tornado.httputil.HTTPMessageDelegate):
@@ -531,6 +523,9 @@ class _Exchange(tornado.httputil.HTTPMessageDelegate):
             await self._write(answer)
         except StreamClosedError:
             logger.debug("client left before its answer to %s was written", self._path)
+        except Exception:
+            logger.exception("collector error while answering %s %s; connection closed", self._method, self._path)
+            self._connection.close()
         finally:
             collector._serving -= 1
 
@@ -604,7 +599,6 @@ class _Exchange(tornado.httputil.HTTPMessageDelegate):
 
 _FILLER_BLOCK = b"x" * (64 * 1024)
 _UNLIMITED = 1 << 62
-_PRUNE_STREAMS_PAST = 64  # a period forgets its closed connections once it has tracked this many
 
 # --------------------------------------------------------------------------------------------------------------
 # The collector
