@@ -791,6 +791,8 @@ class Collector:
         except BaseException as exc:
             if ready.done():
                 raise
+            for bound in sockets:  # never served: start() raises
+                bound.close()
             ready.set_exception(exc)
         finally:
             left = [task for task in asyncio.all_tasks(loop) if not task.done()]
