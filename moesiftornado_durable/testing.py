@@ -109,7 +109,8 @@ class ReceivedRequest:
 
     ``status`` is the status answered (0 when the connection was dropped without an answer), ``items`` how many
     events, users, companies or subscriptions were recorded from it, ``time`` its arrival (``time.time()``).
-    ``headers`` keep the case the client sent; a repeated header keeps its last value.
+    ``headers`` have their names in Tornado's canonical case (``Content-Encoding``); a repeated header keeps its
+    last value.
     """
 
     method: str
