@@ -25,8 +25,14 @@ from typing import Callable, Iterator
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from moesiftornado_durable.spool import waiting  # noqa: E402
+from moesiftornado_durable.spool import directory_stats  # noqa: E402
 from moesiftornado_durable.testing import Collector  # noqa: E402
+
+
+def waiting(spool_dir: str) -> int:
+    """Records in the spool on disk, not yet delivered (what `moesiftornado-durable status` shows)."""
+    stats = directory_stats(spool_dir)
+    return stats.ready + stats.in_flight
 
 
 def say(step: str, detail: str = "") -> None:

@@ -12,10 +12,12 @@ import logging
 import time
 from typing import IO, Any, Dict, Iterable, Optional
 
+from .kinds import EVENT
+
 audit_logger = logging.getLogger("moesiftornado_durable.audit")
 
 
-def record_left(record_ids: Iterable[str], reason: str, kind: str = "event", at: Optional[str] = None) -> None:
+def record_left(record_ids: Iterable[str], reason: str, kind: str = EVENT, at: Optional[str] = None) -> None:
     """Log one audit record per id (`at`: when it happened, if not now)."""
     if not audit_logger.isEnabledFor(logging.INFO):
         return
@@ -51,5 +53,5 @@ def relay(line: str) -> None:
         fields: Dict[str, Any] = json.loads(line)
     except ValueError:
         return
-    record_left([str(fields.get("transaction_id"))], str(fields.get("reason")), str(fields.get("kind") or "event"),
+    record_left([str(fields.get("transaction_id"))], str(fields.get("reason")), str(fields.get("kind") or EVENT),
                 at=fields.get("at"))

@@ -22,15 +22,16 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, TextIO, Tuple
 
-from . import __version__, locks, proctitle, spooldir, testing
+from . import __version__, locks, proctitle, spooldir
 from .codec import Codec
 from .config import DEFAULT_BASE_URI, DEFAULT_BATCH_SIZE, SPOOL_SYNC_MODES, Config, default_spool_dir
 from .errors import ConfigError
 from .flusher import Courier, Outcome, remove_spool_files
 from .journal import damaged_segments, segments
+from .kinds import EVENT, KINDS
 from .sender import Sender, delivery_policy
 from .shipper import EXIT_ANOTHER_SHIPPER, StopRequest, journal_reader, serve
-from .spool import EVENT, KINDS, Spool, SpoolStats, open_spool, read_stats, salvage
+from .spool import Spool, SpoolStats, open_spool, read_stats, salvage
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_REPLAY_BATCH_SIZE = 500
@@ -55,6 +56,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the console script and of ``python -m moesiftornado_durable``."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["collector"]:  # its options are the collector's own
+        from . import testing  # a large module only this command needs: not imported on every start
+
         return testing.main(argv[1:])
     args = _parser().parse_args(argv)
     try:

@@ -26,9 +26,10 @@ from . import locks
 from .config import Config
 from .errors import DeliveryError, PayloadTooLargeError, PermanentError, RetryableError
 from .governance import RULES_TAG_HEADER
+from .kinds import EVENT, KINDS
 from .sampling import CONFIG_ETAG_HEADER
 from .sender import Sender, ShutdownRequested, delivery_policy
-from .spool import EVENT, KINDS, Spool, SpooledItem, open_spool
+from .spool import Spool, SpooledItem, open_spool
 from .worker import ProcessThread
 
 logger = logging.getLogger("moesiftornado_durable")
@@ -361,14 +362,6 @@ class Flusher:
     def is_failing(self) -> bool:
         """True while the last delivery attempt failed and the flusher is backing off."""
         return self.courier.failing
-
-    @property
-    def last_error(self) -> Optional[str]:
-        """The last delivery error with its UTC time, or None."""
-        error, when = self.courier.last_error, self.courier.last_error_at
-        if error is None or when is None:
-            return None
-        return f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(when))} {error}"
 
     def hurry(self, seconds: float) -> None:
         """Send partial batches at once for the next `seconds` (a flush asked for by another process)."""

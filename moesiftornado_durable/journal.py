@@ -33,10 +33,11 @@ import struct
 import threading
 import time
 import zlib
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from . import spooldir
 from .errors import SpoolUnavailableError
+from .kinds import COMPANY, EVENT, SUBSCRIPTION, USER
 
 logger = logging.getLogger("moesiftornado_durable")
 
@@ -55,7 +56,7 @@ _HEADER_V1 = struct.Struct("<2sBBIId")  # format 1: magic, 1, kind, length, crc3
 _CHECKED_V1 = struct.Struct("<d")
 _PREFIXES = (_MAGIC + b"\x01", _MAGIC + b"\x02")  # what a frame of a known format starts with
 MAX_PAYLOAD = 64 * 1024 * 1024  # a length beyond this is damage, not a record
-KIND_CODES = {"event": 1, "user": 2, "company": 3, "subscription": 4}
+KIND_CODES = {EVENT: 1, USER: 2, COMPANY: 3, SUBSCRIPTION: 4}  # the kind byte of a frame
 KIND_NAMES = {code: name for name, code in KIND_CODES.items()}
 
 
@@ -424,13 +425,6 @@ class JournalReader:
                      "from the next intact record (disk damage?); the segment is kept as %s%s", inner, path, offset,
                      path, DAMAGED_SUFFIX)
 
-    def pending_bytes(self) -> int:
-        """Bytes appended to the journals and not yet spooled."""
-        offsets = self._offsets()
-        return sum(max(0, _size(path) - offsets.get(os.path.basename(path), 0))
-                   for _, _, path in segments(self.directory))
-
-
 def keep_aside(path: str) -> bool:
     """Keep damaged segment `path` as ``<path>.damaged``: a hard link (the same 0600 inode, nothing
     copied), or a 0600 copy where the file system has no hard links. Deleting the segment once it is
@@ -482,26 +476,3 @@ def first_record(directory: str) -> Optional[bytes]:
             if rows:
                 return rows[0][1]
     return None
-
-
-def unspooled_records(directory: str, offsets: Dict[str, int]) -> int:
-    """How many intact records the journals hold past the given offsets: what no shipper has spooled yet."""
-    count = 0
-    for _, _, path in segments(directory):
-        with contextlib.suppress(FileNotFoundError):
-            count += sum(1 for _ in _records_from(path, offsets.get(os.path.basename(path), 0), finished=False))
-    return count
-
-
-def iter_records(path: str) -> Iterator[Tuple[str, bytes, float]]:
-    """Every intact record of one segment (for tools and tests)."""
-    return _records_from(path, 0, finished=True)
-
-
-def _records_from(path: str, offset: int, finished: bool) -> Iterator[Tuple[str, bytes, float]]:
-    while True:
-        chunk = read_frames(path, offset, 1024 * 1024, finished)
-        yield from chunk.rows
-        if chunk.at_eof or chunk.end == offset:
-            return
-        offset = chunk.end

@@ -6,11 +6,11 @@ JSON (never pickle: a spool file is data and must not run code when read). The f
 `dead_letter`s it (moved, with status and reason, to a table that nothing deletes from). Rows left in
 flight by a killed process are made ready again when the spool is next opened: at-least-once delivery.
 
-Size on disk: a backlog takes about 1.1x its records' JSON bytes (a new file's 8 KiB pages hold five
-~1.5 KB records where 4 KiB pages held two), plus a WAL of up to ~8 MiB (SQLite folds it every 1000 pages),
-less on a nearly full disk (`_keep_wal_small` folds it and truncates it past 1/8 of the free space). Once a
-backlog is delivered, `scrub` gives the pages back (VACUUM) and empties the WAL, so a drained spool is a
-few pages again; benchmarks/backlog.py measures both.
+Size on disk: a backlog takes little more than its records' JSON bytes (a new file uses 8 KiB pages, which
+waste less per ~1.5 KB record than 4 KiB pages), plus a WAL of up to 1000 pages (SQLite's fold point), less on
+a nearly full disk (`_keep_wal_small` folds it and truncates it past 1/8 of the free space). Once a backlog is
+delivered, `scrub` gives the pages back (VACUUM) and empties the WAL, so a drained spool is a few pages again;
+benchmarks/backlog.py measures both (figures in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -34,17 +34,11 @@ from persistqueue.sqlackqueue import AckStatus
 from . import audit, pagescan, spooldir
 from .codec import Codec, UndecryptableError, to_json_bytes
 from .errors import SpoolFullError
-from .journal import unspooled_records
+from .kinds import COMPANY, EVENT, KINDS, SUBSCRIPTION, USER  # noqa: F401 (re-exported: older imports)
 
 logger = logging.getLogger("moesiftornado_durable")
 
 TABLE = "ack_queue_default"  # persist-queue's table name for a queue named "default"
-
-EVENT = "event"
-USER = "user"
-COMPANY = "company"
-SUBSCRIPTION = "subscription"
-KINDS = (EVENT, USER, COMPANY, SUBSCRIPTION)
 
 _READY_BELOW = int(AckStatus.unack)  # persist-queue: 0 inited and 1 ready are both takeable
 _IN_FLIGHT = int(AckStatus.unack)
@@ -58,7 +52,7 @@ MARK_SUFFIX = "-mark"  # beside the database: the highest record id committed (s
 RESERVE_SUFFIX = "-reserve"  # beside the database: space held back for acks and folds on a full disk
 RESERVE_BYTES = 256 * 1024  # enough for an ack of a few batches and a fold of a small WAL (`_release_reserve`)
 
-PAGE_SIZE = 8192  # of a new spool file: five ~1.5 KB records per page (a 4 KiB page holds two: 1.36x the JSON)
+PAGE_SIZE = 8192  # of a new spool file: less space wasted per ~1.5 KB record than 4 KiB pages (docs/benchmarks.md)
 SHRINK_MIN_FREE_BYTES = 512 * 1024  # `scrub` gives free pages back once they add up to this much
 SHRINK_MAX_LIVE_BYTES = 4 * 1024 * 1024  # ... and only while the records kept are this small (VACUUM copies them)
 
@@ -142,8 +136,8 @@ class _AckQueue(SQLiteAckQueue):
 
     def _count(self) -> int:
         """persist-queue's count of takeable rows (its `total`), through the partial index instead of a scan
-        of the table (which holds every record's data): opening a 20k-event spool took ~200 ms, half of it
-        in scans like this one."""
+        of the table (which holds every record's data): such scans were most of the time opening a large
+        spool took."""
         getter = self._getter
         assert getter is not None
         row = getter.execute(f"SELECT COUNT(*) FROM {self._table_name} WHERE status < {_READY_BELOW}").fetchone()
@@ -321,8 +315,8 @@ class Spool:
 
         Only for a process that holds this file's slot lock (replay, an adopted orphan): no other process
         takes from the file, so a record need not be marked in flight to be sent once, and one that is not
-        acked simply stays ready, also if the process dies. That saves `claim`'s write of every row (a third
-        of a replay's SQLite time). Records no configured key decrypts are set aside as `claim` does.
+        acked simply stays ready, also if the process dies. That saves `claim`'s write of every row, a large
+        part of a replay's SQLite time. Records no configured key decrypts are set aside as `claim` does.
         """
         while True:
             with self._queue.tran_lock:
@@ -479,11 +473,11 @@ class Spool:
         secure_delete). True if the WAL was emptied. The flusher calls it when nothing is ready.
 
         SQLite keeps a deleted row's page in the file for reuse: without the VACUUM here, a drained backlog
-        of 200k events left a 400 MB file. VACUUM copies the records still kept (dead letters, mostly), so
+        left the file at its high-water mark. VACUUM copies the records still kept (dead letters, mostly), so
         it runs only while they are under `SHRINK_MAX_LIVE_BYTES` (a few ms), and only once at least
         `SHRINK_MIN_FREE_BYTES` are free; otherwise the free pages wait to be reused by the next backlog.
-        The file is cut at the checkpoint, under the lock `put` takes: on this project's 2-core test VM the
-        whole scrub of a drained 349 MB file took 0.7 s (~2 ms per MB given back), once, after the drain.
+        The file is cut at the checkpoint, under the lock `put` takes, so a large scrub briefly holds up
+        writers; it happens once, after a drain (its cost: docs/benchmarks.md, "Backlog").
         """
         with self._queue.tran_lock:
             conn = self._conn()
@@ -503,8 +497,8 @@ class Spool:
         with a connection of its own folds it instead whenever it has grown past `wal_bytes`.
 
         A fold waits for two fsyncs (the WAL, then the database); inside a commit it holds the spool's
-        lock meanwhile, stalling every read and ack of the drain (an ack of 500 events: 14 ms on average
-        here, 6 ms without the folds). The thread's folds are PASSIVE: they never block the drain, and sync
+        lock meanwhile, stalling every read and ack of the drain (the folds more than doubled an ack's time:
+        docs/benchmarks.md, "Replay"). The thread's folds are PASSIVE: they never block the drain, and sync
         the same way, so nothing changes for durability.
         """
         with self._queue.tran_lock:
@@ -636,9 +630,9 @@ class Spool:
 
         SQLite folds the WAL only past 1000 pages (8 MiB here), and a fold has to grow the database file
         before the WAL can shrink: on a nearly full disk, a WAL left to grow can take the last free bytes and
-        then never be folded (measured on a 2 MB tmpfs: a 1.9 MB WAL, a 8 KiB database, every write refused
-        for good). So the WAL is kept under 1/WAL_SHARE_OF_FREE_SPACE of the free space, which leaves room
-        for the fold to copy it. A fold that fails (the disk is full) is retried at the next commit's check.
+        then never be folded, every write refused for good (seen on a small tmpfs). So the WAL is kept under
+        1/WAL_SHARE_OF_FREE_SPACE of the free space, which leaves room for the fold to copy it. A fold that
+        fails (the disk is full) is retried at the next commit's check.
         """
         self._commits_unchecked += commits
         if self._commits_unchecked < WAL_CHECK_COMMITS:
@@ -663,8 +657,8 @@ class Spool:
     def _make_reserve(self) -> None:
         """Set RESERVE_BYTES of the disk aside in a file of their own, while there is room to spare: on a
         disk that fills up, deleting delivered records and folding the WAL need a little space themselves,
-        and without it a full spool could never be emptied (measured on a 2 MB tmpfs: every ack refused
-        after the collector came back, 25 of 1,500 events delivered in 30 s)."""
+        and without it a full spool could never be emptied (on a small tmpfs every ack was refused after the
+        collector came back)."""
         try:
             fd = spooldir.open_file(self.path + RESERVE_SUFFIX, os.O_WRONLY, new=True)
         except FileExistsError:
@@ -1036,21 +1030,6 @@ def directory_stats(directory: str) -> SpoolStats:
         bytes_on_disk=sum(p.bytes_on_disk for p in parts),
         undecryptable=sum(p.undecryptable for p in parts),
     )
-
-
-def waiting(directory: str) -> int:
-    """Records of a SPOOL_DIR not yet delivered: ready or in flight in a spool file, or in an intake
-    journal and not yet spooled."""
-    stats = directory_stats(directory)
-    offsets: Dict[str, int] = {}
-    shipper_spool = os.path.join(directory, "shipper.db")
-    if os.path.exists(shipper_spool):
-        view = SpoolView(shipper_spool)
-        try:
-            offsets = view.journal_offsets()
-        finally:
-            view.close()
-    return stats.ready + stats.in_flight + unspooled_records(directory, offsets)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Any, Callable, Dict, Iterator, List, Optional
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 import tornado.httpserver
@@ -19,7 +19,9 @@ import tornado.netutil
 import tornado.web
 
 from moesiftornado_durable import MoesifMiddleware
+from moesiftornado_durable.journal import read_frames, segments
 from moesiftornado_durable.locks import SHIPPER_SLOT, spool_path
+from moesiftornado_durable.spool import SpoolView, directory_stats
 from moesiftornado_durable.testing import Collector
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -203,3 +205,31 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
             return True
         time.sleep(interval)
     return predicate()
+
+
+def iter_records(path: str, offset: int = 0, finished: bool = True) -> Iterator[Tuple[str, bytes, float]]:
+    """Every intact (kind, payload, spooled_at) record of one journal segment from `offset`."""
+    while True:
+        chunk = read_frames(path, offset, 1024 * 1024, finished)
+        yield from chunk.rows
+        if chunk.at_eof or chunk.end == offset:
+            return
+        offset = chunk.end
+
+
+def waiting(directory: str) -> int:
+    """Records of a SPOOL_DIR not yet delivered: ready or in flight in a spool file, or in an intake journal
+    past the offset the shipper has spooled."""
+    stats = directory_stats(directory)
+    offsets: Dict[str, int] = {}
+    if os.path.exists(shipper_spool(directory)):
+        view = SpoolView(shipper_spool(directory))
+        try:
+            offsets = view.journal_offsets()
+        finally:
+            view.close()
+    unspooled = 0
+    for _, _, path in segments(directory):
+        with contextlib.suppress(FileNotFoundError):
+            unspooled += sum(1 for _ in iter_records(path, offsets.get(os.path.basename(path), 0), finished=False))
+    return stats.ready + stats.in_flight + unspooled

@@ -10,7 +10,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections import Counter
 from typing import Any, Callable, Dict, List, Optional
@@ -62,9 +61,12 @@ def cli(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 120) 
                           text=True, timeout=timeout, env=environment)
 
 
-def connections_to(collector: Collector) -> List[threading.Thread]:
-    """The collector's threads serving a connection (one per client connection)."""
-    return [thread for thread in threading.enumerate() if thread.name == "moesif-collector-request"]
+def connections_to(collector: Collector) -> List[str]:
+    """The client connections open to the collector: established TCP connections on its port, server side
+    (from /proc/net/tcp: local address, remote address, state; 01 is ESTABLISHED)."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return [row[2] for row in rows if row[1].endswith(f":{collector.port:04X}") and row[3] == "01"]
 
 
 def assert_once(collector: Collector, expected: int) -> None:
@@ -464,6 +466,12 @@ def test_collector_command_runs_the_local_collector() -> None:
         os.kill(process.pid, signal.SIGTERM)
         assert process.wait(10) == 0
         process.stdout.close()  # type: ignore[union-attr]
+
+
+def test_starting_the_cli_does_not_import_the_collector() -> None:
+    code = "import sys, moesiftornado_durable.cli; print('moesiftornado_durable.testing' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout.strip()) == (0, "False"), result.stderr
 
 
 def test_every_command_has_help() -> None:

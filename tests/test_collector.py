@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import math
@@ -18,6 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 import requests
+import tornado.httpclient
 
 from moesiftornado_durable.testing import DEFAULT_APP_CONFIG, Collector, ReceivedRequest, main
 
@@ -366,6 +368,51 @@ def test_stop_returns_promptly_during_a_long_stall() -> None:
     assert collector.events == []
     assert collector_threads() == []
     collector.stop()  # idempotent
+
+
+def test_one_thread_serves_every_connection_and_a_stall_holds_up_only_its_own(collector: Collector) -> None:
+    sessions = [requests.Session() for _ in range(6)]
+    outcome: List[BaseException] = []
+
+    def stalled() -> None:
+        try:
+            post(sessions[0], collector, "/v1/events", event("stalled"))
+        except requests.RequestException as exc:
+            outcome.append(exc)
+
+    client = threading.Thread(target=stalled)
+    try:
+        for n, s in enumerate(sessions):  # six kept-alive connections
+            assert post(s, collector, "/v1/events", event(f"k{n}")).status_code == 201
+        assert collector_threads() == ["moesif-collector"]  # no thread per connection
+
+        collector.stall(30.0)
+        client.start()
+        assert eventually(lambda: collector.faults_pending == 0)  # the request arrived and is being held
+        assert [post(s, collector, "/v1/events", event("meanwhile")).status_code for s in sessions[1:]] == [201] * 5
+        assert collector.transaction_ids().count("meanwhile") == 5 and "stalled" not in collector.transaction_ids()
+    finally:
+        collector.stop()  # cuts the stall short
+        client.join(TIMEOUT)
+        for s in sessions:
+            s.close()
+    assert not client.is_alive() and isinstance(outcome[0], requests.ConnectionError)
+
+
+def test_a_tornado_app_test_uses_it_from_its_own_ioloop() -> None:
+    async def scenario() -> List[Any]:
+        client = tornado.httpclient.AsyncHTTPClient()
+        with Collector() as c:
+            answer = await client.fetch(c.base_uri + "/v1/events/batch", method="POST", headers=HEADERS,
+                                        body=json.dumps([event("from-a-loop")]))
+            return [answer.code, c.transaction_ids()]
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(scenario()) == [201, ["from-a-loop"]]
+    finally:
+        loop.close()
+    assert collector_threads() == []
 
 
 def test_drop_connections_closes_without_an_answer(collector: Collector, session: requests.Session) -> None:

@@ -13,9 +13,9 @@ from typing import Callable, List, Set
 
 import pytest
 import requests
-from conftest import AppProcess, children_of, wait_until
+from conftest import AppProcess, children_of, iter_records, wait_until
 
-from moesiftornado_durable.journal import iter_records, segments
+from moesiftornado_durable.journal import segments
 from moesiftornado_durable.locks import slots, spool_path
 from moesiftornado_durable.testing import Collector
 

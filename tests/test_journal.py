@@ -15,7 +15,7 @@ import time
 from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
-from conftest import wait_until
+from conftest import iter_records, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,10 +27,10 @@ from moesiftornado_durable.journal import (
     damaged_segments,
     frame,
     frame_v1,
-    iter_records,
     read_frames,
     segments,
 )
+from moesiftornado_durable.kinds import KINDS
 from moesiftornado_durable.shipper import Shipper, journal_reader, read_stats_file
 from moesiftornado_durable.spool import Spool, SpoolView
 from moesiftornado_durable.testing import Collector
@@ -56,6 +56,13 @@ def test_frames_round_trip_with_kind_and_time(tmp_path: str) -> None:
     rows = list(iter_records(path))
     assert [kind for kind, _, _ in rows] == ["event"] * 3 + ["user"]
     assert rows[0] == ("event", record(0), 1000.0) and rows[3] == ("user", b'{"user_id":"u"}', 5.5)
+
+
+def test_every_record_kind_has_a_frame_code_and_comes_back_as_itself(tmp_path: str) -> None:
+    path = os.path.join(str(tmp_path), "intake-0-00000001.jnl2")
+    with open(path, "wb") as f:
+        f.write(b"".join(frame(kind, b"{}", 1.0) for kind in KINDS))
+    assert [kind for kind, _, _ in read_frames(path, 0, 1 << 20, finished=True).rows] == list(KINDS)
 
 
 def test_a_partial_frame_at_the_end_of_a_live_segment_waits_and_is_read_once_complete(tmp_path: str) -> None:

@@ -13,14 +13,14 @@ from typing import Any, Callable, Dict, List
 import pytest
 import requests
 import tornado.web
-from conftest import serve, shipper_spool, wait_until
+from conftest import serve, shipper_spool, wait_until, waiting
 from cryptography.fernet import Fernet
 
 from moesiftornado_durable import ConfigError, HealthHandler, MetricsHandler, MoesifMiddleware
 from moesiftornado_durable.codec import Codec
 from moesiftornado_durable.journal import segments
 from moesiftornado_durable.locks import spool_path
-from moesiftornado_durable.spool import Spool, directory_stats, waiting
+from moesiftornado_durable.spool import Spool, directory_stats
 from moesiftornado_durable.testing import Collector
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,8 +12,8 @@ import pytest
 import tenacity
 
 from moesiftornado_durable.errors import AuthError, PermanentError, RedirectError, RetryableError
+from moesiftornado_durable.kinds import COMPANY, EVENT, SUBSCRIPTION, USER
 from moesiftornado_durable.sender import Sender, ShutdownRequested, delivery_policy, parse_retry_after
-from moesiftornado_durable.spool import COMPANY, EVENT, SUBSCRIPTION, USER
 from moesiftornado_durable.testing import Collector
 from moesiftornado_durable.transport import MAX_RESPONSE_BYTES
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from moesiftornado_durable.spool import COMPANY, EVENT, USER, Spool, bytes_on_disk
+from moesiftornado_durable.kinds import COMPANY, EVENT, USER
+from moesiftornado_durable.spool import Spool, bytes_on_disk
 
 
 @pytest.fixture

@@ -7,10 +7,9 @@ from typing import Any, Callable
 
 import requests
 import tornado.web
-from conftest import serve
+from conftest import serve, waiting
 
 from moesiftornado_durable import MoesifMiddleware, SpoolBeforeSendMixin
-from moesiftornado_durable.spool import waiting
 from moesiftornado_durable.testing import Collector
 
 

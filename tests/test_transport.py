@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from moesiftornado_durable.errors import RetryableError
+from moesiftornado_durable.kinds import EVENT
 from moesiftornado_durable.sender import Sender
-from moesiftornado_durable.spool import EVENT
 
 
 def self_signed(directory: Any) -> Tuple[str, str]:
@@ -175,7 +175,7 @@ def test_a_kept_alive_connection_on_a_descriptor_past_1023_is_reused(tmp_path: A
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 2048), hard), hard))
         from moesiftornado_durable.sender import Sender
-        from moesiftornado_durable.spool import EVENT
+        from moesiftornado_durable.kinds import EVENT
         from moesiftornado_durable.testing import Collector
         held = [socket.socket() for _ in range(1100)]
         with Collector() as collector:

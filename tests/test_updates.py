@@ -10,8 +10,9 @@ from conftest import wait_until
 from moesifapi.models import SubscriptionModel
 
 from moesiftornado_durable import MoesifMiddleware
+from moesiftornado_durable.kinds import SUBSCRIPTION
 from moesiftornado_durable.locks import spool_path
-from moesiftornado_durable.spool import SUBSCRIPTION, Spool
+from moesiftornado_durable.spool import Spool
 from moesiftornado_durable.testing import Collector
 
 
