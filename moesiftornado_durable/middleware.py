@@ -20,7 +20,7 @@ import time
 import weakref
 from typing import Any, Counter, Dict, Iterable, List, Mapping, Optional, Tuple
 
-from . import audit, hook, outgoing
+from . import hook, outgoing
 from .capture import (
     Outcome,
     ResponseBodyCapture,
@@ -34,8 +34,9 @@ from .capture_driver import ASYNC_CALLABLE_TIMEOUT, CaptureDriver, resolve
 from .config import Config, Handler
 from .errors import SpoolFullError, SpoolUnavailableError
 from .hook import SETTINGS_KEY, ExecuteHook, Governor
+from .lost import ERROR_LOG_INTERVAL, REFUSED, ErrorLog, LostRecords
 from .profiles import COMPANY_FIELDS, SUBSCRIPTION_FIELDS, USER_FIELDS, normalize_profile, normalize_profiles
-from .runtime import _REGISTRY, DEFAULT_CLOSE_TIMEOUT, IDLE_CLOSE_AFTER, _ErrorLog, _Runtime
+from .runtime import _REGISTRY, DEFAULT_CLOSE_TIMEOUT, IDLE_CLOSE_AFTER, _Runtime
 from .spool import COMPANY, EVENT, SUBSCRIPTION, USER, record_id
 
 __all__ = ["ASYNC_CALLABLE_TIMEOUT", "DEFAULT_CLOSE_TIMEOUT", "IDLE_CLOSE_AFTER", "LOGGED_ATTRIBUTE",
@@ -44,7 +45,6 @@ __all__ = ["ASYNC_CALLABLE_TIMEOUT", "DEFAULT_CLOSE_TIMEOUT", "IDLE_CLOSE_AFTER"
 logger = logging.getLogger("moesiftornado_durable")
 
 LOGGED_ATTRIBUTE = "_moesiftornado_durable_logged"
-_ERROR_LOG_INTERVAL = 10.0  # seconds between repeated spool-failure logs
 _SPOOL_FAILING_FOR = 60.0  # seconds a failed spool write keeps stats()["spool_failing"] true
 
 
@@ -71,7 +71,8 @@ class MoesifMiddleware(ExecuteHook):
         self._attached: weakref.WeakSet[Any] = weakref.WeakSet()
         self._share: Optional[weakref.finalize] = None  # set while this middleware holds `_pipeline`
         self._pipeline = _REGISTRY.acquire(self)
-        self._log_error = _ErrorLog()
+        self._log_error = ErrorLog()
+        self._lost = LostRecords(self.counters, self._log_error)
         self._last_spool_failure = -_SPOOL_FAILING_FOR
         self._user_error_log: Dict[str, Tuple[float, int]] = {}  # option -> (last logged, failures since)
         self._driver = CaptureDriver(self._user_error, self._finish, self._drop)
@@ -221,8 +222,7 @@ class MoesifMiddleware(ExecuteHook):
         result["rules"] = len(pipeline.rules)
         result["rules_tag"] = pipeline.rules.tag
         result["spool_failing"] = time.monotonic() - self._last_spool_failure < _SPOOL_FAILING_FOR
-        if pipeline.dropped_oldest:
-            result["dropped_oldest"] = pipeline.dropped_oldest
+        result.update(+pipeline.lost.counters)  # SHIPPER 'thread': records evicted when full
         runtime = pipeline.runtime if self._share is not None else None
         if runtime is None or runtime.pid != os.getpid():
             return result
@@ -259,9 +259,8 @@ class MoesifMiddleware(ExecuteHook):
             self._drop("spool_unavailable", str(exc), record)
             return
         except SpoolFullError:
-            audit.record_left([record_id(record)], "refused: spool full (WHEN_FULL='drop_newest')", kind)
             self._drop("spool_full", f"the spool is full (SPOOL_MAX_BYTES, WHEN_FULL={self.config.when_full!r}); "
-                                     f"this record was refused", record)
+                                     f"this record was refused", record, kind, audit_reason=REFUSED)
             return
         except (sqlite3.Error, OSError, ValueError, TypeError) as exc:
             self._last_spool_failure = time.monotonic()
@@ -291,19 +290,21 @@ class MoesifMiddleware(ExecuteHook):
         """Count a user callable that failed; log its traceback at most every few seconds per option."""
         self.counters["callable_errors"] += 1
         now = time.monotonic()
-        last, suppressed = self._user_error_log.get(option, (-_ERROR_LOG_INTERVAL, 0))
-        if now - last < _ERROR_LOG_INTERVAL:
+        last, suppressed = self._user_error_log.get(option, (-ERROR_LOG_INTERVAL, 0))
+        if now - last < ERROR_LOG_INTERVAL:
             self._user_error_log[option] = (last, suppressed + 1)
             return
         self._user_error_log[option] = (now, 0)
         log_user_error(option, f" ({suppressed} more failures not logged since the last report)" if suppressed else "")
 
-    def _drop(self, reason: str, message: str, record: Optional[Dict[str, Any]] = None) -> None:
-        """Count a record that was not spooled, and log it (with the traceback, at most every few seconds)."""
-        self.counters[f"dropped_{reason}"] += 1
+    def _drop(self, reason: str, message: str, record: Optional[Dict[str, Any]] = None, kind: str = EVENT,
+              audit_reason: Optional[str] = None) -> None:
+        """A record that was not spooled: count it, log it (with the traceback, at most every few seconds)
+        and, with `audit_reason`, audit it (`LostRecords.record_lost`)."""
         transaction_id = (record or {}).get("transaction_id")
-        self._log_error(f"{message} (transaction_id={transaction_id}); dropped so far: "
-                        f"{self.counters[f'dropped_{reason}']}")
+        self._lost.record_lost(reason, 1, f"{message} (transaction_id={transaction_id})", kind=kind,
+                               record_ids=[record_id(record)] if record is not None and audit_reason else (),
+                               audit_reason=audit_reason)
 
 
 class SpoolBeforeSendMixin:

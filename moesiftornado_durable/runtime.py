@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import sqlite3
-import sys
 import threading
 import time
 import weakref
@@ -29,6 +28,7 @@ from .errors import ConfigError, SpoolFullError
 from .flusher import Flusher
 from .governance import DEFAULT_RULES_REFRESH_INTERVAL, RuleSet
 from .journal import INTAKE, JournalWriter, first_record
+from .lost import LostRecords
 from .sampling import DEFAULT_REFRESH_INTERVAL, AppConfig, ConfigFetcher, Sampler
 from .sender import Sender
 from .shipper import Supervisor, read_stats_file, request_flush, shipper_running
@@ -38,7 +38,6 @@ logger = logging.getLogger("moesiftornado_durable")
 
 DEFAULT_CLOSE_TIMEOUT = 10.0
 _CONFIG_CLOSE_WAIT = 0.2  # seconds close() waits for an app-config fetch in flight (its thread is a daemon)
-_ERROR_LOG_INTERVAL = 10.0  # seconds between repeated spool-failure logs
 _FLUSH_POLL = 0.05  # seconds between looks at the shipper's progress in flush()
 # Seconds a pipeline stays open after its last middleware was garbage-collected without close(): an app that
 # builds a middleware per request would otherwise start and stop a runtime (and a shipper) per request.
@@ -344,20 +343,6 @@ def _check_readable(path: str, problem: Optional[str]) -> None:
                           "start with the key the spool was written with (a list keeps old keys readable)")
 
 
-class _ErrorLog:
-    """Log an ERROR, with the current traceback, at most once every few seconds."""
-
-    def __init__(self) -> None:
-        self._last = -_ERROR_LOG_INTERVAL
-
-    def __call__(self, message: str) -> None:
-        now = time.monotonic()
-        if now - self._last < _ERROR_LOG_INTERVAL:
-            return
-        self._last = now
-        logger.error("moesiftornado_durable: %s", message, exc_info=sys.exc_info()[0] is not None)
-
-
 class _Pipeline:
     """What every middleware with the same delivery options (`Config.delivery_options`) shares in this
     process: the runtime (journal slot, shipper supervisor or flusher, the app-config and rules fetchers)
@@ -376,8 +361,7 @@ class _Pipeline:
         self.holders: weakref.WeakSet[Holder] = weakref.WeakSet()
         self.idle_since: Optional[float] = None
         self.outgoing_owner: Optional[weakref.ReferenceType[Holder]] = None  # captures for all
-        self.dropped_oldest = 0
-        self._log_error = _ErrorLog()
+        self.lost = LostRecords()  # records the spool deleted to make room (SHIPPER 'thread')
 
     def runtime_here(self) -> Optional[_Runtime]:
         """This process's runtime, opened on first use; None once closed. Raises what opening raises."""
@@ -390,19 +374,12 @@ class _Pipeline:
             if self.runtime is None or self.runtime.pid != os.getpid():
                 self.runtime = (_ProcessRuntime(self.config, self.sampler.update, self._rules_arrived)
                                 if self.config.shipper == "process"
-                                else _ThreadRuntime(self.config, self._evicted, self.sampler.update,
+                                else _ThreadRuntime(self.config, self.lost.evicted, self.sampler.update,
                                                     self._rules_arrived))
             return self.runtime
 
     def _rules_arrived(self, rules: RuleSet) -> None:
         self.rules = rules
-
-    def _evicted(self, record_ids: List[str]) -> None:
-        """WHEN_FULL='drop_oldest' deleted these waiting records to make room: count and log them."""
-        self.dropped_oldest += len(record_ids)
-        shown = ", ".join(record_ids[:20]) + (" …" if len(record_ids) > 20 else "")
-        self._log_error(f"the spool is full (SPOOL_MAX_BYTES); dropped the {len(record_ids)} oldest waiting "
-                        f"record(s): {shown}; dropped so far: {self.dropped_oldest}")
 
     def close(self, timeout: float) -> None:
         """Close the runtime (deliver within `timeout`, release the slot); a later user opens a new pipeline."""
