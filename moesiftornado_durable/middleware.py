@@ -1,12 +1,12 @@
-"""`MoesifMiddleware`: the drop-in replacement for moesiftornado's, wired to the durable pipeline.
+"""`MoesifMiddleware`: the drop-in replacement for moesiftornado's, the Tornado side of the durable pipeline.
 
-Thin on purpose: `log_event` captures the event, commits it to the spool and returns; it never raises
-into Tornado and counts every event it did not spool, by reason. When a user callable returns an
-awaitable (an async function), the rest of the capture runs as a task on the running event loop and
-the event is spooled when the awaitables resolve. The spool, the flusher thread and the app-config
-thread belong to one process: after a fork the child abandons the parent's (a SQLite connection or a
-thread must not cross a fork) and opens its own. Middlewares with the same delivery options share them
-(`_Pipeline`): an app may build one per request, as Moesif's own Tornado example does.
+Thin on purpose: `log_event` captures the event (capture.py, driven by capture_driver.py) and hands it
+to this process's runtime (runtime.py), which appends it to the intake journal in SPOOL_DIR with one
+`write()`; the shipper process of SPOOL_DIR spools and delivers it (with ``SHIPPER: "thread"``, the
+runtime commits it to its own SQLite spool and a flusher thread here delivers it). `log_event` never
+raises into Tornado and counts every event it did not write, by reason (`lost.py`). When a user
+callable returns an awaitable (an async function), the rest of the capture runs as a task on the running
+event loop and the event is written when the awaitables resolve.
 """
 
 from __future__ import annotations
@@ -52,10 +52,11 @@ class MoesifMiddleware(ExecuteHook):
     """Logs every finished Tornado request to Moesif through a crash-safe on-disk spool.
 
     Use it as moesiftornado's: ``Application(routes, log_function=middleware.log_event)``. Once
-    `log_event` has returned, the event is committed to SQLite in SPOOL_DIR and survives a crash of the
-    process or an outage of Moesif of any length. Constructing one installs `hook.install`'s patch,
-    through which it captures response bodies from an application's first request and applies the
-    Moesif governance rules before its handlers run.
+    `log_event` has returned, the event is in this process's intake journal in SPOOL_DIR (with
+    ``SHIPPER: "thread"``, committed to its SQLite spool) and survives a crash of the process or an
+    outage of Moesif of any length; the shipper process spools it and deletes it once Moesif accepted
+    it. Constructing one installs `hook.install`'s patch, through which it captures response bodies
+    from an application's first request and applies the Moesif governance rules before its handlers run.
 
     Middlewares with the same delivery options in one process (the same SPOOL_DIR, application id,
     BASE_URI, SHIPPER, keys, batching...) share one pipeline: one journal slot, one shipper supervisor or
@@ -85,10 +86,10 @@ class MoesifMiddleware(ExecuteHook):
     # -- capture ---------------------------------------------------------------------------------
 
     def log_event(self, handler: Handler) -> None:
-        """Tornado's log_function: capture the finished request and commit it to the spool. Never raises.
+        """Tornado's log_function: capture the finished request and write it to the journal. Never raises.
 
-        The event is committed before this returns, unless a user callable returned an awaitable: then
-        it is committed by a task on the running event loop once the awaitables have resolved.
+        The event is written before this returns, unless a user callable returned an awaitable: then
+        it is written by a task on the running event loop once the awaitables have resolved.
         """
         if getattr(handler, LOGGED_ATTRIBUTE, False):
             return  # strict mode spooled it before the response was sent
@@ -308,12 +309,13 @@ class MoesifMiddleware(ExecuteHook):
 
 
 class SpoolBeforeSendMixin:
-    """Strict mode: commit each request's event to the spool before the response's last bytes are sent.
+    """Strict mode: write each request's event to the journal before the response's last bytes are sent.
 
     Tornado calls log_function after the response is written, so a crash in between can lose an event
     whose client got its answer. Mix this into a RequestHandler (``class H(SpoolBeforeSendMixin,
-    RequestHandler)``) and the event is committed first; the client never receives a complete response
-    that is not in the spool. It costs the commit's latency on every response. If spooling fails, the
+    RequestHandler)``) and the event is written first; the client never receives a complete response
+    that is not on disk. It costs the write's latency (a SQLite commit with ``SHIPPER: "thread"``) on
+    every response. If spooling fails, the
     response is still sent and the failure counted, as everywhere else.
     """
 
