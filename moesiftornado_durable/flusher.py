@@ -1,10 +1,12 @@
 """The background worker that moves records from the spool to the collector.
 
-One daemon thread per process. Its loop reads top to bottom: wait for a batch → claim it → send it
-(with the tenacity policy) → ack on a 2xx, dead-letter on a permanent rejection (after narrowing a 400,
-413 or 422 down to the events rejected on their own), nack when stopping.
-A record is deleted from the spool only after the collector accepted it. Between batches it adopts
-orphans: spool files in the same SPOOL_DIR whose owning process is gone (see `locks.py`).
+One daemon thread per process (the shipper's, or the app's in SHIPPER 'thread'). Its loop reads top to
+bottom, as analytics-python's consumer: `_run` → `_upload` (`_next` waits for a batch to be due → claim
+it → the `Courier` sends it with the tenacity policy → ack on a 2xx, dead-letter on a permanent rejection
+after narrowing a 400, 413 or 422 down to the events rejected on their own, nack when stopping) →
+`_housekeeping` (empty the WAL once all is delivered; on its own timer, expire old dead letters and adopt
+orphans: spool files in the same SPOOL_DIR whose owning process is gone, see `locks.py`). A record is
+deleted from the spool only after the collector accepted it.
 
 The contract follows sentry-python's worker: `flush(timeout)` blocks at most `timeout` and says whether
 everything spooled before the call was delivered; `close(timeout)` returns within `timeout` even in a
@@ -35,7 +37,8 @@ from .worker import ProcessThread
 logger = logging.getLogger("moesiftornado_durable")
 
 _POLL = 0.05  # seconds between looks at a partial batch, and while waiting for a flush to finish
-ORPHAN_SCAN_INTERVAL = 5.0  # seconds between looks for spool files whose owner is gone
+# seconds between housekeeping rounds: dead-letter retention and looks for spool files whose owner is gone
+HOUSEKEEPING_INTERVAL = 5.0
 _ORPHAN_EVENTS_PER_SCAN = 5_000  # then back to our own spool, so our own events never wait long
 
 
@@ -341,7 +344,7 @@ class Flusher:
         self._adopt_orphans = adopt_orphans
         self._dead_letter_retention = config.dead_letter_retention
         self._scrubbed_at_sent = 0  # counters["sent"] when the WAL was last emptied
-        self._next_orphan_scan = 0.0
+        self._housekeeping_at = 0.0  # monotonic time of the next housekeeping round (at once, first)
         self._urgent_until = 0.0  # while monotonic() is below this, partial batches are sent at once
         self._partial_since: Optional[float] = None  # when the partial batch now waiting was first seen
         self.counters: Counter[str] = self.courier.counters
@@ -366,7 +369,7 @@ class Flusher:
     def hurry(self, seconds: float) -> None:
         """Send partial batches at once for the next `seconds` (a flush asked for by another process)."""
         self._urgent_until = max(self._urgent_until, time.monotonic() + seconds)
-        self._next_orphan_scan = 0.0  # and look for orphans now: a flush waits for them too
+        self._housekeeping_at = 0.0  # and look for orphans now: a flush waits for them too
         self._spool.wake()
 
     @property
@@ -410,46 +413,73 @@ class Flusher:
     # -- the loop --------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The thread: upload, then keep house, until stopped. An error (a spool error, a bug) is counted
+        and logged, and the loop goes on a second later: it must survive anything."""
         while not self._stop.is_set():
             try:
-                self.courier.retry_acks()
-                if self._wait_for_batch():
-                    for kind in KINDS:
-                        if self._stop.is_set():
-                            break
-                        batch = self._spool.claim(self._batch_size, kind)
-                        if batch:
-                            self.courier.deliver(self._spool, kind, batch)
-                self._scrub_when_idle()
-                self._drain_orphans()
-            except Exception:  # the loop must survive anything: a spool error, a bug
+                self._upload()
+                self._housekeeping()
+            except Exception:
                 self.counters["loop_errors"] += 1
                 logger.exception("moesiftornado_durable flusher error; retrying in 1 s")
                 self._stop.wait(1.0)
 
-    def _wait_for_batch(self) -> bool:
-        """True when a batch is due: a full one is ready, a partial one has waited FLUSH_INTERVAL, or a
-        flush asked for it. False when it is only time to look for orphans, or on stop: a partial batch
-        keeps waiting out its FLUSH_INTERVAL."""
+    def _upload(self) -> None:
+        """Once a batch is due (`_next`), claim and deliver one batch of each kind: the courier sends it
+        under the retry policy and acks, dead-letters or nacks it."""
+        self.courier.retry_acks()  # acks an earlier round could not record
+        if not self._next():
+            return
+        for kind in KINDS:
+            if self._stop.is_set():
+                return
+            batch = self._spool.claim(self._batch_size, kind)
+            if batch:
+                self.courier.deliver(self._spool, kind, batch)
+
+    def _next(self) -> bool:
+        """Wait until a batch is due (True), or until housekeeping is due or the flusher stops (False).
+
+        A batch is due when a full one is ready, when a partial one has waited FLUSH_INTERVAL, and at
+        once while a flush is waiting (`hurry`)."""
         while not self._stop.is_set():
             ready = self._spool.ready_count(limit=self._batch_size)
             now = time.monotonic()
-            if ready >= self._batch_size or (ready and now < self._urgent_until):
-                self._partial_since = None
+            if self._batch_due(ready, now):
                 return True
-            if self._adopt_orphans and now >= self._next_orphan_scan:
+            until_housekeeping = self._housekeeping_at - now
+            if until_housekeeping <= 0:
                 return False
-            if not ready:
-                self._partial_since = None
-                self._spool.wait_for_put(min(self._flush_interval, max(0.0, self._next_orphan_scan - now)))
-                continue
-            self._partial_since = self._partial_since or now
-            remaining = self._flush_interval - (now - self._partial_since)
-            if remaining <= 0:
-                self._partial_since = None
-                return True
-            self._stop.wait(min(remaining, _POLL))
+            if ready:  # a partial batch: look again shortly, it may fill up or age
+                self._stop.wait(min(_POLL, until_housekeeping))
+            else:
+                self._spool.wait_for_put(min(self._flush_interval, until_housekeeping))
         return False
+
+    def _batch_due(self, ready: int, now: float) -> bool:
+        """With `ready` records waiting: is a batch due? Notes when a partial batch was first seen."""
+        if not ready:
+            self._partial_since = None
+            return False
+        since = self._partial_since = now if self._partial_since is None else self._partial_since
+        due = ready >= self._batch_size or now < self._urgent_until or now - since >= self._flush_interval
+        if due:
+            self._partial_since = None
+        return due
+
+    def _housekeeping(self) -> None:
+        """Between batches: empty the WAL once everything is delivered; and every HOUSEKEEPING_INTERVAL
+        expire dead letters past DEAD_LETTER_RETENTION and adopt orphans (unless delivery is failing)."""
+        self._scrub_when_idle()
+        started = time.monotonic()
+        if started < self._housekeeping_at:
+            return
+        self._housekeeping_at = started + HOUSEKEEPING_INTERVAL
+        if self._dead_letter_retention is not None:
+            self._spool.expire_dead_letters(self._dead_letter_retention)
+        if self._adopt_orphans and not self.is_failing:
+            self._drain_orphans()
+        logger.debug("flusher housekeeping took %.3f s", time.monotonic() - started)
 
     def _scrub_when_idle(self) -> None:
         """Once everything is delivered, empty the WAL so no delivered record's bytes stay on disk."""
@@ -461,13 +491,6 @@ class Flusher:
     def _drain_orphans(self) -> None:
         """Adopt spool files whose owner is gone: drain them (a bounded amount per scan) under their lock,
         and delete a file once it holds nothing at all."""
-        if time.monotonic() < self._next_orphan_scan:
-            return
-        self._next_orphan_scan = time.monotonic() + ORPHAN_SCAN_INTERVAL
-        if self._dead_letter_retention is not None:
-            self._spool.expire_dead_letters(self._dead_letter_retention)
-        if not self._adopt_orphans or self.is_failing:
-            return
         own = os.path.abspath(self._spool.path)
         for lock in locks.orphans(self._spool.directory):
             try:

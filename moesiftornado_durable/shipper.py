@@ -35,6 +35,7 @@ from .config import Config
 from .errors import ConfigError
 from .flusher import Flusher
 from .journal import INTAKE, JournalReader
+from .lost import LostRecords
 from .sender import Sender
 from .spool import Spool, open_spool
 from .worker import ProcessThread
@@ -95,15 +96,15 @@ class Shipper:
 
     def __init__(self, config: Config) -> None:
         self.directory = config.spool_dir
+        self.lost = LostRecords()
         self.spool: Spool = open_spool(locks.spool_path(self.directory, locks.SHIPPER_SLOT), sync=config.spool_sync,
                                        max_bytes=config.spool_max_bytes, when_full=config.when_full,
-                                       on_evict=self._evicted, codec=Codec(config.spool_encryption_keys))
+                                       on_evict=self.lost.evicted, codec=Codec(config.spool_encryption_keys))
         self.reader = journal_reader(self.spool)
         self.flusher = Flusher(self.spool, Sender(config.base_uri, config.application_id, config.send_timeout),
                                config, on_config_etag=self._notice_etag, on_rules_tag=self._notice_rules_tag)
         self._config_etag: Optional[str] = None
         self._rules_tag: Optional[str] = None
-        self._dropped_oldest = 0
         self._flush_seen = self._flush_requested_at()
         self._published: Dict[str, Any] = {}
         for name in os.listdir(self.directory):  # a stats file a killed shipper left half-written
@@ -134,11 +135,6 @@ class Shipper:
     def _notice_rules_tag(self, tag: Optional[str]) -> None:
         self._rules_tag = tag or self._rules_tag
 
-    def _evicted(self, record_ids: List[str]) -> None:
-        self._dropped_oldest += len(record_ids)
-        logger.error("moesiftornado_durable: the spool is full (SPOOL_MAX_BYTES); dropped the %d oldest waiting "
-                     "record(s); dropped so far: %d", len(record_ids), self._dropped_oldest)
-
     def start(self) -> None:
         self.flusher.start()
 
@@ -147,8 +143,7 @@ class Shipper:
         courier = self.flusher.courier
         figures = dict(courier.counters)
         figures.update(self.reader.counters)
-        if self._dropped_oldest:  # stats() shows a dropped_<reason> key only once something was dropped
-            figures["dropped_oldest"] = self._dropped_oldest
+        figures.update(+self.lost.counters)  # a dropped_<reason> key only once something was dropped
         if self.spool.lost_wal:  # committed records SQLite discarded with a damaged WAL (spooled again)
             figures["lost_wal"] = self.spool.lost_wal
         stats = {

@@ -35,6 +35,7 @@ from . import audit, pagescan, spooldir
 from .codec import Codec, UndecryptableError, to_json_bytes
 from .errors import SpoolFullError
 from .kinds import COMPANY, EVENT, KINDS, SUBSCRIPTION, USER  # noqa: F401 (re-exported: older imports)
+from .lost import LostRecords
 
 logger = logging.getLogger("moesiftornado_durable")
 
@@ -205,7 +206,7 @@ class Spool:
         self._key = self._queue._key_column
         self._max_bytes = max_bytes
         self._when_full = when_full
-        self._on_evict = on_evict
+        self._on_evict = on_evict if on_evict is not None else LostRecords().evicted  # counts, logs, audits
         self._closed = False
         self._close_lock = threading.Lock()
         with self._queue.tran_lock:  # one scan of the table for both figures
@@ -274,8 +275,7 @@ class Spool:
                     evicted.append(self._record_id(data))
                     if self._live_bytes + needed <= self._max_bytes:
                         break
-        audit.record_left(evicted, "dropped: spool full (WHEN_FULL='drop_oldest')")
-        if evicted and self._on_evict is not None:
+        if evicted:
             self._on_evict(evicted)
 
     def claim(self, limit: int, kind: str = EVENT) -> List[SpooledItem]:

@@ -14,8 +14,7 @@ import tornado.web
 from conftest import serve, wait_until
 from moesifapi.models import EventModel
 
-from moesiftornado_durable import MoesifMiddleware
-from moesiftornado_durable import middleware as middleware_module
+from moesiftornado_durable import MoesifMiddleware, capture_driver
 from moesiftornado_durable.testing import Collector
 
 
@@ -197,7 +196,7 @@ def test_a_slow_coroutine_never_blocks_the_loop_and_the_event_is_spooled_when_it
 def test_a_coroutine_that_never_finishes_times_out_and_the_event_is_still_logged(
     make_middleware: Callable[..., MoesifMiddleware], collector: Collector, monkeypatch: Any, caplog: Any
 ) -> None:
-    monkeypatch.setattr(middleware_module, "ASYNC_CALLABLE_TIMEOUT", 0.2)
+    monkeypatch.setattr(capture_driver, "ASYNC_CALLABLE_TIMEOUT", 0.2)
 
     async def hangs(handler: Any) -> str:
         await asyncio.sleep(60)

@@ -130,6 +130,30 @@ def test_spool_max_bytes_drop_oldest_evicts_waiting_events(
     assert stats["dropped_oldest"] + len(delivered) == 40
 
 
+@pytest.mark.parametrize("shipper", ["process", "thread"])
+def test_records_evicted_when_full_are_counted_logged_and_audited_as_one(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, caplog: Any,
+    logs: Callable[[], List[str]], shipper: str
+) -> None:
+    """One `record_lost` for every eviction, in either mode: the counter, the audit trail (one record per
+    id) and the ERROR log, which names the ids it dropped (the shipper's log used not to)."""
+    collector.go_down()
+    middleware = make_middleware(SPOOL_MAX_BYTES=20_000, WHEN_FULL="drop_oldest", SHIPPER=shipper)
+
+    def evicted() -> List[str]:
+        return [r.transaction_id for r in caplog.records
+                if r.name == "moesiftornado_durable.audit" and "drop_oldest" in r.reason]
+
+    with caplog.at_level(logging.INFO, logger="moesiftornado_durable.audit"):
+        spool_events(middleware, [event(n, padding=900) for n in range(40)])
+        assert wait_until(lambda: middleware.stats().get("dropped_oldest", 0) > 0 and
+                          len(evicted()) == middleware.stats()["dropped_oldest"] and
+                          middleware.stats()["ready"] + middleware.stats()["in_flight"] +
+                          middleware.stats()["dropped_oldest"] == 40, timeout=10)
+    assert sorted(evicted(), key=lambda t: int(t[2:])) == [f"f-{n}" for n in range(len(evicted()))]  # the oldest
+    assert any("oldest waiting record(s): f-0" in line for line in logs())
+
+
 def test_the_app_never_blocks_on_a_full_spool(
     make_middleware: Callable[..., MoesifMiddleware], collector: Collector
 ) -> None:

@@ -21,7 +21,7 @@ import tornado.web
 from conftest import serve, wait_until
 from test_delivery import run_script
 
-from moesiftornado_durable import MoesifMiddleware, locks, middleware
+from moesiftornado_durable import MoesifMiddleware, locks, runtime
 from moesiftornado_durable.journal import INTAKE
 from moesiftornado_durable.shipper import shipper_running
 from moesiftornado_durable.testing import Collector
@@ -168,7 +168,7 @@ def test_same_options_share_a_runtime_different_options_do_not(
 def test_the_runtime_stays_while_one_user_is_left_and_closes_with_the_last(
     collector: Collector, spool_dir: str, monkeypatch: Any, closing: List[MoesifMiddleware]
 ) -> None:
-    monkeypatch.setattr(middleware, "IDLE_CLOSE_AFTER", 0.2, raising=False)
+    monkeypatch.setattr(runtime, "IDLE_CLOSE_AFTER", 0.2)
     before = supervisors()
     config = example_config(collector, spool_dir)
     kept, dropped, closed = MoesifMiddleware(config), MoesifMiddleware(config), MoesifMiddleware(config)

@@ -1,0 +1,559 @@
+"""The per-process runtime of the middlewares: where records go and who delivers them.
+
+In the default mode (SHIPPER 'process', `_ProcessRuntime`) a record is appended to this process's intake
+journal in SPOOL_DIR and a supervisor thread keeps the directory's shipper process running, which spools
+and delivers it; in SHIPPER 'thread' (`_ThreadRuntime`) it is committed to this process's own SQLite spool
+and a flusher thread here delivers it. Middlewares with the same delivery options share one runtime
+through a `_Pipeline`; `_Registry` counts their shares, closes idle pipelines and handles fork and exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Tuple
+
+from . import locks, outgoing, spooldir
+from .codec import Codec, UndecryptableError
+from .config import Config
+from .errors import ConfigError, SpoolFullError
+from .flusher import Flusher
+from .governance import DEFAULT_RULES_REFRESH_INTERVAL, RuleSet
+from .journal import INTAKE, JournalWriter, first_record
+from .lost import LostRecords
+from .sampling import DEFAULT_REFRESH_INTERVAL, AppConfig, ConfigFetcher, Sampler
+from .sender import Sender
+from .shipper import Supervisor, read_stats_file, request_flush, shipper_running
+from .spool import SpoolStats, SpoolView, directory_stats, open_spool, read_stats
+
+logger = logging.getLogger("moesiftornado_durable")
+
+DEFAULT_CLOSE_TIMEOUT = 10.0
+_CONFIG_CLOSE_WAIT = 0.2  # seconds close() waits for an app-config fetch in flight (its thread is a daemon)
+_FLUSH_POLL = 0.05  # seconds between looks at the shipper's progress in flush()
+# Seconds a pipeline stays open after its last middleware was garbage-collected without close(): an app that
+# builds a middleware per request would otherwise start and stop a runtime (and a shipper) per request.
+IDLE_CLOSE_AFTER = 30.0
+_REAP_INTERVAL = 1.0  # seconds between the reaper's looks at collected middlewares and idle pipelines
+
+
+class Holder(Protocol):
+    """What the registry needs of a middleware that holds a share of a pipeline."""
+
+    config: Config
+    _share: Optional[weakref.finalize]
+
+    def _log_outgoing(self, call: outgoing.OutgoingCall) -> None: ...
+
+
+class _Runtime:
+    """The per-process parts, shared by both SHIPPER modes: this process's slot (locked), the app-config
+    fetcher and the governance-rules fetcher. `put` makes one record durable; the subclasses say where
+    and who delivers it.
+
+    The rules are fetched at start, at least every `DEFAULT_RULES_REFRESH_INTERVAL` seconds, whenever an
+    accepted event batch carried a new ``X-Moesif-Rules-Tag`` (in the default mode the shipper process
+    sees it and publishes it in its stats file, read here every second), and whenever a new app config
+    arrives."""
+
+    slot_kind = "spool"
+
+    def __init__(self, config: Config, on_app_config: Callable[[AppConfig], None],
+                 on_rules: Callable[[RuleSet], None]) -> None:
+        self.pid = os.getpid()
+        self.config = config
+        # The start-up checks of what SPOOL_DIR already holds, before anything is written there: that it is
+        # this application's (here) and that SPOOL_ENCRYPTION_KEY opens its records (`_stored_records_problem`).
+        spooldir.claim(config.spool_dir, config.application_id, config.base_uri)
+        self.lock = locks.lock_free_slot(config.spool_dir, self.slot_kind)
+        self._on_app_config = on_app_config
+        self._config_etag: Optional[str] = None
+        # their own HTTP sessions: each fetcher runs on its own thread
+        self._config_sender = Sender(config.base_uri, config.application_id, config.send_timeout)
+        self._rules_sender = Sender(config.base_uri, config.application_id, config.send_timeout)
+        self.fetcher = ConfigFetcher(self._config_sender.fetch_app_config, self._app_config_arrived,
+                                     refresh_interval=DEFAULT_REFRESH_INTERVAL, retry_wait=config.retry_max_wait)
+        self.rules_fetcher = ConfigFetcher(self._rules_sender.fetch_rules, on_rules,
+                                           refresh_interval=DEFAULT_RULES_REFRESH_INTERVAL,
+                                           retry_wait=config.retry_max_wait, parse=RuleSet.parse,
+                                           what="governance rules", thread_name="moesif-durable-rules")
+
+    def _app_config_arrived(self, app_config: AppConfig) -> None:
+        self._on_app_config(app_config)
+        if self._config_etag is not None and app_config.etag != self._config_etag:
+            self.rules_fetcher.refresh()  # the config changed: the rules may have too
+        self._config_etag = app_config.etag
+
+    def start_fetchers(self) -> None:
+        self.fetcher.start()
+        self.rules_fetcher.start()
+
+    def put(self, record: Dict[str, Any], kind: str) -> None:
+        raise NotImplementedError
+
+    def flush(self, timeout: float) -> bool:
+        raise NotImplementedError
+
+    def delivery_stats(self) -> Tuple[Dict[str, Any], SpoolStats]:
+        """(delivery counters and errors, the spool's state); the spool part may raise sqlite3.Error."""
+        raise NotImplementedError
+
+    def close(self, timeout: float) -> None:
+        self.fetcher.close(min(timeout, _CONFIG_CLOSE_WAIT))
+        self.rules_fetcher.close(min(timeout, _CONFIG_CLOSE_WAIT))
+        if not self.fetcher.is_alive:
+            self._config_sender.close()
+        if not self.rules_fetcher.is_alive:
+            self._rules_sender.close()
+
+    def abandon_after_fork(self) -> None:
+        """In a forked child: drop the child's copy of the parent's lock fd; the parent keeps its lock."""
+        self.lock.release()
+
+    def before_fork(self) -> None:
+        pass
+
+    def after_fork_in_parent(self) -> None:
+        pass
+
+
+class _ThreadRuntime(_Runtime):
+    """SHIPPER 'thread': records are committed to this process's own SQLite spool (``spool-N.db``), and a
+    flusher thread in this process delivers them."""
+
+    def __init__(self, config: Config, on_evict: Callable[[List[str]], None],
+                 on_app_config: Callable[[AppConfig], None], on_rules: Callable[[RuleSet], None]) -> None:
+        super().__init__(config, on_app_config, on_rules)
+        try:
+            self.spool = open_spool(self.lock.spool_path, sync=config.spool_sync, max_bytes=config.spool_max_bytes,
+                                    when_full=config.when_full, on_evict=on_evict,
+                                    codec=Codec(config.spool_encryption_keys))
+        except BaseException:
+            self.lock.release()
+            raise
+        try:
+            _check_readable(self.spool.path, self.spool.unreadable_sample())
+        except BaseException:
+            self.spool.close()
+            self.lock.release()
+            raise
+        sender = Sender(config.base_uri, config.application_id, config.send_timeout)
+        self.flusher = Flusher(self.spool, sender, config, on_config_etag=self.fetcher.notice_etag,
+                               on_rules_tag=self.rules_fetcher.notice_etag)
+        self.flusher.start()
+        self.start_fetchers()
+
+    def put(self, record: Dict[str, Any], kind: str) -> None:
+        self.spool.put(record, kind)
+
+    def flush(self, timeout: float) -> bool:
+        return self.flusher.flush(timeout)
+
+    def delivery_stats(self) -> Tuple[Dict[str, Any], SpoolStats]:
+        courier = self.flusher.courier
+        delivery: Dict[str, Any] = dict(courier.counters)
+        delivery["last_error"] = None if courier.last_error is None else str(courier.last_error)
+        delivery["last_error_at"] = courier.last_error_at
+        return delivery, self.spool.stats()
+
+    def close(self, timeout: float) -> None:
+        super().close(timeout)
+        self.flusher.close(timeout)
+        if not self.flusher.is_alive:
+            self.spool.close()
+            self.lock.release()
+
+    def before_fork(self) -> None:
+        self.spool.hold_for_fork()
+
+    def after_fork_in_parent(self) -> None:
+        self.spool.release_after_fork()
+
+
+class _ProcessRuntime(_Runtime):
+    """SHIPPER 'process' (the default): records are appended to this process's intake journal with one
+    `write()`; the shipper process of SPOOL_DIR spools and delivers them, and a supervisor thread here
+    keeps one running."""
+
+    slot_kind = INTAKE
+
+    def __init__(self, config: Config, on_app_config: Callable[[AppConfig], None],
+                 on_rules: Callable[[RuleSet], None]) -> None:
+        super().__init__(config, on_app_config, on_rules)
+        self.codec = Codec(config.spool_encryption_keys)
+        spool_path = locks.spool_path(config.spool_dir, locks.SHIPPER_SLOT)
+        try:
+            _check_readable(*_stored_records_problem(config.spool_dir, spool_path, self.codec))
+        except BaseException:
+            self.lock.release()
+            raise
+        self.writer = JournalWriter(config.spool_dir, self.lock.slot, config.spool_sync,
+                                    reclaim_slot=self._reclaim_slot)
+        self._shipper: Dict[str, Any] = {}
+        self._written_since_stats = 0
+        self._view = SpoolView(spool_path)  # the supervisor thread's own read-only look at the spool
+        self._view_recoveries = 0  # the writer's `recoveries` when `_view` was opened
+        self.supervisor = Supervisor(config, self._tick)
+        self.supervisor.start()
+        self.start_fetchers()
+
+    def _tick(self, stats: Dict[str, Any]) -> None:
+        """Every second, on the supervisor thread: take the shipper's figures, and delete our journal
+        segment once it is all spooled."""
+        if stats.get("time") != self._shipper.get("time"):
+            self._shipper = stats
+            self._written_since_stats = 0
+            self.fetcher.notice_etag(stats.get("config_etag"))
+            self.rules_fetcher.notice_etag(stats.get("rules_tag"))
+        if self.writer.recoveries != self._view_recoveries:  # SPOOL_DIR was made again: so is the spool
+            self._view_recoveries = self.writer.recoveries
+            self._view.close()
+            self._view = SpoolView(self._view.path)
+        try:
+            self.writer.retire_if_spooled(self._view.journal_folded_offset)
+        except (sqlite3.Error, FileNotFoundError):
+            pass  # no shipper has created its spool yet
+
+    def _reclaim_slot(self) -> int:
+        """The writer found SPOOL_DIR deleted and made it again: hold a slot lock in the directory as it
+        is now (the old lock file went with it), so the shipper sees our new segment's writer as alive."""
+        if not self.lock.intact():
+            self.lock.release()
+            self.lock = locks.lock_free_slot(self.config.spool_dir, INTAKE)
+        return self.lock.slot
+
+    def put(self, record: Dict[str, Any], kind: str) -> None:
+        data = self.codec.encode(record)
+        max_bytes = self.config.spool_max_bytes
+        if max_bytes is not None and self.config.when_full == "drop_newest":
+            backlog = int(self._shipper.get("live_bytes") or 0) + self._written_since_stats
+            if backlog + len(data) > max_bytes:
+                raise SpoolFullError(f"the spool holds about {backlog} bytes (SPOOL_MAX_BYTES {max_bytes})")
+        self.writer.append(kind, data, time.time())
+        self._written_since_stats += len(data)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until this process's journal is spooled and everything spooled by then is delivered."""
+        deadline = time.monotonic() + timeout
+        segment, size = os.path.basename(self.writer.path), self.writer.size
+        view = SpoolView(locks.spool_path(self.config.spool_dir, locks.SHIPPER_SLOT))
+        try:
+            with contextlib.suppress(OSError):  # SPOOL_DIR deleted: the next write or shipper makes it again
+                request_flush(self.config.spool_dir)
+            mark: Optional[int] = None
+            while time.monotonic() < deadline:
+                try:
+                    if mark is None and self._spooled(view, segment, size):
+                        mark = view.last_id()
+                    if mark is not None and view.pending_through(mark) == 0 and not self._orphans_waiting():
+                        self._await_stats_after(time.time(), deadline)
+                        return True
+                except (sqlite3.Error, FileNotFoundError):
+                    pass  # the shipper has not created its spool yet
+                time.sleep(_FLUSH_POLL)
+            return False
+        finally:
+            view.close()
+
+    def _await_stats_after(self, moment: float, deadline: float) -> None:
+        """Give the shipper a moment to publish the figures of what was just delivered (for `stats`)."""
+        until = min(deadline, time.monotonic() + 1.0)
+        while time.monotonic() < until:
+            if float(read_stats_file(self.config.spool_dir).get("time") or 0) >= moment:
+                return
+            time.sleep(_FLUSH_POLL / 5)
+
+    def _orphans_waiting(self) -> bool:
+        """True while a spool file left by a stopped process (which the shipper adopts, under its lock)
+        still holds records."""
+        directory = self.config.spool_dir
+        for slot in locks.slots(directory):
+            if slot != locks.SHIPPER_SLOT:
+                stats = read_stats(locks.spool_path(directory, slot))
+                if stats.ready or stats.in_flight:
+                    return True
+        return False
+
+    def _spooled(self, view: SpoolView, segment: str, size: int) -> bool:
+        if not segment or size == 0:
+            return True  # this process wrote nothing (or its newest segment is empty: a write the full disk refused)
+        offset = view.journal_offset(segment)
+        if offset is None:
+            return not os.path.exists(self.writer.path)  # deleted once spooled completely
+        return offset >= size
+
+    def delivery_stats(self) -> Tuple[Dict[str, Any], SpoolStats]:
+        shipper = read_stats_file(self.config.spool_dir)
+        delivery: Dict[str, Any] = dict(shipper.get("counters") or {})
+        delivery["last_error"] = shipper.get("last_error")
+        delivery["last_error_at"] = shipper.get("last_error_at")
+        delivery["shipper_pid"] = shipper.get("pid")
+        delivery["shipper_running"] = shipper_running(self.config.spool_dir)
+        # the shipper serves the whole directory: its spool and the orphans it adopts
+        return delivery, directory_stats(self.config.spool_dir)
+
+    def close(self, timeout: float) -> None:
+        super().close(timeout)
+        self.writer.close()
+        self.lock.release()  # our segment is finished now: the shipper may spool its tail and delete it
+        self.supervisor.close(timeout)
+        if not self.supervisor.is_alive:
+            self._view.close()
+
+    def abandon_after_fork(self) -> None:
+        super().abandon_after_fork()
+        self.writer.close()
+        self.supervisor.abandon_after_fork()
+
+
+def _stored_records_problem(directory: str, spool_path: str, codec: Codec) -> Tuple[str, Optional[str]]:
+    """(where, why) the oldest journaled record or the shipper's spool cannot be decoded with `codec`'s
+    SPOOL_ENCRYPTION_KEY; why is None when they can."""
+    sample = first_record(directory)
+    if sample is not None:
+        try:
+            codec.decode(sample)
+        except UndecryptableError as exc:
+            return directory, str(exc)
+        except ValueError:
+            pass  # damage is the reader's business
+    if not os.path.exists(spool_path):
+        return spool_path, None
+    view = SpoolView(spool_path)
+    try:
+        return spool_path, view.unreadable_sample(codec)
+    except sqlite3.DatabaseError:
+        return spool_path, None  # a damaged spool: the shipper sets it aside (quarantine) and starts afresh
+    finally:
+        view.close()
+
+
+def _check_readable(path: str, problem: Optional[str]) -> None:
+    """Fail at construction when the spool holds records that SPOOL_ENCRYPTION_KEY cannot open."""
+    if problem is not None:
+        raise ConfigError("SPOOL_ENCRYPTION_KEY", f"{problem} ({path}); "
+                          "start with the key the spool was written with (a list keeps old keys readable)")
+
+
+class _Pipeline:
+    """What every middleware with the same delivery options (`Config.delivery_options`) shares in this
+    process: the runtime (journal slot, shipper supervisor or flusher, the app-config and rules fetchers)
+    and what it fetched (the sampler's app config, the governance rules). `_Registry` counts its users."""
+
+    def __init__(self, key: str, config: Config) -> None:
+        self.key = key
+        self.config = config  # the first user's; the runtime reads only delivery options, the same for all
+        self.sampler = Sampler()
+        self.rules = RuleSet()  # none until the first fetch; replaced by one reference swap
+        self.runtime: Optional[_Runtime] = None
+        self.abandoned: List[_Runtime] = []  # inherited across a fork: kept, never used or closed
+        self.lock = threading.Lock()
+        self.closed = False
+        self.users = 0  # middlewares holding it (changed under the registry's lock)
+        self.holders: weakref.WeakSet[Holder] = weakref.WeakSet()
+        self.idle_since: Optional[float] = None
+        self.outgoing_owner: Optional[weakref.ReferenceType[Holder]] = None  # captures for all
+        self.lost = LostRecords()  # records the spool deleted to make room (SHIPPER 'thread')
+
+    def runtime_here(self) -> Optional[_Runtime]:
+        """This process's runtime, opened on first use; None once closed. Raises what opening raises."""
+        runtime = self.runtime
+        if runtime is not None and runtime.pid == os.getpid():
+            return runtime
+        with self.lock:
+            if self.closed:
+                return None
+            if self.runtime is None or self.runtime.pid != os.getpid():
+                self.runtime = (_ProcessRuntime(self.config, self.sampler.update, self._rules_arrived)
+                                if self.config.shipper == "process"
+                                else _ThreadRuntime(self.config, self.lost.evicted, self.sampler.update,
+                                                    self._rules_arrived))
+            return self.runtime
+
+    def _rules_arrived(self, rules: RuleSet) -> None:
+        self.rules = rules
+
+    def close(self, timeout: float) -> None:
+        """Close the runtime (deliver within `timeout`, release the slot); a later user opens a new pipeline."""
+        with self.lock:
+            runtime, self.runtime, self.closed = self.runtime, None, True
+        if runtime is not None and runtime.pid == os.getpid():
+            runtime.close(timeout)
+
+    def before_fork(self) -> None:
+        runtime = self.runtime
+        if runtime is not None and runtime.pid == os.getpid():
+            runtime.before_fork()
+
+    def after_fork_in_parent(self) -> None:
+        runtime = self.runtime
+        if runtime is not None and runtime.pid == os.getpid():
+            runtime.after_fork_in_parent()
+
+    def after_fork_in_child(self) -> None:
+        """Leave the parent's runtime alone (its lock fd dropped), and start this process's own if used."""
+        self.lock = threading.Lock()
+        if self.runtime is not None:
+            self.runtime.abandon_after_fork()
+            self.abandoned.append(self.runtime)
+            self.runtime = None
+        if self.users:
+            try:
+                self.runtime_here()
+            except Exception:
+                logger.exception("moesiftornado_durable: could not start after fork")
+
+
+class _Registry:
+    """The process's pipelines, one per set of delivery options, and how many middlewares use each.
+
+    A middleware takes a share when it is made (or used again after `close`) and gives it back on
+    `close`, which closes the pipeline at once when it was the last share. A middleware collected without
+    `close` is noticed by the reaper thread, which closes its pipeline `IDLE_CLOSE_AFTER` seconds after
+    the last one went, unless a new middleware took it meanwhile. One fork hook and one exit hook serve
+    every pipeline (`os.register_at_fork` cannot unregister: one per middleware would leak).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pipelines: Dict[str, _Pipeline] = {}
+        # The pipelines of collected middlewares: appended by a weakref.finalize callback, which may run in
+        # any thread at any allocation, so it takes no lock (deque.append is atomic); `_settle` counts them.
+        self.collected: Deque[_Pipeline] = collections.deque()
+        self._reaper: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._hooks_installed = False
+
+    def acquire(self, middleware: Holder) -> _Pipeline:
+        """A share of the pipeline of `middleware`'s delivery options (made if there is none), recorded
+        in `middleware._share`."""
+        key = json.dumps(middleware.config.delivery_options(), sort_keys=True)
+        with self.lock:
+            self._install_hooks()
+            self._settle()
+            pipeline = self.pipelines.get(key)
+            if pipeline is None:
+                pipeline = self.pipelines[key] = _Pipeline(key, middleware.config)
+            pipeline.users += 1
+            pipeline.idle_since = None
+            pipeline.holders.add(middleware)
+            share = weakref.finalize(middleware, self.collected.append, pipeline)
+            share.atexit = False
+            middleware._share = share
+            self._offer_outgoing(pipeline, middleware)
+            if self._reaper is None or not self._reaper.is_alive():
+                self._reaper = threading.Thread(target=self._reap, name="moesif-durable-reaper", daemon=True)
+                self._reaper.start()
+            return pipeline
+
+    def release(self, pipeline: _Pipeline, middleware: Holder, timeout: float) -> None:
+        """`middleware.close()`: give its share back; the last one closes the pipeline now, within `timeout`."""
+        with self.lock:
+            self._settle()  # middlewares collected meanwhile count no more
+            pipeline.holders.discard(middleware)
+            pipeline.users -= 1
+            if pipeline.outgoing_owner is not None and pipeline.outgoing_owner() is middleware:
+                outgoing.unregister(middleware._log_outgoing)
+                pipeline.outgoing_owner = None
+                self._offer_outgoing(pipeline)
+            if pipeline.users > 0:
+                return
+            if self.pipelines.get(pipeline.key) is pipeline:
+                del self.pipelines[pipeline.key]
+        pipeline.close(timeout)
+
+    def _offer_outgoing(self, pipeline: _Pipeline, candidate: Optional[Holder] = None) -> None:
+        """Under the lock: one middleware per pipeline captures the app's outgoing calls (one event per call
+        and destination): the first with CAPTURE_OUTGOING_REQUESTS and, when it goes, another that has it."""
+        if pipeline.outgoing_owner is not None and pipeline.outgoing_owner() is not None:
+            return
+        pipeline.outgoing_owner = None
+        for middleware in [candidate] if candidate is not None else list(pipeline.holders):
+            if middleware.config.capture_outgoing_requests:
+                outgoing.register(middleware._log_outgoing, middleware.config.base_uri)
+                pipeline.outgoing_owner = weakref.ref(middleware)
+                return
+
+    def _settle(self) -> None:
+        """Under the lock: count the shares of collected middlewares as given back."""
+        while self.collected:
+            pipeline = self.collected.popleft()
+            pipeline.users -= 1
+            if pipeline.users == 0:
+                pipeline.idle_since = time.monotonic()
+            self._offer_outgoing(pipeline)
+
+    def _reap(self) -> None:
+        """The reaper thread: settle collected shares and close the pipelines idle for IDLE_CLOSE_AFTER; it
+        ends when no pipeline is left (the next `acquire` starts another)."""
+        while not self._stop.is_set():
+            with self.lock:
+                self._settle()
+                now = time.monotonic()
+                idle = [pipeline for pipeline in self.pipelines.values()
+                        if pipeline.idle_since is not None and now - pipeline.idle_since >= IDLE_CLOSE_AFTER]
+                for pipeline in idle:
+                    del self.pipelines[pipeline.key]
+                done = not self.pipelines
+                if done and self._reaper is threading.current_thread():
+                    self._reaper = None
+            for pipeline in idle:
+                try:
+                    pipeline.close(DEFAULT_CLOSE_TIMEOUT)
+                except Exception:
+                    logger.exception("moesiftornado_durable: could not close an unused pipeline")
+            if done:
+                return
+            self._stop.wait(min(_REAP_INTERVAL, IDLE_CLOSE_AFTER))
+
+    def _install_hooks(self) -> None:
+        if self._hooks_installed:
+            return
+        self._hooks_installed = True
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(before=self._before_fork, after_in_parent=self._after_fork_in_parent,
+                                after_in_child=self._after_fork_in_child)
+        atexit.register(self.close_all)
+
+    def _before_fork(self) -> None:
+        self.lock.acquire()  # the child gets the registry whole, not halfway through a change
+        for pipeline in self.pipelines.values():
+            pipeline.before_fork()
+
+    def _after_fork_in_parent(self) -> None:
+        for pipeline in self.pipelines.values():
+            pipeline.after_fork_in_parent()
+        self.lock.release()
+
+    def _after_fork_in_child(self) -> None:
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._settle()
+        for key, pipeline in list(self.pipelines.items()):
+            if not pipeline.users:  # idle in the parent: nothing of it is the child's
+                del self.pipelines[key]
+            pipeline.after_fork_in_child()
+        self._reaper = None
+        if self.pipelines:
+            self._reaper = threading.Thread(target=self._reap, name="moesif-durable-reaper", daemon=True)
+            self._reaper.start()
+
+    def close_all(self) -> None:
+        """At exit: close every pipeline of this process, each within DEFAULT_CLOSE_TIMEOUT."""
+        with self.lock:
+            pipelines = list(self.pipelines.values())
+            self.pipelines.clear()
+            self._stop.set()
+        for pipeline in pipelines:
+            pipeline.close(DEFAULT_CLOSE_TIMEOUT)
+
+
+_REGISTRY = _Registry()
