@@ -27,12 +27,12 @@ from .config import Config
 from .errors import ConfigError, SpoolFullError
 from .flusher import Flusher
 from .governance import DEFAULT_RULES_REFRESH_INTERVAL, RuleSet
-from .journal import INTAKE, JournalWriter, first_record
+from .journal import INTAKE, JournalWriter, first_record, segments
 from .lost import LostRecords
 from .sampling import DEFAULT_REFRESH_INTERVAL, AppConfig, ConfigFetcher, Sampler
 from .sender import Sender
 from .shipper import Supervisor, read_stats_file, request_flush, shipper_running
-from .spool import SpoolStats, SpoolView, directory_stats, open_spool, read_stats
+from .spool import SpoolStats, SpoolView, directory_stats, open_spool, read_stats, reserve_space
 
 logger = logging.getLogger("moesiftornado_durable")
 
@@ -195,6 +195,7 @@ class _ProcessRuntime(_Runtime):
         except BaseException:
             self.lock.release()
             raise
+        reserve_space(spool_path)  # before any journal write: the shipper may start after the disk filled up
         self.writer = JournalWriter(config.spool_dir, self.lock.slot, config.spool_sync,
                                     reclaim_slot=self._reclaim_slot)
         self._shipper: Dict[str, Any] = {}
@@ -243,7 +244,7 @@ class _ProcessRuntime(_Runtime):
     def flush(self, timeout: float) -> bool:
         """Wait until this process's journal is spooled and everything spooled by then is delivered."""
         deadline = time.monotonic() + timeout
-        segment, size = os.path.basename(self.writer.path), self.writer.size
+        written = self._written_so_far()
         view = SpoolView(locks.spool_path(self.config.spool_dir, locks.SHIPPER_SLOT))
         try:
             with contextlib.suppress(OSError):  # SPOOL_DIR deleted: the next write or shipper makes it again
@@ -251,7 +252,7 @@ class _ProcessRuntime(_Runtime):
             mark: Optional[int] = None
             while time.monotonic() < deadline:
                 try:
-                    if mark is None and self._spooled(view, segment, size):
+                    if mark is None and self._spooled(view, written):
                         mark = view.last_id()
                     if mark is not None and view.pending_through(mark) == 0 and not self._orphans_waiting():
                         self._await_stats_after(time.time(), deadline)
@@ -282,13 +283,20 @@ class _ProcessRuntime(_Runtime):
                     return True
         return False
 
-    def _spooled(self, view: SpoolView, segment: str, size: int) -> bool:
-        if not segment or size == 0:
-            return True  # this process wrote nothing (or its newest segment is empty: a write the full disk refused)
-        offset = view.journal_offset(segment)
-        if offset is None:
-            return not os.path.exists(self.writer.path)  # deleted once spooled completely
-        return offset >= size
+    def _written_so_far(self) -> Dict[str, int]:
+        """{segment path: size} of every journal segment this process has written to and not seen deleted:
+        not only the open one (after a full disk refused writes, older segments may still wait)."""
+        return {path: _size_of(path) for slot, _, path in segments(self.config.spool_dir) if slot == self.writer.slot}
+
+    @staticmethod
+    def _spooled(view: SpoolView, written: Dict[str, int]) -> bool:
+        """True once the shipper has spooled each segment up to the size it had (a segment is deleted only
+        once spooled and folded into the database file)."""
+        for path, size in written.items():
+            offset = view.journal_offset(os.path.basename(path))
+            if size and (offset or 0) < size and os.path.exists(path):
+                return False
+        return True
 
     def delivery_stats(self) -> Tuple[Dict[str, Any], SpoolStats]:
         shipper = read_stats_file(self.config.spool_dir)
@@ -557,3 +565,10 @@ class _Registry:
 
 
 _REGISTRY = _Registry()
+
+
+def _size_of(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0

@@ -52,6 +52,7 @@ FOLD_INTERVAL = 1.0  # seconds between the shipper's folds (so fully spooled jou
 MARK_SUFFIX = "-mark"  # beside the database: the highest record id committed (see `_check_mark`)
 RESERVE_SUFFIX = "-reserve"  # beside the database: space held back for acks and folds on a full disk
 RESERVE_BYTES = 256 * 1024  # enough for an ack of a few batches and a fold of a small WAL (`_release_reserve`)
+RESERVE_ROOM = 4 * RESERVE_BYTES  # the free space below which no reserve is taken (it would hasten a full disk)
 
 PAGE_SIZE = 8192  # of a new spool file: less space wasted per ~1.5 KB record than 4 KiB pages (docs/benchmarks.md)
 SHRINK_MIN_FREE_BYTES = 512 * 1024  # `scrub` gives free pages back once they add up to this much
@@ -221,7 +222,7 @@ class Spool:
                                [(_UNDECRYPTABLE,)])
         self._mark_fd: Optional[int] = None
         self._commits_unchecked = 0  # commits since the WAL's size was last looked at
-        self._reserved = os.path.exists(path + RESERVE_SUFFIX)
+        self._reserved = reserve_space(path)
         self._folded_at = 0.0  # monotonic time of the last `fold`
         self._committed_since_fold = True
         self.lost_wal = self._check_mark()  # records SQLite discarded with a damaged or deleted WAL
@@ -644,7 +645,7 @@ class Spool:
             free = found.f_bavail * found.f_frsize
         except OSError:
             free = WAL_FOLD_BYTES * WAL_SHARE_OF_FREE_SPACE
-        if not self._reserved and free >= 4 * RESERVE_BYTES:
+        if not self._reserved and free >= RESERVE_ROOM:
             self._make_reserve()
         if wal <= free // WAL_SHARE_OF_FREE_SPACE:
             return  # a roomy disk: SQLite's own folds (WAL_AUTOCHECKPOINT_PAGES) do
@@ -655,41 +656,25 @@ class Spool:
             logger.warning("could not fold the WAL of %s into the database (%s); trying again", self.path, exc)
 
     def _make_reserve(self) -> None:
-        """Set RESERVE_BYTES of the disk aside in a file of their own, while there is room to spare: on a
-        disk that fills up, deleting delivered records and folding the WAL need a little space themselves,
-        and without it a full spool could never be emptied (on a small tmpfs every ack was refused after the
-        collector came back)."""
-        try:
-            fd = spooldir.open_file(self.path + RESERVE_SUFFIX, os.O_WRONLY, new=True)
-        except FileExistsError:
-            self._reserved = True
-            return
-        except OSError:
-            return
-        try:
-            os.posix_fallocate(fd, 0, RESERVE_BYTES)
-            self._reserved = True
-        except OSError:
-            os.remove(self.path + RESERVE_SUFFIX)
-        finally:
-            os.close(fd)
+        """Set the reserve aside now that there is room to spare (see `reserve_space`)."""
+        self._reserved = reserve_space(self.path)
 
     def _release_reserve(self) -> None:
         """Give the reserved space back (the disk is full), so the next ack or fold finds room; it is set
         aside again once there is room to spare."""
-        if not self._reserved:
-            return
-        self._reserved = False
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self.path + RESERVE_SUFFIX)
-            logger.warning("the disk of %s is full: released the spool's reserve of %d bytes so delivered "
-                           "records can be deleted", self.path, RESERVE_BYTES)
+        if self._reserved:
+            self._reserved = False
+            release_reserve(self.path)
 
     def _after_failed_commit(self, exc: sqlite3.OperationalError) -> None:
         """A commit the full disk refused: fold and truncate the WAL now if it is over its share, so the
-        space it holds comes back and the next commit finds room."""
+        space it holds comes back and the next commit finds room. With nothing spooled, no ack can free
+        space either (the journals filled the disk before a shipper spooled them): the reserve is what lets
+        the first records in, to be delivered, acked and their journal deleted."""
         if "full" in str(exc):
             self._keep_wal_small(WAL_CHECK_COMMITS)
+            if self._live_bytes == 0:
+                self._release_reserve()
 
     def _last_id(self, conn: sqlite3.Connection) -> int:
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (self._table.strip("`"),)).fetchone()
@@ -983,6 +968,10 @@ def open_spool(path: str, **options: Any) -> Spool:
     try:
         spool = Spool(path, **options)
     except sqlite3.DatabaseError as exc:
+        if _disk_full(exc) and release_reserve(path):  # a full disk is not damage: use the space held back
+            return Spool(path, **options)
+        if _disk_full(exc):
+            raise
         quarantine(path, str(exc))
         return Spool(path, **options)
     problem = spool.check()
@@ -1182,6 +1171,50 @@ def _set_aside_damaged_wal(path: str) -> None:
         return
     logger.error("spool file %s has a WAL SQLite will discard (damaged header); its commits are lost to SQLite, "
                  "a copy is kept as %s; records still in the intake journals are spooled again", path, aside)
+
+
+def reserve_space(spool_path: str) -> bool:
+    """Set RESERVE_BYTES of the disk aside beside `spool_path`, if not done yet and the disk has RESERVE_ROOM
+    free; True when the reserve is there. On a disk that fills up, deleting delivered records and folding
+    the WAL need a little space themselves, and without it a full spool could never be emptied (on a small
+    tmpfs every ack was refused after the collector came back). App processes call this before they write
+    their first journal record, so the shipper's reserve exists even when the journals fill the disk before
+    a shipper has started."""
+    if os.path.exists(spool_path + RESERVE_SUFFIX):
+        return True
+    try:
+        found = os.statvfs(os.path.dirname(spool_path))
+        if found.f_bavail * found.f_frsize < RESERVE_ROOM:
+            return False
+        fd = spooldir.open_file(spool_path + RESERVE_SUFFIX, os.O_WRONLY, new=True)
+    except FileExistsError:
+        return True
+    except OSError:
+        return False
+    try:
+        os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        return True
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(spool_path + RESERVE_SUFFIX)
+        return False
+    finally:
+        os.close(fd)
+
+
+def release_reserve(spool_path: str) -> bool:
+    """Delete the reserve beside `spool_path` (the disk is full); True if there was one to give back."""
+    try:
+        os.remove(spool_path + RESERVE_SUFFIX)
+    except FileNotFoundError:
+        return False
+    logger.warning("the disk of %s is full: released the spool's reserve of %d bytes so its records can be "
+                   "spooled, delivered and deleted", spool_path, RESERVE_BYTES)
+    return True
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return "full" in str(exc).lower()
 
 
 def _create_private_file(path: str) -> None:
