@@ -15,6 +15,7 @@ import atexit
 import collections
 import contextlib
 import errno
+import functools
 import inspect
 import logging
 import os
@@ -23,7 +24,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Callable, Counter, Dict, Iterable, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Counter, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
 
 from . import audit, hook, locks, outgoing, spooldir
 from .capture import (
@@ -45,6 +46,7 @@ from .config import Config, Handler
 from .errors import ConfigError, SpoolFullError, SpoolUnavailableError
 from .flusher import Flusher
 from .governance import DEFAULT_RULES_REFRESH_INTERVAL, RuleSet
+from .holdback import hold_response
 from .hook import SETTINGS_KEY, ExecuteHook, Governor
 from .journal import INTAKE, JournalWriter, first_record
 from .profiles import COMPANY_FIELDS, SUBSCRIPTION_FIELDS, USER_FIELDS, normalize_profile, normalize_profiles
@@ -73,6 +75,7 @@ LOGGED_ATTRIBUTE = "_moesiftornado_durable_logged"
 _ERROR_LOG_INTERVAL = 10.0  # seconds between repeated spool-failure logs
 _SPOOL_FAILING_FOR = 60.0  # seconds a failed spool write keeps stats()["spool_failing"] true
 _FLUSH_POLL = 0.05  # seconds between looks at the shipper's progress in flush()
+Stored = Union[bool, "asyncio.Task[bool]"]  # an event spooled (or none to spool), or the task that will say
 
 
 class _Runtime:
@@ -120,6 +123,11 @@ class _Runtime:
     def put(self, record: Dict[str, Any], kind: str) -> None:
         raise NotImplementedError
 
+    def on_synced(self, callback: Callable[[bool], None]) -> None:
+        """`callback(ok)` once what `put` stored so far is on stable storage. Thread mode: at once (a commit
+        with SPOOL_SYNC 'full' is synced before `put` returns)."""
+        callback(True)
+
     def flush(self, timeout: float) -> bool:
         raise NotImplementedError
 
@@ -154,7 +162,7 @@ class _ThreadRuntime(_Runtime):
                  on_app_config: Callable[[AppConfig], None], on_rules: Callable[[RuleSet], None]) -> None:
         super().__init__(config, on_app_config, on_rules)
         try:
-            self.spool = open_spool(self.lock.spool_path, sync=config.spool_sync, max_bytes=config.spool_max_bytes,
+            self.spool = open_spool(self.lock.spool_path, sync=config.sqlite_sync, max_bytes=config.spool_max_bytes,
                                     when_full=config.when_full, on_evict=on_evict,
                                     codec=Codec(config.spool_encryption_keys))
         except BaseException:
@@ -260,6 +268,9 @@ class _ProcessRuntime(_Runtime):
                 raise SpoolFullError(f"the spool holds about {backlog} bytes (SPOOL_MAX_BYTES {max_bytes})")
         self.writer.append(kind, data, time.time())
         self._written_since_stats += len(data)
+
+    def on_synced(self, callback: Callable[[bool], None]) -> None:
+        self.writer.on_synced(callback)
 
     def flush(self, timeout: float) -> bool:
         """Wait until this process's journal is spooled and everything spooled by then is delivered."""
@@ -409,51 +420,74 @@ class MoesifMiddleware(ExecuteHook):
         self._capture_and_spool(handler, b"")
 
     def log_event_before_send(self, handler: Handler) -> None:
-        """Strict mode (`SpoolBeforeSendMixin`): spool the event while the last bytes are still unsent."""
+        """Strict mode (`SpoolBeforeSendMixin`, and every handler with SPOOL_SYNC 'audit'): spool the event
+        while the last bytes are still unsent; with SPOOL_SYNC 'full' or 'audit' they also wait for the
+        sync that puts the event on stable storage (`holdback`)."""
         setattr(handler, LOGGED_ATTRIBUTE, True)
-        self._capture_and_spool(handler, b"".join(getattr(handler, "_write_buffer", [])))
+        stored = self._capture_and_spool(handler, b"".join(getattr(handler, "_write_buffer", [])))
+        if self.config.spool_sync == "normal":
+            return
+        if isinstance(stored, asyncio.Task):  # a user callable is still being awaited
+            task = stored
+            hold_response(handler, True, lambda durable: task.add_done_callback(
+                lambda done: self._when_durable(durable) if _stored(done) else durable(False)), self._refused)
+        else:
+            hold_response(handler, bool(stored), self._when_durable, self._refused)
 
-    def _capture_and_spool(self, handler: Handler, unsent_body: bytes) -> None:
+    def _when_durable(self, callback: Callable[[bool], None]) -> None:
+        """`callback(ok)` once every record this process spooled so far is on stable storage."""
+        runtime = self._runtime_here()
+        if runtime is None:
+            callback(False)
+        else:
+            runtime.on_synced(callback)
+
+    def _refused(self) -> None:
+        self.counters["audit_refused"] += 1
+
+    def _capture_and_spool(self, handler: Handler, unsent_body: bytes) -> Stored:
         try:
             finished_at = time.time()
             self.attach(handler.application)
             steps = capture_steps(handler, self.config, finished_at, self._sampler.weight_for, unsent_body)
-            self._advance(steps, None)
+            return self._advance(steps, None)
         except Exception:
             self._drop("capture_error", "could not capture the request")
+            return False
 
-    def _advance(self, steps: Steps, answers: Optional[List[Any]]) -> None:
-        """Run the capture steps here until they finish, or hand them to the event loop at the first awaitable."""
+    def _advance(self, steps: Steps, answers: Optional[List[Any]]) -> Stored:
+        """Run the capture steps here until they finish, or hand them to the event loop at the first awaitable
+        (then the task is returned). True when the event was spooled or there is none (skipped)."""
         try:
             while True:
                 calls = steps.send(answers)  # type: ignore[arg-type]  # the first send is None
                 answers = call_user_functions(calls, self._user_error)
                 if any(inspect.isawaitable(answer) for answer in answers):
-                    self._continue_on_loop(steps, calls, answers)
-                    return
+                    return self._continue_on_loop(steps, calls, answers)
         except StopIteration as stop:
-            self._finish(stop.value)
+            return self._finish(stop.value)
 
-    def _continue_on_loop(self, steps: Steps, calls: List[UserCall], answers: List[Any]) -> None:
+    def _continue_on_loop(self, steps: Steps, calls: List[UserCall], answers: List[Any]) -> Stored:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # log_event called outside an event loop: nothing can await these
-            self._advance(steps, refuse_awaitables(calls, answers))
-            return
+            return self._advance(steps, refuse_awaitables(calls, answers))
         task = loop.create_task(self._capture_on_loop(steps, calls, answers))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        return task
 
-    async def _capture_on_loop(self, steps: Steps, calls: List[UserCall], answers: List[Any]) -> None:
+    async def _capture_on_loop(self, steps: Steps, calls: List[UserCall], answers: List[Any]) -> bool:
         try:
             while True:
                 answers = await _resolve(calls, answers, self._user_error)
                 calls = steps.send(answers)
                 answers = call_user_functions(calls, self._user_error)
         except StopIteration as stop:
-            self._finish(stop.value)
+            return self._finish(stop.value)
         except Exception:
             self._drop("capture_error", "could not capture the request")
+            return False
 
     def _log_outgoing(self, call: outgoing.OutgoingCall) -> None:
         """outgoing.py's recorder (CAPTURE_OUTGOING_REQUESTS): capture a call the app made and spool it as
@@ -464,13 +498,14 @@ class MoesifMiddleware(ExecuteHook):
         except Exception:
             self._drop("capture_error", "could not capture an outgoing call")
 
-    def _finish(self, outcome: Outcome) -> None:
+    def _finish(self, outcome: Outcome) -> bool:
+        """Spool the captured event; False if it had to be dropped (True when there is none to spool)."""
         if outcome.event is None:
             self.counters[outcome.dropped or "skipped"] += 1
-            return
+            return True
         for reason in outcome.omitted_bodies:
             self.counters[f"body_omitted_{reason}"] += 1
-        self._spool_record(outcome.event, EVENT)
+        return self._spool_record(outcome.event, EVENT)
 
     def attach(self, application: Any) -> Any:
         """Capture response bodies of `application` and apply governance rules to it; returns it.
@@ -489,11 +524,14 @@ class MoesifMiddleware(ExecuteHook):
     def before_execute(self, handler: Any, transforms: List[Any]) -> None:
         """At the start of each request of an application using this middleware (`hook.install`): attach
         the application, capture this request's response body too (its transforms were built before),
-        and have its `prepare` apply the governance rules first."""
+        have its `prepare` apply the governance rules first, and with SPOOL_SYNC 'audit' make its final
+        flush spool the event and wait for its sync, as `SpoolBeforeSendMixin` does."""
         self.attach(handler.application)
         if self.config.log_body and not any(isinstance(t, ResponseBodyCapture) for t in transforms):
             transforms.insert(0, self._body_capture(handler.request))
         self._governor.wrap_prepare(handler)
+        if self.config.audit and not isinstance(handler, SpoolBeforeSendMixin):
+            handler.flush = functools.partial(_flush_before_send, self, handler, handler.flush)
 
     def _rules_arrived(self, rules: RuleSet) -> None:
         self._rules = rules
@@ -592,31 +630,33 @@ class MoesifMiddleware(ExecuteHook):
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _spool_record(self, record: Dict[str, Any], kind: str) -> None:
+    def _spool_record(self, record: Dict[str, Any], kind: str) -> bool:
+        """Spool one record; False (counted and logged) if it could not be."""
         runtime = self._runtime_here()
         if runtime is None:
             self._last_spool_failure = time.monotonic()
             self._drop("spool_unavailable", "the spool could not be opened", record)
-            return
+            return False
         try:
             runtime.put(record, kind)
         except SpoolUnavailableError as exc:
             self._last_spool_failure = time.monotonic()
             self._drop("spool_unavailable", str(exc), record)
-            return
+            return False
         except SpoolFullError:
             audit.record_left([record_id(record)], "refused: spool full (WHEN_FULL='drop_newest')", kind)
             self._drop("spool_full", f"the spool is full (SPOOL_MAX_BYTES, WHEN_FULL={self.config.when_full!r}); "
                                      f"this record was refused", record)
-            return
+            return False
         except (sqlite3.Error, OSError, ValueError, TypeError) as exc:
             self._last_spool_failure = time.monotonic()
             disk_full = (isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()) or \
                 (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT))
             self._drop("disk_full" if disk_full else "spool_error",
                        f"{'the disk is full: ' if disk_full else ''}could not write to the spool ({exc})", record)
-            return
+            return False
         self.counters["spooled"] += 1
+        return True
 
     def _evicted(self, record_ids: List[str]) -> None:
         """WHEN_FULL='drop_oldest' deleted these waiting records to make room: count and log them."""
@@ -724,12 +764,24 @@ class SpoolBeforeSendMixin:
     response is still sent and the failure counted, as everywhere else.
     """
 
-    def flush(self, include_footers: bool = False) -> Any:
-        if include_footers and not getattr(self, LOGGED_ATTRIBUTE, False):
-            middleware = _middleware_of(self)
-            if middleware is not None:
-                middleware.log_event_before_send(self)
-        return super().flush(include_footers)  # type: ignore[misc]
+    def flush(self, include_footers: bool = False, *args: Any, **kwargs: Any) -> Any:
+        middleware = _middleware_of(self)
+        if middleware is None:
+            return super().flush(include_footers, *args, **kwargs)  # type: ignore[misc]
+        return _flush_before_send(middleware, self, super().flush, include_footers,  # type: ignore[misc]
+                                  *args, **kwargs)
+
+
+def _flush_before_send(middleware: MoesifMiddleware, handler: Any, flush: Callable[..., Any],
+                       include_footers: bool = False, *args: Any, **kwargs: Any) -> Any:
+    """A handler's `flush`: the final one (from `finish`) spools the event first (strict and audit mode)."""
+    if include_footers and not getattr(handler, LOGGED_ATTRIBUTE, False):
+        middleware.log_event_before_send(handler)
+    return flush(include_footers, *args, **kwargs)
+
+
+def _stored(task: asyncio.Task[bool]) -> bool:
+    return not task.cancelled() and task.exception() is None and task.result()
 
 
 def _middleware_of(handler: Any) -> Optional[MoesifMiddleware]:

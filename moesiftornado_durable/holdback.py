@@ -1,0 +1,114 @@
+"""Audit mode's wait: a response's last bytes leave only once its event is on stable storage.
+
+`hold_response` puts a stand-in in front of the request's HTTP connection just before the handler's
+final flush. The stand-in queues what Tornado then asks of the connection (the headers and body, the
+finish) and replays it, in order, when the journal's syncer reports the sync that covers the event
+(`JournalWriter.on_synced`, a group commit shared by every response waiting at that moment). The IOLoop
+never blocks: it serves other requests meanwhile, and the connection's own loop waits for the finish as
+it waits for a slow client.
+
+If the event could not be stored, or the sync failed, the client must not get the response as if its
+audit record existed: a response whose headers are still queued becomes ``503 Service Unavailable``
+(``Connection: close``, ``Retry-After: 1``); one whose headers already left (a streamed response) is
+cut off by closing the connection, so the client sees it incomplete.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from tornado.concurrent import Future, chain_future
+from tornado.httputil import HTTPHeaders, ResponseStartLine
+from tornado.ioloop import IOLoop
+
+logger = logging.getLogger("moesiftornado_durable")
+
+Wait = Callable[[Callable[[bool], None]], None]  # wait(callback): callback(ok) once durable, on any thread
+REFUSED_STATUS = 503
+
+
+class _HeldConnection:
+    """Stands in for `request.connection` until `release`: writes and the finish are queued, everything
+    else goes to the real connection."""
+
+    def __init__(self, request: Any, real: Any, on_refused: Callable[[], None]) -> None:
+        self._request = request
+        self._real = real
+        self._on_refused = on_refused
+        self._queued: List[Tuple[str, Tuple[Any, ...], Dict[str, Any], Optional[Future]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def write_headers(self, *args: Any, **kwargs: Any) -> Future:
+        return self._queue("write_headers", args, kwargs)
+
+    def write(self, *args: Any, **kwargs: Any) -> Future:
+        return self._queue("write", args, kwargs)
+
+    def finish(self) -> None:
+        self._queued.append(("finish", (), {}, None))
+
+    def _queue(self, name: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Future:
+        future: Future = Future()
+        self._queued.append((name, args, kwargs, future))
+        return future
+
+    def release(self, ok: bool) -> None:
+        """On the IOLoop: give the request its connection back and replay what was queued (`ok`), or
+        refuse the response (not `ok`)."""
+        self._request.connection = self._real
+        queued, self._queued = self._queued, []
+        if not ok:
+            self._on_refused()
+            self._refuse(queued)
+            return
+        for name, args, kwargs, future in queued:
+            try:
+                result = getattr(self._real, name)(*args, **kwargs)
+            except Exception as exc:  # e.g. the client went away meanwhile
+                if future is not None and not future.done():
+                    future.set_exception(exc)
+                continue
+            if future is not None:
+                if result is None:
+                    future.set_result(None)
+                else:
+                    chain_future(result, future)
+
+    def _refuse(self, queued: List[Tuple[str, Tuple[Any, ...], Dict[str, Any], Optional[Future]]]) -> None:
+        for _, _, _, future in queued:
+            if future is not None and not future.done():
+                future.set_result(None)
+        try:
+            if queued and queued[0][0] == "write_headers":
+                headers = HTTPHeaders({"Content-Length": "0", "Connection": "close", "Retry-After": "1"})
+                self._real.write_headers(ResponseStartLine("HTTP/1.1", REFUSED_STATUS, "Service Unavailable"),
+                                         headers)
+                self._real.finish()
+            else:
+                self._real.close()  # the headers left already: an incomplete response, never a complete one
+        except Exception:
+            logger.exception("moesiftornado_durable: could not refuse a response whose event is not stored")
+            self._real.close()
+
+
+def hold_response(handler: Any, stored: bool, wait: Wait, on_refused: Callable[[], None]) -> None:
+    """Hold the rest of `handler`'s response until `wait` reports its event durable (`stored`: the event
+    was handed to the journal; False refuses the response at once; `on_refused` is called, on the IOLoop,
+    for each refused response). Call it on the IOLoop, just before the handler's final flush."""
+    request = handler.request
+    held = _HeldConnection(request, request.connection, on_refused)
+    request.connection = held
+    loop = IOLoop.current()
+
+    def durable(ok: bool) -> None:  # the syncer thread, or this one
+        loop.add_callback(held.release, ok)
+
+    if not stored:
+        logger.error("moesiftornado_durable: audit mode: the event of %s %s could not be stored; the response "
+                     "is refused (%d)", request.method, request.path, REFUSED_STATUS)
+        durable(False)
+        return
+    wait(durable)
