@@ -202,3 +202,14 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
             return True
         time.sleep(interval)
     return predicate()
+
+
+def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:
+    """Tests marked `lazyfs` are skipped, with the reason, where LazyFS cannot run (tests/lazyfs.py)."""
+    from lazyfs import unavailable
+
+    reason = unavailable()
+    if reason is not None:
+        for item in items:
+            if item.get_closest_marker("lazyfs") is not None:
+                item.add_marker(pytest.mark.skip(reason=reason))

@@ -19,6 +19,7 @@ import select
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from typing import IO, Any, Iterable, List, Optional
 
@@ -59,7 +60,9 @@ class LazyFS:
         self.mount = os.path.join(workdir, "mnt")
         self.fifo = os.path.join(workdir, "faults.fifo")
         self.done_fifo = os.path.join(workdir, "faults-done.fifo")
-        self.config = os.path.join(workdir, "lazyfs.toml")
+        # not under `workdir`: LazyFS ignores a --config-path that contains "-o" (as "pytest-of-root" does)
+        fd, self.config = tempfile.mkstemp(prefix="lazyfs", suffix=".toml")
+        os.close(fd)
         self._log = log
         self._process: Optional[subprocess.Popen[bytes]] = None
         self._done: Optional[int] = None
@@ -104,6 +107,8 @@ class LazyFS:
         if self._done is not None:
             os.close(self._done)
             self._done = None
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.config)
 
     def users(self) -> List[int]:
         """PIDs of the processes (other than this one and LazyFS) with a file or directory open under the mount."""
