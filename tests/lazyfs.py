@@ -19,6 +19,7 @@ import select
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from typing import IO, Any, Iterable, List, Optional
@@ -92,7 +93,12 @@ class LazyFS:
             raise
         return self
 
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
     def __exit__(self, *exc: Any) -> None:
+        if self._process is not None and self._process.poll() is not None:
+            print(f"LazyFS exited on its own (status {self._process.returncode})", file=sys.stderr)
         subprocess.run(["fusermount3", "-u", "-z", self.mount], check=False, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=30)
         if self._process is not None:
