@@ -16,6 +16,7 @@ cut off by closing the connection, so the client sees it incomplete.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from tornado.concurrent import Future, chain_future
@@ -94,6 +95,30 @@ class _HeldConnection:
             self._real.close()
 
 
+_batches: Dict[IOLoop, List[Tuple[_HeldConnection, bool]]] = {}  # released by one IOLoop callback per sync
+_batches_lock = threading.Lock()
+
+
+def _schedule(loop: IOLoop, held: _HeldConnection, ok: bool) -> None:
+    """Release `held` on `loop`: the responses a sync covered wake the IOLoop once, not once each."""
+    with _batches_lock:
+        batch = _batches.setdefault(loop, [])
+        batch.append((held, ok))
+        if len(batch) > 1:
+            return
+    loop.add_callback(_release_batch, loop)
+
+
+def _release_batch(loop: IOLoop) -> None:
+    with _batches_lock:
+        batch = _batches.pop(loop, [])
+    for held, ok in batch:
+        try:
+            held.release(ok)
+        except Exception:  # one response's trouble must not hold the others
+            logger.exception("moesiftornado_durable: could not release a held response")
+
+
 def hold_response(handler: Any, stored: bool, wait: Wait, on_refused: Callable[[], None]) -> None:
     """Hold the rest of `handler`'s response until `wait` reports its event durable (`stored`: the event
     was handed to the journal; False refuses the response at once; `on_refused` is called, on the IOLoop,
@@ -104,7 +129,7 @@ def hold_response(handler: Any, stored: bool, wait: Wait, on_refused: Callable[[
     loop = IOLoop.current()
 
     def durable(ok: bool) -> None:  # the syncer thread, or this one
-        loop.add_callback(held.release, ok)
+        _schedule(loop, held, ok)
 
     if not stored:
         logger.error("moesiftornado_durable: audit mode: the event of %s %s could not be stored; the response "
