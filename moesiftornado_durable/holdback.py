@@ -16,6 +16,7 @@ cut off by closing the connection, so the client sees it incomplete.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -25,6 +26,7 @@ from tornado.ioloop import IOLoop
 
 logger = logging.getLogger("moesiftornado_durable")
 
+SWITCH_INTERVAL = 0.0005  # seconds: the GIL switch interval while responses wait for syncs (Python's default: 5 ms)
 Wait = Callable[[Callable[[bool], None]], None]  # wait(callback): callback(ok) once durable, on any thread
 REFUSED_STATUS = 503
 
@@ -93,6 +95,17 @@ class _HeldConnection:
         except Exception:
             logger.exception("moesiftornado_durable: could not refuse a response whose event is not stored")
             self._real.close()
+
+
+def prompt_switching() -> None:
+    """Lower the interpreter's GIL switch interval to `SWITCH_INTERVAL` (if it is higher).
+
+    When an ``fdatasync`` returns, the syncer thread needs the GIL back to release the responses it covered;
+    with the default 5 ms interval it waits for a busy IOLoop thread up to 5 ms each time, longer than the
+    sync itself, and every held response with it. The interval matters only while two threads want the GIL.
+    """
+    if sys.getswitchinterval() > SWITCH_INTERVAL:
+        sys.setswitchinterval(SWITCH_INTERVAL)
 
 
 _batches: Dict[IOLoop, List[Tuple[_HeldConnection, bool]]] = {}  # released by one IOLoop callback per sync

@@ -46,7 +46,7 @@ from .config import Config, Handler
 from .errors import ConfigError, SpoolFullError, SpoolUnavailableError
 from .flusher import Flusher
 from .governance import DEFAULT_RULES_REFRESH_INTERVAL, RuleSet
-from .holdback import hold_response
+from .holdback import hold_response, prompt_switching
 from .hook import SETTINGS_KEY, ExecuteHook, Governor
 from .journal import INTAKE, JournalWriter, first_record
 from .profiles import COMPANY_FIELDS, SUBSCRIPTION_FIELDS, USER_FIELDS, normalize_profile, normalize_profiles
@@ -226,6 +226,8 @@ class _ProcessRuntime(_Runtime):
             raise
         self.writer = JournalWriter(config.spool_dir, self.lock.slot, config.spool_sync,
                                     reclaim_slot=self._reclaim_slot)
+        if config.spool_sync != "normal":
+            prompt_switching()  # responses wait for the syncer thread (holdback)
         self._shipper: Dict[str, Any] = {}
         self._written_since_stats = 0
         self._view = SpoolView(spool_path)  # the supervisor thread's own read-only look at the spool
