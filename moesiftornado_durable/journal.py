@@ -265,7 +265,7 @@ class JournalWriter:
     def _sync(self, descriptors: List[int], directory_dirty: bool) -> bool:
         try:
             if directory_dirty:
-                fsync_directory(self.directory)  # a new segment's name, before the records in it count
+                spooldir.fsync_directory(self.directory)  # a new segment's name, before the records in it count
             for fd in descriptors:
                 os.fdatasync(fd)
         except OSError as exc:
@@ -438,15 +438,6 @@ def _resync(data: bytes, start: int) -> int:
         position = found + 1
 
 
-def fsync_directory(directory: str) -> None:
-    """fsync `directory`, so the names created, renamed or removed in it survive a power cut."""
-    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class JournalReader:
     """Moves records from every segment in a directory into a spool, oldest segment first.
 
@@ -548,6 +539,7 @@ def keep_aside(path: str) -> bool:
                 shutil.copyfileobj(source, target)
     except FileExistsError:
         return False
+    spooldir.fsync_directory(os.path.dirname(path))  # the name aside is durable before the segment can be deleted
     return True
 
 

@@ -817,6 +817,7 @@ def quarantine(path: str, problem: str) -> str:
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(path + suffix):
             os.replace(path + suffix, aside + suffix)
+    spooldir.fsync_directory(os.path.dirname(path) or ".")  # the names aside before a fresh spool takes the name
     logger.error("spool file %s is damaged (%s); kept as %s for `moesiftornado-durable salvage`, "
                  "a fresh spool starts in its place", path, problem, aside)
     return aside
