@@ -42,6 +42,14 @@ class StrictHello(SpoolBeforeSendMixin, Hello):
     pass
 
 
+class Probe(tornado.web.RequestHandler):
+    """Says that the IOLoop ran a handler."""
+
+    def get(self) -> None:
+        self.settings["probe_ran"].set()
+        self.write("probe")
+
+
 def journaled(spool_dir: str) -> int:
     return sum(sum(1 for _ in iter_records(path)) for _, _, path in segments(spool_dir))
 
@@ -62,8 +70,9 @@ def held_sync(monkeypatch: Any) -> threading.Event:
 
 
 def app_for(middleware: MoesifMiddleware) -> tornado.web.Application:
-    return tornado.web.Application([(r"/hello", Hello), (r"/streamed", Streamed), (r"/strict", StrictHello)],
-                                   log_function=middleware.log_event)
+    return tornado.web.Application([(r"/hello", Hello), (r"/streamed", Streamed), (r"/strict", StrictHello),
+                                    (r"/probe", Probe)], log_function=middleware.log_event,
+                                   probe_ran=threading.Event())
 
 
 def test_audit_mode_is_one_option_for_the_whole_application(
@@ -84,19 +93,24 @@ def test_audit_mode_is_one_option_for_the_whole_application(
 
 
 @pytest.mark.parametrize("mode, path", [("audit", "/hello"), ("full", "/strict")])
-def test_the_response_waits_for_the_sync_of_its_event(
+def test_the_response_waits_for_the_sync_of_its_event_and_the_ioloop_does_not(
     make_middleware: Callable[..., MoesifMiddleware], spool_dir: str, held_sync: threading.Event, mode: str,
     path: str
 ) -> None:
     middleware = make_middleware(SPOOL_SYNC=mode)
-    with serve(app_for(middleware)) as url:
+    app = app_for(middleware)
+    with serve(app) as url:
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
             client.sendall(f"GET {path}?n=1 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             assert wait_until(lambda: journaled(spool_dir) == 1, 10)  # the event is written, not yet synced
             readable, _, _ = select.select([client], [], [], 0.3)
             assert not readable, "the response left before its event was synced"
-            held_sync.set()
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the IOLoop is not blocked meanwhile
+                probe = pool.submit(requests.get, url + "/probe", timeout=30)
+                assert app.settings["probe_ran"].wait(10), "the IOLoop was blocked while the sync was held"
+                held_sync.set()
+                assert probe.result().text == "probe"
             answer = b""
             while b"hello 1" not in answer:
                 chunk = client.recv(4096)
@@ -153,7 +167,7 @@ def test_the_default_mode_syncs_the_journal_off_the_request_path(
 
 
 def test_audit_mode_needs_the_journal(spool_dir: str) -> None:
-    with pytest.raises(ConfigError, match="SPOOL_SYNC"):
+    with pytest.raises(ConfigError, match="SPOOL_SYNC.*SHIPPER"):
         MoesifMiddleware({"APPLICATION_ID": "x", "SPOOL_DIR": spool_dir, "SPOOL_SYNC": "audit", "SHIPPER": "thread"})
 
 
