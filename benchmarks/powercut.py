@@ -18,13 +18,15 @@ Each run (one per mode: the default options, and SPOOL_SYNC 'audit'):
 - after a seeded random time the power is cut: every process with a file under the mount is frozen
   (SIGSTOP), LazyFS drops what was not synced, they are SIGKILLed; the app is started again on the
   same SPOOL_DIR, and the next cut comes;
-- at the end the collector is healthy, the last app instance delivers everything (bounded wait) and stops.
+- at the end LazyFS is unmounted, the collector is healthy, and an app instance on the disk underneath (what
+  the last cut left) delivers everything (bounded wait) and stops.
 
 An answered request's event is kept if it reached the collector or is in a spool's dead-letter table. A
 lost one is "older" if its response was received more than WINDOW (200 ms) before the cut, else "within".
-The exit status is 1 when the contract is broken: in the default mode a lost event older than WINDOW, in
-audit mode any lost event; or a request logged under two transaction ids, or a wrong response. A
-duplicate delivery (a resend after a cut, same transaction_id) is allowed and counted.
+The exit status is 2 if LazyFS itself crashed (no verdict), 1 when the contract is broken: in the default
+mode a lost event older than WINDOW, in audit mode any lost event; or a request logged under two
+transaction ids, or a wrong response. A duplicate delivery (a resend after a cut, same transaction_id) is
+allowed and counted.
 """
 
 from __future__ import annotations
@@ -187,34 +189,47 @@ def set_scenario(collector: Collector, scenario: str) -> None:
         collector.respond_with(400, times=None)
 
 
+class LazyFSCrashed(Exception):
+    """LazyFS itself died (it is a research prototype and can crash under load): no verdict on this run."""
+
+
 def run_mode(mode: str, profile: Profile, seed: int, workdir: str, body_bytes: int, log: Any) -> Result:
+    """The cuts on LazyFS, then the delivery of what survived by an instance on the disk underneath (the
+    state after the last cut: LazyFS wrote through only what was synced), so a long drain never depends on
+    LazyFS staying up."""
     result = Result(mode)
     started = time.monotonic()
     rng = random.Random(f"{seed}:{mode}")
     options = MODES[mode]
-    with LazyFS(os.path.join(workdir, f"lazyfs-{mode}"), log) as fs, Collector() as collector:
-        spool_dir = os.path.join(fs.mount, "spool")
-        load = Load(body_bytes)
-        app: Optional[AppProcess] = None
+    load = Load(body_bytes)
+    app: Optional[AppProcess] = None
+    with Collector() as collector:
         try:
-            for index in range(profile.cuts):
-                scenario = SCENARIOS[index % len(SCENARIOS)]
-                set_scenario(collector, scenario)
-                app = AppProcess(spool_dir, collector.base_uri, workdir, output=log, **options)
-                serving_from = time.monotonic()
-                port = app.port
-                load.target(port)
-                time.sleep(rng.uniform(*profile.uptime))
-                at = time.monotonic()
-                killed = fs.cut(also=[app.process.pid])
-                load.target(None)
-                result.serving_seconds += at - serving_from
-                app.kill()  # reaps it (already SIGKILLed)
-                app = None
-                result.cuts.append(Cut(at, scenario, port, serving_from, killed))
-                print(f"  {mode}: cut {index + 1}/{profile.cuts} ({scenario}) after {at - serving_from:.2f} s, "
-                      f"{len(killed)} process(es)", file=sys.stderr, flush=True)
-            load.stop()
+            with LazyFS(os.path.join(workdir, f"lazyfs-{mode}"), log) as fs:
+                spool_dir = os.path.join(fs.mount, "spool")
+                for index in range(profile.cuts):
+                    scenario = SCENARIOS[index % len(SCENARIOS)]
+                    set_scenario(collector, scenario)
+                    app = AppProcess(spool_dir, collector.base_uri, workdir, output=log, **options)
+                    serving_from = time.monotonic()
+                    port = app.port
+                    load.target(port)
+                    time.sleep(rng.uniform(*profile.uptime))
+                    if not fs.alive():
+                        raise LazyFSCrashed(f"LazyFS died during the load before cut {index + 1}")
+                    at = time.monotonic()
+                    killed = fs.cut(also=[app.process.pid])
+                    load.target(None)
+                    result.serving_seconds += at - serving_from
+                    app.kill()  # reaps it (already SIGKILLed)
+                    app = None
+                    result.cuts.append(Cut(at, scenario, port, serving_from, killed))
+                    print(f"  {mode}: cut {index + 1}/{profile.cuts} ({scenario}) after {at - serving_from:.2f} s, "
+                          f"{len(killed)} process(es)", file=sys.stderr, flush=True)
+                load.stop()
+                if not fs.alive():
+                    raise LazyFSCrashed("LazyFS died during the last cut")
+                spool_dir = os.path.join(fs.root, "spool")
             set_scenario(collector, "up")
             app = AppProcess(spool_dir, collector.base_uri, workdir, output=log, **options)
             result.drained = _wait_for_delivery(spool_dir, profile.drain_timeout)
@@ -225,12 +240,10 @@ def run_mode(mode: str, profile: Profile, seed: int, workdir: str, body_bytes: i
             if app is not None:
                 app.kill()
         events = collector.events
-        dead = _dead_lettered(spool_dir)
-        _analyse(result, load, events, dead)
-        if result.failed:
-            kept = os.path.join(workdir, f"spool-{mode}")
-            shutil.copytree(fs.root, kept, dirs_exist_ok=True)
-            print(f"  {mode}: spool kept in {kept}", file=sys.stderr)
+    dead = _dead_lettered(spool_dir)
+    _analyse(result, load, events, dead)
+    if result.failed:
+        print(f"  {mode}: spool kept in {spool_dir}", file=sys.stderr)
     result.wall = time.monotonic() - started
     return result
 
@@ -332,7 +345,11 @@ def main() -> int:
     failed = False
     with open(os.path.join(workdir, "apps.log"), "w") as log:
         for mode in (MODES if args.mode == "both" else (args.mode,)):
-            result = run_mode(mode, profile, args.seed, workdir, args.body_bytes, log)
+            try:
+                result = run_mode(mode, profile, args.seed, workdir, args.body_bytes, log)
+            except LazyFSCrashed as exc:
+                print(f"powercut: {mode}: {exc}; no verdict (the app log is in {workdir})", file=sys.stderr)
+                return 2
             results.append(result)
             for reason in result.failed:
                 failed = True
