@@ -105,7 +105,7 @@ def _serve_and_cut(lazyfs: LazyFS, app_processes: Callable[..., AppProcess], col
     collector.come_up()
     restarted = app_processes(spool_dir, collector.base_uri, **options)
     names = {name for name, _ in answered}
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         delivered = {event["request"]["uri"].rsplit("=", 1)[-1] for event in collector.events}
         if names <= delivered:
