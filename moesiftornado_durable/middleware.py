@@ -331,6 +331,7 @@ class _ProcessRuntime(_Runtime):
         delivery["last_error_at"] = shipper.get("last_error_at")
         delivery["shipper_pid"] = shipper.get("pid")
         delivery["shipper_running"] = shipper_running(self.config.spool_dir)
+        delivery["journal_sync_failures"] = self.writer.sync_failures  # this process's; see JournalWriter
         # the shipper serves the whole directory: its spool and the orphans it adopts
         return delivery, directory_stats(self.config.spool_dir)
 
@@ -594,7 +595,9 @@ class MoesifMiddleware(ExecuteHook):
 
         Keys: spooled, skipped, sent, send_attempts, retries, dead_lettered, dropped_<reason> (one per
         reason seen), body_omitted_<reason> (bodies left out of events that were kept: too_large,
-        unmaskable, event_too_large), ready, in_flight, dead_letter, undecryptable, oldest_age (seconds), spool_bytes,
+        unmaskable, event_too_large), audit_refused (SPOOL_SYNC 'audit': responses refused with 503 because their
+        event could not be stored), journal_sync_failures (this process's journal fdatasyncs that failed),
+        ready, in_flight, dead_letter, undecryptable, oldest_age (seconds), spool_bytes,
         last_error and last_error_at (the last delivery error), spool_failing (a write to the spool failed
         in the last minute, or the spool cannot be read) and spool_error.
         """
@@ -762,8 +765,10 @@ class SpoolBeforeSendMixin:
     Tornado calls log_function after the response is written, so a crash in between can lose an event
     whose client got its answer. Mix this into a RequestHandler (``class H(SpoolBeforeSendMixin,
     RequestHandler)``) and the event is committed first; the client never receives a complete response
-    that is not in the spool. It costs the commit's latency on every response. If spooling fails, the
-    response is still sent and the failure counted, as everywhere else.
+    that is not in the spool. With SPOOL_SYNC 'full' or 'audit' the last bytes also wait for the sync that
+    puts the event on stable storage (a power cut), and the response is refused (503) if it fails; with
+    'normal', a failure to spool is counted and the response sent, as everywhere else. SPOOL_SYNC 'audit'
+    does this for every handler of the application without the mixin.
     """
 
     def flush(self, include_footers: bool = False, *args: Any, **kwargs: Any) -> Any:
