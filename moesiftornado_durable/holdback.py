@@ -16,6 +16,7 @@ cut off by closing the connection, so the client sees it incomplete.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -110,6 +111,16 @@ def prompt_switching() -> None:
 
 _batches: Dict[IOLoop, List[Tuple[_HeldConnection, bool]]] = {}  # released by one IOLoop callback per sync
 _batches_lock = threading.Lock()
+
+
+def _forget_batches_after_fork() -> None:  # the parent's syncer thread may have held the lock at the fork
+    global _batches_lock
+    _batches_lock = threading.Lock()
+    _batches.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_batches_after_fork)
 
 
 def _schedule(loop: IOLoop, held: _HeldConnection, ok: bool) -> None:
