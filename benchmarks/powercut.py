@@ -14,7 +14,9 @@ Each run (one per mode: the default options, and SPOOL_SYNC 'audit'):
   every few seconds);
 - the collector (in this process) is, for each cut in turn, down (everything waits in the spool), up (the
   shipper delivers: acks delete rows, drained spools are scrubbed: VACUUM and checkpoint, spooled journal
-  segments are deleted), or rejecting every batch with 400 (batches split and dead-lettered);
+  segments are deleted), rejecting every batch with 400 (batches split and dead-lettered), or up while the
+  shipper's spool, damaged on purpose before the start, is quarantined (renamed aside for `salvage`; the cut
+  comes 0.05-0.6 s after the app serves, around the rename; its records must be kept aside);
 - after a seeded random time the power is cut: every process with a file under the mount is frozen
   (SIGSTOP), LazyFS drops what was not synced, they are SIGKILLed; the app is started again on the
   same SPOOL_DIR, and the next cut comes;
@@ -56,13 +58,14 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from conftest import AppProcess  # noqa: E402
 from lazyfs import LazyFS, unavailable  # noqa: E402
 
-from moesiftornado_durable.locks import slots, spool_path  # noqa: E402
-from moesiftornado_durable.spool import waiting  # noqa: E402
+from moesiftornado_durable.locks import SHIPPER_SLOT, slots, spool_path  # noqa: E402
+from moesiftornado_durable.spool import TABLE, waiting  # noqa: E402
 from moesiftornado_durable.testing import Collector  # noqa: E402
 
 WINDOW = 0.200  # seconds: the default mode may lose the events answered this long before a cut, no older one
 CLIENTS = 8
-SCENARIOS = ("down", "up", "reject")
+SCENARIOS = ("down", "up", "reject", "quarantine")
+QUARANTINE_UPTIME = (0.05, 0.6)  # seconds after the app serves: around the shipper's quarantine of a damaged spool
 MODES = {"default": {}, "audit": {"SPOOL_SYNC": "audit"}}
 
 
@@ -98,6 +101,9 @@ class Result:
     logged_twice: int = 0
     wrong: int = 0
     cuts: List[Cut] = dataclasses.field(default_factory=list)
+    set_aside: Set[str] = dataclasses.field(default_factory=set)  # records of damaged spools (quarantined)
+    damaged: int = 0
+    quarantined: int = 0
     drained: bool = False
     serving_seconds: float = 0.0
     wall: float = 0.0
@@ -105,6 +111,8 @@ class Result:
     @property
     def failed(self) -> List[str]:
         reasons = []
+        if self.quarantined < self.damaged:
+            reasons.append(f"{self.damaged} spool(s) damaged, only {self.quarantined} kept aside after the cuts")
         if self.lost_older:
             reasons.append(f"{len(self.lost_older)} event(s) answered more than {WINDOW * 1000:.0f} ms before a cut "
                            f"lost, e.g. {self.lost_older[:3]}")
@@ -210,11 +218,16 @@ def run_mode(mode: str, profile: Profile, seed: int, workdir: str, body_bytes: i
                 for index in range(profile.cuts):
                     scenario = SCENARIOS[index % len(SCENARIOS)]
                     set_scenario(collector, scenario)
+                    uptime = rng.uniform(*profile.uptime)
+                    if scenario == "quarantine" and os.path.exists(spool_path(spool_dir, SHIPPER_SLOT)):
+                        result.set_aside |= _damage_spool(spool_dir)
+                        result.damaged += 1
+                        uptime = rng.uniform(*QUARANTINE_UPTIME)
                     app = AppProcess(spool_dir, collector.base_uri, workdir, output=log, **options)
                     serving_from = time.monotonic()
                     port = app.port
                     load.target(port)
-                    time.sleep(rng.uniform(*profile.uptime))
+                    time.sleep(uptime)
                     if not fs.alive():
                         raise LazyFSCrashed(f"LazyFS died during the load before cut {index + 1}")
                     at = time.monotonic()
@@ -241,11 +254,40 @@ def run_mode(mode: str, profile: Profile, seed: int, workdir: str, body_bytes: i
                 app.kill()
         events = collector.events
     dead = _dead_lettered(spool_dir)
-    _analyse(result, load, events, dead)
+    aside = [name for name in os.listdir(spool_dir) if name.startswith("shipper.db.corrupt-") and
+             not name.endswith(("-wal", "-shm"))]
+    result.quarantined = len(aside)
+    if len(aside) < result.damaged:
+        result.set_aside = set()  # a damaged spool was not kept aside: its records count as lost
+    _analyse(result, load, events, dead | result.set_aside)
+    result.dead_lettered = len(dead)
     if result.failed:
         print(f"  {mode}: spool kept in {spool_dir}", file=sys.stderr)
     result.wall = time.monotonic() - started
     return result
+
+
+def _damage_spool(spool_dir: str) -> Set[str]:
+    """Damage the shipper's spool (the app is down) so the next shipper quarantines it; returns the n of the
+    records it holds, which the quarantine must keep aside (for `salvage`)."""
+    path = spool_path(spool_dir, SHIPPER_SLOT)
+    held: Set[str] = set()
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        for table in (TABLE, "dead_letter"):
+            with contextlib.suppress(sqlite3.Error):
+                for (data,) in conn.execute(f"SELECT data FROM {table}"):
+                    n = _n_of(json.loads(data))
+                    if n is not None:
+                        held.add(n)
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # page 1 out of the WAL, or it would mask the damage
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"\0" * 100, 0)  # the SQLite header: the file no longer opens as a database
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    return held
 
 
 def _wait_for_delivery(spool_dir: str, timeout: float) -> bool:
@@ -308,10 +350,12 @@ def print_table(results: List[Result]) -> None:
         return f"{max(ages) * 1000:.0f}" if ages else "-"
 
     rows: List[Tuple[str, Any]] = [
-        ("power cuts (collector: down / up, delivering / rejecting 400)", scenarios),
+        ("power cuts (collector down / up / rejecting 400 / up, a damaged spool being quarantined)", scenarios),
         ("requests answered", lambda r: f"{r.answered:,} ({r.answered / max(r.serving_seconds, 1e-9):,.0f}/s)"),
         ("events delivered (distinct requests)", lambda r: f"{r.delivered:,}"),
         ("dead-lettered (kept in the spool)", lambda r: f"{r.dead_lettered:,}"),
+        ("damaged spools quarantined around a cut / their records kept aside",
+         lambda r: f"{r.quarantined} of {r.damaged} / {len(r.set_aside):,}"),
         (f"lost, answered > {WINDOW * 1000:.0f} ms before a cut (must be 0)", lambda r: f"{len(r.lost_older)}"),
         (f"lost, answered ≤ {WINDOW * 1000:.0f} ms before a cut (audit: must be 0)", lambda r: f"{len(r.lost_within)}"),
         ("oldest lost event: answered this many ms before its cut", worst),
