@@ -26,6 +26,7 @@ segments away from an older build's shipper (during a rolling upgrade), which wo
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -36,7 +37,7 @@ import struct
 import threading
 import time
 import zlib
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 from . import spooldir
 from .errors import SpoolUnavailableError
@@ -127,6 +128,7 @@ class JournalWriter:
         self._to_close: List[int] = []  # descriptors the writer is done with: closed after their sync
         self._directory_dirty = False  # a segment was created since the last directory fsync
         self._waiters: List[Tuple[int, Callable[[bool], None]]] = []
+        self._failed: Deque[Tuple[int, int]] = collections.deque(maxlen=64)  # (after, through) of failed rounds
         self._syncer: Optional[threading.Thread] = None
         self._closing = False
         self.path = ""
@@ -136,9 +138,9 @@ class JournalWriter:
         self.sync_failures = 0  # sync rounds whose fsync failed: their records may not survive a power cut
         self.pid = os.getpid()
 
-    def append(self, kind: str, payload: bytes, spooled_at: float) -> None:
+    def append(self, kind: str, payload: bytes, spooled_at: float) -> int:
         """Write one record with one ``write()``; it survives a process crash once this returns, and a
-        power cut once the syncer's next round is done (`on_synced`)."""
+        power cut once the syncer's next round is done. Returns its sequence number (for `on_synced`)."""
         data = frame(kind, payload, spooled_at)
         with self._lock:
             if self._fd is None or self.size >= self._segment_bytes:
@@ -156,18 +158,19 @@ class JournalWriter:
                 self._start_syncer()
             elif first or self._eager:
                 self._changed.notify()
+            return self._appended
 
-    def on_synced(self, callback: Callable[[bool], None]) -> None:
-        """Call `callback(True)` once every record appended so far is on stable storage, `callback(False)`
-        if the sync that should have covered one failed (or the writer closed first). It runs on the
-        syncer thread, or at once on this thread when nothing is waiting for a sync."""
+    def on_synced(self, sequence: int, callback: Callable[[bool], None]) -> None:
+        """Call `callback(ok)` once record `sequence` (from `append`; 0: none) and those before it went
+        through a sync: ok if the sync that covered it succeeded, False if it failed (or the writer closed
+        first). It runs on the syncer thread, or at once on this thread when that sync is already done."""
         with self._lock:
-            if self._synced >= self._appended:
-                ok = True
+            if sequence <= self._synced:
+                ok = not any(start < sequence <= end for start, end in self._failed)
             elif self._closing or self.pid != os.getpid():
                 ok = False
             else:
-                self._waiters.append((self._appended, callback))
+                self._waiters.append((sequence, callback))
                 self._changed.notify()
                 return
         callback(ok)
@@ -256,6 +259,8 @@ class JournalWriter:
             for fd in to_close:
                 _close(fd)
             with self._lock:
+                if not ok:
+                    self._failed.append((self._synced, target))
                 self._synced = max(self._synced, target)
                 done = [callback for wanted, callback in self._waiters if wanted <= target]
                 self._waiters = [(wanted, callback) for wanted, callback in self._waiters if wanted > target]

@@ -75,7 +75,9 @@ LOGGED_ATTRIBUTE = "_moesiftornado_durable_logged"
 _ERROR_LOG_INTERVAL = 10.0  # seconds between repeated spool-failure logs
 _SPOOL_FAILING_FOR = 60.0  # seconds a failed spool write keeps stats()["spool_failing"] true
 _FLUSH_POLL = 0.05  # seconds between looks at the shipper's progress in flush()
-Stored = Union[bool, "asyncio.Task[bool]"]  # an event spooled (or none to spool), or the task that will say
+# What spooling a request's event gave: None (it could not be stored), the record's journal sequence number to
+# wait for (0: nothing to wait for), or the task that will say (a user callable is still being awaited).
+Stored = Union[Optional[int], "asyncio.Task[Optional[int]]"]
 
 
 class _Runtime:
@@ -120,12 +122,13 @@ class _Runtime:
         self.fetcher.start()
         self.rules_fetcher.start()
 
-    def put(self, record: Dict[str, Any], kind: str) -> None:
+    def put(self, record: Dict[str, Any], kind: str) -> int:
+        """Store one record; returns its sequence number for `on_synced` (0 where there is none)."""
         raise NotImplementedError
 
-    def on_synced(self, callback: Callable[[bool], None]) -> None:
-        """`callback(ok)` once what `put` stored so far is on stable storage. Thread mode: at once (a commit
-        with SPOOL_SYNC 'full' is synced before `put` returns)."""
+    def on_synced(self, sequence: int, callback: Callable[[bool], None]) -> None:
+        """`callback(ok)` once record `sequence` is on stable storage (ok False if its sync failed). Thread
+        mode: at once (a commit with SPOOL_SYNC 'full' is synced before `put` returns)."""
         callback(True)
 
     def flush(self, timeout: float) -> bool:
@@ -180,8 +183,9 @@ class _ThreadRuntime(_Runtime):
         self.flusher.start()
         self.start_fetchers()
 
-    def put(self, record: Dict[str, Any], kind: str) -> None:
+    def put(self, record: Dict[str, Any], kind: str) -> int:
         self.spool.put(record, kind)
+        return 0
 
     def flush(self, timeout: float) -> bool:
         return self.flusher.flush(timeout)
@@ -261,18 +265,19 @@ class _ProcessRuntime(_Runtime):
             self.lock = locks.lock_free_slot(self.config.spool_dir, INTAKE)
         return self.lock.slot
 
-    def put(self, record: Dict[str, Any], kind: str) -> None:
+    def put(self, record: Dict[str, Any], kind: str) -> int:
         data = self.codec.encode(record)
         max_bytes = self.config.spool_max_bytes
         if max_bytes is not None and self.config.when_full == "drop_newest":
             backlog = int(self._shipper.get("live_bytes") or 0) + self._written_since_stats
             if backlog + len(data) > max_bytes:
                 raise SpoolFullError(f"the spool holds about {backlog} bytes (SPOOL_MAX_BYTES {max_bytes})")
-        self.writer.append(kind, data, time.time())
+        sequence = self.writer.append(kind, data, time.time())
         self._written_since_stats += len(data)
+        return sequence
 
-    def on_synced(self, callback: Callable[[bool], None]) -> None:
-        self.writer.on_synced(callback)
+    def on_synced(self, sequence: int, callback: Callable[[bool], None]) -> None:
+        self.writer.on_synced(sequence, callback)
 
     def flush(self, timeout: float) -> bool:
         """Wait until this process's journal is spooled and everything spooled by then is delivered."""
@@ -433,17 +438,19 @@ class MoesifMiddleware(ExecuteHook):
         if isinstance(stored, asyncio.Task):  # a user callable is still being awaited
             task = stored
             hold_response(handler, True, lambda durable: task.add_done_callback(
-                lambda done: self._when_durable(durable) if _stored(done) else durable(False)), self._refused)
+                lambda done: self._when_durable(_stored(done), durable)), self._refused)
         else:
-            hold_response(handler, bool(stored), self._when_durable, self._refused)
+            hold_response(handler, stored is not None, lambda durable: self._when_durable(stored, durable),
+                          self._refused)
 
-    def _when_durable(self, callback: Callable[[bool], None]) -> None:
-        """`callback(ok)` once every record this process spooled so far is on stable storage."""
+    def _when_durable(self, sequence: Optional[int], callback: Callable[[bool], None]) -> None:
+        """`callback(ok)` once record `sequence` (and every one before it) went through a sync: ok if that
+        sync succeeded. None: the record could not be stored (ok False at once)."""
         runtime = self._runtime_here()
-        if runtime is None:
+        if sequence is None or runtime is None:
             callback(False)
         else:
-            runtime.on_synced(callback)
+            runtime.on_synced(sequence, callback)
 
     def _refused(self) -> None:
         self.counters["audit_refused"] += 1
@@ -456,11 +463,11 @@ class MoesifMiddleware(ExecuteHook):
             return self._advance(steps, None)
         except Exception:
             self._drop("capture_error", "could not capture the request")
-            return False
+            return None
 
     def _advance(self, steps: Steps, answers: Optional[List[Any]]) -> Stored:
         """Run the capture steps here until they finish, or hand them to the event loop at the first awaitable
-        (then the task is returned). True when the event was spooled or there is none (skipped)."""
+        (then the task is returned); see `Stored`."""
         try:
             while True:
                 calls = steps.send(answers)  # type: ignore[arg-type]  # the first send is None
@@ -480,7 +487,7 @@ class MoesifMiddleware(ExecuteHook):
         task.add_done_callback(self._pending.discard)
         return task
 
-    async def _capture_on_loop(self, steps: Steps, calls: List[UserCall], answers: List[Any]) -> bool:
+    async def _capture_on_loop(self, steps: Steps, calls: List[UserCall], answers: List[Any]) -> Optional[int]:
         try:
             while True:
                 answers = await _resolve(calls, answers, self._user_error)
@@ -490,7 +497,7 @@ class MoesifMiddleware(ExecuteHook):
             return self._finish(stop.value)
         except Exception:
             self._drop("capture_error", "could not capture the request")
-            return False
+            return None
 
     def _log_outgoing(self, call: outgoing.OutgoingCall) -> None:
         """outgoing.py's recorder (CAPTURE_OUTGOING_REQUESTS): capture a call the app made and spool it as
@@ -501,11 +508,11 @@ class MoesifMiddleware(ExecuteHook):
         except Exception:
             self._drop("capture_error", "could not capture an outgoing call")
 
-    def _finish(self, outcome: Outcome) -> bool:
-        """Spool the captured event; False if it had to be dropped (True when there is none to spool)."""
+    def _finish(self, outcome: Outcome) -> Optional[int]:
+        """Spool the captured event: its sequence number (0 when there is none to spool), None if dropped."""
         if outcome.event is None:
             self.counters[outcome.dropped or "skipped"] += 1
-            return True
+            return 0
         for reason in outcome.omitted_bodies:
             self.counters[f"body_omitted_{reason}"] += 1
         return self._spool_record(outcome.event, EVENT)
@@ -635,33 +642,33 @@ class MoesifMiddleware(ExecuteHook):
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _spool_record(self, record: Dict[str, Any], kind: str) -> bool:
-        """Spool one record; False (counted and logged) if it could not be."""
+    def _spool_record(self, record: Dict[str, Any], kind: str) -> Optional[int]:
+        """Spool one record: its sequence number (`_Runtime.put`), or None (counted and logged) if it could not be."""
         runtime = self._runtime_here()
         if runtime is None:
             self._last_spool_failure = time.monotonic()
             self._drop("spool_unavailable", "the spool could not be opened", record)
-            return False
+            return None
         try:
-            runtime.put(record, kind)
+            sequence = runtime.put(record, kind)
         except SpoolUnavailableError as exc:
             self._last_spool_failure = time.monotonic()
             self._drop("spool_unavailable", str(exc), record)
-            return False
+            return None
         except SpoolFullError:
             audit.record_left([record_id(record)], "refused: spool full (WHEN_FULL='drop_newest')", kind)
             self._drop("spool_full", f"the spool is full (SPOOL_MAX_BYTES, WHEN_FULL={self.config.when_full!r}); "
                                      f"this record was refused", record)
-            return False
+            return None
         except (sqlite3.Error, OSError, ValueError, TypeError) as exc:
             self._last_spool_failure = time.monotonic()
             disk_full = (isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()) or \
                 (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT))
             self._drop("disk_full" if disk_full else "spool_error",
                        f"{'the disk is full: ' if disk_full else ''}could not write to the spool ({exc})", record)
-            return False
+            return None
         self.counters["spooled"] += 1
-        return True
+        return sequence
 
     def _evicted(self, record_ids: List[str]) -> None:
         """WHEN_FULL='drop_oldest' deleted these waiting records to make room: count and log them."""
@@ -787,8 +794,8 @@ def _flush_before_send(middleware: MoesifMiddleware, handler: Any, flush: Callab
     return flush(include_footers, *args, **kwargs)
 
 
-def _stored(task: asyncio.Task[bool]) -> bool:
-    return not task.cancelled() and task.exception() is None and task.result()
+def _stored(task: asyncio.Task[Optional[int]]) -> Optional[int]:
+    return None if task.cancelled() or task.exception() is not None else task.result()
 
 
 def _middleware_of(handler: Any) -> Optional[MoesifMiddleware]:

@@ -22,7 +22,7 @@ from conftest import serve, wait_until
 
 from moesiftornado_durable import MoesifMiddleware, SpoolBeforeSendMixin
 from moesiftornado_durable.errors import ConfigError
-from moesiftornado_durable.journal import iter_records, segments
+from moesiftornado_durable.journal import JournalWriter, iter_records, segments
 from moesiftornado_durable.testing import Collector
 
 
@@ -183,3 +183,33 @@ def test_audit_status_of_every_request(make_middleware: Callable[..., MoesifMidd
     for event in collector.events:
         seen[event["response"]["status"]] = seen.get(event["response"]["status"], 0) + 1
     assert seen == {404: 1, 200: 1}
+
+
+def test_a_record_whose_sync_failed_stays_failed_when_asked_after_its_round(tmp_path: Any, monkeypatch: Any) -> None:
+    """The response is held by its own record's sync: asked after that round failed, the answer is still no,
+    while a record synced later is fine."""
+    failing = threading.Event()
+    failing.set()
+    real = os.fdatasync
+
+    def flaky(fd: int) -> None:
+        if failing.is_set():
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", flaky)
+    writer = JournalWriter(str(tmp_path), 1, "full")
+    try:
+        first = writer.append("event", b'{"n": 1}', 0.0)
+        assert wait_until(lambda: writer._synced >= first, 10)  # its round is over, and it failed
+        failing.clear()
+        second = writer.append("event", b'{"n": 2}', 0.0)
+        answers: Dict[str, bool] = {}
+        done = threading.Event()
+        writer.on_synced(first, lambda ok: answers.__setitem__("first", ok))
+        writer.on_synced(second, lambda ok: (answers.__setitem__("second", ok), done.set()))
+        assert done.wait(10)
+        assert answers == {"first": False, "second": True}
+        assert writer.sync_failures == 1
+    finally:
+        writer.close()

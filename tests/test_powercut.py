@@ -42,8 +42,8 @@ def test_the_syncer_makes_every_record_survive_a_cut_rotations_included(lazyfs: 
     writer = JournalWriter(directory, 1, sync, segment_bytes=2000)  # a new segment every ~20 records
     try:
         payloads = [b'{"n": %d, "pad": "%s"}' % (n, b"x" * 64) for n in range(200)]
-        for payload in payloads:
-            writer.append("event", payload, time.time())
+        sequences = [writer.append("event", payload, time.time()) for payload in payloads]
+        assert sequences == list(range(1, len(payloads) + 1))
         done = threading.Event()
         synced: List[bool] = []
         # wait for the syncer's own rounds (not `on_synced`, which would ask for one): the appends are done
@@ -51,7 +51,7 @@ def test_the_syncer_makes_every_record_survive_a_cut_rotations_included(lazyfs: 
         while writer.syncs == 0 or writer._to_sync or writer._to_close:
             assert time.monotonic() < deadline, "the syncer did not sync"
             time.sleep(0.01)
-        writer.on_synced(lambda ok: (synced.append(ok), done.set()))
+        writer.on_synced(sequences[-1], lambda ok: (synced.append(ok), done.set()))
         assert done.wait(10) and synced == [True]
         lazyfs.clear_cache()  # the power cut (this process is the only writer, and it is idle)
         assert len(segments(directory)) >= 9
