@@ -14,9 +14,9 @@ Each run (one per mode: the default options, and SPOOL_SYNC 'audit'):
   every few seconds);
 - the collector (in this process) is, for each cut in turn, down (everything waits in the spool), up (the
   shipper delivers: acks delete rows, drained spools are scrubbed: VACUUM and checkpoint, spooled journal
-  segments are deleted), rejecting every batch with 400 (batches split and dead-lettered), or up while the
-  shipper's spool, damaged on purpose before the start, is quarantined (renamed aside for `salvage`; the cut
-  comes 0.05-0.6 s after the app serves, around the rename; its records must be kept aside);
+  segments are deleted), rejecting every batch with 400 (batches split and dead-lettered); every tenth
+  cut, up while the shipper's spool, damaged on purpose before the start, is quarantined (renamed aside for
+  `salvage`; the cut comes 0.05-0.6 s after the app serves, around the rename; its records must be kept);
 - after a seeded random time the power is cut: every process with a file under the mount is frozen
   (SIGSTOP), LazyFS drops what was not synced, they are SIGKILLed; the app is started again on the
   same SPOOL_DIR, and the next cut comes;
@@ -216,7 +216,7 @@ def run_mode(mode: str, profile: Profile, seed: int, workdir: str, body_bytes: i
             with LazyFS(os.path.join(workdir, f"lazyfs-{mode}"), log) as fs:
                 spool_dir = os.path.join(fs.mount, "spool")
                 for index in range(profile.cuts):
-                    scenario = SCENARIOS[index % len(SCENARIOS)]
+                    scenario = "quarantine" if index % 10 == 9 else SCENARIOS[index % 3]
                     set_scenario(collector, scenario)
                     uptime = rng.uniform(*profile.uptime)
                     if scenario == "quarantine" and os.path.exists(spool_path(spool_dir, SHIPPER_SLOT)):
