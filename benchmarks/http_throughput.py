@@ -63,6 +63,8 @@ class Row:
 ROWS: List[Row] = [
     Row("no log_function", logger=None),
     Row("moesiftornado_durable, default options"),
+    Row('moesiftornado_durable, SPOOL_SYNC "audit" (each response waits for its event\'s group commit)',
+        options={"SPOOL_SYNC": "audit"}),
     Row('moesiftornado_durable, SPOOL_SYNC "full"', options={"SPOOL_SYNC": "full"}),
     Row('moesiftornado_durable, SHIPPER "thread"', options={"SHIPPER": "thread"}),
     Row("moesiftornado 0.1.4 (in memory, not durable)", logger="moesiftornado"),

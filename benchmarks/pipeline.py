@@ -308,7 +308,7 @@ def main() -> int:
     print("| measure | baseline | moesiftornado_durable | ratio |")
     print("|---|---|---|---|")
     for mode, label in (("durable", "log_event, default (journal write; target p50 ≤ 25, p99 ≤ 120)"),
-                        ("sync_full", "log_event, SPOOL_SYNC full (fdatasync per write)"),
+                        ("sync_full", "log_event, SPOOL_SYNC full (synced by the journal's syncer thread)"),
                         ("thread", 'log_event, SHIPPER "thread" (SQLite commit per event)'),
                         ("strict", "strict mode: spooling before the response is sent")):
         for q in ("p50", "p99"):

@@ -37,7 +37,7 @@ DEFAULT_SPOOL_SYNC = "normal"
 DEFAULT_AUTHORIZATION_HEADER_NAME = "authorization"
 DEFAULT_AUTHORIZATION_USER_ID_FIELD = "sub"
 MAX_BATCH_SIZE = 10_000
-SPOOL_SYNC_MODES = ("normal", "full")
+SPOOL_SYNC_MODES = ("normal", "full", "audit")  # see journal.py and README "SPOOL_SYNC"
 SHIPPER_MODES = ("process", "thread")
 DEFAULT_SHIPPER = "process"
 
@@ -112,6 +112,16 @@ class Config:
             f"batch_size={self.batch_size}, flush_interval={self.flush_interval}, "
             f"send_timeout={self.send_timeout}, spool_sync={self.spool_sync!r}, shipper={self.shipper!r})"
         )
+
+    @property
+    def audit(self) -> bool:
+        """SPOOL_SYNC 'audit': no response leaves before its event is on stable storage."""
+        return self.spool_sync == "audit"
+
+    @property
+    def sqlite_sync(self) -> str:
+        """The spool's ``synchronous`` pragma: FULL for SPOOL_SYNC 'full' and 'audit', else NORMAL."""
+        return "normal" if self.spool_sync == "normal" else "full"
 
     def delivery_options(self) -> Dict[str, Any]:
         """The options the shipper process needs, as a JSON-able dict that `from_dict` reads back.
@@ -192,6 +202,9 @@ class Config:
             get_metadata_outgoing=read.outgoing_callable("GET_METADATA_OUTGOING"),
             log_body_outgoing=read.boolean("LOG_BODY_OUTGOING", True),
         )
+        if config.audit and config.shipper == "thread":
+            raise ConfigError("SPOOL_SYNC", "'audit' needs SHIPPER 'process' (the default): its group commit is the "
+                                            "journal's; with SHIPPER 'thread' use 'full' and SpoolBeforeSendMixin")
         if config.max_body_bytes > MOESIF_MAX_EVENT_BYTES:
             logger.warning("moesiftornado_durable: MAX_BODY_BYTES %d is over Moesif's %d-byte event limit: a body "
                            "that large is omitted anyway, to keep the event under it", config.max_body_bytes,

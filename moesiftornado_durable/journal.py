@@ -3,8 +3,11 @@
 Each app process appends its records to its own segment files, ``intake-<slot>-<seq>.jnl2`` in SPOOL_DIR
 (the slot is the one `locks` gave the process, so the slot lock also says whether the writer lives).
 A record is one frame, written with a single ``os.write``: once it returns, the bytes are in the page
-cache and survive a crash of the process, as a SQLite commit with ``synchronous=NORMAL`` does; with
-SPOOL_SYNC 'full' the writer also ``fdatasync``s, which survives a power cut.
+cache and survive a crash of the process. A power cut is bounded by the writer's syncer thread, never
+by the IOLoop: it ``fdatasync``s the open segment (and fsyncs SPOOL_DIR after a new segment's name
+appeared) at most `SYNC_INTERVAL` after a write (SPOOL_SYNC 'normal'), or as soon as records wait
+('full', 'audit'). One sync covers every record appended before it started (a group commit);
+`JournalWriter.on_synced` tells the audit mode when the records appended so far are on stable storage.
 
 The shipper (`JournalReader`) reads the frames into the spool in group commits. How far it got in a
 segment is stored in the spool, in the same transaction as the records, so a crash at any point neither
@@ -23,6 +26,7 @@ segments away from an older build's shipper (during a rolling upgrade), which wo
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -33,7 +37,7 @@ import struct
 import threading
 import time
 import zlib
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from . import spooldir
 from .errors import SpoolUnavailableError
@@ -43,6 +47,8 @@ logger = logging.getLogger("moesiftornado_durable")
 
 INTAKE = "intake"  # the lock-file prefix of journal slots: intake-<slot>.lock
 SEGMENT_PATTERN = re.compile(r"^intake-(\d+)-(\d+)\.jnl2?$")  # .jnl: format 1, from earlier builds
+SYNC_INTERVAL = 0.1  # SPOOL_SYNC 'normal': a written record is fdatasynced at most this long (s) after
+SYNC_MODES = ("normal", "full", "audit")  # 'full' and 'audit' sync as soon as records are waiting
 SEGMENT_BYTES = 4 * 1024 * 1024  # a writer starts a new segment past this; the reader deletes ingested ones
 DAMAGED_SUFFIX = ".damaged"  # a segment with damage before intact frames is kept as <segment>.damaged
 _ROTATE_SHARE = 16  # ... or once 1/16 of it is in the spool: a record is not kept twice for long (a tight disk)
@@ -88,8 +94,16 @@ def frame_v1(kind: str, payload: bytes, spooled_at: float) -> bytes:
 
 
 class JournalWriter:
-    """Appends records to this process's segments of one slot. Not thread-safe: one writer, one thread
-    (the IOLoop's); `append` raises OSError on a failed write (disk full) and loses nothing already written.
+    """Appends records to this process's segments of one slot. `append` runs on one thread (the IOLoop's;
+    user updates may come from others, hence the lock) and raises OSError on a failed write (disk full),
+    losing nothing already written.
+
+    The syncer thread (started with the first append) makes the records durable against a power cut,
+    off the request path: each round takes every descriptor written since the last round, fsyncs the
+    directory if a segment was created, then ``fdatasync``s them; a descriptor the writer is done with
+    (a full segment, a deleted one, `close`) is closed only after that sync, so a rotation never leaves
+    unsynced bytes behind. A failed sync is counted (`sync_failures`), logged, and reported to
+    `on_synced` callbacks as False.
 
     A segment deleted under the writer (SPOOL_DIR removed while the app runs) would swallow every later
     write unseen, so each append checks the open file's link count (one ``fstat``); on a deleted segment
@@ -99,21 +113,37 @@ class JournalWriter:
     """
 
     def __init__(self, directory: str, slot: int, sync: str = "normal", segment_bytes: int = SEGMENT_BYTES,
-                 reclaim_slot: Optional[Callable[[], int]] = None) -> None:
+                 reclaim_slot: Optional[Callable[[], int]] = None, sync_interval: float = SYNC_INTERVAL) -> None:
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {SYNC_MODES}, not {sync!r}")
         self.directory = directory
         self.slot = slot
-        self._fsync = sync == "full"
+        self._eager = sync != "normal"
+        self._sync_interval = sync_interval
         self._segment_bytes = segment_bytes
         self._reclaim_slot = reclaim_slot
         self._fd: Optional[int] = None
         self._lock = threading.Lock()  # uncontended on the IOLoop; user updates may come from other threads
+        self._changed = threading.Condition(self._lock)  # wakes the syncer
+        self._appended = 0  # records appended so far
+        self._synced = 0  # records known to be on stable storage (or whose sync failed)
+        self._to_sync: List[int] = []  # descriptors written since the last sync round, the open one included
+        self._to_close: List[int] = []  # descriptors the writer is done with: closed after their sync
+        self._directory_dirty = False  # a segment was created since the last directory fsync
+        self._waiters: List[Tuple[int, Callable[[bool], None]]] = []
+        self._failed: Deque[Tuple[int, int]] = collections.deque(maxlen=64)  # (after, through) of failed rounds
+        self._syncer: Optional[threading.Thread] = None
+        self._closing = False
         self.path = ""
         self.size = 0
         self.recoveries = 0  # how many times the segment or SPOOL_DIR was found deleted and made again
+        self.syncs = 0  # sync rounds done
+        self.sync_failures = 0  # sync rounds whose fsync failed: their records may not survive a power cut
         self.pid = os.getpid()
 
-    def append(self, kind: str, payload: bytes, spooled_at: float) -> None:
-        """Write one record with one ``write()``; it survives a process crash once this returns."""
+    def append(self, kind: str, payload: bytes, spooled_at: float) -> int:
+        """Write one record with one ``write()``; it survives a process crash once this returns, and a
+        power cut once the syncer's next round is done. Returns its sequence number (for `on_synced`)."""
         data = frame(kind, payload, spooled_at)
         with self._lock:
             if self._fd is None or self.size >= self._segment_bytes:
@@ -123,6 +153,30 @@ class JournalWriter:
             if os.fstat(self._fd).st_nlink == 0:  # the segment was deleted: this record went nowhere
                 self._recover(f"journal segment {self.path} was deleted")
                 self._write(data)
+            self._appended += 1
+            first = not self._to_sync  # the first record since the last sync round
+            if first or self._to_sync[-1] != self._fd:
+                self._to_sync.append(self._fd)
+            if self._syncer is None:
+                self._start_syncer()
+            elif first or self._eager:
+                self._changed.notify()
+            return self._appended
+
+    def on_synced(self, sequence: int, callback: Callable[[bool], None]) -> None:
+        """Call `callback(ok)` once record `sequence` (from `append`; 0: none) and those before it went
+        through a sync: ok if the sync that covered it succeeded, False if it failed (or the writer closed
+        first). It runs on the syncer thread, or at once on this thread when that sync is already done."""
+        with self._lock:
+            if sequence <= self._synced:
+                ok = not any(start < sequence <= end for start, end in self._failed)
+            elif self._closing or self.pid != os.getpid():
+                ok = False
+            else:
+                self._waiters.append((sequence, callback))
+                self._changed.notify()
+                return
+        callback(ok)
 
     def _write(self, data: bytes) -> None:
         fd = self._fd
@@ -131,8 +185,6 @@ class JournalWriter:
             written = os.write(fd, data)
             while written < len(data):  # a short write: only on a nearly full disk or a signal
                 written += os.write(fd, data[written:])
-            if self._fsync:
-                os.fdatasync(fd)
         except OSError:
             self._abandon_segment()  # its tail may be torn: the next record starts a clean segment
             raise
@@ -169,15 +221,69 @@ class JournalWriter:
         self.path = os.path.join(self.directory, segment_name(self.slot, seq))
         self._fd = spooldir.open_file(self.path, os.O_WRONLY | os.O_APPEND, new=True)
         self.size = 0
-        if self._fsync:
-            _fsync_directory(self.directory)  # the new file's name must survive a power cut too
+        self._directory_dirty = True  # the syncer fsyncs SPOOL_DIR before it counts the new records synced
         return self._fd
 
     def _abandon_segment(self) -> None:
+        """Stop writing to the open segment. Its descriptor is closed by the syncer once synced (or here,
+        without a syncer: nothing of it waits for one)."""
         fd, self._fd = self._fd, None
-        if fd is not None and self.pid == os.getpid():
-            with contextlib.suppress(OSError):  # closing after a failed write may fail the same way
-                os.close(fd)
+        if fd is None or self.pid != os.getpid():
+            return
+        if self._syncer is not None:  # it may be syncing this descriptor right now
+            self._to_close.append(fd)
+            self._changed.notify()
+        else:
+            _close(fd)
+
+    def _start_syncer(self) -> None:
+        self._syncer = threading.Thread(target=self._sync_loop, daemon=True, name="moesif-durable-journal-sync")
+        self._syncer.start()
+
+    def _sync_loop(self) -> None:
+        """The syncer thread: a round whenever records wait (at most `SYNC_INTERVAL` after the first of
+        them in 'normal' mode, at once in 'full' and 'audit' or when `on_synced` waits); exits on `close`
+        once nothing is left to sync."""
+        while True:
+            with self._lock:
+                while not (self._to_sync or self._to_close or self._closing):
+                    self._changed.wait()
+                if not (self._eager or self._waiters or self._closing):
+                    deadline = time.monotonic() + self._sync_interval
+                    while not (self._waiters or self._closing) and time.monotonic() < deadline:
+                        self._changed.wait(max(0.0, deadline - time.monotonic()))
+                if self._closing and not (self._to_sync or self._to_close):
+                    return
+                target, to_sync, to_close = self._appended, self._to_sync, self._to_close
+                directory_dirty = self._directory_dirty
+                self._to_sync, self._to_close, self._directory_dirty = [], [], False  # append lists the
+                # open descriptor again when it writes again
+            ok = self._sync(to_sync, directory_dirty)
+            for fd in to_close:
+                _close(fd)
+            with self._lock:
+                if not ok:
+                    self._failed.append((self._synced, target))
+                self._synced = max(self._synced, target)
+                done = [callback for wanted, callback in self._waiters if wanted <= target]
+                self._waiters = [(wanted, callback) for wanted, callback in self._waiters if wanted > target]
+            for callback in done:
+                _call(callback, ok)
+
+    def _sync(self, descriptors: List[int], directory_dirty: bool) -> bool:
+        try:
+            if directory_dirty:
+                spooldir.fsync_directory(self.directory)  # a new segment's name, before the records in it count
+            for fd in descriptors:
+                os.fdatasync(fd)
+        except OSError as exc:
+            self.sync_failures += 1
+            logger.error("moesiftornado_durable: could not sync journal %s (%s): the records written since the "
+                         "last sync may not survive a power cut; sync failures so far: %d", self.path, exc,
+                         self.sync_failures)
+            return False
+        self.syncs += 1
+        return True
 
     def retire_if_spooled(self, spooled_offset: Callable[[str], Optional[int]]) -> bool:
         """Delete the open segment if the shipper has spooled all of it into its main file, not only its WAL
@@ -197,13 +303,36 @@ class JournalWriter:
                 os.remove(self.path)
             return True
 
-    def close(self) -> None:
-        """Close the open segment (in a forked child: forget the parent's without touching it)."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Sync and close the open segment, waiting up to `timeout` for the syncer (in a forked child:
+        forget the parent's segment and syncer without touching them)."""
         if self.pid != os.getpid():
             self._fd = None
+            self._syncer = None
             return
         with self._lock:
             self._abandon_segment()
+            self._closing = True
+            self._changed.notify()
+            syncer = self._syncer
+        if syncer is not None:
+            syncer.join(timeout)
+        with self._lock:
+            waiters, self._waiters = self._waiters, []
+        for _, callback in waiters:
+            _call(callback, False)
+
+
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):  # closing after a failed write may fail the same way
+        os.close(fd)
+
+
+def _call(callback: Callable[[bool], None], ok: bool) -> None:
+    try:
+        callback(ok)
+    except Exception:
+        logger.exception("moesiftornado_durable: a journal sync callback failed")
 
 
 @dataclasses.dataclass
@@ -321,14 +450,6 @@ def _resync(data: bytes, start: int) -> int:
         position = found + 1
 
 
-def _fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class JournalReader:
     """Moves records from every segment in a directory into a spool, oldest segment first.
 
@@ -441,6 +562,7 @@ def keep_aside(path: str) -> bool:
                 shutil.copyfileobj(source, target)
     except FileExistsError:
         return False
+    spooldir.fsync_directory(os.path.dirname(path))  # the name aside is durable before the segment can be deleted
     return True
 
 

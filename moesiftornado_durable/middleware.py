@@ -11,14 +11,16 @@ event loop and the event is written when the awaitables resolve.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import errno
+import functools
 import logging
 import os
 import sqlite3
 import time
 import weakref
-from typing import Any, Counter, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Counter, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from . import hook, outgoing
 from .capture import (
@@ -30,14 +32,16 @@ from .capture import (
     log_user_error,
     run_sync,
 )
-from .capture_driver import ASYNC_CALLABLE_TIMEOUT, CaptureDriver, resolve
+from .capture_driver import ASYNC_CALLABLE_TIMEOUT, CaptureDriver, Stored, resolve, stored_of
 from .config import Config, Handler
 from .errors import SpoolFullError, SpoolUnavailableError
+from .holdback import hold_response
 from .hook import SETTINGS_KEY, ExecuteHook, Governor
+from .kinds import COMPANY, EVENT, SUBSCRIPTION, USER
 from .lost import ERROR_LOG_INTERVAL, REFUSED, ErrorLog, LostRecords
 from .profiles import COMPANY_FIELDS, SUBSCRIPTION_FIELDS, USER_FIELDS, normalize_profile, normalize_profiles
 from .runtime import _REGISTRY, DEFAULT_CLOSE_TIMEOUT, IDLE_CLOSE_AFTER, _Runtime
-from .spool import COMPANY, EVENT, SUBSCRIPTION, USER, record_id
+from .spool import record_id
 
 __all__ = ["ASYNC_CALLABLE_TIMEOUT", "DEFAULT_CLOSE_TIMEOUT", "IDLE_CLOSE_AFTER", "LOGGED_ATTRIBUTE",
            "MoesifMiddleware", "SpoolBeforeSendMixin"]
@@ -96,18 +100,43 @@ class MoesifMiddleware(ExecuteHook):
         self._capture_and_spool(handler, b"")
 
     def log_event_before_send(self, handler: Handler) -> None:
-        """Strict mode (`SpoolBeforeSendMixin`): spool the event while the last bytes are still unsent."""
+        """Strict mode (`SpoolBeforeSendMixin`, and every handler with SPOOL_SYNC 'audit'): spool the event
+        while the last bytes are still unsent; with SPOOL_SYNC 'full' or 'audit' they also wait for the
+        sync that puts the event on stable storage (`holdback`)."""
         setattr(handler, LOGGED_ATTRIBUTE, True)
-        self._capture_and_spool(handler, b"".join(getattr(handler, "_write_buffer", [])))
+        stored = self._capture_and_spool(handler, b"".join(getattr(handler, "_write_buffer", [])))
+        if self.config.spool_sync == "normal":
+            return
+        if isinstance(stored, asyncio.Task):  # a user callable is still being awaited
+            task = stored
+            hold_response(handler, True, lambda durable: task.add_done_callback(
+                lambda done: self._when_durable(stored_of(done), durable)), self._refused)
+        else:
+            sequence = stored
+            hold_response(handler, sequence is not None, lambda durable: self._when_durable(sequence, durable),
+                          self._refused)
 
-    def _capture_and_spool(self, handler: Handler, unsent_body: bytes) -> None:
+    def _when_durable(self, sequence: Optional[int], callback: Callable[[bool], None]) -> None:
+        """`callback(ok)` once record `sequence` (and every one before it) went through a sync: ok if that
+        sync succeeded. None: the record could not be stored (ok False at once)."""
+        runtime = self._runtime_here()
+        if sequence is None or runtime is None:
+            callback(False)
+        else:
+            runtime.on_synced(sequence, callback)
+
+    def _refused(self) -> None:
+        self.counters["audit_refused"] += 1
+
+    def _capture_and_spool(self, handler: Handler, unsent_body: bytes) -> Stored:
         try:
             finished_at = time.time()
             self.attach(handler.application)
             steps = capture_steps(handler, self.config, finished_at, self._pipeline.sampler.weight_for, unsent_body)
-            self._driver.advance(steps, None)
+            return self._driver.advance(steps, None)
         except Exception:
             self._drop("capture_error", "could not capture the request")
+            return None
 
     def _log_outgoing(self, call: outgoing.OutgoingCall) -> None:
         """outgoing.py's recorder (CAPTURE_OUTGOING_REQUESTS): capture a call the app made and spool it as
@@ -118,13 +147,14 @@ class MoesifMiddleware(ExecuteHook):
         except Exception:
             self._drop("capture_error", "could not capture an outgoing call")
 
-    def _finish(self, outcome: Outcome) -> None:
+    def _finish(self, outcome: Outcome) -> Optional[int]:
+        """Spool the captured event: its sequence number (0 when there is none to spool), None if dropped."""
         if outcome.event is None:
             self.counters[outcome.dropped or "skipped"] += 1
-            return
+            return 0
         for reason in outcome.omitted_bodies:
             self.counters[f"body_omitted_{reason}"] += 1
-        self._spool_record(outcome.event, EVENT)
+        return self._spool_record(outcome.event, EVENT)
 
     def attach(self, application: Any) -> Any:
         """Capture response bodies of `application` and apply governance rules to it; returns it.
@@ -143,11 +173,14 @@ class MoesifMiddleware(ExecuteHook):
     def before_execute(self, handler: Any, transforms: List[Any]) -> None:
         """At the start of each request of an application using this middleware (`hook.install`): attach
         the application, capture this request's response body too (its transforms were built before),
-        and have its `prepare` apply the governance rules first."""
+        have its `prepare` apply the governance rules first, and with SPOOL_SYNC 'audit' make its final
+        flush spool the event and wait for its sync, as `SpoolBeforeSendMixin` does."""
         self.attach(handler.application)
         if self.config.log_body and not any(isinstance(t, ResponseBodyCapture) for t in transforms):
             transforms.insert(0, self._body_capture(handler.request))
         self._governor.wrap_prepare(handler)
+        if self.config.audit and not isinstance(handler, SpoolBeforeSendMixin):
+            handler.flush = functools.partial(_flush_before_send, self, handler, handler.flush)
 
     # -- users, companies and subscriptions ------------------------------------------------------
 
@@ -206,7 +239,9 @@ class MoesifMiddleware(ExecuteHook):
 
         Keys: spooled, skipped, sent, send_attempts, retries, dead_lettered, dropped_<reason> (one per
         reason seen), body_omitted_<reason> (bodies left out of events that were kept: too_large,
-        unmaskable, event_too_large), ready, in_flight, dead_letter, undecryptable, oldest_age (seconds), spool_bytes,
+        unmaskable, event_too_large), audit_refused (SPOOL_SYNC 'audit': responses refused with 503 because
+        their event could not be stored), journal_sync_failures (this process's journal fdatasyncs that
+        failed), ready, in_flight, dead_letter, undecryptable, oldest_age (seconds), spool_bytes,
         last_error and last_error_at (the last delivery error), spool_failing (a write to the spool failed
         in the last minute, or the spool cannot be read) and spool_error; lost_wal once the shipper found
         committed records SQLite had discarded with a damaged WAL (spooled again from the journals).
@@ -247,30 +282,32 @@ class MoesifMiddleware(ExecuteHook):
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _spool_record(self, record: Dict[str, Any], kind: str) -> None:
+    def _spool_record(self, record: Dict[str, Any], kind: str) -> Optional[int]:
+        """Spool one record: its sequence number (`_Runtime.put`), or None (counted and logged) if it could not be."""
         runtime = self._runtime_here()
         if runtime is None:
             self._last_spool_failure = time.monotonic()
             self._drop("spool_unavailable", "the spool could not be opened", record)
-            return
+            return None
         try:
-            runtime.put(record, kind)
+            sequence = runtime.put(record, kind)
         except SpoolUnavailableError as exc:
             self._last_spool_failure = time.monotonic()
             self._drop("spool_unavailable", str(exc), record)
-            return
+            return None
         except SpoolFullError:
             self._drop("spool_full", f"the spool is full (SPOOL_MAX_BYTES, WHEN_FULL={self.config.when_full!r}); "
                                      f"this record was refused", record, kind, audit_reason=REFUSED)
-            return
+            return None
         except (sqlite3.Error, OSError, ValueError, TypeError) as exc:
             self._last_spool_failure = time.monotonic()
             disk_full = (isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()) or \
                 (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT))
             self._drop("disk_full" if disk_full else "spool_error",
                        f"{'the disk is full: ' if disk_full else ''}could not write to the spool ({exc})", record)
-            return
+            return None
         self.counters["spooled"] += 1
+        return sequence
 
     def _runtime_here(self) -> Optional[_Runtime]:
         """This process's runtime of this middleware's pipeline, taking a share again after a `close()`."""
@@ -314,17 +351,26 @@ class SpoolBeforeSendMixin:
     Tornado calls log_function after the response is written, so a crash in between can lose an event
     whose client got its answer. Mix this into a RequestHandler (``class H(SpoolBeforeSendMixin,
     RequestHandler)``) and the event is written first; the client never receives a complete response
-    that is not on disk. It costs the write's latency (a SQLite commit with ``SHIPPER: "thread"``) on
-    every response. If spooling fails, the
-    response is still sent and the failure counted, as everywhere else.
+    whose event is not written. With SPOOL_SYNC 'full' or 'audit' the last bytes also wait for the sync
+    that puts the event on stable storage (a power cut), and the response is refused (503) if it fails;
+    with 'normal', a failure to spool is counted and the response sent, as everywhere else. SPOOL_SYNC
+    'audit' does this for every handler of the application without the mixin.
     """
 
-    def flush(self, include_footers: bool = False) -> Any:
-        if include_footers and not getattr(self, LOGGED_ATTRIBUTE, False):
-            middleware = _middleware_of(self)
-            if middleware is not None:
-                middleware.log_event_before_send(self)
-        return super().flush(include_footers)  # type: ignore[misc]
+    def flush(self, include_footers: bool = False, *args: Any, **kwargs: Any) -> Any:
+        middleware = _middleware_of(self)
+        if middleware is None:
+            return super().flush(include_footers, *args, **kwargs)  # type: ignore[misc]
+        return _flush_before_send(middleware, self, super().flush, include_footers,  # type: ignore[misc]
+                                  *args, **kwargs)
+
+
+def _flush_before_send(middleware: MoesifMiddleware, handler: Any, flush: Callable[..., Any],
+                       include_footers: bool = False, *args: Any, **kwargs: Any) -> Any:
+    """A handler's `flush`: the final one (from `finish`) spools the event first (strict and audit mode)."""
+    if include_footers and not getattr(handler, LOGGED_ATTRIBUTE, False):
+        middleware.log_event_before_send(handler)
+    return flush(include_footers, *args, **kwargs)
 
 
 def _middleware_of(handler: Any) -> Optional[MoesifMiddleware]:

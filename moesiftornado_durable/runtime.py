@@ -27,6 +27,7 @@ from .config import Config
 from .errors import ConfigError, SpoolFullError
 from .flusher import Flusher
 from .governance import DEFAULT_RULES_REFRESH_INTERVAL, RuleSet
+from .holdback import prompt_switching
 from .journal import INTAKE, JournalWriter, first_record, segments
 from .lost import LostRecords
 from .sampling import DEFAULT_REFRESH_INTERVAL, AppConfig, ConfigFetcher, Sampler
@@ -96,8 +97,14 @@ class _Runtime:
         self.fetcher.start()
         self.rules_fetcher.start()
 
-    def put(self, record: Dict[str, Any], kind: str) -> None:
+    def put(self, record: Dict[str, Any], kind: str) -> int:
+        """Store one record; returns its sequence number for `on_synced` (0 where there is none)."""
         raise NotImplementedError
+
+    def on_synced(self, sequence: int, callback: Callable[[bool], None]) -> None:
+        """`callback(ok)` once record `sequence` is on stable storage (ok False if its sync failed). Thread
+        mode: at once (a commit with SPOOL_SYNC 'full' is synced before `put` returns)."""
+        callback(True)
 
     def flush(self, timeout: float) -> bool:
         raise NotImplementedError
@@ -133,7 +140,7 @@ class _ThreadRuntime(_Runtime):
                  on_app_config: Callable[[AppConfig], None], on_rules: Callable[[RuleSet], None]) -> None:
         super().__init__(config, on_app_config, on_rules)
         try:
-            self.spool = open_spool(self.lock.spool_path, sync=config.spool_sync, max_bytes=config.spool_max_bytes,
+            self.spool = open_spool(self.lock.spool_path, sync=config.sqlite_sync, max_bytes=config.spool_max_bytes,
                                     when_full=config.when_full, on_evict=on_evict,
                                     codec=Codec(config.spool_encryption_keys))
         except BaseException:
@@ -151,8 +158,9 @@ class _ThreadRuntime(_Runtime):
         self.flusher.start()
         self.start_fetchers()
 
-    def put(self, record: Dict[str, Any], kind: str) -> None:
+    def put(self, record: Dict[str, Any], kind: str) -> int:
         self.spool.put(record, kind)
+        return 0
 
     def flush(self, timeout: float) -> bool:
         return self.flusher.flush(timeout)
@@ -198,6 +206,8 @@ class _ProcessRuntime(_Runtime):
         reserve_space(spool_path)  # before any journal write: the shipper may start after the disk filled up
         self.writer = JournalWriter(config.spool_dir, self.lock.slot, config.spool_sync,
                                     reclaim_slot=self._reclaim_slot)
+        if config.spool_sync != "normal":
+            prompt_switching()  # responses wait for the syncer thread (holdback)
         self._shipper: Dict[str, Any] = {}
         self._written_since_stats = 0
         self._view = SpoolView(spool_path)  # the supervisor thread's own read-only look at the spool
@@ -231,15 +241,19 @@ class _ProcessRuntime(_Runtime):
             self.lock = locks.lock_free_slot(self.config.spool_dir, INTAKE)
         return self.lock.slot
 
-    def put(self, record: Dict[str, Any], kind: str) -> None:
+    def put(self, record: Dict[str, Any], kind: str) -> int:
         data = self.codec.encode(record)
         max_bytes = self.config.spool_max_bytes
         if max_bytes is not None and self.config.when_full == "drop_newest":
             backlog = int(self._shipper.get("live_bytes") or 0) + self._written_since_stats
             if backlog + len(data) > max_bytes:
                 raise SpoolFullError(f"the spool holds about {backlog} bytes (SPOOL_MAX_BYTES {max_bytes})")
-        self.writer.append(kind, data, time.time())
+        sequence = self.writer.append(kind, data, time.time())
         self._written_since_stats += len(data)
+        return sequence
+
+    def on_synced(self, sequence: int, callback: Callable[[bool], None]) -> None:
+        self.writer.on_synced(sequence, callback)
 
     def flush(self, timeout: float) -> bool:
         """Wait until this process's journal is spooled and everything spooled by then is delivered."""
@@ -305,6 +319,7 @@ class _ProcessRuntime(_Runtime):
         delivery["last_error_at"] = shipper.get("last_error_at")
         delivery["shipper_pid"] = shipper.get("pid")
         delivery["shipper_running"] = shipper_running(self.config.spool_dir)
+        delivery["journal_sync_failures"] = self.writer.sync_failures  # this process's; see JournalWriter
         # the shipper serves the whole directory: its spool and the orphans it adopts
         return delivery, directory_stats(self.config.spool_dir)
 

@@ -97,7 +97,7 @@ class Shipper:
     def __init__(self, config: Config) -> None:
         self.directory = config.spool_dir
         self.lost = LostRecords()
-        self.spool: Spool = open_spool(locks.spool_path(self.directory, locks.SHIPPER_SLOT), sync=config.spool_sync,
+        self.spool: Spool = open_spool(locks.spool_path(self.directory, locks.SHIPPER_SLOT), sync=config.sqlite_sync,
                                        max_bytes=config.spool_max_bytes, when_full=config.when_full,
                                        on_evict=self.lost.evicted, codec=Codec(config.spool_encryption_keys))
         self.reader = journal_reader(self.spool)

@@ -992,6 +992,7 @@ def quarantine(path: str, problem: str) -> str:
     for suffix in (MARK_SUFFIX, RESERVE_SUFFIX):  # they speak of the file set aside; the fresh spool starts anew
         with contextlib.suppress(FileNotFoundError):
             os.remove(path + suffix)
+    spooldir.fsync_directory(os.path.dirname(path) or ".")  # the names aside before a fresh spool takes the name
     logger.error("spool file %s is damaged (%s); kept as %s for `moesiftornado-durable salvage`, "
                  "a fresh spool starts in its place", path, problem, aside)
     return aside

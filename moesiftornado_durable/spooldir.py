@@ -196,9 +196,14 @@ def _write_identity(directory: str, path: str, application_id: str, base_uri: st
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
+    fsync_directory(directory)
+    return identity
+
+
+def fsync_directory(directory: str) -> None:
+    """fsync `directory`, so the names created, renamed or removed in it survive a power cut."""
     fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return identity

@@ -233,3 +233,14 @@ def waiting(directory: str) -> int:
         with contextlib.suppress(FileNotFoundError):
             unspooled += sum(1 for _ in iter_records(path, offsets.get(os.path.basename(path), 0), finished=False))
     return stats.ready + stats.in_flight + unspooled
+
+
+def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:
+    """Tests marked `lazyfs` are skipped, with the reason, where LazyFS cannot run (tests/lazyfs.py)."""
+    from lazyfs import unavailable
+
+    reason = unavailable()
+    if reason is not None:
+        for item in items:
+            if item.get_closest_marker("lazyfs") is not None:
+                item.add_marker(pytest.mark.skip(reason=reason))
