@@ -17,6 +17,8 @@ moesifapi's `APIException` and the transport's exceptions are mapped here, in `s
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 from typing import Optional
 
 
@@ -75,3 +77,11 @@ class PermanentError(DeliveryError):
 
 class PayloadTooLargeError(PermanentError):
     """413: the batch was too large. Halves are retried; only a single record still too large is dead-lettered."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for a write the disk refused for lack of space: OSError ENOSPC/EDQUOT, or SQLite's "database or
+    disk is full" (which carries no errno)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()

@@ -557,9 +557,13 @@ def keep_aside(path: str) -> bool:
         except FileExistsError:
             raise
         except OSError:  # no hard links here (EPERM, ENOTSUP): copy, never following a link
-            fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            with open(fd, "wb") as target, open(path, "rb") as source:
-                shutil.copyfileobj(source, target)
+            with os.fdopen(spooldir.open_file(aside, os.O_WRONLY, new=True), "wb") as target:
+                try:
+                    with os.fdopen(spooldir.open_file(path, os.O_RDONLY, create=False), "rb") as source:
+                        shutil.copyfileobj(source, target)
+                except BaseException:  # a copy cut short (a full disk) must not pass for one kept
+                    os.remove(aside)
+                    raise
     except FileExistsError:
         return False
     spooldir.fsync_directory(os.path.dirname(path))  # the name aside is durable before the segment can be deleted

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno
 import functools
 import logging
 import os
@@ -34,7 +33,7 @@ from .capture import (
 )
 from .capture_driver import ASYNC_CALLABLE_TIMEOUT, CaptureDriver, Stored, resolve, stored_of
 from .config import Config, Handler
-from .errors import SpoolFullError, SpoolUnavailableError
+from .errors import SpoolFullError, SpoolUnavailableError, is_disk_full
 from .holdback import hold_response
 from .hook import SETTINGS_KEY, ExecuteHook, Governor
 from .kinds import COMPANY, EVENT, SUBSCRIPTION, USER
@@ -301,8 +300,7 @@ class MoesifMiddleware(ExecuteHook):
             return None
         except (sqlite3.Error, OSError, ValueError, TypeError) as exc:
             self._last_spool_failure = time.monotonic()
-            disk_full = (isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()) or \
-                (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT))
+            disk_full = is_disk_full(exc)
             self._drop("disk_full" if disk_full else "spool_error",
                        f"{'the disk is full: ' if disk_full else ''}could not write to the spool ({exc})", record)
             return None

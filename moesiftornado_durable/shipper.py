@@ -58,10 +58,13 @@ _BOOTSTRAP = (f"import signal, sys; signal.signal(signal.SIGTERM, lambda *a: set
               "from moesiftornado_durable.shipper import main; sys.exit(main())")
 
 
+_MAX_STATS_BYTES = 1 << 20  # the stats file is a few hundred bytes: never read more than this of it
+
+
 def read_stats_file(directory: str) -> Dict[str, Any]:
     """What the shipper last published about itself; {} when there is none yet."""
     try:
-        return dict(json.loads(spooldir.read_bytes(os.path.join(directory, STATS_FILE))))
+        return dict(json.loads(spooldir.read_bytes(os.path.join(directory, STATS_FILE), _MAX_STATS_BYTES)))
     except (OSError, ValueError, TypeError):
         return {}
 

@@ -33,7 +33,7 @@ from persistqueue.sqlackqueue import AckStatus
 
 from . import audit, pagescan, spooldir
 from .codec import Codec, UndecryptableError, to_json_bytes
-from .errors import SpoolFullError
+from .errors import SpoolFullError, is_disk_full
 from .kinds import COMPANY, EVENT, KINDS, SUBSCRIPTION, USER  # noqa: F401 (re-exported: older imports)
 from .lost import LostRecords
 
@@ -210,22 +210,27 @@ class Spool:
         self._on_evict = on_evict if on_evict is not None else LostRecords().evicted  # counts, logs, audits
         self._closed = False
         self._close_lock = threading.Lock()
-        with self._queue.tran_lock:  # one scan of the table for both figures
-            live_bytes, undecryptable = self._conn().execute(
-                f"SELECT COALESCE(SUM(CASE WHEN status <= {_IN_FLIGHT} THEN length(data) END), 0), "
-                f"COUNT(CASE WHEN status = {_UNDECRYPTABLE} THEN 1 END) FROM {self._table}"
-            ).fetchone()
-        self._live_bytes = int(live_bytes)  # JSON bytes of the ready and in-flight records: what SPOOL_MAX_BYTES bounds
-        self._size_lock = threading.Lock()  # put (IOLoop thread) and ack (flusher) both move _live_bytes
-        if resume and undecryptable:  # records no key opened last time: try again with today's keys
-            self._execute_many(f"UPDATE {self._table} SET status = {AckStatus.ready} WHERE status = ?",
-                               [(_UNDECRYPTABLE,)])
-        self._mark_fd: Optional[int] = None
-        self._commits_unchecked = 0  # commits since the WAL's size was last looked at
-        self._reserved = reserve_space(path)
-        self._folded_at = 0.0  # monotonic time of the last `fold`
-        self._committed_since_fold = True
-        self.lost_wal = self._check_mark()  # records SQLite discarded with a damaged or deleted WAL
+        try:  # a damaged file fails here: its connections must not outlive this failed open
+            with self._queue.tran_lock:  # one scan of the table for both figures
+                live_bytes, undecryptable = self._conn().execute(
+                    f"SELECT COALESCE(SUM(CASE WHEN status <= {_IN_FLIGHT} THEN length(data) END), 0), "
+                    f"COUNT(CASE WHEN status = {_UNDECRYPTABLE} THEN 1 END) FROM {self._table}"
+                ).fetchone()
+            # JSON bytes of the ready and in-flight records: what SPOOL_MAX_BYTES bounds
+            self._live_bytes = int(live_bytes)
+            self._size_lock = threading.Lock()  # put (IOLoop thread) and ack (flusher) both move _live_bytes
+            if resume and undecryptable:  # records no key opened last time: try again with today's keys
+                self._execute_many(f"UPDATE {self._table} SET status = {AckStatus.ready} WHERE status = ?",
+                                   [(_UNDECRYPTABLE,)])
+            self._mark_fd: Optional[int] = None
+            self._commits_unchecked = 0  # commits since the WAL's size was last looked at
+            self._reserved = reserve_space(path)
+            self._folded_at = 0.0  # monotonic time of the last `fold`
+            self._committed_since_fold = True
+            self.lost_wal = self._check_mark()  # records SQLite discarded with a damaged or deleted WAL
+        except BaseException:
+            self._queue.close()
+            raise
 
     def put(self, body: Any, kind: str = EVENT) -> int:
         """Commit one record to disk; returns its id once SQLite has committed it.
@@ -356,7 +361,7 @@ class Spool:
                 for marks, chunk in _in_chunks(ids):  # one statement per 500 rows: half the time of one per row
                     conn.execute(f"DELETE FROM {self._table} WHERE {self._key} IN ({marks})", chunk)
         except sqlite3.OperationalError as exc:
-            if "full" in str(exc):
+            if is_disk_full(exc):
                 self._release_reserve()  # deleting delivered rows is how space comes back: let it happen
             raise
         self._grow(-freed)
@@ -671,7 +676,7 @@ class Spool:
         space it holds comes back and the next commit finds room. With nothing spooled, no ack can free
         space either (the journals filled the disk before a shipper spooled them): the reserve is what lets
         the first records in, to be delivered, acked and their journal deleted."""
-        if "full" in str(exc):
+        if is_disk_full(exc):
             self._keep_wal_small(WAL_CHECK_COMMITS)
             if self._live_bytes == 0:
                 self._release_reserve()
@@ -968,9 +973,9 @@ def open_spool(path: str, **options: Any) -> Spool:
     try:
         spool = Spool(path, **options)
     except sqlite3.DatabaseError as exc:
-        if _disk_full(exc) and release_reserve(path):  # a full disk is not damage: use the space held back
+        if is_disk_full(exc) and release_reserve(path):  # a full disk is not damage: use the space held back
             return Spool(path, **options)
-        if _disk_full(exc):
+        if is_disk_full(exc):
             raise
         quarantine(path, str(exc))
         return Spool(path, **options)
@@ -1212,10 +1217,6 @@ def release_reserve(spool_path: str) -> bool:
     logger.warning("the disk of %s is full: released the spool's reserve of %d bytes so its records can be "
                    "spooled, delivered and deleted", spool_path, RESERVE_BYTES)
     return True
-
-
-def _disk_full(exc: BaseException) -> bool:
-    return "full" in str(exc).lower()
 
 
 def _create_private_file(path: str) -> None:

@@ -14,10 +14,10 @@ import time
 from typing import Any, Callable, Iterator, List, Set
 
 import pytest
-from conftest import AppProcess
+from conftest import AppProcess, iter_records
 from lazyfs import LazyFS
 
-from moesiftornado_durable.journal import JournalWriter, iter_records, segments
+from moesiftornado_durable.journal import JournalWriter, segments
 from moesiftornado_durable.testing import Collector
 
 pytestmark = pytest.mark.lazyfs
