@@ -43,6 +43,7 @@ APPLICATION_ID_VARIABLE = "MOESIF_APPLICATION_ID"
 _SPOOL_DIR_HELP = (f"default: the directory the middleware uses when SPOOL_DIR is not set, found from "
                    f"${APPLICATION_ID_VARIABLE}")
 
+_MAX_INGEST_PASSES = 10_000  # passes of up to 8 MB each over the journals before replay sends what it has
 
 class CommandError(Exception):
     """A failure to report as one line on stderr, with its exit code."""
@@ -266,8 +267,9 @@ def _replay(args: argparse.Namespace) -> int:
             spools.append((lock, open_spool(lock.spool_path, codec=_codec())))
             if lock.slot == locks.SHIPPER_SLOT:  # no shipper runs: spool the journals of stopped app processes
                 reader = journal_reader(spools[-1][1])
-                while reader.ingest():
-                    pass
+                for _ in range(_MAX_INGEST_PASSES):  # bounded: a live app may write while this reads
+                    if not reader.ingest():
+                        break
         total = sum(spool.ready_count() for _, spool in spools)
         if args.max_events is not None:
             total = min(total, args.max_events)

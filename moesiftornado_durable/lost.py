@@ -13,7 +13,7 @@ import collections
 import logging
 import sys
 import time
-from typing import Callable, Counter, List, Optional, Sequence
+from typing import Counter, Dict, List, Optional, Sequence
 
 from . import audit
 
@@ -25,17 +25,18 @@ REFUSED = "refused: spool full (WHEN_FULL='drop_newest')"  # the audit reason of
 
 
 class ErrorLog:
-    """Log an ERROR, with the current traceback, at most once every `interval` seconds."""
+    """Log an ERROR, with the current traceback, at most once every `interval` seconds per `key` (a kind
+    of failure), so one failing often does not hide another."""
 
     def __init__(self, interval: float = ERROR_LOG_INTERVAL) -> None:
         self._interval = interval
-        self._last = -interval
+        self._last: Dict[str, float] = {}
 
-    def __call__(self, message: str) -> None:
+    def __call__(self, message: str, key: str = "") -> None:
         now = time.monotonic()
-        if now - self._last < self._interval:
+        if now - self._last.get(key, -self._interval) < self._interval:
             return
-        self._last = now
+        self._last[key] = now
         logger.error("moesiftornado_durable: %s", message, exc_info=sys.exc_info()[0] is not None)
 
 
@@ -43,7 +44,7 @@ class LostRecords:
     """The records one owner (a middleware, a pipeline, the shipper) lost, counted into `counters` and
     logged through `log` (an `ErrorLog` of its own unless the owner shares one with its other errors)."""
 
-    def __init__(self, counters: Optional[Counter[str]] = None, log: Optional[Callable[[str], None]] = None) -> None:
+    def __init__(self, counters: Optional[Counter[str]] = None, log: Optional[ErrorLog] = None) -> None:
         self.counters: Counter[str] = counters if counters is not None else collections.Counter()
         self._log = log if log is not None else ErrorLog()
 
@@ -55,7 +56,7 @@ class LostRecords:
         self.counters[key] += count
         if audit_reason is not None:
             audit.record_left(record_ids, audit_reason, kind)
-        self._log(f"{message}; dropped so far: {self.counters[key]}")
+        self._log(f"{message}; dropped so far: {self.counters[key]}", key)
 
     def evicted(self, record_ids: List[str]) -> None:
         """WHEN_FULL='drop_oldest' deleted these waiting records to make room (the spool's `on_evict`)."""

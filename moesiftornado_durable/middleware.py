@@ -316,7 +316,7 @@ class MoesifMiddleware(ExecuteHook):
                 runtime = self._pipeline.runtime_here()
             except (sqlite3.Error, OSError):
                 # logged here, with the cause; a record that this costs is counted by the caller
-                self._log_error(f"cannot open the spool in {self.config.spool_dir}")
+                self._log_error(f"cannot open the spool in {self.config.spool_dir}", "dropped_spool_unavailable")
                 return None
             if runtime is not None:
                 return runtime

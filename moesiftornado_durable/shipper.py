@@ -271,6 +271,7 @@ class Supervisor:
         self._on_stats = on_stats
         self._child: Optional[subprocess.Popen] = None
         self._stop = threading.Event()
+        self._spawn_lock = threading.Lock()
         self.starts = 0
         self._worker = ProcessThread("moesif-durable-supervisor", self._run)
 
@@ -308,16 +309,18 @@ class Supervisor:
             elif child.returncode not in (0, EXIT_ANOTHER_SHIPPER):
                 logger.error("moesiftornado_durable: the shipper (pid %d) exited with %s; starting another",
                              child.pid, child.returncode)
-        if not shipper_running(self._config.spool_dir) and not self._stop.is_set():
-            self._child = _spawn(self._config)
-            self.starts += 1
+        with self._spawn_lock:  # `close` reads `_child` under it: a shipper started now is one it stops
+            if not self._stop.is_set() and not shipper_running(self._config.spool_dir):
+                self._child = _spawn(self._config)
+                self.starts += 1
 
     def close(self, timeout: float) -> None:
         """Stop supervising; ask our shipper (if this process started the live one) to finish within
         `timeout`. A shipper still sending after that finishes on its own within CLOSE_TIMEOUT."""
         self._stop.set()
         self._worker.join(timeout)
-        child, self._child = self._child, None
+        with self._spawn_lock:
+            child, self._child = self._child, None
         if child is None or child.poll() is not None:
             return
         deadline = time.monotonic() + timeout
@@ -335,6 +338,7 @@ class Supervisor:
     def abandon_after_fork(self) -> None:
         """In a forked child: the parent's shipper is the parent's to stop."""
         self._child = None
+        self._spawn_lock = threading.Lock()  # the parent's supervisor may have held it at the fork
 
 
 _LINGERING: List[subprocess.Popen] = []
