@@ -519,9 +519,9 @@ class JournalReader:
                     offset = chunk.end
                 if chunk.at_eof or not progressed:
                     break
-            if finished and offset >= _size(path):
+            if finished and offset >= file_size(path):
                 folded = self._fold() if folded is None else folded
-                if folded.get(name, 0) >= _size(path):  # its records are in the spool's main file
+                if folded.get(name, 0) >= file_size(path):  # its records are in the spool's main file
                     _remove(path)
                     self._forget(name)
             if budget <= 0:
@@ -580,7 +580,8 @@ def damaged_segments(directory: str) -> List[str]:
                   SEGMENT_PATTERN.match(name[:-len(DAMAGED_SUFFIX)]))
 
 
-def _size(path: str) -> int:
+def file_size(path: str) -> int:
+    """Size of `path`; 0 when it is gone."""
     try:
         return os.stat(path).st_size
     except FileNotFoundError:

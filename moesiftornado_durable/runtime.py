@@ -28,7 +28,7 @@ from .errors import ConfigError, SpoolFullError
 from .flusher import Flusher
 from .governance import DEFAULT_RULES_REFRESH_INTERVAL, RuleSet
 from .holdback import prompt_switching
-from .journal import INTAKE, JournalWriter, first_record, segments
+from .journal import INTAKE, JournalWriter, file_size, first_record, segments
 from .lost import LostRecords
 from .sampling import DEFAULT_REFRESH_INTERVAL, AppConfig, ConfigFetcher, Sampler
 from .sender import Sender
@@ -300,7 +300,7 @@ class _ProcessRuntime(_Runtime):
     def _written_so_far(self) -> Dict[str, int]:
         """{segment path: size} of every journal segment this process has written to and not seen deleted:
         not only the open one (after a full disk refused writes, older segments may still wait)."""
-        return {path: _size_of(path) for slot, _, path in segments(self.config.spool_dir) if slot == self.writer.slot}
+        return {path: file_size(path) for slot, _, path in segments(self.config.spool_dir) if slot == self.writer.slot}
 
     @staticmethod
     def _spooled(view: SpoolView, written: Dict[str, int]) -> bool:
@@ -580,10 +580,3 @@ class _Registry:
 
 
 _REGISTRY = _Registry()
-
-
-def _size_of(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return 0

@@ -44,7 +44,7 @@ _RETRYABLE_STATUSES = frozenset({408, 429})
 EVENTS_BATCH_PATH = "/v1/events/batch"
 APP_CONFIG_PATH = "/v1/config"
 RULES_PATH = "/v1/rules"
-GZIP_LEVEL = 1  # several times cheaper than moesifapi's 9 for a similar size (docs/benchmarks.md, "Replay")
+GZIP_LEVEL = 1  # cheaper than moesifapi's 9 for a similar size (figures: docs/benchmarks.md, "Replay")
 _AUTH_STATUSES = frozenset({401, 402, 403})
 # Failures only a configuration change ends: retried every AUTH_RETRY_INTERVAL, logged at ERROR.
 _MISCONFIGURED = (AuthError, RedirectError)

@@ -358,7 +358,7 @@ class Spool:
         try:
             with self._queue.tran_lock, self._conn() as conn:
                 freed = self._bytes_of(conn, ids)
-                for marks, chunk in _in_chunks(ids):  # one statement per 500 rows: half the time of one per row
+                for marks, chunk in _in_chunks(ids):  # one statement per 500 rows, not one per row (docs/benchmarks.md)
                     conn.execute(f"DELETE FROM {self._table} WHERE {self._key} IN ({marks})", chunk)
         except sqlite3.OperationalError as exc:
             if is_disk_full(exc):
@@ -503,8 +503,7 @@ class Spool:
         with a connection of its own folds it instead whenever it has grown past `wal_bytes`.
 
         A fold waits for two fsyncs (the WAL, then the database); inside a commit it holds the spool's
-        lock meanwhile, stalling every read and ack of the drain (the folds more than doubled an ack's time:
-        docs/benchmarks.md, "Replay"). The thread's folds are PASSIVE: they never block the drain, and sync
+        lock meanwhile, stalling every read and ack of the drain (measured in docs/benchmarks.md, "Replay"). The thread's folds are PASSIVE: they never block the drain, and sync
         the same way, so nothing changes for durability.
         """
         with self._queue.tran_lock:
