@@ -503,8 +503,9 @@ class Spool:
         with a connection of its own folds it instead whenever it has grown past `wal_bytes`.
 
         A fold waits for two fsyncs (the WAL, then the database); inside a commit it holds the spool's
-        lock meanwhile, stalling every read and ack of the drain (measured in docs/benchmarks.md, "Replay"). The thread's folds are PASSIVE: they never block the drain, and sync
-        the same way, so nothing changes for durability.
+        lock meanwhile, stalling every read and ack of the drain (measured in docs/benchmarks.md, "Replay").
+        The thread's folds are PASSIVE: they never block the drain, and sync the same way, so nothing changes
+        for durability.
         """
         with self._queue.tran_lock:
             self._conn().execute("PRAGMA wal_autocheckpoint=0")
