@@ -122,7 +122,8 @@ class Shipper:
         if requested != self._flush_seen:
             self._flush_seen = requested
             self.flusher.hurry(_FLUSH_URGENCY)
-        self.reader.ingest()
+        if not self.spool.acks_first():  # a tight disk: delivered records are deleted before more are spooled
+            self.reader.ingest()
         self.spool.fold_if_due()  # so the app processes may delete the segments they wrote (`retire_if_spooled`)
         self.publish_stats()
 

@@ -645,11 +645,7 @@ class Spool:
             return
         self._commits_unchecked = 0
         wal = bytes_on_disk(self.path + "-wal")
-        try:
-            found = os.statvfs(self.directory)
-            free = found.f_bavail * found.f_frsize
-        except OSError:
-            free = WAL_FOLD_BYTES * WAL_SHARE_OF_FREE_SPACE
+        free = free_bytes(self.directory, default=WAL_FOLD_BYTES * WAL_SHARE_OF_FREE_SPACE)
         if not self._reserved and free >= RESERVE_ROOM:
             self._make_reserve()
         if wal <= free // WAL_SHARE_OF_FREE_SPACE:
@@ -663,6 +659,13 @@ class Spool:
     def _make_reserve(self) -> None:
         """Set the reserve aside now that there is room to spare (see `reserve_space`)."""
         self._reserved = reserve_space(self.path)
+
+    def acks_first(self) -> bool:
+        """True while the disk is too tight to spool more: the reserve went to acks, records wait to be
+        delivered, and the free space is below RESERVE_ROOM. Spooling more now would take the space the
+        acks of delivered records need (seen on a 2 MB tmpfs: ingest ate the released reserve and every ack
+        was refused); once the spool is empty, spooling goes on (the acks have nothing to free)."""
+        return not self._reserved and self._live_bytes > 0 and free_bytes(self.directory, RESERVE_ROOM) < RESERVE_ROOM
 
     def _release_reserve(self) -> None:
         """Give the reserved space back (the disk is full), so the next ack or fold finds room; it is set
@@ -1179,6 +1182,15 @@ def _set_aside_damaged_wal(path: str) -> None:
                  "a copy is kept as %s; records still in the intake journals are spooled again", path, aside)
 
 
+def free_bytes(directory: str, default: int) -> int:
+    """Bytes an unprivileged writer may still use on the file system of `directory` (`default` if unknown)."""
+    try:
+        found = os.statvfs(directory)
+    except OSError:
+        return default
+    return found.f_bavail * found.f_frsize
+
+
 def reserve_space(spool_path: str) -> bool:
     """Set RESERVE_BYTES of the disk aside beside `spool_path`, if not done yet and the disk has RESERVE_ROOM
     free; True when the reserve is there. On a disk that fills up, deleting delivered records and folding
@@ -1188,10 +1200,9 @@ def reserve_space(spool_path: str) -> bool:
     a shipper has started."""
     if os.path.exists(spool_path + RESERVE_SUFFIX):
         return True
+    if free_bytes(os.path.dirname(spool_path), default=0) < RESERVE_ROOM:
+        return False
     try:
-        found = os.statvfs(os.path.dirname(spool_path))
-        if found.f_bavail * found.f_frsize < RESERVE_ROOM:
-            return False
         fd = spooldir.open_file(spool_path + RESERVE_SUFFIX, os.O_WRONLY, new=True)
     except FileExistsError:
         return True
