@@ -119,13 +119,19 @@ class _AckQueue(SQLiteAckQueue):
 
     def __init__(self, path: str, sync: str, resume: bool) -> None:
         self._sync = sync
-        super().__init__(
-            os.path.dirname(path),
-            auto_resume=resume,
-            multithreading=True,
-            serializer=_JsonSerializer,
-            db_file_name=os.path.basename(path),
-        )
+        try:
+            super().__init__(
+                os.path.dirname(path),
+                auto_resume=resume,
+                multithreading=True,
+                serializer=_JsonSerializer,
+                db_file_name=os.path.basename(path),
+            )
+        except BaseException:  # a damaged file (resuming reads every row): close what was opened before
+            for conn in (getattr(self, "_getter", None), getattr(self, "_putter", None)):
+                if conn is not None:
+                    conn.close()  # closing one twice (getter and putter may be the same) is harmless
+            raise
 
     def _new_db_connection(self, path: str, multithreading: bool, timeout: float) -> sqlite3.Connection:
         conn = sqlite3.connect(os.path.join(path, self.db_file_name), timeout=timeout,
