@@ -136,10 +136,14 @@ class _AckQueue(SQLiteAckQueue):
     def _new_db_connection(self, path: str, multithreading: bool, timeout: float) -> sqlite3.Connection:
         conn = sqlite3.connect(os.path.join(path, self.db_file_name), timeout=timeout,
                                check_same_thread=not multithreading)
-        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")  # only a file SQLite has not written yet takes it
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={self._sync.upper()}")
-        conn.execute("PRAGMA secure_delete=ON")  # deleted records are overwritten, not left in free pages
+        try:
+            conn.execute(f"PRAGMA page_size={PAGE_SIZE}")  # only a file SQLite has not written yet takes it
+            conn.execute("PRAGMA journal_mode=WAL")  # the first read: a file that is not a database fails here
+            conn.execute(f"PRAGMA synchronous={self._sync.upper()}")
+            conn.execute("PRAGMA secure_delete=ON")  # deleted records are overwritten, not left in free pages
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _count(self) -> int:
