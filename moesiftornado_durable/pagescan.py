@@ -156,12 +156,10 @@ def _committed_frames(wal_path: str) -> Tuple[Dict[int, int], Optional[int], int
     if len(data) < 32:
         return {}, None, 0
     magic, _, page_size, _, salt1, salt2 = struct.unpack(">IIIIII", data[:24])
-    if magic not in _WAL_MAGICS or not _valid_page_size(page_size):
+    if not wal_header_ok(data[:32]) or not _valid_page_size(page_size):
         return {}, None, 0
     order = ">" if magic & 1 else "<"
     checksum = _checksum(order, data[:24], (0, 0))
-    if checksum != struct.unpack(">II", data[24:32]):
-        return {}, None, 0
     committed: Dict[int, int] = {}
     pending: Dict[int, int] = {}
     declared = 0
@@ -181,6 +179,18 @@ def _committed_frames(wal_path: str) -> Tuple[Dict[int, int], Optional[int], int
             declared = commit
         offset += 24 + page_size
     return committed, page_size, declared
+
+
+def wal_header_ok(header: bytes) -> bool:
+    """True if `header` (a WAL file's first 32 bytes) is one SQLite accepts: its magic and its checksum.
+    SQLite ignores every frame of a WAL whose header it rejects."""
+    if len(header) < 32:
+        return False
+    magic = int.from_bytes(header[:4], "big")
+    if magic not in _WAL_MAGICS:
+        return False
+    order = ">" if magic & 1 else "<"
+    return _checksum(order, header[:24], (0, 0)) == struct.unpack(">II", header[24:32])
 
 
 def _checksum(order: str, data: bytes, start: Tuple[int, int]) -> Tuple[int, int]:

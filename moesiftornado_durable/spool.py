@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import sqlite3
-import struct
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
@@ -1146,23 +1145,10 @@ def record_id(body: Any) -> str:
     return "?"
 
 
-_WAL_MAGIC = (0x377F0682, 0x377F0683)  # SQLite's WAL header magic: checksums little- or big-endian
-
-
 def _wal_header_damaged(wal: bytes) -> bool:
     """True if `wal` (a WAL file's first 32 bytes, or fewer) is a header SQLite would reject, which makes it
     ignore every frame in the file. Fewer than 32 bytes hold no commit at all."""
-    if len(wal) < 32:
-        return False
-    magic = int.from_bytes(wal[:4], "big")
-    if magic not in _WAL_MAGIC:
-        return True
-    words = struct.unpack(">6I" if magic & 1 else "<6I", wal[:24])
-    s0 = s1 = 0
-    for at in range(0, 6, 2):  # SQLite's WAL checksum over the header's first 24 bytes
-        s0 = (s0 + words[at] + s1) & 0xFFFFFFFF
-        s1 = (s1 + words[at + 1] + s0) & 0xFFFFFFFF
-    return (s0, s1) != (int.from_bytes(wal[24:28], "big"), int.from_bytes(wal[28:32], "big"))
+    return len(wal) >= 32 and not pagescan.wal_header_ok(wal)
 
 
 def _set_aside_damaged_wal(path: str) -> None:
