@@ -27,11 +27,11 @@ from .codec import Codec
 from .config import DEFAULT_BASE_URI, DEFAULT_BATCH_SIZE, SPOOL_SYNC_MODES, Config, default_spool_dir
 from .errors import ConfigError
 from .flusher import Courier, Outcome, remove_spool_files
-from .journal import damaged_segments, segments
+from .journal import count_records, damaged_segments, segments
 from .kinds import EVENT, KINDS
 from .sender import Sender, delivery_policy
 from .shipper import EXIT_ANOTHER_SHIPPER, StopRequest, journal_reader, serve
-from .spool import Spool, SpoolStats, open_spool, read_stats, salvage
+from .spool import Spool, SpoolStats, open_spool, read_journal_offsets, read_stats, salvage
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_REPLAY_BATCH_SIZE = 500
@@ -255,6 +255,8 @@ def _replay(args: argparse.Namespace) -> int:
             spooldir.claim(args.spool_dir, application_id, args.base_uri.rstrip("/"))
         except ConfigError as exc:
             raise CommandError(str(exc), EXIT_USAGE) from exc
+    if args.dry_run:
+        return _dry_run(args)
     stop = threading.Event()
     sender = Sender(args.base_uri, application_id or "", args.send_timeout)
     courier = Courier(sender, delivery_policy(stop, max_wait=REPLAY_MAX_WAIT, attempts=REPLAY_ATTEMPTS,
@@ -273,10 +275,6 @@ def _replay(args: argparse.Namespace) -> int:
         total = sum(spool.ready_count() for _, spool in spools)
         if args.max_events is not None:
             total = min(total, args.max_events)
-        if args.dry_run:
-            print(f"would send {total} record(s) from {len(spools)} spool file(s); "
-                  f"{len(skipped)} file(s) locked by a live process")
-            return EXIT_OK
         progress = Progress(total, sys.stderr)
         with _stop_on_sigint(stop):
             outcome = _drain_all(courier, spools, args, stop, progress)
@@ -300,6 +298,30 @@ def _replay(args: argparse.Namespace) -> int:
         names = ", ".join(os.path.basename(locks.spool_path(args.spool_dir, slot)) for slot in skipped)
         raise CommandError(f"{len(skipped)} spool file(s) locked by a live process, not replayed: {names}",
                            EXIT_LOCKED)
+    return EXIT_OK
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """Count what `replay` would send, through read-only looks: no lock taken, no journal spooled, no file
+    written, created or deleted (opening a spool would also put its in-flight rows back in the queue)."""
+    total = skipped = files = 0
+    for slot in _existing_slots(args.spool_dir):
+        if locks.owner(args.spool_dir, slot)[1]:
+            skipped += 1  # a live process holds it: replay would leave it alone
+            continue
+        path = locks.spool_path(args.spool_dir, slot)
+        files += 1
+        if os.path.exists(path):
+            stats = read_stats(path)
+            total += stats.ready + stats.in_flight
+        if slot == locks.SHIPPER_SLOT:  # no shipper runs: replay spools the journals' records first
+            spooled = read_journal_offsets(path)
+            total += sum(count_records(segment, spooled.get(os.path.basename(segment), 0))
+                         for _, _, segment in segments(args.spool_dir))
+    if args.max_events is not None:
+        total = min(total, args.max_events)
+    print(f"would send {total} record(s) from {files} spool file(s) and the journals; "
+          f"{skipped} file(s) locked by a live process")
     return EXIT_OK
 
 

@@ -395,6 +395,20 @@ def read_frames(path: str, offset: int, limit_bytes: int, finished: bool) -> Chu
     return Chunk(rows, offset + position, damaged, at_eof, torn)
 
 
+def count_records(path: str, offset: int, chunk_bytes: int = 1024 * 1024) -> int:
+    """How many intact records segment `path` holds from `offset` on; reads only (`replay --dry-run`)."""
+    count = 0
+    while True:
+        try:
+            chunk = read_frames(path, offset, chunk_bytes, finished=False)
+        except FileNotFoundError:  # spooled and deleted while we looked
+            return count
+        count += len(chunk.rows)
+        if chunk.at_eof or chunk.end == offset:
+            return count
+        offset = chunk.end
+
+
 def _frame_at(data: bytes, position: int) -> Tuple[str, int, Optional[Tuple[str, bytes, float]]]:
     """The frame at `position`: (_OK, its end, the record), (_SHORT, bytes it needs from `position`, None)
     when `data` ends inside it, or (_BAD, 0, None) when no intact frame starts there."""

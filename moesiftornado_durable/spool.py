@@ -876,6 +876,20 @@ def read_stats(path: str) -> SpoolStats:
         conn.close()
 
 
+def read_journal_offsets(path: str) -> Dict[str, int]:
+    """{journal segment name: offset spooled through} of the spool file `path`, read-only ({} if none)."""
+    if not os.path.exists(path):
+        return {}
+    spooldir.refuse_link(path)
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return _journal_offsets(conn)
+    except sqlite3.OperationalError:  # a spool from before journals: nothing spooled from them
+        return {}
+    finally:
+        conn.close()
+
+
 class SpoolView:
     """A read-only look at a spool that another process owns (the shipper's, from an app process):
     progress questions for `flush`, through one read-only connection opened on first use."""

@@ -22,8 +22,10 @@ from cryptography.fernet import Fernet
 from moesiftornado_durable import locks
 from moesiftornado_durable.cli import main
 from moesiftornado_durable.codec import Codec, is_encrypted
+from moesiftornado_durable.journal import JournalWriter
+from moesiftornado_durable.kinds import EVENT
 from moesiftornado_durable.locks import spool_path
-from moesiftornado_durable.shipper import shipper_running
+from moesiftornado_durable.shipper import journal_reader, shipper_running
 from moesiftornado_durable.spool import Spool, directory_stats
 from moesiftornado_durable.testing import Collector
 
@@ -213,6 +215,46 @@ def test_replay_error_paths_keep_every_event(collector: Collector, spool_dir: st
                   "--batch-size", "7")
     assert partial.returncode == 0 and len(collector.transaction_ids()) == 20
     assert directory_stats(spool_dir).ready == 30
+
+
+def files_as_they_are(directory: str) -> Dict[str, Any]:
+    """Every file in `directory`: its bytes, mode and modification time. Not SQLite's shared-memory index
+    (-shm, a cache any reader updates), nor an empty WAL (what a read-only connection creates)."""
+    found = {}
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name.endswith("-shm") or (name.endswith("-wal") and os.path.getsize(path) == 0):
+            continue
+        with open(path, "rb") as f:
+            found[name] = (f.read(), os.stat(path).st_mode, os.stat(path).st_mtime_ns)
+    return found
+
+
+def test_replay_dry_run_counts_spools_and_journals_and_changes_nothing(collector: Collector, spool_dir: str) -> None:
+    dead_process_spool(spool_dir, 50)  # spool-0.db: 47 ready, 3 in flight
+    event = ('{{"transaction_id":"j-{n}","request":{{"uri":"http://x/{n}","verb":"GET",'
+             '"time":"2026-01-01T00:00:00.000000"}},"response":{{"status":200,'
+             '"time":"2026-01-01T00:00:00.100000"}},"direction":"Incoming"}}')
+    first = JournalWriter(spool_dir, 0)
+    for n in range(30):
+        first.append(EVENT, event.format(n=n).encode(), time.time())
+    first.close()
+    shipper_spool = Spool(spool_path(spool_dir, locks.SHIPPER_SLOT))
+    assert journal_reader(shipper_spool).ingest() == 30  # spooled into shipper.db; the segment is then deleted
+    shipper_spool.close()
+    second = JournalWriter(spool_dir, 1)
+    for n in range(30, 50):
+        second.append(EVENT, event.format(n=n).encode(), time.time())
+    second.close()  # 20 records only in a journal
+    before = files_as_they_are(spool_dir)
+
+    dry = cli("replay", "--spool-dir", spool_dir, "--base-uri", collector.base_uri, "--dry-run")
+
+    assert dry.returncode == 0 and "would send 100 record(s)" in dry.stdout, dry.stdout + dry.stderr
+    assert files_as_they_are(spool_dir) == before  # nothing spooled, claimed back, locked, created or deleted
+    assert collector.requests == []
+    assert cli("replay", "--spool-dir", spool_dir, "--base-uri", collector.base_uri).returncode == 0
+    assert_once(collector, 100)  # the count was what a replay sends
 
 
 @pytest.mark.parametrize("shipper, live_file", [("process", "shipper.db"), ("thread", "spool-0.db")])
