@@ -102,10 +102,11 @@ class ChannelServer:
         self._flushed = flushed
         self._on_flush = on_flush
         self._selector = selectors.DefaultSelector()
-        self._waker, self._wake_end = socket.socketpair()
-        self._waker.setblocking(False)
-        self._wake_end.setblocking(False)
-        self._listener = self._bind()
+        # made by `start`: a Shipper that is never started (tests, tools) holds no socket
+        self._waker: Optional[socket.socket] = None
+        self._wake_end: Optional[socket.socket] = None
+        self._listener: Optional[socket.socket] = None
+        self._bound = (0, 0)
         self._clients: Dict[socket.socket, _Lines] = {}
         self._pending: List[FlushRequest] = []
         self._published: Optional[Dict[str, Any]] = None
@@ -134,14 +135,21 @@ class ChannelServer:
         return listener
 
     def start(self) -> None:
+        """Bind ``shipper.sock`` (replacing a killed shipper's: only the lock holder starts one) and serve."""
+        self._listener = self._bind()
+        self._waker, self._wake_end = socket.socketpair()
+        self._waker.setblocking(False)
+        self._wake_end.setblocking(False)
         self._selector.register(self._listener, selectors.EVENT_READ)
         self._selector.register(self._wake_end, selectors.EVENT_READ)
         self._worker.start()
 
     def poke(self) -> None:
         """Something changed (records spooled or delivered, a failed attempt): look again now."""
-        with contextlib.suppress(OSError):  # BlockingIOError: a wake-up is pending already
-            self._waker.send(b"x")
+        waker = self._waker
+        if waker is not None:
+            with contextlib.suppress(OSError):  # BlockingIOError: a wake-up is pending already
+                waker.send(b"x")
 
     def _run(self) -> None:
         while not self._stopped:
@@ -152,7 +160,7 @@ class ChannelServer:
                         self._accept()
                     elif sock is self._wake_end:
                         with contextlib.suppress(OSError):
-                            self._wake_end.recv(4096)
+                            sock.recv(4096)
                     else:
                         assert isinstance(sock, socket.socket)
                         self._read(sock)
@@ -163,6 +171,7 @@ class ChannelServer:
                 logger.exception("moesiftornado_durable shipper: the channel failed; going on")
 
     def _accept(self) -> None:
+        assert self._listener is not None
         try:
             client, _ = self._listener.accept()
         except BlockingIOError:
@@ -241,14 +250,18 @@ class ChannelServer:
                     os.unlink(SOCKET, dir_fd=dirfd)
             finally:
                 os.close(dirfd)
-        self._listener.close()
+        if self._listener is not None:
+            self._listener.close()
         self._selector.close()
-        self._waker.close()
-        self._wake_end.close()
+        for sock in (self._waker, self._wake_end):
+            if sock is not None:
+                sock.close()
 
     def abandon_after_fork(self) -> None:
         """In a forked child: close the child's copies of the sockets, touching nothing of the parent's."""
         for sock in [self._listener, self._waker, self._wake_end, *self._clients]:
+            if sock is None:
+                continue
             with contextlib.suppress(OSError):
                 os.close(sock.detach())
 
