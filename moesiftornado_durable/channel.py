@@ -266,6 +266,34 @@ class ChannelServer:
                 os.close(sock.detach())
 
 
+def read_figures(directory: str, timeout: float = 2.0) -> Optional[Dict[str, Any]]:
+    """The figures of the shipper serving `directory` (it sends them on connecting), or None when no
+    shipper answers within `timeout`: one look, for the CLI's `status`."""
+    try:
+        dirfd = _open_directory(directory)
+    except OSError:
+        return None
+    try:
+        info = os.stat(SOCKET, dir_fd=dirfd, follow_symlinks=False)
+        if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.geteuid():
+            return None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(_address(dirfd, SOCKET))
+            lines = _Lines()
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    return None
+                for message in lines.feed(data):
+                    if isinstance(message.get("figures"), dict):
+                        return dict(message["figures"])
+    except (OSError, ValueError):  # no shipper (a stale socket refuses), a timeout, a garbled line
+        return None
+    finally:
+        os.close(dirfd)
+
+
 class _Waiter:
     def __init__(self, through: Dict[str, int]) -> None:
         self.through = through

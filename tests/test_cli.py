@@ -253,6 +253,7 @@ def test_status_next_to_a_live_app_shows_owner_and_does_not_disturb_it(
     files = {f["file"]: f for f in status["files"]}
     owner = app.process.pid if shipper == "thread" else children_of(app.process.pid, shippers=True)[0]
     assert files[live_file]["owner_pid"] == owner and files[live_file]["owner_alive"] is True
+    assert status["shipper"]["pid"] == owner and status["shipper"]["counters"]["send_attempts"] >= 1  # over its channel
     assert (files[live_file]["ready"], files[live_file]["in_flight"]) == (2, 5)
     dead = "spool-0.db"
     assert files[dead]["owner_alive"] is False and files[dead]["in_flight"] == 3
