@@ -91,6 +91,7 @@ class Shipper:
         self.reader = journal_reader(self.spool)
         self._config_etag: Optional[str] = None
         self._rules_tag: Optional[str] = None
+        self.look_now = threading.Event()  # a flush is waiting: read the journals now, not at the next TICK
         try:
             self.channel = ChannelServer(self.directory, self.figures, self._flushed, self._flush_requested)
         except BaseException:
@@ -139,6 +140,7 @@ class Shipper:
         }
 
     def _flush_requested(self) -> None:
+        self.look_now.set()
         self.flusher.hurry(_FLUSH_URGENCY)  # partial batches go out now, orphans are looked at now
 
     def _flushed(self, request: FlushRequest) -> bool:
@@ -258,7 +260,8 @@ def _ship(config: Config, stop: StopRequest, keep_going: Callable[[], bool], loc
         except Exception:  # a full disk, a damaged spool: logged, and tried again at the next tick
             logger.exception("moesiftornado_durable shipper: could not spool the journals; retrying")
             time.sleep(1.0)
-        time.sleep(TICK)
+        shipper.look_now.wait(TICK)
+        shipper.look_now.clear()
     shipper.close(stop.within, spool_journals=not lost)
     return lost
 
