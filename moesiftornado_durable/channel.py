@@ -36,6 +36,7 @@ import stat
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
+from .lost import ErrorLog
 from .worker import ProcessThread
 
 logger = logging.getLogger("moesiftornado_durable")
@@ -111,6 +112,7 @@ class ChannelServer:
         self._pending: List[FlushRequest] = []
         self._published: Optional[Dict[str, Any]] = None
         self._stopped = False
+        self._errors = ErrorLog()  # a persistent failure (a damaged spool) logs every few seconds, not per look
         self._worker = ProcessThread("moesif-durable-channel-server", self._run)
 
     def _bind(self) -> socket.socket:
@@ -168,7 +170,8 @@ class ChannelServer:
                     self._publish()
                     self._answer_flushes()
             except Exception:  # the channel must survive anything; the shipper goes on without it meanwhile
-                logger.exception("moesiftornado_durable shipper: the channel failed; going on")
+                self._errors("shipper: the channel failed (app processes get no figures or flush answers "
+                             "meanwhile); going on", "channel")
 
     def _accept(self) -> None:
         assert self._listener is not None

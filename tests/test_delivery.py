@@ -249,14 +249,14 @@ def test_stdout_stays_clean_when_the_collector_is_unreachable(collector: Collect
     assert "delivery to Moesif failed" in result.stderr
 
 
-def fork_and_log(spool_dir: str, base_uri: str, children: int, per_child: int) -> List[str]:
+def fork_and_log(spool_dir: str, base_uri: str, children: int, per_child: int, shipper: str = "process") -> List[str]:
     """Build the middleware, fork children that each log events through it, return their exit codes."""
     result = run_script(f"""
         import os, sys
         import tornado.web
         from moesiftornado_durable import MoesifMiddleware
         mw = MoesifMiddleware({{"APPLICATION_ID": "x", "SPOOL_DIR": {spool_dir!r},
-                               "BASE_URI": {base_uri!r}, "FLUSH_INTERVAL": 0.05}})
+                               "BASE_URI": {base_uri!r}, "FLUSH_INTERVAL": 0.05, "SHIPPER": {shipper!r}}})
         mw.update_user({{"user_id": "parent"}})
         pids = []
         for c in range({children}):
@@ -277,8 +277,11 @@ def fork_and_log(spool_dir: str, base_uri: str, children: int, per_child: int) -
     return result.stdout.split()
 
 
-def test_a_middleware_built_before_fork_works_in_each_child(collector: Collector, spool_dir: str) -> None:
-    fork_and_log(spool_dir, collector.base_uri, children=3, per_child=20)
+@pytest.mark.parametrize("shipper", ["process", "thread"])
+def test_a_middleware_built_before_fork_works_in_each_child(collector: Collector, spool_dir: str, shipper: str) -> None:
+    """In thread mode the parent hosts the shipper; each child drops its copies of the parent's shipper
+    lock and channel, and is served by the parent's shipper (its own host loses the election)."""
+    fork_and_log(spool_dir, collector.base_uri, children=3, per_child=20, shipper=shipper)
     users = [u["user_id"] for u in collector.users]
     assert "parent" in users
     for c in range(3):
