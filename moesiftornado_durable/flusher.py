@@ -1,6 +1,6 @@
 """The background worker that moves records from the spool to the collector.
 
-One daemon thread per process (the shipper's, or the app's in SHIPPER 'thread'). Its loop reads top to
+One daemon thread of the shipper (in its process, or on the app's threads with SHIPPER 'thread'). Its loop reads top to
 bottom, as analytics-python's consumer: `_run` → `_upload` (`_next` waits for a batch to be due → claim
 it → the `Courier` sends it with the tenacity policy → ack on a 2xx, dead-letter on a permanent rejection
 after narrowing a 400, 413 or 422 down to the events rejected on their own, nack when stopping) →
