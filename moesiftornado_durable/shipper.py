@@ -107,11 +107,14 @@ class Shipper:
 
     def tick(self) -> None:
         """One look, on the host's thread (the flusher's thread may be in a send or a backoff): spool what
-        the journals gained and let the channel look at the figures and the waiting flushes."""
+        the journals gained and, if anything changed or a flush waits, let the channel look again (the
+        flusher pokes it after each delivery; it also looks every second on its own)."""
+        spooled = 0
         if not self.spool.acks_first():  # a tight disk: delivered records are deleted before more are spooled
-            self.reader.ingest()
-        self.spool.fold_if_due()  # so the app processes may delete the segments they wrote (`retire_if_spooled`)
-        self.channel.poke()
+            spooled = self.reader.ingest()
+        folded = self.spool.fold_if_due()  # so the app processes may delete their segments (`retire_if_spooled`)
+        if spooled or folded or self.channel.flush_waiting:
+            self.channel.poke()
 
     def _notice_etag(self, etag: Optional[str]) -> None:
         self._config_etag = etag or self._config_etag

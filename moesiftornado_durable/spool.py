@@ -634,11 +634,13 @@ class Spool:
                     conn.executemany("INSERT INTO journal_folded (segment, offset) VALUES (?, ?)", offsets.items())
             return offsets
 
-    def fold_if_due(self) -> None:
+    def fold_if_due(self) -> bool:
         """`fold` if records were spooled since the last one and FOLD_INTERVAL has passed (the shipper's
-        tick), so segments are deleted soon after they are spooled."""
+        tick), so segments are deleted soon after they are spooled; True if it folded."""
         if self._committed_since_fold and time.monotonic() - self._folded_at >= FOLD_INTERVAL:
             self.fold()
+            return True
+        return False
 
     def _keep_wal_small(self, commits: int) -> None:
         """Fold and truncate the WAL once it outgrows its share of the disk (looked at every WAL_CHECK_COMMITS).
