@@ -42,6 +42,7 @@ from .worker import ProcessThread
 logger = logging.getLogger("moesiftornado_durable")
 
 SOCKET = "shipper.sock"
+TEMPORARY_PREFIX = ".shipper-sock-"  # the socket's name between bind and rename (a killed shipper may leave one)
 _MAX_LINE = 1 << 20  # a message is a few KB at most: a peer sending more is cut off
 _SEND_TIMEOUT = 2.0  # seconds the shipper waits for one client to take a message before dropping it
 RECONNECT_INTERVAL = 0.2  # seconds between an app's attempts to reach a shipper that is not (yet) there
@@ -118,7 +119,7 @@ class ChannelServer:
     def _bind(self) -> socket.socket:
         dirfd = _open_directory(self._directory)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        temporary = f".shipper-sock-{secrets.token_hex(8)}.tmp"
+        temporary = f"{TEMPORARY_PREFIX}{secrets.token_hex(8)}.tmp"
         try:
             listener.bind(_address(dirfd, temporary))  # a new name: bind never follows or reuses a file
             os.chmod(temporary, 0o600, dir_fd=dirfd, follow_symlinks=True)
@@ -185,6 +186,8 @@ class ChannelServer:
         self._send(client, {"figures": self._published if self._published is not None else self._figures()})
 
     def _read(self, client: socket.socket) -> None:
+        if client not in self._clients:
+            return  # dropped earlier in this round
         try:
             data = client.recv(65536)
             if not data:

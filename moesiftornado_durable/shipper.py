@@ -35,7 +35,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 from . import audit, locks, proctitle, spooldir
-from .channel import ChannelServer, FlushRequest
+from .channel import TEMPORARY_PREFIX, ChannelServer, FlushRequest
 from .codec import Codec
 from .config import Config
 from .errors import ConfigError
@@ -100,8 +100,9 @@ class Shipper:
         self.flusher = Flusher(self.spool, Sender(config.base_uri, config.application_id, config.send_timeout),
                                config, on_config_etag=self._notice_etag, on_rules_tag=self._notice_rules_tag,
                                on_progress=self.channel.poke)
-        for name in os.listdir(self.directory):  # what older builds wrote: the channel replaced them
-            if name in _RETIRED_FILES or (name.startswith(".shipper-stats-") and name.endswith(".tmp")):
+        for name in os.listdir(self.directory):  # what older builds wrote, and a socket a kill left half-made
+            leftover = name.startswith((".shipper-stats-", TEMPORARY_PREFIX)) and name.endswith(".tmp")
+            if name in _RETIRED_FILES or leftover:
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(self.directory, name))
 
@@ -123,8 +124,14 @@ class Shipper:
         self._rules_tag = tag or self._rules_tag
 
     def start(self) -> None:
+        """Serve the channel, then deliver. If the socket cannot be made, nothing runs and the spool is closed."""
+        try:
+            self.channel.start()
+        except BaseException:
+            self.channel.close(0)
+            self.spool.close()
+            raise
         self.flusher.start()
-        self.channel.start()
 
     def figures(self) -> Dict[str, Any]:
         """What app processes are told (on the channel's thread, whenever it changes)."""
