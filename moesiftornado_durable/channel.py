@@ -272,21 +272,37 @@ class ChannelServer:
                 os.close(sock.detach())
 
 
-def read_figures(directory: str, timeout: float = 2.0) -> Optional[Dict[str, Any]]:
-    """The figures of the shipper serving `directory` (it sends them on connecting), or None when no
-    shipper answers within `timeout`: one look, for the CLI's `status`."""
+def connect(directory: str, timeout: Optional[float] = None) -> Optional[socket.socket]:
+    """A connection to the shipper serving `directory`, or None when none answers (no socket, a stale one,
+    or something there that is not a socket of this user: never followed)."""
     try:
         dirfd = _open_directory(directory)
     except OSError:
         return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         info = os.stat(SOCKET, dir_fd=dirfd, follow_symlinks=False)
         if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.geteuid():
-            return None
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(_address(dirfd, SOCKET))
-            lines = _Lines()
+            raise OSError(f"{SOCKET} in {directory} is not a socket of this user: not connecting")
+        sock.settimeout(timeout)
+        sock.connect(_address(dirfd, SOCKET))
+    except OSError:
+        sock.close()
+        return None
+    finally:
+        os.close(dirfd)
+    return sock
+
+
+def read_figures(directory: str, timeout: float = 2.0) -> Optional[Dict[str, Any]]:
+    """The figures of the shipper serving `directory` (it sends them on connecting), or None when no
+    shipper answers within `timeout`: one look, for the CLI's `status`."""
+    sock = connect(directory, timeout)
+    if sock is None:
+        return None
+    with sock:
+        lines = _Lines()
+        try:
             while True:
                 data = sock.recv(65536)
                 if not data:
@@ -294,10 +310,8 @@ def read_figures(directory: str, timeout: float = 2.0) -> Optional[Dict[str, Any
                 for message in lines.feed(data):
                     if isinstance(message.get("figures"), dict):
                         return dict(message["figures"])
-    except (OSError, ValueError):  # no shipper (a stale socket refuses), a timeout, a garbled line
-        return None
-    finally:
-        os.close(dirfd)
+        except (OSError, ValueError):  # a timeout, a garbled line
+            return None
 
 
 class _Waiter:
@@ -374,21 +388,9 @@ class ChannelClient:
                 sock.close()
 
     def _connect(self) -> Optional[socket.socket]:
-        try:
-            dirfd = _open_directory(self._directory)
-        except OSError:
+        sock = connect(self._directory)
+        if sock is None:
             return None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            info = os.stat(SOCKET, dir_fd=dirfd, follow_symlinks=False)
-            if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.geteuid():
-                raise OSError(f"{SOCKET} in {self._directory} is not a socket of this user: not connecting")
-            sock.connect(_address(dirfd, SOCKET))
-        except OSError:
-            sock.close()
-            return None
-        finally:
-            os.close(dirfd)
         with self._lock:
             self._sock = sock
             self.connects += 1
