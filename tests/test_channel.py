@@ -17,6 +17,7 @@ from conftest import wait_until
 
 from moesiftornado_durable import MoesifMiddleware, locks
 from moesiftornado_durable.channel import ChannelClient
+from moesiftornado_durable.spool import Spool
 from moesiftornado_durable.testing import Collector
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,3 +222,19 @@ def test_the_in_process_host_does_not_ship_while_another_process_does_and_takes_
         middleware.update_user({"user_id": f"after-{n}"})
     assert middleware.flush(20)
     assert sum(u["user_id"].startswith("after-") for u in collector.users) == 5
+
+
+@pytest.mark.parametrize("shipper", ["process", "thread"])
+def test_a_spool_file_an_older_thread_mode_left_is_drained_and_removed(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, spool_dir: str, shipper: str
+) -> None:
+    """Older builds' SHIPPER 'thread' kept a spool-N.db per app process. After an upgrade nothing writes
+    there any more: whichever host runs the shipper adopts the file, delivers it, and deletes it."""
+    left = Spool(locks.spool_path(spool_dir, 0))
+    for n in range(7):
+        left.put({"user_id": f"left-{n}"}, "user")
+    left.close()
+    middleware = make_middleware(SHIPPER=shipper)
+    assert middleware.flush(20)  # a flush waits for adopted orphans too
+    assert sorted(u["user_id"] for u in collector.users) == [f"left-{n}" for n in range(7)]
+    assert wait_until(lambda: not os.path.exists(locks.spool_path(spool_dir, 0)), timeout=20)
