@@ -1,12 +1,12 @@
 """The background worker that moves records from the spool to the collector.
 
-One daemon thread of the shipper (in its process, or on the app's threads with SHIPPER 'thread'). Its loop reads top to
-bottom, as analytics-python's consumer: `_run` → `_upload` (`_next` waits for a batch to be due → claim
-it → the `Courier` sends it with the tenacity policy → ack on a 2xx, dead-letter on a permanent rejection
-after narrowing a 400, 413 or 422 down to the events rejected on their own, nack when stopping) →
-`_housekeeping` (empty the WAL once all is delivered; on its own timer, expire old dead letters and adopt
-orphans: spool files in the same SPOOL_DIR whose owning process is gone, see `locks.py`). A record is
-deleted from the spool only after the collector accepted it.
+One daemon thread of the shipper (in its process, or on the app's threads with SHIPPER 'thread'). Its
+loop reads top to bottom, as analytics-python's consumer: `_run` → `_upload` (`_next` waits for a batch
+to be due → claim it → the `Courier` sends it with the tenacity policy → ack on a 2xx, dead-letter on a
+permanent rejection after narrowing a 400, 413 or 422 down to the events rejected on their own, nack when
+stopping) → `_housekeeping` (empty the WAL once all is delivered; on its own timer, expire old dead
+letters and adopt orphans: spool files in the same SPOOL_DIR whose owning process is gone, see
+`locks.py`). A record is deleted from the spool only after the collector accepted it.
 
 The contract follows sentry-python's worker: `flush(timeout)` blocks at most `timeout` and says whether
 everything spooled before the call was delivered; `close(timeout)` returns within `timeout` even in a
