@@ -155,7 +155,10 @@ class Shipper:
 
     def _flushed(self, request: FlushRequest) -> bool:
         """Whether `request` is done: its segments spooled through their sizes, then everything spooled by
-        that moment delivered (or dead-lettered), orphan spools included."""
+        that moment delivered (or dead-lettered), orphan spools included. Never while SPOOL_DIR is gone:
+        this shipper is about to stop, and the app asks the next one, in the directory made again."""
+        if not os.path.exists(self.spool.path):
+            return False
         if request.mark is None:
             offsets = self.spool.journal_offsets()
             for name, size in request.through.items():
