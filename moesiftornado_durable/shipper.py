@@ -319,10 +319,10 @@ class InProcessHost:
 
     def close(self, timeout: float) -> None:
         """Stop: the shipper (if this host is it) delivers what it can within `timeout`, the rest stays on disk."""
-        self._stop.within = timeout
+        self._stop.within = max(0.0, timeout - TICK)  # the look in progress ends within TICK
         self._stop.set()
         self._stopped.set()
-        self._worker.join(timeout + 1.0)  # the look in progress (at most TICK) and the close
+        self._worker.join(timeout)  # a send still stalled after that ends on its own, its batch kept on disk
 
     def before_fork(self) -> None:
         shipper = self._shipper

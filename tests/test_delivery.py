@@ -119,10 +119,12 @@ def test_flush_returns_false_within_its_timeout_while_down(make_middleware: Call
     assert middleware.flush(10) is True
 
 
+@pytest.mark.parametrize("shipper", ["process", "thread"])
 def test_close_returns_within_its_timeout_during_a_stalled_send(make_middleware: Callable[..., MoesifMiddleware],
-                                                                collector: Collector, spool_dir: str) -> None:
+                                                                collector: Collector, spool_dir: str,
+                                                                shipper: str) -> None:
     collector.stall(60, times=None)
-    middleware = make_middleware(SEND_TIMEOUT=30.0)
+    middleware = make_middleware(SEND_TIMEOUT=30.0, SHIPPER=shipper)
     serve_requests(middleware, 3)
     assert wait_until(lambda: middleware.stats()["in_flight"] == 3, timeout=5)
     started = time.monotonic()
@@ -132,12 +134,13 @@ def test_close_returns_within_its_timeout_during_a_stalled_send(make_middleware:
     assert stats.ready + stats.in_flight == 3
 
 
+@pytest.mark.parametrize("shipper", ["process", "thread"])
 def test_close_returns_at_once_during_a_backoff(make_middleware: Callable[..., MoesifMiddleware],
-                                                collector: Collector) -> None:
+                                                collector: Collector, shipper: str) -> None:
     # The collector asks for 30 s between attempts; close's own timeout is 20 s. Returning well before
     # either shows close cut the backoff short (a bound loose enough for a loaded machine: CI once took 1.9 s).
     collector.respond_with(503, times=None, headers={"Retry-After": "30"})
-    middleware = make_middleware(RETRY_MAX_WAIT=30.0)
+    middleware = make_middleware(RETRY_MAX_WAIT=30.0, SHIPPER=shipper)
     serve_requests(middleware, 2)
     assert wait_until(lambda: middleware.stats()["last_error"] is not None, timeout=10)  # now in the backoff
     started = time.monotonic()
