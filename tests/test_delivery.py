@@ -10,7 +10,7 @@ import sys
 import textwrap
 import threading
 import time
-from typing import Any, Callable, Counter, Iterator, List
+from typing import Any, Callable, Counter, Dict, Iterator, List
 
 import pytest
 import requests
@@ -124,7 +124,10 @@ def test_close_returns_within_its_timeout_during_a_stalled_send(make_middleware:
                                                                 collector: Collector, spool_dir: str,
                                                                 shipper: str) -> None:
     collector.stall(60, times=None)
-    middleware = make_middleware(SEND_TIMEOUT=30.0, SHIPPER=shipper)
+    # in one batch: the in-process shipper is up at once and would send the first event alone, the rest
+    # then waiting behind the stalled send
+    one_batch: Dict[str, Any] = {"BATCH_SIZE": 3, "FLUSH_INTERVAL": 30.0} if shipper == "thread" else {}
+    middleware = make_middleware(SEND_TIMEOUT=30.0, SHIPPER=shipper, **one_batch)
     serve_requests(middleware, 3)
     assert wait_until(lambda: middleware.stats()["in_flight"] == 3, timeout=5)
     started = time.monotonic()
