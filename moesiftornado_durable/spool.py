@@ -879,8 +879,9 @@ def read_stats(path: str) -> SpoolStats:
 
 
 class SpoolView:
-    """A read-only look at a spool that another process owns (the shipper's, from an app process):
-    progress questions for `flush`, through one read-only connection opened on first use."""
+    """A read-only look at a spool that another process owns (the shipper's, from an app process): the
+    start-up check that SPOOL_ENCRYPTION_KEY opens its records, and inspection (tests, benchmarks), through
+    one read-only connection opened on first use. Progress and figures come over the channel instead."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -901,32 +902,6 @@ class SpoolView:
             return _journal_offsets(self._connection())
         except sqlite3.OperationalError:  # a spool still being created, or one from before journals
             return {}
-
-    def journal_offset(self, segment: str) -> Optional[int]:
-        """How far `segment` has been spooled; None if the spool has no offset for it."""
-        row = self._connection().execute("SELECT offset FROM journal_offsets WHERE segment = ?", (segment,)).fetchone()
-        return None if row is None else int(row[0])
-
-    def journal_folded_offset(self, segment: str) -> Optional[int]:
-        """How far `segment`'s records are in the database file itself (`Spool.fold`): how much of it may
-        be deleted. None if none of it is yet, or the spool predates folding."""
-        try:
-            row = self._connection().execute("SELECT offset FROM journal_folded WHERE segment = ?",
-                                             (segment,)).fetchone()
-        except sqlite3.OperationalError:  # a spool from before journal_folded: its shipper creates the table
-            return None
-        return None if row is None else int(row[0])
-
-    def last_id(self) -> int:
-        """The highest record id ever assigned."""
-        row = self._connection().execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (TABLE,)).fetchone()
-        return int(row[0]) if row else 0
-
-    def pending_through(self, mark: int) -> int:
-        """How many records with id <= `mark` are still ready or in flight."""
-        row = self._connection().execute(
-            f"SELECT COUNT(*) FROM {TABLE} WHERE _id <= ? AND status <= {_IN_FLIGHT}", (mark,)).fetchone()
-        return int(row[0])
 
     def unreadable_sample(self, codec: Codec) -> Optional[str]:
         """As `Spool.unreadable_sample`, with `codec`'s keys."""
