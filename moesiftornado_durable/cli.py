@@ -23,6 +23,7 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, TextIO, Tuple
 
 from . import __version__, locks, proctitle, spooldir
+from .channel import read_figures
 from .codec import Codec
 from .config import DEFAULT_BASE_URI, DEFAULT_BATCH_SIZE, SPOOL_SYNC_MODES, Config, default_spool_dir
 from .errors import ConfigError
@@ -157,10 +158,13 @@ def _status(args: argparse.Namespace) -> int:
     totals["oldest_age_seconds"] = max(ages) if ages else None
     journals: List[Dict[str, Any]] = [{"file": os.path.basename(path), "bytes": os.path.getsize(path)}
                                       for _, _, path in segments(args.spool_dir)]
+    shipper = read_figures(args.spool_dir)  # the live shipper's own figures, over its channel; None if none runs
+    if shipper is not None:
+        shipper = {key: shipper.get(key) for key in ("pid", "counters", "last_error", "last_error_at", "failing")}
     if args.json:
         print(json.dumps({"spool_dir": args.spool_dir, "files": rows, "total": totals,
                           "journals": journals, "quarantined": _quarantined(args.spool_dir),
-                          "damaged_journals": damaged_segments(args.spool_dir)}))
+                          "damaged_journals": damaged_segments(args.spool_dir), "shipper": shipper}))
         return EXIT_OK
     header = ("file", "owner", "alive", "ready", "in flight", "dead", "oldest", "bytes")
     print(f"{header[0]:<16} " + " ".join(f"{h:>{w}}" for h, w in zip(header[1:], (8, 5, 9, 9, 7, 10, 12))))

@@ -202,9 +202,6 @@ class Config:
             get_metadata_outgoing=read.outgoing_callable("GET_METADATA_OUTGOING"),
             log_body_outgoing=read.boolean("LOG_BODY_OUTGOING", True),
         )
-        if config.audit and config.shipper == "thread":
-            raise ConfigError("SPOOL_SYNC", "'audit' needs SHIPPER 'process' (the default): its group commit is the "
-                                            "journal's; with SHIPPER 'thread' use 'full' and SpoolBeforeSendMixin")
         if config.max_body_bytes > MOESIF_MAX_EVENT_BYTES:
             logger.warning("moesiftornado_durable: MAX_BODY_BYTES %d is over Moesif's %d-byte event limit: a body "
                            "that large is omitted anyway, to keep the event under it", config.max_body_bytes,

@@ -1,12 +1,12 @@
 """The background worker that moves records from the spool to the collector.
 
-One daemon thread per process (the shipper's, or the app's in SHIPPER 'thread'). Its loop reads top to
-bottom, as analytics-python's consumer: `_run` → `_upload` (`_next` waits for a batch to be due → claim
-it → the `Courier` sends it with the tenacity policy → ack on a 2xx, dead-letter on a permanent rejection
-after narrowing a 400, 413 or 422 down to the events rejected on their own, nack when stopping) →
-`_housekeeping` (empty the WAL once all is delivered; on its own timer, expire old dead letters and adopt
-orphans: spool files in the same SPOOL_DIR whose owning process is gone, see `locks.py`). A record is
-deleted from the spool only after the collector accepted it.
+One daemon thread of the shipper (in its process, or on the app's threads with SHIPPER 'thread'). Its
+loop reads top to bottom, as analytics-python's consumer: `_run` → `_upload` (`_next` waits for a batch
+to be due → claim it → the `Courier` sends it with the tenacity policy → ack on a 2xx, dead-letter on a
+permanent rejection after narrowing a 400, 413 or 422 down to the events rejected on their own, nack when
+stopping) → `_housekeeping` (empty the WAL once all is delivered; on its own timer, expire old dead
+letters and adopt orphans: spool files in the same SPOOL_DIR whose owning process is gone, see
+`locks.py`). A record is deleted from the spool only after the collector accepted it.
 
 The contract follows sentry-python's worker: `flush(timeout)` blocks at most `timeout` and says whether
 everything spooled before the call was delivered; `close(timeout)` returns within `timeout` even in a
@@ -36,7 +36,7 @@ from .worker import ProcessThread
 
 logger = logging.getLogger("moesiftornado_durable")
 
-_POLL = 0.05  # seconds between looks at a partial batch, and while waiting for a flush to finish
+_POLL = 0.05  # seconds between looks at a partial batch (it may fill up or age)
 # seconds between housekeeping rounds: dead-letter retention and looks for spool files whose owner is gone
 HOUSEKEEPING_INTERVAL = 5.0
 _ORPHAN_EVENTS_PER_SCAN = 5_000  # then back to our own spool, so our own events never wait long
@@ -66,8 +66,10 @@ class Courier:
 
     def __init__(self, sender: Sender, policy: Callable[..., object], event_max_age: Optional[float] = None,
                  on_config_etag: Optional[Callable[[Optional[str]], None]] = None,
-                 on_rules_tag: Optional[Callable[[Optional[str]], None]] = None) -> None:
+                 on_rules_tag: Optional[Callable[[Optional[str]], None]] = None,
+                 on_progress: Callable[[], None] = lambda: None) -> None:
         self._sender = sender
+        self._on_progress = on_progress  # after each ack, dead letter, nack and failed attempt
         self._tag_callbacks = [(header, callback) for header, callback in
                                ((CONFIG_ETAG_HEADER, on_config_etag), (RULES_TAG_HEADER, on_rules_tag)) if callback]
         self._policy = policy
@@ -100,6 +102,7 @@ class Courier:
             return self.deliver(spool, kind, batch, sender)  # expires the aged events, sends the rest
         except (ShutdownRequested, RetryableError):
             spool.nack(ids)
+            self._on_progress()
             return Outcome.RETURNED
         except PermanentError as exc:
             if len(batch) > 1 and (isinstance(exc, PayloadTooLargeError) or exc.status in SPLIT_ON_STATUSES):
@@ -111,6 +114,7 @@ class Courier:
         self._count("sent", len(ids))
         self.failing = False
         self._ack(spool, ids)
+        self._on_progress()
         return Outcome.DELIVERED
 
     def _deliver_halves(self, spool: Spool, kind: str, batch: List[SpooledItem], sender: Optional[Sender]) -> Outcome:
@@ -182,6 +186,7 @@ class Courier:
         if status is not None:
             self.failing = False  # the collector answered
         logger.error("%d %s record(s) moved to the dead-letter store: %s", len(batch), kind, reason)
+        self._on_progress()
         return Outcome.DEAD_LETTERED
 
     def drain(self, spool: Spool, batch_size: int, stop: threading.Event, max_records: Optional[int] = None,
@@ -260,6 +265,7 @@ class Courier:
         except DeliveryError as exc:
             self.failing = True
             self.last_error, self.last_error_at = exc, time.time()
+            self._on_progress()
             raise
         for header, callback in self._tag_callbacks if kind == EVENT else ():
             try:
@@ -332,15 +338,18 @@ class Flusher:
 
     def __init__(self, spool: Spool, sender: Sender, config: Config, adopt_orphans: bool = True,
                  on_config_etag: Optional[Callable[[Optional[str]], None]] = None,
-                 on_rules_tag: Optional[Callable[[Optional[str]], None]] = None) -> None:
+                 on_rules_tag: Optional[Callable[[Optional[str]], None]] = None,
+                 on_progress: Callable[[], None] = lambda: None) -> None:
         self._spool = spool
         self._sender = sender
         self._batch_size = config.batch_size
         self._flush_interval = config.flush_interval
         self._stop = threading.Event()
         policy = delivery_policy(self._stop, max_wait=config.retry_max_wait, auth_wait=config.auth_retry_interval)
+        self._on_progress = on_progress
+        self._progress = threading.Condition()  # notified by the courier after each outcome: `flush` waits on it
         self.courier = Courier(sender, policy, event_max_age=config.event_max_age, on_config_etag=on_config_etag,
-                               on_rules_tag=on_rules_tag)
+                               on_rules_tag=on_rules_tag, on_progress=self._progressed)
         self._adopt_orphans = adopt_orphans
         self._dead_letter_retention = config.dead_letter_retention
         self._scrubbed_at_sent = 0  # counters["sent"] when the WAL was last emptied
@@ -387,14 +396,22 @@ class Flusher:
             mark = self._spool.last_id()
             self._urgent_until = max(self._urgent_until, deadline)
             self._spool.wake()
-            while self._spool.pending_through(mark) > 0:
-                if time.monotonic() >= deadline or not self.is_alive or (while_healthy and self.is_failing):
-                    return False
-                time.sleep(_POLL)
+            with self._progress:
+                while self._spool.pending_through(mark) > 0:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self.is_alive or (while_healthy and self.is_failing):
+                        return False
+                    self._progress.wait(left)
         except sqlite3.Error:
             logger.exception("flush could not read the spool")
             return False
         return True
+
+    def _progressed(self) -> None:
+        """A batch was acked, dead-lettered or returned, or an attempt failed: wake `flush` and tell the host."""
+        with self._progress:
+            self._progress.notify_all()
+        self._on_progress()
 
     def close(self, timeout: float) -> None:
         """Deliver what can be delivered within `timeout`, then stop; undelivered records stay on disk."""
@@ -403,6 +420,7 @@ class Flusher:
             self.flush(timeout, while_healthy=True)
         self._stop.set()
         self._spool.wake()
+        self._progressed()
         self._worker.join(deadline - time.monotonic())
         if self.is_alive:
             logger.warning("flusher still busy in a send after %.1f s; its batch stays on disk for the next start",

@@ -1,11 +1,11 @@
 """Who owns which file in SPOOL_DIR, claimed with an OS file lock held for the life of the owner.
 
-By default each app process takes an intake *slot* (``intake-N.lock``) for its journal segments, and one
-shipper per directory holds ``shipper.lock`` for ``shipper.db``. With ``SHIPPER: "thread"`` each process
-takes a slot ``spool-N.db`` through ``spool-N.lock`` (persist-queue is not safe for several processes on
-one database). The kernel drops a lock when its owner dies, however it dies, so a free lock means an
-orphan whose backlog the shipper, a live process or the replay command may adopt. Holding the lock is
-also what lets a process drain a file: two drainers never take from the same file at once.
+Each app process takes an intake *slot* (``intake-N.lock``) for its journal segments, and one shipper per
+directory (a process, or threads of an app process) holds ``shipper.lock`` for ``shipper.db``. Older builds'
+SHIPPER 'thread' gave each process a spool ``spool-N.db`` locked through ``spool-N.lock``; the shipper adopts
+such files once their owner is gone. The kernel drops a lock when its owner dies, however it dies, so a free
+lock means an orphan whose backlog the shipper, a live process or the replay command may adopt. Holding the
+lock is also what lets a process drain a file: two drainers never take from the same file at once.
 """
 
 from __future__ import annotations

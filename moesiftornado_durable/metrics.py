@@ -22,7 +22,7 @@ _PREFIX = "moesif_durable"
 
 # (stats key, metric name, type, help)
 _METRICS: Tuple[Tuple[str, str, str, str], ...] = (
-    ("spooled", "spooled_total", "counter", "Records committed to the spool by this process."),
+    ("spooled", "spooled_total", "counter", "Records written to the spool (its intake journal) by this process."),
     ("skipped", "skipped_total", "counter", "Requests not logged because SKIP said so."),
     ("sent", "sent_total", "counter", "Records delivered to Moesif and removed from the spool."),
     ("send_attempts", "send_attempts_total", "counter", "HTTP requests made to Moesif."),

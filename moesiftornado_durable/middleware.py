@@ -2,8 +2,8 @@
 
 Thin on purpose: `log_event` captures the event (capture.py, driven by capture_driver.py) and hands it
 to this process's runtime (runtime.py), which appends it to the intake journal in SPOOL_DIR with one
-`write()`; the shipper process of SPOOL_DIR spools and delivers it (with ``SHIPPER: "thread"``, the
-runtime commits it to its own SQLite spool and a flusher thread here delivers it). `log_event` never
+`write()`; the shipper of SPOOL_DIR (a process of its own, or with ``SHIPPER: "thread"`` threads of
+this one: the same code) spools and delivers it. `log_event` never
 raises into Tornado and counts every event it did not write, by reason (`lost.py`). When a user
 callable returns an awaitable (an async function), the rest of the capture runs as a task on the running
 event loop and the event is written when the awaitables resolve.
@@ -55,10 +55,9 @@ class MoesifMiddleware(ExecuteHook):
     """Logs every finished Tornado request to Moesif through a crash-safe on-disk spool.
 
     Use it as moesiftornado's: ``Application(routes, log_function=middleware.log_event)``. Once
-    `log_event` has returned, the event is in this process's intake journal in SPOOL_DIR (with
-    ``SHIPPER: "thread"``, committed to its SQLite spool) and survives a crash of the process or an
-    outage of Moesif of any length; the shipper process spools it and deletes it once Moesif accepted
-    it. Constructing one installs `hook.install`'s patch, through which it captures response bodies
+    `log_event` has returned, the event is in this process's intake journal in SPOOL_DIR and survives a
+    crash of the process or an outage of Moesif of any length; the shipper spools it and deletes it once
+    Moesif accepted it. Constructing one installs `hook.install`'s patch, through which it captures response bodies
     from an application's first request and applies the Moesif governance rules before its handlers run.
 
     Middlewares with the same delivery options in one process (the same SPOOL_DIR, application id,
@@ -257,7 +256,6 @@ class MoesifMiddleware(ExecuteHook):
         result["rules"] = len(pipeline.rules)
         result["rules_tag"] = pipeline.rules.tag
         result["spool_failing"] = time.monotonic() - self._last_spool_failure < _SPOOL_FAILING_FOR
-        result.update(+pipeline.lost.counters)  # SHIPPER 'thread': records evicted when full
         runtime = pipeline.runtime if self._share is not None else None
         if runtime is None or runtime.pid != os.getpid():
             return result

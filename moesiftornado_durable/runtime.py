@@ -1,17 +1,16 @@
 """The per-process runtime of the middlewares: where records go and who delivers them.
 
-In the default mode (SHIPPER 'process', `_ProcessRuntime`) a record is appended to this process's intake
-journal in SPOOL_DIR and a supervisor thread keeps the directory's shipper process running, which spools
-and delivers it; in SHIPPER 'thread' (`_ThreadRuntime`) it is committed to this process's own SQLite spool
-and a flusher thread here delivers it. Middlewares with the same delivery options share one runtime
-through a `_Pipeline`; `_Registry` counts their shares, closes idle pipelines and handles fork and exit.
+A record is appended to this process's intake journal in SPOOL_DIR; the directory's shipper (shipper.py)
+spools and delivers it, hosted in a child process kept running by a supervisor thread (SHIPPER 'process',
+the default) or on threads of this process (SHIPPER 'thread'): the same code either way, reached over
+one channel (channel.py). Middlewares with the same delivery options share one runtime through a
+`_Pipeline`; `_Registry` counts their shares, closes idle pipelines and handles fork and exit.
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
-import contextlib
 import json
 import logging
 import os
@@ -19,27 +18,25 @@ import sqlite3
 import threading
 import time
 import weakref
-from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Tuple, Union
 
 from . import locks, outgoing, spooldir
+from .channel import ChannelClient
 from .codec import Codec, UndecryptableError
 from .config import Config
 from .errors import ConfigError, SpoolFullError
-from .flusher import Flusher
 from .governance import DEFAULT_RULES_REFRESH_INTERVAL, RuleSet
 from .holdback import prompt_switching
 from .journal import INTAKE, JournalWriter, file_size, first_record, segments
-from .lost import LostRecords
 from .sampling import DEFAULT_REFRESH_INTERVAL, AppConfig, ConfigFetcher, Sampler
 from .sender import Sender
-from .shipper import Supervisor, read_stats_file, request_flush, shipper_running
-from .spool import SpoolStats, SpoolView, directory_stats, open_spool, read_stats, reserve_space
+from .shipper import InProcessHost, Supervisor, shipper_running
+from .spool import SpoolStats, SpoolView, directory_stats, reserve_space
 
 logger = logging.getLogger("moesiftornado_durable")
 
 DEFAULT_CLOSE_TIMEOUT = 10.0
 _CONFIG_CLOSE_WAIT = 0.2  # seconds close() waits for an app-config fetch in flight (its thread is a daemon)
-_FLUSH_POLL = 0.05  # seconds between looks at the shipper's progress in flush()
 # Seconds a pipeline stays open after its last middleware was garbage-collected without close(): an app that
 # builds a middleware per request would otherwise start and stop a runtime (and a shipper) per request.
 IDLE_CLOSE_AFTER = 30.0
@@ -56,16 +53,13 @@ class Holder(Protocol):
 
 
 class _Runtime:
-    """The per-process parts, shared by both SHIPPER modes: this process's slot (locked), the app-config
-    fetcher and the governance-rules fetcher. `put` makes one record durable; the subclasses say where
-    and who delivers it.
+    """This process's part of a pipeline: its journal slot (locked) and writer, the host that keeps
+    SPOOL_DIR's shipper running (a `Supervisor` of a shipper process, or an `InProcessHost`), the channel
+    to that shipper (`ChannelClient`: its figures, flush), and the app-config and rules fetchers.
 
     The rules are fetched at start, at least every `DEFAULT_RULES_REFRESH_INTERVAL` seconds, whenever an
-    accepted event batch carried a new ``X-Moesif-Rules-Tag`` (in the default mode the shipper process
-    sees it and publishes it in its stats file, read here every second), and whenever a new app config
-    arrives."""
-
-    slot_kind = "spool"
+    accepted event batch carried a new ``X-Moesif-Rules-Tag`` (the shipper sees it and tells every app
+    process over the channel), and whenever a new app config arrives."""
 
     def __init__(self, config: Config, on_app_config: Callable[[AppConfig], None],
                  on_rules: Callable[[RuleSet], None]) -> None:
@@ -74,7 +68,15 @@ class _Runtime:
         # The start-up checks of what SPOOL_DIR already holds, before anything is written there: that it is
         # this application's (here) and that SPOOL_ENCRYPTION_KEY opens its records (`_stored_records_problem`).
         spooldir.claim(config.spool_dir, config.application_id, config.base_uri)
-        self.lock = locks.lock_free_slot(config.spool_dir, self.slot_kind)
+        self.lock = locks.lock_free_slot(config.spool_dir, INTAKE)
+        self.codec = Codec(config.spool_encryption_keys)
+        spool_path = locks.spool_path(config.spool_dir, locks.SHIPPER_SLOT)
+        try:
+            _check_readable(*_stored_records_problem(config.spool_dir, spool_path, self.codec))
+        except BaseException:
+            self.lock.release()
+            raise
+        reserve_space(spool_path)  # before any journal write: the shipper may start after the disk filled up
         self._on_app_config = on_app_config
         self._config_etag: Optional[str] = None
         # their own HTTP sessions: each fetcher runs on its own thread
@@ -86,6 +88,19 @@ class _Runtime:
                                            refresh_interval=DEFAULT_RULES_REFRESH_INTERVAL,
                                            retry_wait=config.retry_max_wait, parse=RuleSet.parse,
                                            what="governance rules", thread_name="moesif-durable-rules")
+        self.writer = JournalWriter(config.spool_dir, self.lock.slot, config.spool_sync,
+                                    reclaim_slot=self._reclaim_slot)
+        if config.spool_sync != "normal":
+            prompt_switching()  # responses wait for the syncer thread (holdback)
+        self._live_bytes = 0  # the shipper's figure, as last told
+        self._written_since_figures = 0  # bytes journaled here since: the figure does not count them yet
+        self.channel = ChannelClient(config.spool_dir, self._figures_arrived)
+        self.channel.start()
+        self.host: Union[Supervisor, InProcessHost] = (Supervisor(config) if config.shipper == "process"
+                                                       else InProcessHost(config))
+        self.host.start()
+        self.fetcher.start()
+        self.rules_fetcher.start()
 
     def _app_config_arrived(self, app_config: AppConfig) -> None:
         self._on_app_config(app_config)
@@ -93,145 +108,14 @@ class _Runtime:
             self.rules_fetcher.refresh()  # the config changed: the rules may have too
         self._config_etag = app_config.etag
 
-    def start_fetchers(self) -> None:
-        self.fetcher.start()
-        self.rules_fetcher.start()
-
-    def put(self, record: Dict[str, Any], kind: str) -> int:
-        """Store one record; returns its sequence number for `on_synced` (0 where there is none)."""
-        raise NotImplementedError
-
-    def on_synced(self, sequence: int, callback: Callable[[bool], None]) -> None:
-        """`callback(ok)` once record `sequence` is on stable storage (ok False if its sync failed). Thread
-        mode: at once (a commit with SPOOL_SYNC 'full' is synced before `put` returns)."""
-        callback(True)
-
-    def flush(self, timeout: float) -> bool:
-        raise NotImplementedError
-
-    def delivery_stats(self) -> Tuple[Dict[str, Any], SpoolStats]:
-        """(delivery counters and errors, the spool's state); the spool part may raise sqlite3.Error."""
-        raise NotImplementedError
-
-    def close(self, timeout: float) -> None:
-        self.fetcher.close(min(timeout, _CONFIG_CLOSE_WAIT))
-        self.rules_fetcher.close(min(timeout, _CONFIG_CLOSE_WAIT))
-        if not self.fetcher.is_alive:
-            self._config_sender.close()
-        if not self.rules_fetcher.is_alive:
-            self._rules_sender.close()
-
-    def abandon_after_fork(self) -> None:
-        """In a forked child: drop the child's copy of the parent's lock fd; the parent keeps its lock."""
-        self.lock.release()
-
-    def before_fork(self) -> None:
-        pass
-
-    def after_fork_in_parent(self) -> None:
-        pass
-
-
-class _ThreadRuntime(_Runtime):
-    """SHIPPER 'thread': records are committed to this process's own SQLite spool (``spool-N.db``), and a
-    flusher thread in this process delivers them."""
-
-    def __init__(self, config: Config, on_evict: Callable[[List[str]], None],
-                 on_app_config: Callable[[AppConfig], None], on_rules: Callable[[RuleSet], None]) -> None:
-        super().__init__(config, on_app_config, on_rules)
-        try:
-            self.spool = open_spool(self.lock.spool_path, sync=config.sqlite_sync, max_bytes=config.spool_max_bytes,
-                                    when_full=config.when_full, on_evict=on_evict,
-                                    codec=Codec(config.spool_encryption_keys))
-        except BaseException:
-            self.lock.release()
-            raise
-        try:
-            _check_readable(self.spool.path, self.spool.unreadable_sample())
-        except BaseException:
-            self.spool.close()
-            self.lock.release()
-            raise
-        sender = Sender(config.base_uri, config.application_id, config.send_timeout)
-        self.flusher = Flusher(self.spool, sender, config, on_config_etag=self.fetcher.notice_etag,
-                               on_rules_tag=self.rules_fetcher.notice_etag)
-        self.flusher.start()
-        self.start_fetchers()
-
-    def put(self, record: Dict[str, Any], kind: str) -> int:
-        self.spool.put(record, kind)
-        return 0
-
-    def flush(self, timeout: float) -> bool:
-        return self.flusher.flush(timeout)
-
-    def delivery_stats(self) -> Tuple[Dict[str, Any], SpoolStats]:
-        courier = self.flusher.courier
-        delivery: Dict[str, Any] = dict(courier.counters)
-        delivery["last_error"] = None if courier.last_error is None else str(courier.last_error)
-        delivery["last_error_at"] = courier.last_error_at
-        return delivery, self.spool.stats()
-
-    def close(self, timeout: float) -> None:
-        super().close(timeout)
-        self.flusher.close(timeout)
-        if not self.flusher.is_alive:
-            self.spool.close()
-            self.lock.release()
-
-    def before_fork(self) -> None:
-        self.spool.hold_for_fork()
-
-    def after_fork_in_parent(self) -> None:
-        self.spool.release_after_fork()
-
-
-class _ProcessRuntime(_Runtime):
-    """SHIPPER 'process' (the default): records are appended to this process's intake journal with one
-    `write()`; the shipper process of SPOOL_DIR spools and delivers them, and a supervisor thread here
-    keeps one running."""
-
-    slot_kind = INTAKE
-
-    def __init__(self, config: Config, on_app_config: Callable[[AppConfig], None],
-                 on_rules: Callable[[RuleSet], None]) -> None:
-        super().__init__(config, on_app_config, on_rules)
-        self.codec = Codec(config.spool_encryption_keys)
-        spool_path = locks.spool_path(config.spool_dir, locks.SHIPPER_SLOT)
-        try:
-            _check_readable(*_stored_records_problem(config.spool_dir, spool_path, self.codec))
-        except BaseException:
-            self.lock.release()
-            raise
-        reserve_space(spool_path)  # before any journal write: the shipper may start after the disk filled up
-        self.writer = JournalWriter(config.spool_dir, self.lock.slot, config.spool_sync,
-                                    reclaim_slot=self._reclaim_slot)
-        if config.spool_sync != "normal":
-            prompt_switching()  # responses wait for the syncer thread (holdback)
-        self._shipper: Dict[str, Any] = {}
-        self._written_since_stats = 0
-        self._view = SpoolView(spool_path)  # the supervisor thread's own read-only look at the spool
-        self._view_recoveries = 0  # the writer's `recoveries` when `_view` was opened
-        self.supervisor = Supervisor(config, self._tick)
-        self.supervisor.start()
-        self.start_fetchers()
-
-    def _tick(self, stats: Dict[str, Any]) -> None:
-        """Every second, on the supervisor thread: take the shipper's figures, and delete our journal
-        segment once it is all spooled."""
-        if stats.get("time") != self._shipper.get("time"):
-            self._shipper = stats
-            self._written_since_stats = 0
-            self.fetcher.notice_etag(stats.get("config_etag"))
-            self.rules_fetcher.notice_etag(stats.get("rules_tag"))
-        if self.writer.recoveries != self._view_recoveries:  # SPOOL_DIR was made again: so is the spool
-            self._view_recoveries = self.writer.recoveries
-            self._view.close()
-            self._view = SpoolView(self._view.path)
-        try:
-            self.writer.retire_if_spooled(self._view.journal_folded_offset)
-        except (sqlite3.Error, FileNotFoundError):
-            pass  # no shipper has created its spool yet
+    def _figures_arrived(self, figures: Dict[str, Any]) -> None:
+        """On the channel's thread: take the shipper's figures, and delete our journal segment once it is
+        all in the spool's main file."""
+        self._live_bytes, self._written_since_figures = int(figures.get("live_bytes") or 0), 0
+        self.fetcher.notice_etag(figures.get("config_etag"))
+        self.rules_fetcher.notice_etag(figures.get("rules_tag"))
+        folded = figures.get("folded") or {}
+        self.writer.retire_if_spooled(folded.get)
 
     def _reclaim_slot(self) -> int:
         """The writer found SPOOL_DIR deleted and made it again: hold a slot lock in the directory as it
@@ -242,78 +126,33 @@ class _ProcessRuntime(_Runtime):
         return self.lock.slot
 
     def put(self, record: Dict[str, Any], kind: str) -> int:
+        """Journal one record; returns its sequence number for `on_synced`. With SPOOL_MAX_BYTES and
+        WHEN_FULL 'drop_newest', refuses it (`SpoolFullError`) when the spool, as the shipper last told
+        (it tells each change), plus what this process wrote since, would pass the bound."""
         data = self.codec.encode(record)
         max_bytes = self.config.spool_max_bytes
         if max_bytes is not None and self.config.when_full == "drop_newest":
-            backlog = int(self._shipper.get("live_bytes") or 0) + self._written_since_stats
+            backlog = self._live_bytes + self._written_since_figures
             if backlog + len(data) > max_bytes:
                 raise SpoolFullError(f"the spool holds about {backlog} bytes (SPOOL_MAX_BYTES {max_bytes})")
         sequence = self.writer.append(kind, data, time.time())
-        self._written_since_stats += len(data)
+        self._written_since_figures += len(data)
         return sequence
 
     def on_synced(self, sequence: int, callback: Callable[[bool], None]) -> None:
+        """`callback(ok)` once record `sequence` is on stable storage (ok False if its sync failed)."""
         self.writer.on_synced(sequence, callback)
 
     def flush(self, timeout: float) -> bool:
-        """Wait until this process's journal is spooled and everything spooled by then is delivered."""
-        deadline = time.monotonic() + timeout
-        written = self._written_so_far()
-        view = SpoolView(locks.spool_path(self.config.spool_dir, locks.SHIPPER_SLOT))
-        try:
-            with contextlib.suppress(OSError):  # SPOOL_DIR deleted: the next write or shipper makes it again
-                request_flush(self.config.spool_dir)
-            mark: Optional[int] = None
-            while time.monotonic() < deadline:
-                try:
-                    if mark is None and self._spooled(view, written):
-                        mark = view.last_id()
-                    if mark is not None and view.pending_through(mark) == 0 and not self._orphans_waiting():
-                        self._await_stats_after(time.time(), deadline)
-                        return True
-                except (sqlite3.Error, FileNotFoundError):
-                    pass  # the shipper has not created its spool yet
-                time.sleep(_FLUSH_POLL)
-            return False
-        finally:
-            view.close()
-
-    def _await_stats_after(self, moment: float, deadline: float) -> None:
-        """Give the shipper a moment to publish the figures of what was just delivered (for `stats`)."""
-        until = min(deadline, time.monotonic() + 1.0)
-        while time.monotonic() < until:
-            if float(read_stats_file(self.config.spool_dir).get("time") or 0) >= moment:
-                return
-            time.sleep(_FLUSH_POLL / 5)
-
-    def _orphans_waiting(self) -> bool:
-        """True while a spool file left by a stopped process (which the shipper adopts, under its lock)
-        still holds records."""
-        directory = self.config.spool_dir
-        for slot in locks.slots(directory):
-            if slot != locks.SHIPPER_SLOT:
-                stats = read_stats(locks.spool_path(directory, slot))
-                if stats.ready or stats.in_flight:
-                    return True
-        return False
-
-    def _written_so_far(self) -> Dict[str, int]:
-        """{segment path: size} of every journal segment this process has written to and not seen deleted:
-        not only the open one (after a full disk refused writes, older segments may still wait)."""
-        return {path: file_size(path) for slot, _, path in segments(self.config.spool_dir) if slot == self.writer.slot}
-
-    @staticmethod
-    def _spooled(view: SpoolView, written: Dict[str, int]) -> bool:
-        """True once the shipper has spooled each segment up to the size it had (a segment is deleted only
-        once spooled and folded into the database file)."""
-        for path, size in written.items():
-            offset = view.journal_offset(os.path.basename(path))
-            if size and (offset or 0) < size and os.path.exists(path):
-                return False
-        return True
+        """Wait until this process's journal is spooled and everything spooled by then is delivered: the
+        shipper answers over the channel once it is (a wait on an event, at most `timeout`)."""
+        through = {os.path.basename(path): file_size(path)
+                   for slot, _, path in segments(self.config.spool_dir) if slot == self.writer.slot}
+        return self.channel.flush(through, timeout)
 
     def delivery_stats(self) -> Tuple[Dict[str, Any], SpoolStats]:
-        shipper = read_stats_file(self.config.spool_dir)
+        """(delivery counters and errors, the spool's state); the spool part may raise sqlite3.Error."""
+        shipper = self.channel.figures
         delivery: Dict[str, Any] = dict(shipper.get("counters") or {})
         delivery["last_error"] = shipper.get("last_error")
         delivery["last_error_at"] = shipper.get("last_error_at")
@@ -324,17 +163,31 @@ class _ProcessRuntime(_Runtime):
         return delivery, directory_stats(self.config.spool_dir)
 
     def close(self, timeout: float) -> None:
-        super().close(timeout)
+        deadline = time.monotonic() + timeout
+        self.fetcher.close(min(timeout, _CONFIG_CLOSE_WAIT))
+        self.rules_fetcher.close(min(timeout, _CONFIG_CLOSE_WAIT))
+        if not self.fetcher.is_alive:
+            self._config_sender.close()
+        if not self.rules_fetcher.is_alive:
+            self._rules_sender.close()
         self.writer.close()
         self.lock.release()  # our segment is finished now: the shipper may spool its tail and delete it
-        self.supervisor.close(timeout)
-        if not self.supervisor.is_alive:
-            self._view.close()
+        self.host.close(max(0.0, deadline - time.monotonic()))
+        self.channel.close()
+
+    def before_fork(self) -> None:
+        self.host.before_fork()
+
+    def after_fork_in_parent(self) -> None:
+        self.host.after_fork_in_parent()
 
     def abandon_after_fork(self) -> None:
-        super().abandon_after_fork()
+        """In a forked child: drop the child's copies of the parent's lock, journal, host and channel; the
+        parent keeps them."""
+        self.lock.release()
         self.writer.close()
-        self.supervisor.abandon_after_fork()
+        self.host.abandon_after_fork()
+        self.channel.abandon_after_fork()
 
 
 def _stored_records_problem(directory: str, spool_path: str, codec: Codec) -> Tuple[str, Optional[str]]:
@@ -368,7 +221,7 @@ def _check_readable(path: str, problem: Optional[str]) -> None:
 
 class _Pipeline:
     """What every middleware with the same delivery options (`Config.delivery_options`) shares in this
-    process: the runtime (journal slot, shipper supervisor or flusher, the app-config and rules fetchers)
+    process: the runtime (journal slot, shipper host and channel, the app-config and rules fetchers)
     and what it fetched (the sampler's app config, the governance rules). `_Registry` counts its users."""
 
     def __init__(self, key: str, config: Config) -> None:
@@ -384,7 +237,6 @@ class _Pipeline:
         self.holders: weakref.WeakSet[Holder] = weakref.WeakSet()
         self.idle_since: Optional[float] = None
         self.outgoing_owner: Optional[weakref.ReferenceType[Holder]] = None  # captures for all
-        self.lost = LostRecords()  # records the spool deleted to make room (SHIPPER 'thread')
 
     def runtime_here(self) -> Optional[_Runtime]:
         """This process's runtime, opened on first use; None once closed. Raises what opening raises."""
@@ -395,10 +247,7 @@ class _Pipeline:
             if self.closed:
                 return None
             if self.runtime is None or self.runtime.pid != os.getpid():
-                self.runtime = (_ProcessRuntime(self.config, self.sampler.update, self._rules_arrived)
-                                if self.config.shipper == "process"
-                                else _ThreadRuntime(self.config, self.lost.evicted, self.sampler.update,
-                                                    self._rules_arrived))
+                self.runtime = _Runtime(self.config, self.sampler.update, self._rules_arrived)
             return self.runtime
 
     def _rules_arrived(self, rules: RuleSet) -> None:

@@ -634,11 +634,13 @@ class Spool:
                     conn.executemany("INSERT INTO journal_folded (segment, offset) VALUES (?, ?)", offsets.items())
             return offsets
 
-    def fold_if_due(self) -> None:
+    def fold_if_due(self) -> bool:
         """`fold` if records were spooled since the last one and FOLD_INTERVAL has passed (the shipper's
-        tick), so segments are deleted soon after they are spooled."""
+        tick), so segments are deleted soon after they are spooled; True if it folded."""
         if self._committed_since_fold and time.monotonic() - self._folded_at >= FOLD_INTERVAL:
             self.fold()
+            return True
+        return False
 
     def _keep_wal_small(self, commits: int) -> None:
         """Fold and truncate the WAL once it outgrows its share of the disk (looked at every WAL_CHECK_COMMITS).
@@ -891,8 +893,9 @@ def read_journal_offsets(path: str) -> Dict[str, int]:
 
 
 class SpoolView:
-    """A read-only look at a spool that another process owns (the shipper's, from an app process):
-    progress questions for `flush`, through one read-only connection opened on first use."""
+    """A read-only look at a spool that another process owns (the shipper's, from an app process): the
+    start-up check that SPOOL_ENCRYPTION_KEY opens its records, and inspection (tests, benchmarks), through
+    one read-only connection opened on first use. Progress and figures come over the channel instead."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -913,32 +916,6 @@ class SpoolView:
             return _journal_offsets(self._connection())
         except sqlite3.OperationalError:  # a spool still being created, or one from before journals
             return {}
-
-    def journal_offset(self, segment: str) -> Optional[int]:
-        """How far `segment` has been spooled; None if the spool has no offset for it."""
-        row = self._connection().execute("SELECT offset FROM journal_offsets WHERE segment = ?", (segment,)).fetchone()
-        return None if row is None else int(row[0])
-
-    def journal_folded_offset(self, segment: str) -> Optional[int]:
-        """How far `segment`'s records are in the database file itself (`Spool.fold`): how much of it may
-        be deleted. None if none of it is yet, or the spool predates folding."""
-        try:
-            row = self._connection().execute("SELECT offset FROM journal_folded WHERE segment = ?",
-                                             (segment,)).fetchone()
-        except sqlite3.OperationalError:  # a spool from before journal_folded: its shipper creates the table
-            return None
-        return None if row is None else int(row[0])
-
-    def last_id(self) -> int:
-        """The highest record id ever assigned."""
-        row = self._connection().execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (TABLE,)).fetchone()
-        return int(row[0]) if row else 0
-
-    def pending_through(self, mark: int) -> int:
-        """How many records with id <= `mark` are still ready or in flight."""
-        row = self._connection().execute(
-            f"SELECT COUNT(*) FROM {TABLE} WHERE _id <= ? AND status <= {_IN_FLIGHT}", (mark,)).fetchone()
-        return int(row[0])
 
     def unreadable_sample(self, codec: Codec) -> Optional[str]:
         """As `Spool.unreadable_sample`, with `codec`'s keys."""

@@ -257,15 +257,15 @@ def test_replay_dry_run_counts_spools_and_journals_and_changes_nothing(collector
     assert_once(collector, 100)  # the count was what a replay sends
 
 
-@pytest.mark.parametrize("shipper, live_file", [("process", "shipper.db"), ("thread", "spool-0.db")])
+@pytest.mark.parametrize("shipper, live_file", [("process", "shipper.db"), ("thread", "shipper.db")])
 def test_replay_refuses_a_spool_locked_by_a_live_process(
     app_processes: Callable[..., AppProcess], collector: Collector, spool_dir: str, shipper: str, live_file: str
 ) -> None:
     collector.go_down()
     app = app_processes(spool_dir, collector.base_uri, SHIPPER=shipper)
     assert requests.get(app.url + "/hello", timeout=5).status_code == 200
-    if shipper == "process":  # the app starts its shipper in the background: wait until it holds the spool
-        assert wait_until(lambda: shipper_running(spool_dir), 30)
+    # the app starts its shipper (a process, or its own threads) in the background: wait until it holds the spool
+    assert wait_until(lambda: shipper_running(spool_dir), 30)
     collector.come_up()
     collector.stall(30, times=None)  # the app's own flusher must not deliver during the test
     result = cli("replay", "--spool-dir", spool_dir, "--base-uri", collector.base_uri)
@@ -276,11 +276,11 @@ def test_replay_refuses_a_spool_locked_by_a_live_process(
 # -- status ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shipper, live_file", [("process", "shipper.db"), ("thread", "spool-0.db")])
+@pytest.mark.parametrize("shipper, live_file", [("process", "shipper.db"), ("thread", "shipper.db")])
 def test_status_next_to_a_live_app_shows_owner_and_does_not_disturb_it(
     app_processes: Callable[..., AppProcess], collector: Collector, spool_dir: str, shipper: str, live_file: str
 ) -> None:
-    """The live file is the app's own spool ('thread') or its shipper's ('process')."""
+    """The live file is the shipper's spool, held by the app itself ('thread') or by its shipper process."""
     collector.stall(60, times=None)  # the app's batch stays in flight
     # full batches only: a partial one sent early would leave fewer than 5 in flight
     app = app_processes(spool_dir, collector.base_uri, BATCH_SIZE=5, FLUSH_INTERVAL=30, SHIPPER=shipper)
@@ -295,8 +295,9 @@ def test_status_next_to_a_live_app_shows_owner_and_does_not_disturb_it(
     files = {f["file"]: f for f in status["files"]}
     owner = app.process.pid if shipper == "thread" else children_of(app.process.pid, shippers=True)[0]
     assert files[live_file]["owner_pid"] == owner and files[live_file]["owner_alive"] is True
+    assert status["shipper"]["pid"] == owner and status["shipper"]["counters"]["send_attempts"] >= 1  # over its channel
     assert (files[live_file]["ready"], files[live_file]["in_flight"]) == (2, 5)
-    dead = "spool-1.db" if shipper == "thread" else "spool-0.db"
+    dead = "spool-0.db"
     assert files[dead]["owner_alive"] is False and files[dead]["in_flight"] == 3
     assert status["total"]["ready"] == 2 + 7 and status["total"]["in_flight"] == 8
     assert status["total"]["oldest_age_seconds"] >= 0 and status["total"]["bytes_on_disk"] > 0

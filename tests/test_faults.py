@@ -340,7 +340,7 @@ def test_a_spool_file_sqlite_cannot_open_is_quarantined_and_a_fresh_one_starts(
     logs: Callable[[], List[str]], shipper: str, slot: int
 ) -> None:
     os.makedirs(spool_dir, exist_ok=True)
-    damaged = spool_path(spool_dir, slot)  # the spool the flusher (thread) or the shipper (process) opens
+    damaged = spool_path(spool_dir, slot)  # the shipper's own, or an older build's thread-mode spool it adopts
     with open(damaged, "wb") as f:
         f.write(b"definitely not a database " * 400)
     with caplog.at_level(logging.ERROR, logger="moesiftornado_durable"):

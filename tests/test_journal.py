@@ -31,8 +31,8 @@ from moesiftornado_durable.journal import (
     segments,
 )
 from moesiftornado_durable.kinds import KINDS
-from moesiftornado_durable.shipper import Shipper, journal_reader, read_stats_file
-from moesiftornado_durable.spool import Spool, SpoolView
+from moesiftornado_durable.shipper import Shipper, journal_reader
+from moesiftornado_durable.spool import Spool
 from moesiftornado_durable.testing import Collector
 
 
@@ -295,7 +295,7 @@ INGESTER = """
 import sys
 from moesiftornado_durable import MoesifMiddleware, cli, locks
 from moesiftornado_durable.shipper import journal_reader
-from moesiftornado_durable.spool import Spool, SpoolView
+from moesiftornado_durable.spool import Spool
 from moesiftornado_durable.testing import Collector
 spool = Spool(locks.spool_path(sys.argv[1], locks.SHIPPER_SLOT))
 reader = journal_reader(spool)
@@ -353,12 +353,12 @@ def test_the_shipper_restarts_after_a_sigkill_and_nothing_is_lost(make_middlewar
         middleware.update_user({"user_id": f"before-{n}"})
     assert middleware.flush(10)
     runtime: Any = middleware._runtime_here()
-    first = runtime.supervisor._child
+    first = runtime.host._child
     assert first is not None
     os.kill(first.pid, signal.SIGKILL)
     for n in range(20):
         middleware.update_user({"user_id": f"after-{n}"})  # journaled while no shipper runs
-    assert wait_until(lambda: runtime.supervisor._child is not None and runtime.supervisor._child.pid != first.pid,
+    assert wait_until(lambda: runtime.host._child is not None and runtime.host._child.pid != first.pid,
                       timeout=10)
     assert middleware.flush(15)
     users = sorted(u["user_id"] for u in collector.users)
@@ -448,7 +448,7 @@ SPOOL_AND_DIE = """
 import os, signal, sys
 from moesiftornado_durable import locks
 from moesiftornado_durable.shipper import journal_reader
-from moesiftornado_durable.spool import Spool, SpoolView
+from moesiftornado_durable.spool import Spool
 spool = Spool(locks.spool_path(sys.argv[1], locks.SHIPPER_SLOT))
 reader = journal_reader(spool)
 while reader.ingest():
@@ -482,9 +482,9 @@ def test_records_sqlite_discards_with_a_damaged_wal_are_detected_counted_and_spo
             assert shipper.spool.lost_wal == 1000
             assert any("lost 1000 committed record(s)" in r.getMessage() for r in caplog.records)
             assert any("has a WAL SQLite will discard" in r.getMessage() for r in caplog.records)
-            shipper.tick()  # spools the journal again and publishes the figures
+            shipper.tick()  # spools the journal again
             assert [item["body"]["n"] for item in shipper.spool.records()] == list(range(1000))
-            assert read_stats_file(directory)["counters"]["lost_wal"] == 1000
+            assert shipper.figures()["counters"]["lost_wal"] == 1000  # what the channel tells app processes
         finally:
             shipper.spool.close()
     finally:
@@ -502,19 +502,18 @@ def test_a_live_writer_closes_its_segment_once_part_of_it_is_folded_so_the_reade
     lock = locks.try_lock(directory, 0, INTAKE)
     assert lock is not None
     spool = Spool(locks.spool_path(directory, locks.SHIPPER_SLOT))
-    view = SpoolView(spool.path)
     try:
         writer = write_records(directory, 200, segment_bytes=64 * 1024)  # ~30 KB: past 1/16 of the segment
         first = writer.path
         reader = journal_reader(spool)
         assert reader.ingest() == 200
         writer.append("event", record(200), 2000.0)  # the writer is ahead of the shipper again
-        assert not writer.retire_if_spooled(view.journal_folded_offset)  # nothing folded yet: kept, open
+        assert not writer.retire_if_spooled(spool.journal_folded().get)  # nothing folded yet: kept, open
         spool.fold()
-        assert not writer.retire_if_spooled(view.journal_folded_offset)  # not all of it: kept, but closed
+        assert not writer.retire_if_spooled(spool.journal_folded().get)  # not all of it: kept, but closed
         assert reader.ingest() == 1 and os.path.exists(first)  # still the newest of a live writer: kept
         spool.fold()
-        assert writer.retire_if_spooled(view.journal_folded_offset)  # folded to its end: deleted
+        assert writer.retire_if_spooled(spool.journal_folded().get)  # folded to its end: deleted
         assert segments(directory) == []
         writer.append("event", record(201), 2001.0)
         assert writer.path != first
@@ -522,6 +521,5 @@ def test_a_live_writer_closes_its_segment_once_part_of_it_is_folded_so_the_reade
         assert [item["body"]["n"] for item in spool.records()] == list(range(202))
         writer.close()
     finally:
-        view.close()
         spool.close()
         lock.release()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -44,6 +45,8 @@ def files_containing(directory: str, needle: bytes) -> List[str]:
     found = []
     for name in os.listdir(directory):
         try:
+            if stat.S_ISSOCK(os.lstat(os.path.join(directory, name)).st_mode):
+                continue  # shipper.sock, the channel: it holds no bytes at rest
             with open(os.path.join(directory, name), "rb") as f:
                 if needle in f.read():
                     found.append(name)
@@ -293,12 +296,9 @@ def test_health_is_503_when_the_spool_is_failing(make_middleware: Callable[..., 
                                                  shipper: str) -> None:
     middleware = make_middleware(SHIPPER=shipper)
     runtime: Any = middleware._runtime_here()
-    if shipper == "thread":
-        runtime.spool.close()  # the real spool, really broken
-    else:
-        middleware._spool_record({"transaction_id": "opens-a-segment"}, "event")
-        os.close(runtime.writer._fd)
-        runtime.writer._fd = os.open(os.devnull, os.O_RDONLY)  # the real journal descriptor refuses writes
+    middleware._spool_record({"transaction_id": "opens-a-segment"}, "event")
+    os.close(runtime.writer._fd)
+    runtime.writer._fd = os.open(os.devnull, os.O_RDONLY)  # the real journal descriptor refuses writes
     middleware._spool_record({"transaction_id": "x"}, "event")
     app = tornado.web.Application([(r"/healthz", HealthHandler, {"middleware": middleware})])
     with serve(app) as url:

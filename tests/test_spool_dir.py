@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -18,8 +19,9 @@ from conftest import serve, wait_until
 
 from moesiftornado_durable import ConfigError, MoesifMiddleware, locks
 from moesiftornado_durable import shipper as shipper_module
+from moesiftornado_durable.channel import SOCKET, ChannelClient
 from moesiftornado_durable.config import Config
-from moesiftornado_durable.shipper import STATS_FILE, Shipper, request_flush
+from moesiftornado_durable.shipper import Shipper
 from moesiftornado_durable.spool import Spool
 from moesiftornado_durable.spooldir import IDENTITY_FILE, claim
 from moesiftornado_durable.testing import Collector
@@ -215,7 +217,7 @@ def victim(tmp_path: Any) -> Iterator[str]:
 
 
 @pytest.mark.parametrize("name", ["intake-0.lock", "shipper.lock", "spool-0.lock", "shipper.db", "shipper.db-wal",
-                                  STATS_FILE, "flush-request", IDENTITY_FILE])
+                                  "shipper-stats.json", "flush-request", SOCKET, IDENTITY_FILE])
 def test_a_link_planted_in_spool_dir_is_refused_at_start(
     collector: Collector, spool_dir: str, victim: str, name: str
 ) -> None:
@@ -245,43 +247,56 @@ def test_a_lock_file_planted_after_start_is_not_written_through(
 
 def test_a_spool_file_others_could_read_is_made_private_when_opened(tmp_path: Any) -> None:
     """Files an older version (or a tool) left readable by others become 0600 when the library opens them."""
-    for name in ("shipper.lock", "flush-request"):
-        with open(tmp_path / name, "w"):
-            pass
-        os.chmod(tmp_path / name, 0o644)
+    with open(tmp_path / "shipper.lock", "w"):
+        pass
+    os.chmod(tmp_path / "shipper.lock", 0o644)
     lock = locks.try_lock(str(tmp_path), locks.SHIPPER_SLOT)
     assert lock is not None
     lock.release()
-    request_flush(str(tmp_path))
-    assert {name: stat.S_IMODE(os.stat(tmp_path / name).st_mode) for name in ("shipper.lock", "flush-request")} == \
-        {"shipper.lock": 0o600, "flush-request": 0o600}
+    assert stat.S_IMODE(os.stat(tmp_path / "shipper.lock").st_mode) == 0o600
 
 
-def test_a_flush_request_through_a_planted_link_fails_without_touching_the_target(tmp_path: Any, victim: str) -> None:
-    directory = str(tmp_path)
-    os.symlink(victim, os.path.join(directory, "flush-request"))
-    with pytest.raises(OSError):
-        request_flush(directory)
-
-
-def test_the_shipper_stats_file_never_follows_a_link(collector: Collector, spool_dir: str, victim: str) -> None:
-    """Links at the stats file and at its old, predictable temporary name: the figures replace the link,
-    the victim is untouched, and the file is 0600."""
-    config = Config.from_dict(options(spool_dir, ID_A, collector))
-    os.symlink(victim, os.path.join(config.spool_dir, STATS_FILE))
-    os.symlink(victim, os.path.join(config.spool_dir, f"{STATS_FILE}.{os.getpid()}.tmp"))
-    left_by_a_kill = os.path.join(config.spool_dir, ".shipper-stats-k1ll3d.tmp")
-    open(left_by_a_kill, "w").close()
-    shipper = Shipper(config)
-    assert not os.path.exists(left_by_a_kill)  # the next shipper removes a temporary file a kill left
+def test_an_app_never_connects_to_a_channel_through_a_link(tmp_path: Any) -> None:
+    """A link planted at shipper.sock, to a socket someone else listens on: the app does not connect."""
+    directory = str(tmp_path / "spool")
+    os.makedirs(directory, mode=0o700)
+    elsewhere = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    elsewhere.bind(str(tmp_path / "theirs.sock"))
+    elsewhere.listen(1)
+    os.symlink(tmp_path / "theirs.sock", os.path.join(directory, SOCKET))
+    client = ChannelClient(directory, lambda figures: None)
     try:
-        shipper.publish_stats()
+        assert client._connect() is None
+        elsewhere.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            elsewhere.accept()  # no connection ever arrived
     finally:
-        shipper.spool.close()
-    stats = os.path.join(config.spool_dir, STATS_FILE)
-    assert stat.S_ISREG(os.lstat(stats).st_mode) and stat.S_IMODE(os.lstat(stats).st_mode) == 0o600
-    with open(stats) as f:
-        assert json.load(f)["pid"] == os.getpid()
+        elsewhere.close()
+
+
+def test_the_channel_socket_is_0600_and_replaces_a_planted_link(
+    collector: Collector, spool_dir: str, victim: str
+) -> None:
+    """Links at shipper.sock and at the files older builds used (stats file, flush request, their temporary
+    names): the shipper removes the old names and binds its socket in place of the link, 0600, never
+    writing through a link; an app connects and gets the shipper's figures."""
+    config = Config.from_dict(options(spool_dir, ID_A, collector))
+    for name in (SOCKET, "shipper-stats.json", "flush-request", ".shipper-stats-k1ll3d.tmp"):
+        os.symlink(victim, os.path.join(config.spool_dir, name))
+    shipper = Shipper(config)
+    arrived = threading.Event()
+    client = ChannelClient(config.spool_dir, lambda figures: arrived.set())
+    try:
+        shipper.start()
+        path = os.path.join(config.spool_dir, SOCKET)
+        assert stat.S_ISSOCK(os.lstat(path).st_mode) and stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+        assert not {"shipper-stats.json", "flush-request", ".shipper-stats-k1ll3d.tmp"} & set(os.listdir(spool_dir))
+        client.start()
+        assert arrived.wait(10) and client.figures["pid"] == os.getpid()
+    finally:
+        client.close()
+        shipper.close(2)
+    assert SOCKET not in os.listdir(config.spool_dir)  # a shipper that stopped leaves no socket behind
 
 
 @pytest.mark.parametrize("shipper", ["process", "thread"])
@@ -296,16 +311,16 @@ def test_every_file_in_spool_dir_is_0600(collector: Collector, spool_dir: str, s
     try:
         get(middleware, "/a", 5)
         assert middleware.flush(15)
-        if shipper == "process":
-            assert wait_until(lambda: STATS_FILE in os.listdir(spool_dir), timeout=10)
+        assert wait_until(lambda: SOCKET in os.listdir(spool_dir), timeout=10)
         running = modes()
+        assert stat.S_ISSOCK(os.lstat(os.path.join(spool_dir, SOCKET)).st_mode)  # the channel, 0600 as the rest
     finally:
         middleware.close(5)
     assert stat.S_IMODE(os.stat(spool_dir).st_mode) == 0o700
     assert any(name.endswith("-wal") for name in running) and any(name.endswith("-shm") for name in running)
     for seen in (running, modes()):
         assert {name: mode for name, mode in seen.items() if mode != "0o600"} == {}
-        assert all(stat.S_ISREG(os.lstat(os.path.join(spool_dir, name)).st_mode) for name in modes())
+        assert all(stat.S_ISREG(os.lstat(os.path.join(spool_dir, name)).st_mode) for name in modes() if name != SOCKET)
 
 
 @pytest.mark.parametrize("mode, who", [(0o777, "its group and others"), (0o770, "its group"), (0o703, "others")])
