@@ -20,6 +20,11 @@ Safety: the socket is bound under a random temporary name in the 0700 SPOOL_DIR,
 over ``shipper.sock`` (a rename replaces a planted link or a stale socket, it never follows one), by the
 lock holder only. A client connects only to a socket (not a link) owned by its own user. Unix socket
 paths are limited to 107 bytes: both sides reach the directory through ``/proc/self/fd/<dirfd>``.
+
+A file system that cannot hold a socket (some FUSE file systems, LazyFS among them) gets the channel in
+Linux's abstract socket namespace instead, named for the user and SPOOL_DIR's device and inode; with no
+file permissions there, each side checks the other's user id (SO_PEERCRED). A shipper that can make
+neither still ships: only figures and flush answers are missing, and `flush` returns False.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import secrets
 import selectors
 import socket
 import stat
+import struct
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
@@ -51,6 +57,18 @@ RECONNECT_INTERVAL = 0.2  # seconds between an app's attempts to reach a shipper
 def _address(dirfd: int, name: str) -> str:
     """A path to `name` in the directory open as `dirfd`, short enough for a Unix socket address."""
     return f"/proc/self/fd/{dirfd}/{name}"
+
+
+def _abstract_address(directory: str) -> str:
+    """The channel's name in the abstract namespace, for a SPOOL_DIR whose file system holds no socket."""
+    info = os.stat(directory)
+    return f"\0moesiftornado-durable/{os.geteuid()}/{info.st_dev}:{info.st_ino}"
+
+
+def _peer_is_us(sock: socket.socket) -> bool:
+    """True if the process at the other end runs as this user (an abstract socket has no permissions)."""
+    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return bool(uid == os.geteuid())
 
 
 def _open_directory(directory: str) -> int:
@@ -109,6 +127,7 @@ class ChannelServer:
         self._wake_end: Optional[socket.socket] = None
         self._listener: Optional[socket.socket] = None
         self._bound = (0, 0)
+        self._abstract = False  # bound in the abstract namespace: clients' user ids are checked
         self._clients: Dict[socket.socket, _Lines] = {}
         self._pending: List[FlushRequest] = []
         self._published: Optional[Dict[str, Any]] = None
@@ -117,6 +136,23 @@ class ChannelServer:
         self._worker = ProcessThread("moesif-durable-channel-server", self._run)
 
     def _bind(self) -> socket.socket:
+        try:
+            return self._bind_in_directory()
+        except OSError as exc:
+            logger.info("moesiftornado_durable shipper: cannot make %s in %s (%s); serving the channel in the "
+                        "abstract socket namespace instead", SOCKET, self._directory, exc)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(_abstract_address(self._directory))
+            listener.listen(16)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        self._abstract = True
+        return listener
+
+    def _bind_in_directory(self) -> socket.socket:
         dirfd = _open_directory(self._directory)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         temporary = f"{TEMPORARY_PREFIX}{secrets.token_hex(8)}.tmp"
@@ -179,6 +215,9 @@ class ChannelServer:
         try:
             client, _ = self._listener.accept()
         except BlockingIOError:
+            return
+        if self._abstract and not _peer_is_us(client):
+            client.close()
             return
         client.settimeout(_SEND_TIMEOUT)
         self._clients[client] = _Lines()
@@ -274,23 +313,44 @@ class ChannelServer:
 
 def connect(directory: str, timeout: Optional[float] = None) -> Optional[socket.socket]:
     """A connection to the shipper serving `directory`, or None when none answers (no socket, a stale one,
-    or something there that is not a socket of this user: never followed)."""
+    or something there that is not a socket of this user: never followed). Tries ``shipper.sock``, then the
+    abstract namespace (where a shipper serves when the file system holds no socket)."""
     try:
         dirfd = _open_directory(directory)
     except OSError:
         return None
+    try:
+        try:
+            info = os.stat(SOCKET, dir_fd=dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return _connect_abstract(directory, timeout)
+        if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.geteuid():
+            logger.debug("%s in %s is not a socket of this user: not connecting", SOCKET, directory)
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(_address(dirfd, SOCKET))
+        except OSError:
+            sock.close()
+            return _connect_abstract(directory, timeout)  # a stale socket: the live shipper may serve there
+        return sock
+    finally:
+        os.close(dirfd)
+
+
+def _connect_abstract(directory: str, timeout: Optional[float]) -> Optional[socket.socket]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        info = os.stat(SOCKET, dir_fd=dirfd, follow_symlinks=False)
-        if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.geteuid():
-            raise OSError(f"{SOCKET} in {directory} is not a socket of this user: not connecting")
         sock.settimeout(timeout)
-        sock.connect(_address(dirfd, SOCKET))
+        sock.connect(_abstract_address(directory))
+        if not _peer_is_us(sock):
+            logger.debug("the abstract channel of %s is another user's: not talking to it", directory)
+            sock.close()
+            return None
     except OSError:
         sock.close()
         return None
-    finally:
-        os.close(dirfd)
     return sock
 
 

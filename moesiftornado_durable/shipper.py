@@ -124,13 +124,14 @@ class Shipper:
         self._rules_tag = tag or self._rules_tag
 
     def start(self) -> None:
-        """Serve the channel, then deliver. If the socket cannot be made, nothing runs and the spool is closed."""
+        """Serve the channel, then deliver. Without a channel (no socket could be made anywhere) the shipper
+        still ships: app processes then get no figures and their `flush` returns False."""
         try:
             self.channel.start()
-        except BaseException:
+        except OSError:
+            logger.exception("moesiftornado_durable shipper: cannot serve the channel for %s; shipping without "
+                             "it (flush() returns False, stats() has no delivery figures)", self.directory)
             self.channel.close(0)
-            self.spool.close()
-            raise
         self.flusher.start()
 
     def figures(self) -> Dict[str, Any]:
