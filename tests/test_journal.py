@@ -11,15 +11,16 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
 from conftest import iter_records, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moesiftornado_durable import MoesifMiddleware, cli, locks
+from moesiftornado_durable import MoesifMiddleware, cli, journal, locks
 from moesiftornado_durable.config import Config
 from moesiftornado_durable.journal import (
     INTAKE,
@@ -278,7 +279,7 @@ def test_a_live_writers_segment_is_read_as_it_grows_and_kept(tmp_path: str) -> N
 
 WRITER = """
 import sys, json, time
-from moesiftornado_durable import MoesifMiddleware, cli, locks
+from moesiftornado_durable import MoesifMiddleware, cli, journal, locks
 from moesiftornado_durable.journal import INTAKE, JournalWriter
 directory = sys.argv[1]
 lock = locks.try_lock(directory, 0, INTAKE)
@@ -293,7 +294,7 @@ while n < 10_000_000:
 
 INGESTER = """
 import sys
-from moesiftornado_durable import MoesifMiddleware, cli, locks
+from moesiftornado_durable import MoesifMiddleware, cli, journal, locks
 from moesiftornado_durable.shipper import journal_reader
 from moesiftornado_durable.spool import Spool, SpoolView
 from moesiftornado_durable.testing import Collector
@@ -525,3 +526,86 @@ def test_a_live_writer_closes_its_segment_once_part_of_it_is_folded_so_the_reade
         view.close()
         spool.close()
         lock.release()
+
+
+class _Clock:
+    """journal.py's clock, moved by the test: the syncer computes its deadlines from it (its waits stay real)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+class _GatedSync:
+    """The journal's fdatasync: each call says it started (`started`), waits (bounded) until `release` is
+    set, then syncs for real."""
+
+    def __init__(self) -> None:
+        self.started = threading.Semaphore(0)
+        self.release = threading.Event()
+        self._real = os.fdatasync
+
+    def __call__(self, fd: int) -> None:
+        self.started.release()
+        self.release.wait(30)
+        self._real(fd)
+
+
+@pytest.fixture
+def clock(monkeypatch: Any) -> _Clock:
+    fake = _Clock()
+    monkeypatch.setattr(journal, "time", fake)
+    return fake
+
+
+@pytest.fixture
+def gated_sync(monkeypatch: Any) -> Iterator[_GatedSync]:
+    gate = _GatedSync()
+    monkeypatch.setattr(os, "fdatasync", gate)
+    yield gate
+    gate.release.set()
+
+
+def test_a_record_written_during_a_slow_sync_is_synced_as_soon_as_that_sync_ends_when_already_due(
+    tmp_path: Any, clock: _Clock, gated_sync: _GatedSync
+) -> None:
+    # the deadline runs from the record's write, not from when the syncer got round to it: a record that waited
+    # through a slow sync is not made to wait a whole interval more
+    writer = JournalWriter(str(tmp_path), 1, "normal", sync_interval=3600)  # an hour, by the test's clock
+    try:
+        first = writer.append("event", record(1), time.time())
+        writer.on_synced(first, lambda ok: None)  # asks for a round at once
+        assert gated_sync.started.acquire(timeout=10)  # round 1 is in its fdatasync
+        writer.append("event", record(2), time.time())  # written during round 1
+        clock.now += 3601  # round 1 took longer than the interval: record 2 is due
+        gated_sync.release.set()
+        assert wait_until(lambda: writer.syncs == 2, 10), "record 2 waited for a new interval after the slow round"
+    finally:
+        gated_sync.release.set()
+        writer.close()
+
+
+def test_a_sync_later_than_the_window_is_counted_and_logged(
+    tmp_path: Any, clock: _Clock, gated_sync: _GatedSync, caplog: Any
+) -> None:
+    writer = JournalWriter(str(tmp_path), 1, "normal")
+    done = threading.Event()
+    try:
+        writer.on_synced(writer.append("event", record(1), time.time()), lambda ok: done.set())
+        assert gated_sync.started.acquire(timeout=10)
+        clock.now += 0.25  # the record became durable 250 ms after it was written
+        gated_sync.release.set()
+        assert done.wait(10)
+        assert writer.late_syncs == 1
+        assert "late syncs so far: 1" in caplog.text
+        done.clear()
+        writer.on_synced(writer.append("event", record(2), time.time()), lambda ok: done.set())  # on time
+        assert done.wait(10)
+        assert writer.late_syncs == 1 and writer.syncs == 2
+    finally:
+        writer.close()
