@@ -41,6 +41,7 @@ import http.client
 import json
 import os
 import random
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -71,7 +72,8 @@ SCENARIOS = ("down", "up", "reject", "quarantine")
 QUARANTINE_UPTIME = (0.05, 0.6)  # seconds after the app serves: around the shipper's quarantine of a damaged spool
 MODES = {"default": {}, "audit": {"SPOOL_SYNC": "audit"}}
 HOG = "import time\nend = time.monotonic() + 3600\nwhile time.monotonic() < end:\n    pass\n"  # --cpu-load, bounded
-LATE_SYNC_LOGGED = b"a journal sync made records durable"  # JournalWriter's warning about a late round
+LATE_SYNC_LOGGED = re.compile(r"a journal sync made records durable (\d+) ms after .*? it started after (\d+) ms "
+                              r".*? the fdatasync took (\d+) ms")  # JournalWriter's warning about a late round
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +115,7 @@ class Result:
     serving_seconds: float = 0.0
     wall: float = 0.0
     load_averages: List[float] = dataclasses.field(default_factory=list)  # the 1-minute load average at each cut
-    late_logged: int = 0  # app instances that logged a late journal sync (a round > 200 ms after its oldest record)
+    late_logged: List[str] = dataclasses.field(default_factory=list)  # the late journal syncs the app instances logged
 
     @property
     def failed(self) -> List[str]:
@@ -368,12 +370,12 @@ def _analyse(result: Result, load: Load, events: List[Dict[str, Any]], dead: Set
         (result.lost_older if age > WINDOW else result.lost_within).append((n, round(age, 3)))
 
 
-def _late_syncs_logged(path: str, start: int) -> int:
-    """How many app instances logged a late journal sync in the log from byte `start` (one warning per instance
-    and minute: `JournalWriter` rate-limits it)."""
-    with open(path, "rb") as f:
+def _late_syncs_logged(path: str, start: int) -> List[str]:
+    """The late journal syncs logged in the log from byte `start` (one warning per app instance and minute:
+    `JournalWriter` rate-limits it), each as "<age> = <waited to start> + <fdatasync>" in ms."""
+    with open(path, encoding="utf-8", errors="replace") as f:
         f.seek(start)
-        return f.read().count(LATE_SYNC_LOGGED)
+        return [f"{m.group(1)} = {m.group(2)} + {m.group(3)}" for m in LATE_SYNC_LOGGED.finditer(f.read())]
 
 
 def print_table(results: List[Result]) -> None:
@@ -396,7 +398,7 @@ def print_table(results: List[Result]) -> None:
         ("oldest lost event: answered this many ms before its cut", worst),
         ("duplicates (resent after a cut, same transaction_id)", lambda r: f"{r.duplicates:,}"),
         ("app instances that logged a late journal sync (> 200 ms after its oldest record)",
-         lambda r: f"{r.late_logged} of {len(r.cuts) + 1}"),
+         lambda r: f"{len(r.late_logged)} of {len(r.cuts) + 1}"),
         ("load average (1 min) at the cuts, min-max",
          lambda r: f"{min(r.load_averages):.1f}-{max(r.load_averages):.1f}" if r.load_averages else "-"),
         ("wall time, s", lambda r: f"{r.wall:.0f}"),
@@ -450,6 +452,10 @@ def main() -> int:
             failed = True
             print(f"FAIL {result.mode}: {reason}", file=sys.stderr)
     print_table(results)
+    for result in results:
+        if result.late_logged:
+            print(f"\n{result.mode}: late journal syncs logged, ms (age = waited to start + fdatasync): "
+                  f"{'; '.join(result.late_logged)}")
     print(f"\nseed {args.seed}; load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} "
           f"{os.getloadavg()[2]:.2f}; {os.cpu_count()} CPUs; {args.cpu_load} busy-looping processes added")
     if failed:
