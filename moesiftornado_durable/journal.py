@@ -334,19 +334,25 @@ class JournalWriter:
         """Delete the open segment if the shipper has spooled all of it into its main file, not only its WAL
         (`spooled_offset(name)`: the folded offset), so the journal keeps no copy of a record once the spool
         holds it for good; the next record starts a new segment. A segment already closed (after a failed
-        write, or closed early below) and still the newest is deleted here too: the reader waits for a newer one."""
+        write, or closed early below) and still the newest is deleted here too: the reader waits for a newer one.
+        `spooled_offset` runs without the writer's lock: appends and syncs go on meanwhile."""
         with self._lock:
             if not self.path or self.pid != os.getpid() or (self._fd is None and not os.path.exists(self.path)):
                 return False
-            offset = spooled_offset(os.path.basename(self.path))
+            path = self.path
+        # a read of the spool, slow on a busy machine: never under the lock the IOLoop's appends and the syncer take
+        offset = spooled_offset(os.path.basename(path))
+        with self._lock:
+            if self.path != path:
+                return False  # the writer moved on to a new segment meanwhile
             if offset is None or offset < self.size:
                 if self._fd is not None and offset is not None and offset >= self._segment_bytes // _ROTATE_SHARE:
                     self._abandon_segment()  # the next record starts a new segment; the reader deletes this one
                 return False
             self._abandon_segment()
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
-            return True
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        return True
 
     def close(self, timeout: float = 5.0) -> None:
         """Sync and close the open segment, waiting up to `timeout` for the syncer (in a forked child:

@@ -13,7 +13,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 from conftest import iter_records, wait_until
@@ -609,3 +609,34 @@ def test_a_sync_later_than_the_window_is_counted_and_logged(
         assert writer.late_syncs == 1 and writer.syncs == 2
     finally:
         writer.close()
+
+
+def test_appends_and_syncs_go_on_while_the_supervisor_reads_the_spool(tmp_path: Any) -> None:
+    # the supervisor asks the spool how far a segment is folded (SQLite: slow on a busy machine); the IOLoop's
+    # appends and the syncer must not wait for that answer
+    writer = JournalWriter(str(tmp_path), 1, "normal")
+    asked, answer = threading.Event(), threading.Event()
+
+    def slow_folded_offset(name: str) -> Optional[int]:
+        asked.set()
+        answer.wait(30)
+        return None
+
+    synced = threading.Event()
+    try:
+        writer.append("event", record(1), time.time())
+        retiring = threading.Thread(target=writer.retire_if_spooled, args=(slow_folded_offset,))
+        retiring.start()
+        assert asked.wait(10)
+        appended = threading.Event()
+        appender = threading.Thread(target=lambda: (writer.append("event", record(2), time.time()), appended.set()))
+        appender.start()
+        assert appended.wait(10), "an append waited for the supervisor's spool read"
+        writer.on_synced(2, lambda ok: synced.set())
+        assert synced.wait(10), "the syncer waited for the supervisor's spool read"
+    finally:
+        answer.set()
+        writer.close()
+    retiring.join(10)
+    appender.join(10)
+    assert [payload for _, payload, _ in iter_records(writer.path)] == [record(1), record(2)]
