@@ -50,6 +50,7 @@ INTAKE = "intake"  # the lock-file prefix of journal slots: intake-<slot>.lock
 SEGMENT_PATTERN = re.compile(r"^intake-(\d+)-(\d+)\.jnl2?$")  # .jnl: format 1, from earlier builds
 SYNC_INTERVAL = 0.05  # seconds: a round starts this long after the oldest unsynced record was written, at the latest
 SYNC_WINDOW = 0.2  # seconds: what SPOOL_SYNC 'normal' promises; a round that ends later than this is counted late
+RESCUE_LATE = 0.07  # seconds: an append finding the syncer this late (past SYNC_INTERVAL) syncs in its place
 SYNC_MODES = ("normal", "full", "audit")  # 'full' syncs as soon as records wait; 'audit' when a response waits
 _LATE_LOG_INTERVAL = 60.0  # seconds between two warnings about late rounds
 SEGMENT_BYTES = 4 * 1024 * 1024  # a writer starts a new segment past this; the reader deletes ingested ones
@@ -107,9 +108,12 @@ class JournalWriter:
     (a full segment, a deleted one, `close`) is closed only after that sync, so a rotation never leaves
     unsynced bytes behind. A round is due `sync_interval` after the oldest record it will cover was
     written (a deadline from the record's time, not from when the syncer woke), at once in 'full' mode
-    or when `on_synced` waits. A failed sync is counted (`sync_failures`), logged, and reported to
-    `on_synced` callbacks as False; a round that ends more than `SYNC_WINDOW` after its oldest record (a
-    machine too busy to run the syncer, or a slow disk) is counted (`late_syncs`) and logged.
+    or when `on_synced` waits. A machine too busy to run the syncer thread in time (it needs a core and
+    the GIL) does not stretch the window: an append that finds the oldest waiting record `RESCUE_LATE`
+    past its deadline, and no round under way, runs the round itself (`rescues`), an ``fdatasync`` on
+    the caller's thread that only such a machine pays. A failed sync is counted (`sync_failures`),
+    logged, and reported to `on_synced` callbacks as False; a round that ends more than `SYNC_WINDOW`
+    after its oldest record (a machine too busy, or a slow disk) is counted (`late_syncs`) and logged.
 
     A segment deleted under the writer (SPOOL_DIR removed while the app runs) would swallow every later
     write unseen, so each append checks the open file's link count (one ``fstat``); on a deleted segment
@@ -126,6 +130,7 @@ class JournalWriter:
         self.slot = slot
         self._eager = sync == "full"  # a round as soon as records wait, nobody waiting for them
         self._sync_interval = sync_interval
+        self._rescue_after = sync_interval + RESCUE_LATE
         self._segment_bytes = segment_bytes
         self._reclaim_slot = reclaim_slot
         self._fd: Optional[int] = None
@@ -147,6 +152,8 @@ class JournalWriter:
         self.syncs = 0  # sync rounds done
         self.sync_failures = 0  # sync rounds whose fsync failed: their records may not survive a power cut
         self.late_syncs = 0  # rounds that ended more than SYNC_WINDOW after their oldest record was written
+        self.rescues = 0  # rounds `append` ran itself because the syncer thread was RESCUE_LATE late
+        self._in_round = False  # a round (the syncer's or a rescue) is between taking its records and finishing
         self._late_logged = -_LATE_LOG_INTERVAL
         self.pid = os.getpid()
 
@@ -163,16 +170,23 @@ class JournalWriter:
                 self._recover(f"journal segment {self.path} was deleted")
                 self._write(data)
             self._appended += 1
+            sequence = self._appended
             first = not self._to_sync  # the first record since the last sync round
             if first:
                 self._oldest = time.monotonic()
             if first or self._to_sync[-1] != self._fd:
                 self._to_sync.append(self._fd)
+            rescue = None
             if self._syncer is None:
                 self._start_syncer()
             elif first or self._eager:
                 self._changed.notify()
-            return self._appended
+            if not first and not self._in_round and time.monotonic() - self._oldest > self._rescue_after:
+                rescue = self._take_round()  # the syncer has not run for too long: this thread syncs instead
+                self.rescues += 1
+        if rescue is not None:
+            self._do_round(*rescue, [])
+        return sequence
 
     def on_synced(self, sequence: int, callback: Callable[[bool], None]) -> None:
         """Call `callback(ok)` once record `sequence` (from `append`; 0: none) and those before it went
@@ -259,34 +273,50 @@ class JournalWriter:
                 self._wait_for_round()
                 if self._closing and not (self._to_sync or self._to_close):
                     return
-                target, oldest, to_sync, to_close = self._appended, self._oldest, self._to_sync, self._to_close
-                directory_dirty = self._directory_dirty
-                self._to_sync, self._to_close, self._directory_dirty = [], [], False  # append lists the
-                # open descriptor again when it writes again
-            started = time.monotonic()
-            ok = self._sync(to_sync, directory_dirty)
-            for fd in to_close:
-                _close(fd)
-            if to_sync:
-                self._check_late(started - oldest, time.monotonic() - started)
-            with self._lock:
-                if not ok:
-                    self._failed.append((self._synced, target))
-                self._synced = max(self._synced, target)
-                if len(self._waiters) == 1 and self._waiters[0][0] <= target:  # the usual case: one group waits
-                    done, self._waiters = [self._waiters[0][1]], []
-                else:
-                    done = [callback for wanted, callback in self._waiters if wanted <= target]
-                    self._waiters = [(wanted, callback) for wanted, callback in self._waiters if wanted > target]
-            for callback in done:
-                _call(callback, ok)
+                taken = self._take_round()
+                to_close, self._to_close = self._to_close, []
+            self._do_round(*taken, to_close)
+
+    def _take_round(self) -> Tuple[int, float, List[int], bool]:
+        """Under the lock, with no round under way: take the records waiting for a round (through which
+        sequence, the oldest one's time, their descriptors, whether SPOOL_DIR needs an fsync). `append`
+        lists the open descriptor again when it writes again."""
+        taken = (self._appended, self._oldest, self._to_sync, self._directory_dirty)
+        self._to_sync, self._directory_dirty, self._in_round = [], False, True
+        return taken
+
+    def _do_round(self, target: int, oldest: float, to_sync: List[int], directory_dirty: bool,
+                  to_close: List[int]) -> None:
+        """Sync what `_take_round` took, close `to_close` (never in a rescue: a descriptor is closed only
+        by the syncer, after its sync), and tell the waiters it covered."""
+        started = time.monotonic()
+        ok = self._sync(to_sync, directory_dirty)
+        for fd in to_close:
+            _close(fd)
+        if to_sync:
+            self._check_late(started - oldest, time.monotonic() - started)
+        with self._lock:
+            self._in_round = False
+            self._changed.notify()  # the syncer waits while a rescue's round is under way
+            if not ok:
+                self._failed.append((self._synced, target))
+            self._synced = max(self._synced, target)
+            if len(self._waiters) == 1 and self._waiters[0][0] <= target:  # the usual case: one group waits
+                done, self._waiters = [self._waiters[0][1]], []
+            else:
+                done = [callback for wanted, callback in self._waiters if wanted <= target]
+                self._waiters = [(wanted, callback) for wanted, callback in self._waiters if wanted > target]
+        for callback in done:
+            _call(callback, ok)
 
     def _wait_for_round(self) -> None:
         """Under the lock: return once a round is due: records wait and someone waits for them (`on_synced`),
         or the mode is 'full', or `sync_interval` has passed since the oldest of them was written; or
-        only descriptors wait to be closed; or the writer closes."""
-        while not self._closing:
-            if self._to_sync:
+        only descriptors wait to be closed; or the writer closes. Never while a rescue's round is under way."""
+        while self._in_round or not self._closing:
+            if self._in_round:
+                self._changed.wait()
+            elif self._to_sync:
                 if self._eager or self._waiters:
                     return
                 remaining = self._oldest + self._sync_interval - time.monotonic()

@@ -640,3 +640,30 @@ def test_appends_and_syncs_go_on_while_the_supervisor_reads_the_spool(tmp_path: 
     retiring.join(10)
     appender.join(10)
     assert [payload for _, payload, _ in iter_records(writer.path)] == [record(1), record(2)]
+
+
+def _waiting(thread: Optional[threading.Thread]) -> bool:
+    """True while `thread` is blocked in a `threading.Condition.wait` (its timeout already computed)."""
+    frame = sys._current_frames().get(thread.ident) if thread is not None and thread.ident is not None else None
+    return frame is not None and frame.f_code.co_name == "wait" and frame.f_code.co_filename == threading.__file__
+
+
+def test_an_append_syncs_in_place_of_a_syncer_that_has_not_run_in_time(
+    tmp_path: Any, clock: _Clock, monkeypatch: Any
+) -> None:
+    # a machine too busy to give the syncer thread a core (or the GIL): records must not wait for it past the window
+    synced_by: List[str] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced_by.append(threading.current_thread().name), real(fd)))
+    writer = JournalWriter(str(tmp_path), 1, "normal", sync_interval=3600)  # its round due in an hour, by the clock
+    try:
+        writer.append("event", record(1), time.time())
+        assert wait_until(lambda: _waiting(writer._syncer), 10)  # asleep until the record's deadline
+        clock.now += 3601  # ... which passed without the syncer running: it did not get the CPU
+        second = writer.append("event", record(2), time.time())
+        assert synced_by == [threading.current_thread().name] and writer.syncs == 1 and writer.rescues == 1
+        covered: List[bool] = []
+        writer.on_synced(second, covered.append)
+        assert covered == [True]  # both records are on stable storage already
+    finally:
+        writer.close()
