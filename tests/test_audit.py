@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import gc
 import http.client
 import os
 import select
@@ -262,3 +263,26 @@ def test_responses_held_in_one_ioloop_iteration_wait_for_their_sync_as_one_group
     assert 1 <= len(asked) <= 3, f"the syncer was asked {len(asked)} times for 11 responses held together"
     assert middleware.flush(15)
     assert sum("/hello?n=" in event["request"]["uri"] for event in collector.events) == 20
+
+
+class GoneClient(tornado.web.RequestHandler):
+    """Its client is gone (the connection closed) before its held response is released."""
+
+    def get(self) -> None:
+        self.request.connection.stream.close()
+        self.write("never sent")
+
+
+def test_a_held_response_whose_client_went_away_leaves_no_unretrieved_exception(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, caplog: Any
+) -> None:
+    middleware = make_middleware(SPOOL_SYNC="audit")
+    app = tornado.web.Application([(r"/gone", GoneClient), (r"/hello", Hello)], log_function=middleware.log_event)
+    with serve(app) as url:
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(url + "/gone", timeout=10)
+        assert requests.get(url + "/hello?n=1", timeout=10).text == "hello 1"  # released after /gone's
+        assert middleware.flush(15)
+    gc.collect()
+    assert "exception was never retrieved" not in caplog.text
+    assert sorted(event["request"]["uri"].rsplit("/", 1)[-1] for event in collector.events) == ["gone", "hello?n=1"]
