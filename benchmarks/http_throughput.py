@@ -333,6 +333,8 @@ def main() -> int:
                         help="auto: wrk when installed, else the bundled Python generator")
     parser.add_argument("--only", action="append", metavar="TEXT",
                         help="run only the rows whose label contains TEXT (repeatable); the no-logger rows always run")
+    parser.add_argument("--endpoint", choices=("all", "hello", "work"), default="all",
+                        help="run only the rows of this endpoint (hello-world or ~1 ms CPU; default all)")
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 5)
     seconds = args.seconds or (1.0 if args.quick else 5.0)
@@ -348,6 +350,7 @@ def main() -> int:
         generator_label = f"benchmarks/_http_load.py (Python, {CONNECTIONS} connections)"
 
     rows = [row for row in ROWS if row.logger is None or not args.only or any(text in row.label for text in args.only)]
+    rows = [row for row in rows if args.endpoint == "all" or row.path == f"/{args.endpoint}"]
     skipped = {row.label: why_skipped(row) for row in rows}
     runnable = [row for row in rows if skipped[row.label] is None]
     work_loops = calibrate_work()

@@ -3,6 +3,7 @@
     python benchmarks/powercut.py              # 20 cuts per mode, default and audit (a few minutes)
     python benchmarks/powercut.py --quick      # the CI smoke run: 4 cuts per mode
     python benchmarks/powercut.py --cuts 30 --seed 7 --mode audit
+    python benchmarks/powercut.py --mode default --cpu-load 3   # under 3 busy-looping processes (a loaded machine)
 
 LazyFS (tests/lazyfs.py) keeps every written byte in its own cache until the file is fsynced and drops the
 unsynced ones on demand. Without it (not built, not root, no /dev/fuse) the suite prints why and exits 0.
@@ -40,8 +41,10 @@ import http.client
 import json
 import os
 import random
+import re
 import shutil
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
@@ -68,6 +71,9 @@ CLIENTS = 8
 SCENARIOS = ("down", "up", "reject", "quarantine")
 QUARANTINE_UPTIME = (0.05, 0.6)  # seconds after the app serves: around the shipper's quarantine of a damaged spool
 MODES = {"default": {}, "audit": {"SPOOL_SYNC": "audit"}}
+HOG = "import time\nend = time.monotonic() + 3600\nwhile time.monotonic() < end:\n    pass\n"  # --cpu-load, bounded
+LATE_SYNC_LOGGED = re.compile(r"a journal sync made records durable (\d+) ms after .*? it started after (\d+) ms "
+                              r".*? the fdatasync took (\d+) ms")  # JournalWriter's warning about a late round
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +114,8 @@ class Result:
     drained: bool = False
     serving_seconds: float = 0.0
     wall: float = 0.0
+    load_averages: List[float] = dataclasses.field(default_factory=list)  # the 1-minute load average at each cut
+    late_logged: List[str] = dataclasses.field(default_factory=list)  # the late journal syncs the app instances logged
 
     @property
     def failed(self) -> List[str]:
@@ -238,6 +246,7 @@ def run_mode(mode: str, profile: Profile, seed: int, workdir: str, body_bytes: i
                     app.kill()  # reaps it (already SIGKILLed)
                     app = None
                     result.cuts.append(Cut(at, scenario, port, serving_from, killed))
+                    result.load_averages.append(os.getloadavg()[0])
                     print(f"  {mode}: cut {index + 1}/{profile.cuts} ({scenario}) after {at - serving_from:.2f} s, "
                           f"{len(killed)} process(es)", file=sys.stderr, flush=True)
                 load.stop()
@@ -361,6 +370,14 @@ def _analyse(result: Result, load: Load, events: List[Dict[str, Any]], dead: Set
         (result.lost_older if age > WINDOW else result.lost_within).append((n, round(age, 3)))
 
 
+def _late_syncs_logged(path: str, start: int) -> List[str]:
+    """The late journal syncs logged in the log from byte `start` (one warning per app instance and minute:
+    `JournalWriter` rate-limits it), each as "<age> = <waited to start> + <fdatasync>" in ms."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        f.seek(start)
+        return [f"{m.group(1)} = {m.group(2)} + {m.group(3)}" for m in LATE_SYNC_LOGGED.finditer(f.read())]
+
+
 def print_table(results: List[Result]) -> None:
     def scenarios(r: Result) -> str:
         return ", ".join(f"{s} ×{sum(1 for c in r.cuts if c.scenario == s)}" for s in SCENARIOS)
@@ -380,6 +397,10 @@ def print_table(results: List[Result]) -> None:
         (f"lost, answered ≤ {WINDOW * 1000:.0f} ms before a cut (audit: must be 0)", lambda r: f"{len(r.lost_within)}"),
         ("oldest lost event: answered this many ms before its cut", worst),
         ("duplicates (resent after a cut, same transaction_id)", lambda r: f"{r.duplicates:,}"),
+        ("app instances that logged a late journal sync (> 200 ms after its oldest record)",
+         lambda r: f"{len(r.late_logged)} of {len(r.cuts) + 1}"),
+        ("load average (1 min) at the cuts, min-max",
+         lambda r: f"{min(r.load_averages):.1f}-{max(r.load_averages):.1f}" if r.load_averages else "-"),
         ("wall time, s", lambda r: f"{r.wall:.0f}"),
     ]
     print()
@@ -396,6 +417,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=11, help="seed of the cut schedule (default 11)")
     parser.add_argument("--mode", choices=(*MODES, "both"), default="both")
     parser.add_argument("--body-bytes", type=int, default=2000, help="padding in each request body (default 2000)")
+    parser.add_argument("--cpu-load", type=int, default=0, metavar="N",
+                        help="run N busy-looping processes meanwhile (a loaded machine); stopped at the end")
     args = parser.parse_args()
     reason = unavailable()
     if reason is not None:
@@ -407,20 +430,34 @@ def main() -> int:
     workdir = tempfile.mkdtemp(prefix="powercut")
     results = []
     failed = False
-    with open(os.path.join(workdir, "apps.log"), "w") as log:
-        for mode in (MODES if args.mode == "both" else (args.mode,)):
-            try:
-                result = run_mode(mode, profile, args.seed, workdir, args.body_bytes, log)
-            except LazyFSCrashed as exc:
-                print(f"powercut: {mode}: {exc}; no verdict (the app log is in {workdir})", file=sys.stderr)
-                return 2
-            results.append(result)
-            for reason in result.failed:
-                failed = True
-                print(f"FAIL {mode}: {reason}", file=sys.stderr)
+    hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(args.cpu_load)]
+    try:
+        with open(os.path.join(workdir, "apps.log"), "w") as log:
+            for mode in (MODES if args.mode == "both" else (args.mode,)):
+                log_start = log.tell()
+                try:
+                    result = run_mode(mode, profile, args.seed, workdir, args.body_bytes, log)
+                except LazyFSCrashed as exc:
+                    print(f"powercut: {mode}: {exc}; no verdict (the app log is in {workdir})", file=sys.stderr)
+                    return 2
+                log.flush()
+                result.late_logged = _late_syncs_logged(log.name, log_start)
+                results.append(result)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    for result in results:
+        for reason in result.failed:
+            failed = True
+            print(f"FAIL {result.mode}: {reason}", file=sys.stderr)
     print_table(results)
+    for result in results:
+        if result.late_logged:
+            print(f"\n{result.mode}: late journal syncs logged, ms (age = waited to start + fdatasync): "
+                  f"{'; '.join(result.late_logged)}")
     print(f"\nseed {args.seed}; load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} "
-          f"{os.getloadavg()[2]:.2f}; {os.cpu_count()} CPUs")
+          f"{os.getloadavg()[2]:.2f}; {os.cpu_count()} CPUs; {args.cpu_load} busy-looping processes added")
     if failed:
         print(f"the spools and the app log are kept in {workdir}", file=sys.stderr)
     else:

@@ -34,7 +34,7 @@ from .capture import (
 from .capture_driver import ASYNC_CALLABLE_TIMEOUT, CaptureDriver, Stored, resolve, stored_of
 from .config import Config, Handler
 from .errors import SpoolFullError, SpoolUnavailableError, is_disk_full
-from .holdback import hold_response
+from .holdback import Holdback
 from .hook import SETTINGS_KEY, ExecuteHook, Governor
 from .kinds import COMPANY, EVENT, SUBSCRIPTION, USER
 from .lost import ERROR_LOG_INTERVAL, REFUSED, ErrorLog, LostRecords
@@ -79,6 +79,7 @@ class MoesifMiddleware(ExecuteHook):
         self._last_spool_failure = -_SPOOL_FAILING_FOR
         self._user_error_log: Dict[str, Tuple[float, int]] = {}  # option -> (last logged, failures since)
         self._driver = CaptureDriver(self._user_error, self._finish, self._drop)
+        self._holdback = Holdback(self._when_durable, self._refused)
         self._governor = Governor(self.config, lambda: self._pipeline.rules,
                                   lambda: self._pipeline.sampler.config.cohorts,
                                   self._user_error, resolve)
@@ -107,12 +108,10 @@ class MoesifMiddleware(ExecuteHook):
             return
         if isinstance(stored, asyncio.Task):  # a user callable is still being awaited
             task = stored
-            hold_response(handler, True, lambda durable: task.add_done_callback(
-                lambda done: self._when_durable(stored_of(done), durable)), self._refused)
+            self._holdback.hold_until(handler, lambda durable: task.add_done_callback(
+                lambda done: self._when_durable(stored_of(done), durable)))
         else:
-            sequence = stored
-            hold_response(handler, sequence is not None, lambda durable: self._when_durable(sequence, durable),
-                          self._refused)
+            self._holdback.hold(handler, stored)
 
     def _when_durable(self, sequence: Optional[int], callback: Callable[[bool], None]) -> None:
         """`callback(ok)` once record `sequence` (and every one before it) went through a sync: ok if that
@@ -239,7 +238,9 @@ class MoesifMiddleware(ExecuteHook):
         reason seen), body_omitted_<reason> (bodies left out of events that were kept: too_large,
         unmaskable, event_too_large), audit_refused (SPOOL_SYNC 'audit': responses refused with 503 because
         their event could not be stored), journal_sync_failures (this process's journal fdatasyncs that
-        failed), ready, in_flight, dead_letter, undecryptable, oldest_age (seconds), spool_bytes,
+        failed), journal_late_syncs (this process's journal syncs that made records durable later than the
+        200 ms a power cut may take by default: an overloaded machine or a slow disk), ready, in_flight,
+        dead_letter, undecryptable, oldest_age (seconds), spool_bytes,
         last_error and last_error_at (the last delivery error), spool_failing (a write to the spool failed
         in the last minute, or the spool cannot be read) and spool_error; lost_wal once the shipper found
         committed records SQLite had discarded with a damaged WAL (spooled again from the journals).

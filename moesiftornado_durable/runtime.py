@@ -159,6 +159,7 @@ class _Runtime:
         delivery["shipper_pid"] = shipper.get("pid")
         delivery["shipper_running"] = shipper_running(self.config.spool_dir)
         delivery["journal_sync_failures"] = self.writer.sync_failures  # this process's; see JournalWriter
+        delivery["journal_late_syncs"] = self.writer.late_syncs  # this process's rounds later than 200 ms
         # the shipper serves the whole directory: its spool and the orphans it adopts
         return delivery, directory_stats(self.config.spool_dir)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import gc
+import http.client
 import os
 import select
 import socket
@@ -218,3 +220,74 @@ def test_a_record_whose_sync_failed_stays_failed_when_asked_after_its_round(tmp_
         assert writer.sync_failures == 1
     finally:
         writer.close()
+
+
+class Block(tornado.web.RequestHandler):
+    """Holds the IOLoop until told (bounded): the requests sent meanwhile are all read once it is free."""
+
+    def get(self) -> None:
+        self.settings["blocked"].set()
+        self.settings["unblock"].wait(10)
+        self.write("unblocked")
+
+
+def test_responses_held_in_one_ioloop_iteration_wait_for_their_sync_as_one_group(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector
+) -> None:
+    middleware = make_middleware(SPOOL_SYNC="audit")
+    app = tornado.web.Application([(r"/hello", Hello), (r"/block", Block)], log_function=middleware.log_event,
+                                  blocked=threading.Event(), unblock=threading.Event())
+    asked: List[int] = []  # what the holdback asked the journal's syncer for
+    with serve(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(10)]
+        try:
+            for n, connection in enumerate(connections):  # each keep-alive connection open and used once
+                connection.request("GET", f"/hello?n=warm-{n}")
+                connection.getresponse().read()
+            writer = middleware._runtime_here().writer  # type: ignore[union-attr]
+            on_synced = writer.on_synced
+
+            def counted(sequence: int, callback: Callable[[bool], None]) -> None:
+                asked.append(sequence)
+                on_synced(sequence, callback)
+
+            writer.on_synced = counted  # type: ignore[method-assign]
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                blocked = pool.submit(requests.get, url + "/block", timeout=30)
+                assert app.settings["blocked"].wait(10)
+                for n, connection in enumerate(connections):
+                    connection.request("GET", f"/hello?n={n}")  # waits in its socket until the IOLoop is free
+                app.settings["unblock"].set()
+                texts = [connection.getresponse().read().decode() for connection in connections]
+                assert blocked.result().text == "unblocked"
+        finally:
+            for connection in connections:
+                connection.close()
+    assert texts == [f"hello {n}" for n in range(10)]
+    assert 1 <= len(asked) <= 3, f"the syncer was asked {len(asked)} times for 11 responses held together"
+    assert middleware.flush(15)
+    assert sum("/hello?n=" in event["request"]["uri"] for event in collector.events) == 20
+
+
+class GoneClient(tornado.web.RequestHandler):
+    """Its client is gone (the connection closed) before its held response is released."""
+
+    def get(self) -> None:
+        self.request.connection.stream.close()
+        self.write("never sent")
+
+
+def test_a_held_response_whose_client_went_away_leaves_no_unretrieved_exception(
+    make_middleware: Callable[..., MoesifMiddleware], collector: Collector, caplog: Any
+) -> None:
+    middleware = make_middleware(SPOOL_SYNC="audit")
+    app = tornado.web.Application([(r"/gone", GoneClient), (r"/hello", Hello)], log_function=middleware.log_event)
+    with serve(app) as url:
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(url + "/gone", timeout=10)
+        assert requests.get(url + "/hello?n=1", timeout=10).text == "hello 1"  # released after /gone's
+        assert middleware.flush(15)
+    gc.collect()
+    assert "exception was never retrieved" not in caplog.text
+    assert sorted(event["request"]["uri"].rsplit("/", 1)[-1] for event in collector.events) == ["gone", "hello?n=1"]

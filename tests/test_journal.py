@@ -11,15 +11,16 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 from conftest import iter_records, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moesiftornado_durable import MoesifMiddleware, cli, locks
+from moesiftornado_durable import MoesifMiddleware, cli, journal, locks
 from moesiftornado_durable.config import Config
 from moesiftornado_durable.journal import (
     INTAKE,
@@ -278,7 +279,7 @@ def test_a_live_writers_segment_is_read_as_it_grows_and_kept(tmp_path: str) -> N
 
 WRITER = """
 import sys, json, time
-from moesiftornado_durable import MoesifMiddleware, cli, locks
+from moesiftornado_durable import MoesifMiddleware, cli, journal, locks
 from moesiftornado_durable.journal import INTAKE, JournalWriter
 directory = sys.argv[1]
 lock = locks.try_lock(directory, 0, INTAKE)
@@ -293,7 +294,7 @@ while n < 10_000_000:
 
 INGESTER = """
 import sys
-from moesiftornado_durable import MoesifMiddleware, cli, locks
+from moesiftornado_durable import MoesifMiddleware, cli, journal, locks
 from moesiftornado_durable.shipper import journal_reader
 from moesiftornado_durable.spool import Spool
 from moesiftornado_durable.testing import Collector
@@ -523,3 +524,144 @@ def test_a_live_writer_closes_its_segment_once_part_of_it_is_folded_so_the_reade
     finally:
         spool.close()
         lock.release()
+
+
+class _Clock:
+    """journal.py's clock, moved by the test: the syncer computes its deadlines from it (its waits stay real)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+class _GatedSync:
+    """The journal's fdatasync: each call says it started (`started`), waits (bounded) until `release` is
+    set, then syncs for real."""
+
+    def __init__(self) -> None:
+        self.started = threading.Semaphore(0)
+        self.release = threading.Event()
+        self._real = os.fdatasync
+
+    def __call__(self, fd: int) -> None:
+        self.started.release()
+        self.release.wait(30)
+        self._real(fd)
+
+
+@pytest.fixture
+def clock(monkeypatch: Any) -> _Clock:
+    fake = _Clock()
+    monkeypatch.setattr(journal, "time", fake)
+    return fake
+
+
+@pytest.fixture
+def gated_sync(monkeypatch: Any) -> Iterator[_GatedSync]:
+    gate = _GatedSync()
+    monkeypatch.setattr(os, "fdatasync", gate)
+    yield gate
+    gate.release.set()
+
+
+def test_a_record_written_during_a_slow_sync_is_synced_as_soon_as_that_sync_ends_when_already_due(
+    tmp_path: Any, clock: _Clock, gated_sync: _GatedSync
+) -> None:
+    # the deadline runs from the record's write, not from when the syncer got round to it: a record that waited
+    # through a slow sync is not made to wait a whole interval more
+    writer = JournalWriter(str(tmp_path), 1, "normal", sync_interval=3600)  # an hour, by the test's clock
+    try:
+        first = writer.append("event", record(1), time.time())
+        writer.on_synced(first, lambda ok: None)  # asks for a round at once
+        assert gated_sync.started.acquire(timeout=10)  # round 1 is in its fdatasync
+        writer.append("event", record(2), time.time())  # written during round 1
+        clock.now += 3601  # round 1 took longer than the interval: record 2 is due
+        gated_sync.release.set()
+        assert wait_until(lambda: writer.syncs == 2, 10), "record 2 waited for a new interval after the slow round"
+    finally:
+        gated_sync.release.set()
+        writer.close()
+
+
+def test_a_sync_later_than_the_window_is_counted_and_logged(
+    tmp_path: Any, clock: _Clock, gated_sync: _GatedSync, caplog: Any
+) -> None:
+    writer = JournalWriter(str(tmp_path), 1, "normal")
+    done = threading.Event()
+    try:
+        writer.on_synced(writer.append("event", record(1), time.time()), lambda ok: done.set())
+        assert gated_sync.started.acquire(timeout=10)
+        clock.now += 0.25  # the record became durable 250 ms after it was written
+        gated_sync.release.set()
+        assert done.wait(10)
+        assert writer.late_syncs == 1
+        assert "late syncs so far: 1" in caplog.text
+        done.clear()
+        writer.on_synced(writer.append("event", record(2), time.time()), lambda ok: done.set())  # on time
+        assert done.wait(10)
+        assert writer.late_syncs == 1 and writer.syncs == 2
+    finally:
+        writer.close()
+
+
+def test_appends_and_syncs_go_on_while_the_supervisor_reads_the_spool(tmp_path: Any) -> None:
+    # the supervisor asks the spool how far a segment is folded (SQLite: slow on a busy machine); the IOLoop's
+    # appends and the syncer must not wait for that answer
+    writer = JournalWriter(str(tmp_path), 1, "normal")
+    asked, answer = threading.Event(), threading.Event()
+
+    def slow_folded_offset(name: str) -> Optional[int]:
+        asked.set()
+        answer.wait(30)
+        return None
+
+    synced = threading.Event()
+    try:
+        writer.append("event", record(1), time.time())
+        retiring = threading.Thread(target=writer.retire_if_spooled, args=(slow_folded_offset,))
+        retiring.start()
+        assert asked.wait(10)
+        appended = threading.Event()
+        appender = threading.Thread(target=lambda: (writer.append("event", record(2), time.time()), appended.set()))
+        appender.start()
+        assert appended.wait(10), "an append waited for the supervisor's spool read"
+        writer.on_synced(2, lambda ok: synced.set())
+        assert synced.wait(10), "the syncer waited for the supervisor's spool read"
+    finally:
+        answer.set()
+        writer.close()
+    retiring.join(10)
+    appender.join(10)
+    assert [payload for _, payload, _ in iter_records(writer.path)] == [record(1), record(2)]
+
+
+def _waiting(thread: Optional[threading.Thread]) -> bool:
+    """True while `thread` is blocked in a `threading.Condition.wait` (its timeout already computed)."""
+    frame = sys._current_frames().get(thread.ident) if thread is not None and thread.ident is not None else None
+    return frame is not None and frame.f_code.co_name == "wait" and frame.f_code.co_filename == threading.__file__
+
+
+def test_an_append_syncs_in_place_of_a_syncer_that_has_not_run_in_time(
+    tmp_path: Any, clock: _Clock, monkeypatch: Any
+) -> None:
+    # a machine too busy to give the syncer thread a core (or the GIL): records must not wait for it past the window
+    synced_by: List[str] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced_by.append(threading.current_thread().name), real(fd)))
+    writer = JournalWriter(str(tmp_path), 1, "normal", sync_interval=3600)  # its round due in an hour, by the clock
+    try:
+        writer.append("event", record(1), time.time())
+        assert wait_until(lambda: _waiting(writer._syncer), 10)  # asleep until the record's deadline
+        clock.now += 3601  # ... which passed without the syncer running: it did not get the CPU
+        second = writer.append("event", record(2), time.time())
+        assert synced_by == [threading.current_thread().name] and writer.syncs == 1 and writer.rescues == 1
+        covered: List[bool] = []
+        writer.on_synced(second, covered.append)
+        assert covered == [True]  # both records are on stable storage already
+    finally:
+        writer.close()
