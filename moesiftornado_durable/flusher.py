@@ -78,8 +78,10 @@ class Courier:
         self.last_error_at: Optional[float] = None
         self.failing = False
         self._unacked: List[Tuple[Spool, List[int]]] = []  # delivered, but the ack failed (e.g. disk full)
+        self._acks_due: List[Tuple[Spool, List[int]]] = []  # delivered with `ack_later`, not acked yet
 
-    def deliver(self, spool: Spool, kind: str, batch: List[SpooledItem], sender: Optional[Sender] = None) -> Outcome:
+    def deliver(self, spool: Spool, kind: str, batch: List[SpooledItem], sender: Optional[Sender] = None,
+                ack_later: bool = False) -> Outcome:
         """Deliver one claimed batch (through `sender`, default this courier's); every record ends acked,
         dead-lettered or ready again.
 
@@ -87,6 +89,12 @@ class Courier:
         events older than 30 days), checked before every attempt: a batch retried through a long outage
         sends only the events still young enough. A 413, 400 or 422 on a batch of several records splits
         it in halves (see `_deliver_halves`), so only the records still rejected alone are dead-lettered.
+
+        With `ack_later`, a delivered batch is acked while the next request is in flight (or by
+        `record_acks`, which the caller runs before it waits or stops): the spool's delete overlaps the
+        collector's work instead of adding to each batch's time. Until then the records stay in flight
+        (`claim` does not take them again); a crash in between sends them again, as a crash between an
+        answer and its ack always could (Moesif deduplicates on transaction_id).
         """
         self.retry_acks()
         if kind == EVENT and self._event_max_age is not None:
@@ -97,23 +105,28 @@ class Courier:
         try:
             self._send_with_retries(sender or self._sender, kind, batch)
         except _AgedDuringRetries:
-            return self.deliver(spool, kind, batch, sender)  # expires the aged events, sends the rest
+            return self.deliver(spool, kind, batch, sender, ack_later)  # expires the aged events, sends the rest
         except (ShutdownRequested, RetryableError):
             spool.nack(ids)
             return Outcome.RETURNED
         except PermanentError as exc:
             if len(batch) > 1 and (isinstance(exc, PayloadTooLargeError) or exc.status in SPLIT_ON_STATUSES):
-                return self._deliver_halves(spool, kind, batch, sender)
+                return self._deliver_halves(spool, kind, batch, sender, ack_later)
             return self._dead_letter(spool, kind, batch, exc.status, str(exc))
         except BaseException:
             spool.nack(ids)
             raise
         self._count("sent", len(ids))
         self.failing = False
-        self._ack(spool, ids)
+        if ack_later:
+            with self._lock:
+                self._acks_due.append((spool, ids))
+        else:
+            self._ack(spool, ids)
         return Outcome.DELIVERED
 
-    def _deliver_halves(self, spool: Spool, kind: str, batch: List[SpooledItem], sender: Optional[Sender]) -> Outcome:
+    def _deliver_halves(self, spool: Spool, kind: str, batch: List[SpooledItem], sender: Optional[Sender],
+                        ack_later: bool) -> Outcome:
         """Deliver a rejected batch as two halves, each split again while rejected: a bisection that ends
         with only the records rejected on their own dead-lettered.
 
@@ -123,11 +136,11 @@ class Courier:
         the collector went away), the second is made ready again unsent.
         """
         half = len(batch) // 2
-        first = self.deliver(spool, kind, batch[:half], sender)
+        first = self.deliver(spool, kind, batch[:half], sender, ack_later)
         if first is Outcome.RETURNED:
             spool.nack([item.id for item in batch[half:]])
             return first
-        second = self.deliver(spool, kind, batch[half:], sender)
+        second = self.deliver(spool, kind, batch[half:], sender, ack_later)
         if second is Outcome.RETURNED or first is second:
             return second
         return Outcome.DELIVERED  # partly delivered, partly dead-lettered: the collector took what it could
@@ -146,6 +159,20 @@ class Courier:
             with self._lock:
                 self._unacked.append((spool, ids))
             raise
+
+    def record_acks(self) -> None:
+        """Ack the batches delivered with `ack_later` (from any thread). Never raises: an ack the spool
+        refuses now (e.g. a full disk) is logged and left to `retry_acks`."""
+        while True:
+            with self._lock:
+                if not self._acks_due:
+                    return
+                spool, ids = self._acks_due.pop(0)
+            try:
+                if not spool.closed:
+                    self._ack(spool, ids)
+            except Exception:  # `_ack` kept the ids for `retry_acks` (a closed spool's records stay on disk)
+                logger.exception("could not ack %d delivered record(s); trying again later", len(ids))
 
     def retry_acks(self) -> None:
         """Ack what was delivered while the spool could not be written."""
@@ -200,7 +227,10 @@ class Courier:
         batches = _Batches(spool, batch_size, max_records)
         run = _Run(stop)
         if connections == 1:
-            self._drain_with(self._sender, spool, batches, run, on_batch)
+            try:
+                self._drain_with(self._sender, spool, batches, run, on_batch)
+            finally:
+                self.record_acks()
             return run.outcome
         senders = [self._sender] + [self._sender.clone() for _ in range(connections - 1)]
         threads = [threading.Thread(target=self._drain_thread, args=(sender, spool, batches, run, on_batch),
@@ -216,6 +246,7 @@ class Courier:
             raise
         finally:
             if not run.abandoned:
+                self.record_acks()
                 for sender in senders[1:]:
                     sender.close()
         if run.error is not None:
@@ -236,7 +267,7 @@ class Courier:
             if taken is None:
                 return
             kind, batch = taken
-            if self.deliver(spool, kind, batch, sender) is Outcome.RETURNED:
+            if self.deliver(spool, kind, batch, sender, ack_later=True) is Outcome.RETURNED:
                 run.returned()
                 return
             if on_batch is not None and not run.abandoned:
@@ -256,7 +287,7 @@ class Courier:
         attempts[0] += 1
         self._count("send_attempts", 1)
         try:
-            headers = sender.send(kind, batch)
+            headers = sender.send(kind, batch, while_waiting=self.record_acks)
         except DeliveryError as exc:
             self.failing = True
             self.last_error, self.last_error_at = exc, time.time()
@@ -423,6 +454,7 @@ class Flusher:
                 self.counters["loop_errors"] += 1
                 logger.exception("moesiftornado_durable flusher error; retrying in 1 s")
                 self._stop.wait(1.0)
+        self.courier.record_acks()
 
     def _upload(self) -> None:
         """Once a batch is due (`_next`), claim and deliver one batch of each kind: the courier sends it
@@ -435,7 +467,7 @@ class Flusher:
                 return
             batch = self._spool.claim(self._batch_size, kind)
             if batch:
-                self.courier.deliver(self._spool, kind, batch)
+                self.courier.deliver(self._spool, kind, batch, ack_later=True)  # acked during the next send
 
     def _next(self) -> bool:
         """Wait until a batch is due (True), or until housekeeping is due or the flusher stops (False).
@@ -447,6 +479,7 @@ class Flusher:
             now = time.monotonic()
             if self._batch_due(ready, now):
                 return True
+            self.courier.record_acks()  # no request to overlap them with now
             until_housekeeping = self._housekeeping_at - now
             if until_housekeeping <= 0:
                 return False
@@ -475,6 +508,7 @@ class Flusher:
         if started < self._housekeeping_at:
             return
         self._housekeeping_at = started + HOUSEKEEPING_INTERVAL
+        self.courier.record_acks()
         if self._dead_letter_retention is not None:
             self._spool.expire_dead_letters(self._dead_letter_retention)
         if self._adopt_orphans and not self.is_failing:
@@ -485,6 +519,7 @@ class Flusher:
         """Once everything is delivered, empty the WAL so no delivered record's bytes stay on disk."""
         sent = self.counters["sent"] + self.counters["dead_lettered"]
         if sent != self._scrubbed_at_sent and not self._spool.ready_count(limit=1):
+            self.courier.record_acks()
             if self._spool.scrub():
                 self._scrubbed_at_sent = sent
 

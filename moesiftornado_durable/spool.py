@@ -312,10 +312,10 @@ class Spool:
                     conn.rollback()  # nothing to mark: end the transaction without writing
                     return []
                 claimed, unreadable = self._decode_rows(kind, rows)
-                conn.executemany(f"UPDATE {self._table} SET status = {_IN_FLIGHT} WHERE {self._key} = ?",
-                                 [(item.id,) for item in claimed])
-                conn.executemany(f"UPDATE {self._table} SET status = {_UNDECRYPTABLE} WHERE {self._key} = ?",
-                                 [(row_id,) for row_id in unreadable])
+                for status, ids in ((_IN_FLIGHT, [item.id for item in claimed]), (_UNDECRYPTABLE, unreadable)):
+                    for marks, chunk in _in_chunks(ids):  # one statement per 500 rows, as `ack`
+                        conn.execute(f"UPDATE {self._table} SET status = {status} WHERE {self._key} IN ({marks})",
+                                     chunk)
                 conn.commit()
             except BaseException:
                 conn.rollback()

@@ -192,8 +192,14 @@ class Transport:
         self._connection: Optional[_Connection] = None
 
     def request(self, method: str, path: str, body: Optional[bytes] = None,
-                headers: Optional[Mapping[str, str]] = None) -> Response:
-        """Send one request to `path` under the base URI and read its whole answer, within the limits above."""
+                headers: Optional[Mapping[str, str]] = None,
+                while_waiting: Optional[Callable[[], None]] = None) -> Response:
+        """Send one request to `path` under the base URI and read its whole answer, within the limits above.
+
+        `while_waiting`, if given, is called once the request is written and before the answer is read: work
+        the caller overlaps with the server's (the flusher records the previous batch's ack there). It must
+        not raise; its time counts against the timeout.
+        """
         target = self._base_path + path
         if self._route.absolute_target:
             target = self._origin + target
@@ -207,6 +213,8 @@ class Transport:
             connection.deadline = time.monotonic() + self.timeout
             try:
                 connection.request(method, target, body=body, headers=all_headers)
+                if while_waiting is not None:
+                    while_waiting()
                 response = connection.getresponse()
                 try:
                     payload = _read_capped(response, self.max_response_bytes)
