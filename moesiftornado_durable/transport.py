@@ -16,7 +16,7 @@ Proxies (``HTTP(S)_PROXY``, ``ALL_PROXY``, ``NO_PROXY``) and the CA bundle (``RE
 http.client connects (a proxy's CONNECT tunnel, TLS); the exchange itself is written here (`_write_request`,
 `_read_response`): the request line, headers and body in one write, and a plain HTTP/1.1 parse of the answer
 (Content-Length, chunked, or up to the close), without http.client's per-request machinery and its parse of
-the headers through the email package, which cost the shipper ~150 µs of CPU per batch (docs/benchmarks.md).
+the headers through the email package: a third of the CPU per request (docs/benchmarks.md, issue 15).
 Failures surface as `TimeoutError`, `OSError`, `http.client.HTTPException` or `ResponseTooLarge`; `sender.py`
 maps them to `errors.py`'s classes.
 """
