@@ -13,10 +13,10 @@ A hostile or broken collector must not be able to lose, leak or stall anything, 
 Proxies (``HTTP(S)_PROXY``, ``ALL_PROXY``, ``NO_PROXY``) and the CA bundle (``REQUESTS_CA_BUNDLE``,
 ``CURL_CA_BUNDLE``, else certifi's) come from the environment, read once, as `requests` read them.
 
-http.client connects (a proxy's CONNECT tunnel, TLS); the exchange itself is written here (`_write_request`,
+http.client connects (a proxy's CONNECT tunnel, TLS); the exchange itself is written here (`_request_head`,
 `_read_response`): the request line, headers and body in one write, and a plain HTTP/1.1 parse of the answer
 (Content-Length, chunked, or up to the close), without http.client's per-request machinery and its parse of
-the headers through the email package: a third of the CPU per request (docs/benchmarks.md, issue 15).
+the headers through the email package, which took three times the CPU per request (docs/benchmarks.md).
 Failures surface as `TimeoutError`, `OSError`, `http.client.HTTPException` or `ResponseTooLarge`; `sender.py`
 maps them to `errors.py`'s classes.
 """
