@@ -291,6 +291,7 @@ class Courier:
         except DeliveryError as exc:
             self.failing = True
             self.last_error, self.last_error_at = exc, time.time()
+            self.record_acks()  # the earlier batches' acks this request did not get to carry: not through a backoff
             raise
         for header, callback in self._tag_callbacks if kind == EVENT else ():
             try:

@@ -273,3 +273,18 @@ def test_a_batch_delivered_with_ack_later_is_acked_during_the_next_send(
         assert courier.counters["sent"] == 50
     finally:
         spool.close()
+
+
+def test_a_failed_send_still_acks_the_batch_delivered_before_it(collector: Collector, courier: Courier,
+                                                                 tmp_path: Any) -> None:
+    spool = spooled(str(tmp_path / "spool-0.db"), 50)
+    try:
+        assert courier.deliver(spool, "event", spool.claim(25), ack_later=True) is Outcome.DELIVERED
+        collector.go_down()  # the next request is refused before it is written: no request to overlap the ack with
+        assert courier.deliver(spool, "event", spool.claim(25), ack_later=True) is Outcome.RETURNED
+        # the delivered batch is acked at once, not kept in flight through the backoff; the other is ready again
+        assert in_flight_ids(spool) == [] and spool.ready_count() == 25
+        assert sorted(collector.transaction_ids()) == sorted(f"o-{n}" for n in range(25))
+    finally:
+        spool.close()
+
