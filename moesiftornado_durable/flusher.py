@@ -2,7 +2,8 @@
 
 One daemon thread per process (the shipper's, or the app's in SHIPPER 'thread'). Its loop reads top to
 bottom, as analytics-python's consumer: `_run` → `_upload` (`_next` waits for a batch to be due → claim
-it → the `Courier` sends it with the tenacity policy → ack on a 2xx, dead-letter on a permanent rejection
+it → the `Courier` sends it with the tenacity policy → ack on a 2xx (recorded while the next batch's
+request is at the collector, or before the loop waits), dead-letter on a permanent rejection
 after narrowing a 400, 413 or 422 down to the events rejected on their own, nack when stopping) →
 `_housekeeping` (empty the WAL once all is delivered; on its own timer, expire old dead letters and adopt
 orphans: spool files in the same SPOOL_DIR whose owning process is gone, see `locks.py`). A record is
