@@ -2,7 +2,7 @@
 
 It reads one JSON object on stdin (never argv: middleware options may hold secrets)::
 
-    {"logger": null | "durable" | "moesiftornado", "options": {...}, "work_loops": 12345}
+    {"logger": null | "durable" | "moesiftornado", "options": {...}, "work_loops": 12345, "timings": "/path"}
 
 and serves on 127.0.0.1, on a free port it prints as stdout's first line once listening:
 
@@ -11,6 +11,9 @@ and serves on 127.0.0.1, on a free port it prints as stdout's first line once li
 
 On SIGTERM it stops listening, closes the middleware (at most 1 s) and exits 0. Anything printed after the port
 line goes to stderr, so a chatty logger cannot fill a pipe nobody reads.
+
+With "timings", every call of the log_function is timed on the IOLoop (`time.perf_counter` before and after, ~0.2 µs
+added to a call) and the durations, in µs in call order, are written there as a JSON list at exit.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import os
 import signal
 import sys
+import time
 from typing import Any, Callable, Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -68,6 +72,23 @@ def install_logger(app: tornado.web.Application, logger: Optional[str], options:
     return lambda: None
 
 
+def timed(log_function: Callable[[Any], None], samples: List[float]) -> Callable[[Any], None]:
+    """`log_function`, appending each call's duration in seconds to `samples`."""
+    clock = time.perf_counter
+
+    def timed_log_function(handler: Any) -> None:
+        started = clock()
+        log_function(handler)
+        samples.append(clock() - started)
+
+    return timed_log_function
+
+
+def write_timings(path: str, samples: List[float]) -> None:
+    with open(path, "w", encoding="utf-8") as out:
+        json.dump([round(seconds * 1e6, 2) for seconds in samples], out)
+
+
 async def serve(app: tornado.web.Application, close: Callable[[], None]) -> None:
     sockets: List[Any] = tornado.netutil.bind_sockets(0, "127.0.0.1")
     server = tornado.httpserver.HTTPServer(app)
@@ -87,7 +108,12 @@ def main() -> None:
     WORK_LOOPS = int(spec.get("work_loops", 0))
     app = tornado.web.Application([(r"/hello", HelloHandler), (r"/work", WorkHandler)])
     close = install_logger(app, spec.get("logger"), spec.get("options") or {})
+    samples: List[float] = []
+    if spec.get("timings") and app.settings.get("log_function") is not None:
+        app.settings["log_function"] = timed(app.settings["log_function"], samples)
     asyncio.run(serve(app, close))
+    if spec.get("timings"):
+        write_timings(spec["timings"], samples)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,19 @@ stops it with SIGTERM. Rounds alternate rows (A, B, C, A, B, C, ...); each row's
 rounds, and its ratio is to the row without a logger on the same endpoint, from the same run. The machine is shared
 and noisy: the min-max column shows how much, and the ratio is what to compare across machines.
 
+After the table, the rows of issue 15's table this script measures, each with its target and whether this run met
+it (`--quick` prints them too and asserts nothing about speed):
+
+- hello-world throughput, default options, ratio to no log_function: target >= 0.88;
+- ~1 ms handler, default options, ratio to no log_function: target >= 0.96;
+- `log_event` p50 on the IOLoop as a share of a hello-world request's cost: target <= 0.12. The app times every
+  log_function call on its IOLoop (`_http_app.py`, "timings"; warm-up calls left out); the share is the p50 of
+  those calls in the default-options hello-world rounds (all rounds pooled) divided by a hello-world request's cost
+  without a logger, 1 / (the no-logger row's median req/s), both from this run. E.g. 60 µs at 2,000 req/s (500 µs
+  a request) is 0.12.
+
+The drain and replay rows of that table are `benchmarks/pipeline.py`'s.
+
 Exits non-zero if any round served no request, answered errors, or the app died or did not stop when asked.
 """
 
@@ -91,6 +104,7 @@ class Round:
     requests: int
     delivered: int  # events of the load's requests at the collector when the load ended
     client_cpu: float  # the load generator's CPU seconds per second of load
+    log_function_us: List[float]  # each log_function call of the load on the IOLoop, µs (none without a logger)
 
 
 class RoundFailed(Exception):
@@ -263,7 +277,9 @@ def parse_wrk(text: str) -> Tuple[float, int, int]:
 def run_round(row: Row, collector: Collector, generator: str, seconds: float, work_loops: int) -> Round:
     spool_dir = tempfile.mkdtemp(prefix="bench-http-")
     options = {"APPLICATION_ID": "bench", "SPOOL_DIR": spool_dir, "BASE_URI": collector.base_uri, **row.options}
-    spec = {"logger": row.logger, "options": options, "work_loops": work_loops}
+    timings = os.path.join(spool_dir, "log-function-timings.json")  # written by the app at exit
+    spec = {"logger": row.logger, "options": options, "work_loops": work_loops, "timings": timings}
+    log_function_us: List[float] = []
     with tempfile.TemporaryFile() as log:
         try:
             app, port = start_app(spec, log)
@@ -275,6 +291,9 @@ def run_round(row: Row, collector: Collector, generator: str, seconds: float, wo
                 died = app.poll() is not None
             finally:
                 problem = stop_app(app)
+            if row.logger is not None and os.path.exists(timings):
+                with open(timings, encoding="utf-8") as f:
+                    log_function_us = json.load(f)[WARM_UP_REQUESTS:]  # the warm-up's calls come first
         finally:
             collector.clear()
             shutil.rmtree(spool_dir, ignore_errors=True)
@@ -286,7 +305,7 @@ def run_round(row: Row, collector: Collector, generator: str, seconds: float, wo
         raise RoundFailed("no request was served")
     if errors:
         raise RoundFailed(f"{errors} errors out of {requests + errors} requests")
-    return Round(rps, requests, delivered, client_cpu)
+    return Round(rps, requests, delivered, client_cpu, log_function_us)
 
 
 def sample_event_size(collector: Collector) -> int:
@@ -322,6 +341,45 @@ def load_average() -> str:
         return "/".join(f"{value:.1f}" for value in os.getloadavg())
     except OSError:
         return "unknown"
+
+
+def percentile(values: List[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+DEFAULT_HELLO = "moesiftornado_durable, default options"
+DEFAULT_WORK = "~1 ms handler, moesiftornado_durable, default options"
+TARGETS = {"hello": 0.88, "work": 0.96, "share": 0.12}  # issue 15
+
+
+def target_row(measure: str, target: str, measured: Optional[float], detail: str, met: Optional[bool]) -> str:
+    figure = "not run" if measured is None else f"{measured:.2f}{detail}"
+    verdict = "–" if met is None else ("met" if met else "missed")
+    return f"| {measure} | {target} | {figure} | {verdict} |"
+
+
+def print_targets(medians: Dict[str, float], results: Dict[str, List[Round]]) -> None:
+    """Issue 15's rows this script measures, with their targets and whether this run met them."""
+    hello, work = medians.get(ROWS[0].label), medians.get("~1 ms handler, no log_function")
+    print("\nIssue 15's targets (rows 1-3 of its table; the drain and replay rows are benchmarks/pipeline.py's):")
+    print("| measure | target | measured | met |")
+    print("|---|---|---|---|")
+    ratio = medians[DEFAULT_HELLO] / hello if hello and DEFAULT_HELLO in medians else None
+    print(target_row("hello-world throughput, default options, ratio to no log_function", f"≥ {TARGETS['hello']}",
+                     ratio, "", None if ratio is None else ratio >= TARGETS["hello"]))
+    ratio = medians[DEFAULT_WORK] / work if work and DEFAULT_WORK in medians else None
+    print(target_row("~1 ms handler, default options, ratio to no log_function", f"≥ {TARGETS['work']}",
+                     ratio, "", None if ratio is None else ratio >= TARGETS["work"]))
+    calls = [us for r in results.get(DEFAULT_HELLO, []) for us in r.log_function_us]
+    share, detail = None, ""
+    if calls and hello:
+        request_us = 1e6 / hello
+        share = percentile(calls, 0.5) / request_us
+        detail = f" ({percentile(calls, 0.5):.0f} µs of a {request_us:.0f} µs request)"
+    print(target_row("`log_event` p50 on the IOLoop as a share of a hello-world request's cost (p50 of the "
+                     "default-options rounds' calls ÷ 1 / no-logger req/s)", f"≤ {TARGETS['share']}", share, detail,
+                     None if share is None else share <= TARGETS["share"]))
 
 
 def main() -> int:
@@ -376,14 +434,15 @@ def main() -> int:
                 print(f"  round {number}: {row.label}: {result.rps:,.0f} req/s", file=sys.stderr, flush=True)
 
     print(f"\nload average at the end {load_average()} (other work on this machine shares its cores)")
-    print("| setup | endpoint | req/s (median) | min-max | ratio to no logger | delivered during load | client CPU |")
-    print("|---|---|---|---|---|---|---|")
+    print("| setup | endpoint | req/s (median) | min-max | ratio to no logger | delivered during load | client CPU | "
+          "log_function p50 / p99 µs |")
+    print("|---|---|---|---|---|---|---|---|")
     medians = {label: statistics.median(r.rps for r in rounds_) for label, rounds_ in results.items() if rounds_}
     baselines = {row.path: medians.get(row.label) for row in runnable if row.logger is None}
     for row in rows:
         endpoint = "hello-world" if row.path == "/hello" else "~1 ms CPU"
         if skipped[row.label] or row.label not in medians:
-            print(f"| {row.label} | {endpoint} | {skipped[row.label] or 'failed'} | | | | |")
+            print(f"| {row.label} | {endpoint} | {skipped[row.label] or 'failed'} | | | | | |")
             continue
         measured = results[row.label]
         median = medians[row.label]
@@ -392,8 +451,11 @@ def main() -> int:
         delivered = "–" if row.logger is None else \
             f"{100 * sum(r.delivered for r in measured) / sum(r.requests for r in measured):.0f} %"
         cpu = statistics.median(r.client_cpu for r in measured)
+        calls = [us for r in measured for us in r.log_function_us]
+        timing = f"{percentile(calls, 0.5):.0f} / {percentile(calls, 0.99):.0f}" if calls else "–"
         print(f"| {row.label} | {endpoint} | {median:,.0f} | {min(r.rps for r in measured):,.0f}-"
-              f"{max(r.rps for r in measured):,.0f} | {ratio} | {delivered} | {100 * cpu:.0f} % |")
+              f"{max(r.rps for r in measured):,.0f} | {ratio} | {delivered} | {100 * cpu:.0f} % | {timing} |")
+    print_targets(medians, results)
     if failures:
         print(f"\n{len(failures)} failed rounds:", file=sys.stderr)
         for failure in failures:

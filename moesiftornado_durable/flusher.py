@@ -1,12 +1,13 @@
 """The background worker that moves records from the spool to the collector.
 
-One daemon thread of the shipper (in its process, or on the app's threads with SHIPPER 'thread'). Its
-loop reads top to bottom, as analytics-python's consumer: `_run` → `_upload` (`_next` waits for a batch
-to be due → claim it → the `Courier` sends it with the tenacity policy → ack on a 2xx, dead-letter on a
-permanent rejection after narrowing a 400, 413 or 422 down to the events rejected on their own, nack when
-stopping) → `_housekeeping` (empty the WAL once all is delivered; on its own timer, expire old dead
-letters and adopt orphans: spool files in the same SPOOL_DIR whose owning process is gone, see
-`locks.py`). A record is deleted from the spool only after the collector accepted it.
+One daemon thread per process (the shipper's, or the app's in SHIPPER 'thread'). Its loop reads top to
+bottom, as analytics-python's consumer: `_run` → `_upload` (`_next` waits for a batch to be due → claim
+it → the `Courier` sends it with the tenacity policy → ack on a 2xx (recorded while the next batch's
+request is at the collector, or before the loop waits), dead-letter on a permanent rejection
+after narrowing a 400, 413 or 422 down to the events rejected on their own, nack when stopping) →
+`_housekeeping` (empty the WAL once all is delivered; on its own timer, expire old dead letters and adopt
+orphans: spool files in the same SPOOL_DIR whose owning process is gone, see `locks.py`). A record is
+deleted from the spool only after the collector accepted it.
 
 The contract follows sentry-python's worker: `flush(timeout)` blocks at most `timeout` and says whether
 everything spooled before the call was delivered; `close(timeout)` returns within `timeout` even in a
@@ -80,8 +81,10 @@ class Courier:
         self.last_error_at: Optional[float] = None
         self.failing = False
         self._unacked: List[Tuple[Spool, List[int]]] = []  # delivered, but the ack failed (e.g. disk full)
+        self._acks_due: List[Tuple[Spool, List[int]]] = []  # delivered with `ack_later`, not acked yet
 
-    def deliver(self, spool: Spool, kind: str, batch: List[SpooledItem], sender: Optional[Sender] = None) -> Outcome:
+    def deliver(self, spool: Spool, kind: str, batch: List[SpooledItem], sender: Optional[Sender] = None,
+                ack_later: bool = False) -> Outcome:
         """Deliver one claimed batch (through `sender`, default this courier's); every record ends acked,
         dead-lettered or ready again.
 
@@ -89,6 +92,12 @@ class Courier:
         events older than 30 days), checked before every attempt: a batch retried through a long outage
         sends only the events still young enough. A 413, 400 or 422 on a batch of several records splits
         it in halves (see `_deliver_halves`), so only the records still rejected alone are dead-lettered.
+
+        With `ack_later`, a delivered batch is acked while the next request is in flight (or by
+        `record_acks`, which the caller runs before it waits or stops): the spool's delete overlaps the
+        collector's work instead of adding to each batch's time. Until then the records stay in flight
+        (`claim` does not take them again); a crash in between sends them again, as a crash between an
+        answer and its ack always could (Moesif deduplicates on transaction_id).
         """
         self.retry_acks()
         if kind == EVENT and self._event_max_age is not None:
@@ -99,25 +108,30 @@ class Courier:
         try:
             self._send_with_retries(sender or self._sender, kind, batch)
         except _AgedDuringRetries:
-            return self.deliver(spool, kind, batch, sender)  # expires the aged events, sends the rest
+            return self.deliver(spool, kind, batch, sender, ack_later)  # expires the aged events, sends the rest
         except (ShutdownRequested, RetryableError):
             spool.nack(ids)
             self._on_progress()
             return Outcome.RETURNED
         except PermanentError as exc:
             if len(batch) > 1 and (isinstance(exc, PayloadTooLargeError) or exc.status in SPLIT_ON_STATUSES):
-                return self._deliver_halves(spool, kind, batch, sender)
+                return self._deliver_halves(spool, kind, batch, sender, ack_later)
             return self._dead_letter(spool, kind, batch, exc.status, str(exc))
         except BaseException:
             spool.nack(ids)
             raise
         self._count("sent", len(ids))
         self.failing = False
-        self._ack(spool, ids)
-        self._on_progress()
+        if ack_later:
+            with self._lock:
+                self._acks_due.append((spool, ids))
+        else:
+            self._ack(spool, ids)
+            self._on_progress()
         return Outcome.DELIVERED
 
-    def _deliver_halves(self, spool: Spool, kind: str, batch: List[SpooledItem], sender: Optional[Sender]) -> Outcome:
+    def _deliver_halves(self, spool: Spool, kind: str, batch: List[SpooledItem], sender: Optional[Sender],
+                        ack_later: bool) -> Outcome:
         """Deliver a rejected batch as two halves, each split again while rejected: a bisection that ends
         with only the records rejected on their own dead-lettered.
 
@@ -127,11 +141,11 @@ class Courier:
         the collector went away), the second is made ready again unsent.
         """
         half = len(batch) // 2
-        first = self.deliver(spool, kind, batch[:half], sender)
+        first = self.deliver(spool, kind, batch[:half], sender, ack_later)
         if first is Outcome.RETURNED:
             spool.nack([item.id for item in batch[half:]])
             return first
-        second = self.deliver(spool, kind, batch[half:], sender)
+        second = self.deliver(spool, kind, batch[half:], sender, ack_later)
         if second is Outcome.RETURNED or first is second:
             return second
         return Outcome.DELIVERED  # partly delivered, partly dead-lettered: the collector took what it could
@@ -150,6 +164,21 @@ class Courier:
             with self._lock:
                 self._unacked.append((spool, ids))
             raise
+
+    def record_acks(self) -> None:
+        """Ack the batches delivered with `ack_later` (from any thread). Never raises: an ack the spool
+        refuses now (e.g. a full disk) is logged and left to `retry_acks`."""
+        while True:
+            with self._lock:
+                if not self._acks_due:
+                    return
+                spool, ids = self._acks_due.pop(0)
+            try:
+                if not spool.closed:
+                    self._ack(spool, ids)
+                    self._on_progress()
+            except Exception:  # `_ack` kept the ids for `retry_acks` (a closed spool's records stay on disk)
+                logger.exception("could not ack %d delivered record(s); trying again later", len(ids))
 
     def retry_acks(self) -> None:
         """Ack what was delivered while the spool could not be written."""
@@ -205,7 +234,10 @@ class Courier:
         batches = _Batches(spool, batch_size, max_records)
         run = _Run(stop)
         if connections == 1:
-            self._drain_with(self._sender, spool, batches, run, on_batch)
+            try:
+                self._drain_with(self._sender, spool, batches, run, on_batch)
+            finally:
+                self.record_acks()
             return run.outcome
         senders = [self._sender] + [self._sender.clone() for _ in range(connections - 1)]
         threads = [threading.Thread(target=self._drain_thread, args=(sender, spool, batches, run, on_batch),
@@ -221,6 +253,7 @@ class Courier:
             raise
         finally:
             if not run.abandoned:
+                self.record_acks()
                 for sender in senders[1:]:
                     sender.close()
         if run.error is not None:
@@ -241,7 +274,7 @@ class Courier:
             if taken is None:
                 return
             kind, batch = taken
-            if self.deliver(spool, kind, batch, sender) is Outcome.RETURNED:
+            if self.deliver(spool, kind, batch, sender, ack_later=True) is Outcome.RETURNED:
                 run.returned()
                 return
             if on_batch is not None and not run.abandoned:
@@ -261,10 +294,11 @@ class Courier:
         attempts[0] += 1
         self._count("send_attempts", 1)
         try:
-            headers = sender.send(kind, batch)
+            headers = sender.send(kind, batch, while_waiting=self.record_acks)
         except DeliveryError as exc:
             self.failing = True
             self.last_error, self.last_error_at = exc, time.time()
+            self.record_acks()  # the earlier batches' acks this request did not get to carry: not through a backoff
             self._on_progress()
             raise
         for header, callback in self._tag_callbacks if kind == EVENT else ():
@@ -441,6 +475,7 @@ class Flusher:
                 self.counters["loop_errors"] += 1
                 logger.exception("moesiftornado_durable flusher error; retrying in 1 s")
                 self._stop.wait(1.0)
+        self.courier.record_acks()
 
     def _upload(self) -> None:
         """Once a batch is due (`_next`), claim and deliver one batch of each kind: the courier sends it
@@ -453,7 +488,7 @@ class Flusher:
                 return
             batch = self._spool.claim(self._batch_size, kind)
             if batch:
-                self.courier.deliver(self._spool, kind, batch)
+                self.courier.deliver(self._spool, kind, batch, ack_later=True)  # acked during the next send
 
     def _next(self) -> bool:
         """Wait until a batch is due (True), or until housekeeping is due or the flusher stops (False).
@@ -465,6 +500,7 @@ class Flusher:
             now = time.monotonic()
             if self._batch_due(ready, now):
                 return True
+            self.courier.record_acks()  # no request to overlap them with now
             until_housekeeping = self._housekeeping_at - now
             if until_housekeeping <= 0:
                 return False
@@ -493,6 +529,7 @@ class Flusher:
         if started < self._housekeeping_at:
             return
         self._housekeeping_at = started + HOUSEKEEPING_INTERVAL
+        self.courier.record_acks()
         if self._dead_letter_retention is not None:
             self._spool.expire_dead_letters(self._dead_letter_retention)
         if self._adopt_orphans and not self.is_failing:
@@ -503,6 +540,7 @@ class Flusher:
         """Once everything is delivered, empty the WAL so no delivered record's bytes stay on disk."""
         sent = self.counters["sent"] + self.counters["dead_lettered"]
         if sent != self._scrubbed_at_sent and not self._spool.ready_count(limit=1):
+            self.courier.record_acks()
             if self._spool.scrub():
                 self._scrubbed_at_sent = sent
 

@@ -89,6 +89,8 @@ class Sender:
     def __init__(self, base_uri: str, application_id: str, timeout: float) -> None:
         self._settings = (base_uri, application_id, timeout)
         self._identity = {"X-Moesif-Application-Id": application_id, "User-Agent": USER_AGENT}
+        self._event_headers = {"Content-Type": "application/json; charset=utf-8", "Content-Encoding": "gzip",
+                               **self._identity}
         self._transport = Transport(base_uri, timeout)
         self._api = ApiController(http_client=_Client(self._transport, self._identity))
         self._endpoints: Mapping[str, Callable[[List[Any]], Any]] = {  # events go through `_post_events`
@@ -97,17 +99,21 @@ class Sender:
             SUBSCRIPTION: self._api.update_subscriptions_batch,
         }
 
-    def send(self, kind: str, records: Sequence[Any]) -> Mapping[str, str]:
+    def send(self, kind: str, records: Sequence[Any],
+             while_waiting: Optional[Callable[[], None]] = None) -> Mapping[str, str]:
         """POST one batch of `kind` records; return the response headers or raise a `DeliveryError`.
 
         `records` are spooled items (with `.json` bytes and `.body`) or plain dicts. Event batches go out
         as the stored JSON bytes, joined and gzipped at level 1: the same request moesifapi builds,
         without parsing and re-encoding every event or its level-9 gzip (most of its cost per batch).
         Profile updates, small and rare, go through moesifapi's client. Only a 2xx answer to this very
-        request returns; a redirect is never followed (`RedirectError`).
+        request returns; a redirect is never followed (`RedirectError`). `while_waiting` (which must not
+        raise) is called once per call: for events while the collector works on the request, else before it.
         """
         if kind == EVENT:
-            return _mapped(self._post_events, [_json_of(record) for record in records])
+            return _mapped(self._post_events, [_json_of(record) for record in records], while_waiting)
+        if while_waiting is not None:
+            while_waiting()
         return _mapped(self._endpoints[kind], [_body_of(record) for record in records])
 
     def clone(self) -> Sender:
@@ -134,10 +140,10 @@ class Sender:
         rules, headers = self.get_json(RULES_PATH)
         return rules, headers.get(RULES_TAG_HEADER)
 
-    def _post_events(self, payloads: List[bytes]) -> Mapping[str, str]:
-        body = gzip.compress(b"[" + b",".join(payloads) + b"]", compresslevel=GZIP_LEVEL)
-        headers = {"Content-Type": "application/json; charset=utf-8", "Content-Encoding": "gzip", **self._identity}
-        response = self._transport.request("POST", EVENTS_BATCH_PATH, body, headers)
+    def _post_events(self, payloads: List[bytes], while_waiting: Optional[Callable[[], None]]) -> Mapping[str, str]:
+        # mtime=0: one zlib call (gzip.compress otherwise adds a CRC pass and a header of its own)
+        body = gzip.compress(b"[" + b",".join(payloads) + b"]", compresslevel=GZIP_LEVEL, mtime=0)
+        response = self._transport.request("POST", EVENTS_BATCH_PATH, body, self._event_headers, while_waiting)
         if not _is_ack(response.status):
             raise _classify(response.status, response.headers)
         return response.headers

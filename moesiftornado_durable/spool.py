@@ -297,10 +297,14 @@ class Spool:
         """Take up to `limit` of the oldest ready records of `kind` and mark them in flight, in one transaction.
 
         A record no configured key decrypts is set aside (status 'undecryptable'), untouched, for `status`
-        to report and the next start with the right key to retry.
+        to report and the next start with the right key to retry. A kind with nothing ready costs one read
+        and no write lock (the flusher asks for every kind each round).
         """
         with self._queue.tran_lock:
             conn = self._conn()
+            if conn.execute(f"SELECT 1 FROM {self._table} INDEXED BY takeable WHERE kind = ? "
+                            f"AND status < {_READY_BELOW} LIMIT 1", (kind,)).fetchone() is None:
+                return []
             conn.execute("BEGIN IMMEDIATE")
             try:
                 rows = conn.execute(
@@ -312,10 +316,10 @@ class Spool:
                     conn.rollback()  # nothing to mark: end the transaction without writing
                     return []
                 claimed, unreadable = self._decode_rows(kind, rows)
-                conn.executemany(f"UPDATE {self._table} SET status = {_IN_FLIGHT} WHERE {self._key} = ?",
-                                 [(item.id,) for item in claimed])
-                conn.executemany(f"UPDATE {self._table} SET status = {_UNDECRYPTABLE} WHERE {self._key} = ?",
-                                 [(row_id,) for row_id in unreadable])
+                for status, ids in ((_IN_FLIGHT, [item.id for item in claimed]), (_UNDECRYPTABLE, unreadable)):
+                    for marks, chunk in _in_chunks(ids):  # one statement per 500 rows, as `ack`
+                        conn.execute(f"UPDATE {self._table} SET status = {status} WHERE {self._key} IN ({marks})",
+                                     chunk)
                 conn.commit()
             except BaseException:
                 conn.rollback()
@@ -758,16 +762,12 @@ class Spool:
         The flusher only asks "is a batch ready?", so it passes its batch size and never scans a backlog.
         """
         cap = -1 if limit is None else limit
-        total = 0
-        with self._queue.tran_lock:
-            for kind in KINDS:
-                row = self._conn().execute(
-                    f"SELECT COUNT(*) FROM (SELECT 1 FROM {self._table} INDEXED BY takeable "
-                    f"WHERE kind = ? AND status < {_READY_BELOW} LIMIT ?)",
-                    (kind, cap),
-                ).fetchone()
-                total += int(row[0])
-        return total
+        one_kind = (f"(SELECT COUNT(*) FROM (SELECT 1 FROM {self._table} INDEXED BY takeable "
+                    f"WHERE kind = ? AND status < {_READY_BELOW} LIMIT ?))")
+        with self._queue.tran_lock:  # one statement for every kind: the flusher asks before each batch
+            row = self._conn().execute("SELECT " + " + ".join([one_kind] * len(KINDS)),
+                                       [value for kind in KINDS for value in (kind, cap)]).fetchone()
+        return int(row[0])
 
     def stats(self) -> SpoolStats:
         """Ready, in-flight, dead-letter and undecryptable counts, the oldest record's time and the files'

@@ -12,6 +12,11 @@ A hostile or broken collector must not be able to lose, leak or stall anything, 
 
 Proxies (``HTTP(S)_PROXY``, ``ALL_PROXY``, ``NO_PROXY``) and the CA bundle (``REQUESTS_CA_BUNDLE``,
 ``CURL_CA_BUNDLE``, else certifi's) come from the environment, read once, as `requests` read them.
+
+http.client connects (a proxy's CONNECT tunnel, TLS); the exchange itself is written here (`_request_head`,
+`_read_response`): the request line, headers and body in one write, and a plain HTTP/1.1 parse of the answer
+(Content-Length, chunked, or up to the close), without http.client's per-request machinery and its parse of
+the headers through the email package, which took three times the CPU per request (docs/benchmarks.md).
 Failures surface as `TimeoutError`, `OSError`, `http.client.HTTPException` or `ResponseTooLarge`; `sender.py`
 maps them to `errors.py`'s classes.
 """
@@ -28,7 +33,7 @@ import ssl
 import threading
 import time
 import urllib.request
-from typing import Any, Callable, Dict, Iterator, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 from urllib.parse import SplitResult, unquote, urlsplit
 
 import certifi
@@ -119,6 +124,11 @@ class _Reader(io.RawIOBase):
         super().close()
 
 
+_MAX_LINE = 65536  # bytes of a status, header or chunk-size line, as http.client allows
+_MAX_HEADERS = 100  # header lines in an answer, as http.client allows
+_CONTINUE = 100
+
+
 class _Connection(http.client.HTTPConnection):
     """An HTTP/1.1 connection (TLS when given a context) whose blocking steps all end by `deadline`."""
 
@@ -130,6 +140,7 @@ class _Connection(http.client.HTTPConnection):
         self._tls_hostname = host
         self._tunnelled = tunnel is not None
         self._socket: Optional[socket.socket] = None
+        self._reader: Optional[io.BufferedReader] = None
         if tunnel is not None:  # through an HTTP proxy at host:port, to tunnel's host and port
             self.set_tunnel(*tunnel)
             self._tls_hostname = tunnel[0]
@@ -151,6 +162,20 @@ class _Connection(http.client.HTTPConnection):
             raw.settimeout(self.time_left())  # the handshake is one blocking call, bounded by this
             self._socket = self._tls.wrap_socket(raw, server_hostname=self._tls_hostname)
             self.sock = _DeadlineSocket(self._socket, self)
+
+    def reader(self) -> io.BufferedReader:
+        """The buffered reader answers are read through, one for the life of the socket (connecting first)."""
+        if self.sock is None:
+            self.connect()
+        if self._reader is None:
+            self._reader = self.sock.makefile("rb")
+        return self._reader
+
+    def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()  # it holds a reference to the socket of its own, which would keep it open
+        super().close()
 
     def shut_down(self) -> None:
         """End the connection under a request another thread is making, which then fails at once.
@@ -185,19 +210,27 @@ class Transport:
             raise ValueError(f"not an http(s) URI: {base_uri!r}")
         self.timeout = timeout
         self.max_response_bytes = max_response_bytes
-        self._origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+        self._host = parts.netloc.rpartition("@")[2]  # the Host header: the collector, also through a proxy
+        self._origin = f"{parts.scheme}://{self._host}"
         self._base_path = parts.path.rstrip("/")
         self._route = _route(parts)
         self._lock = threading.Lock()
         self._connection: Optional[_Connection] = None
 
     def request(self, method: str, path: str, body: Optional[bytes] = None,
-                headers: Optional[Mapping[str, str]] = None) -> Response:
-        """Send one request to `path` under the base URI and read its whole answer, within the limits above."""
+                headers: Optional[Mapping[str, str]] = None,
+                while_waiting: Optional[Callable[[], None]] = None) -> Response:
+        """Send one request to `path` under the base URI and read its whole answer, within the limits above.
+
+        `while_waiting`, if given, is called once the request is written and before the answer is read: work
+        the caller overlaps with the server's (the flusher records the previous batch's ack there). It must
+        not raise; its time counts against the timeout.
+        """
         target = self._base_path + path
         if self._route.absolute_target:
             target = self._origin + target
         all_headers = dict(headers or {}, **self._route.headers)
+        head = _request_head(method, target, self._host, body, all_headers)
         with self._lock:
             connection = self._connection
             if connection is None or not connection.is_idle_and_open():
@@ -206,13 +239,15 @@ class Transport:
                 connection = self._connection = self._route.connect()
             connection.deadline = time.monotonic() + self.timeout
             try:
-                connection.request(method, target, body=body, headers=all_headers)
-                response = connection.getresponse()
-                try:
-                    payload = _read_capped(response, self.max_response_bytes)
-                finally:
-                    response.close()  # a no-op once the body is read; else it lets go of the socket
-                return Response(response.status, Headers(response.getheaders()), payload)
+                reader = connection.reader()
+                connection.sock.sendall(head + body if body else head)
+                if while_waiting is not None:
+                    while_waiting()
+                response, keep_alive = _read_response(reader, method, self.max_response_bytes)
+                if not keep_alive:
+                    connection.close()
+                    self._connection = None
+                return response
             except BaseException:
                 connection.close()  # whatever state it is in, it is not reused
                 self._connection = None
@@ -234,13 +269,109 @@ class Transport:
                 self._lock.release()
 
 
-def _read_capped(response: http.client.HTTPResponse, cap: int) -> bytes:
-    """The whole body, or `ResponseTooLarge` as soon as it is known to exceed `cap` bytes."""
-    if response.length is not None and response.length > cap:
-        raise ResponseTooLarge(f"a {response.length}-byte answer (at most {cap} are read)")
+def _request_head(method: str, target: str, host: str, body: Optional[bytes], headers: Mapping[str, str]) -> bytes:
+    """The request line and headers, ready to write; a line break in a header (an injection) is a ValueError."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Accept-Encoding: identity"]
+    if body is not None or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body or b'')}")
+    lines.extend(f"{name}: {value}" for name, value in headers.items())
+    for line in lines:
+        if "\r" in line or "\n" in line:
+            raise ValueError(f"a line break in a request header: {line[:40]!r}")
+    lines.extend(("", ""))
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def _read_response(reader: io.BufferedReader, method: str, cap: int) -> Tuple[Response, bool]:
+    """Read one whole answer (after any 100 Continue); returns it and whether the connection may be kept.
+
+    Raises `http.client.HTTPException` (or `RemoteDisconnected`, an OSError) on a malformed or cut answer, and
+    `ResponseTooLarge` as soon as the body is known to exceed `cap` bytes.
+    """
+    while True:
+        version, status = _read_status(reader)
+        pairs = _read_headers(reader)
+        if status != _CONTINUE:
+            break
+    headers = Headers(pairs)
+    connection = {token.strip().lower() for token in headers.get("Connection", "").split(",")}
+    keep_alive = "keep-alive" in connection if version == "HTTP/1.0" else "close" not in connection
+    if method == "HEAD" or status < 200 or status in (204, 304):
+        return Response(status, headers, b""), keep_alive
+    if headers.get("Transfer-Encoding", "").lower().rstrip().endswith("chunked"):
+        return Response(status, headers, _read_chunked(reader, cap)), keep_alive
+    length = headers.get("Content-Length")
+    if length is None:  # the body runs to the close
+        return Response(status, headers, _read_to_close(reader, cap)), False
+    if not length.strip().isdigit():
+        raise http.client.HTTPException(f"a Content-Length that is not a number: {length[:40]!r}")
+    size = int(length)
+    if size > cap:
+        raise ResponseTooLarge(f"a {size}-byte answer (at most {cap} are read)")
+    return Response(status, headers, _read_exactly(reader, size)), keep_alive
+
+
+def _read_line(reader: io.BufferedReader, what: str) -> bytes:
+    line = reader.readline(_MAX_LINE + 1)
+    if len(line) > _MAX_LINE:
+        raise http.client.LineTooLong(what)
+    return line
+
+
+def _read_status(reader: io.BufferedReader) -> Tuple[str, int]:
+    line = _read_line(reader, "status line")
+    if not line:
+        raise http.client.RemoteDisconnected("the server closed the connection without an answer")
+    parts = line.decode("latin-1").split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not (parts[1].isdigit() and len(parts[1]) == 3):
+        raise http.client.BadStatusLine(line[:100].decode("latin-1"))
+    return parts[0], int(parts[1])
+
+
+def _read_headers(reader: io.BufferedReader) -> List[Tuple[str, str]]:
+    pairs: List[Tuple[str, str]] = []
+    while True:
+        line = _read_line(reader, "header line")
+        if line in (b"\r\n", b"\n"):
+            return pairs
+        if not line:
+            raise http.client.IncompleteRead(b"", None)  # the connection ended inside the headers
+        if len(pairs) >= _MAX_HEADERS:
+            raise http.client.HTTPException(f"got more than {_MAX_HEADERS} headers")
+        name, _, value = line.decode("latin-1").partition(":")
+        pairs.append((name.strip(), value.strip()))
+
+
+def _read_exactly(reader: io.BufferedReader, size: int) -> bytes:
+    data = reader.read(size)
+    if len(data) < size:
+        raise http.client.IncompleteRead(data, size - len(data))
+    return data
+
+
+def _read_chunked(reader: io.BufferedReader, cap: int) -> bytes:
     body = bytearray()
     while True:
-        chunk = response.read(min(_READ_CHUNK, cap + 1 - len(body)))
+        line = _read_line(reader, "chunk size")
+        try:
+            size = int(line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise http.client.IncompleteRead(bytes(body)) from None
+        if size == 0:
+            while _read_line(reader, "trailer line") not in (b"\r\n", b"\n", b""):
+                pass
+            return bytes(body)
+        if len(body) + size > cap:
+            raise ResponseTooLarge(f"an answer longer than {cap} bytes")
+        body += _read_exactly(reader, size)
+        _read_exactly(reader, 2)  # the chunk's CRLF
+
+
+def _read_to_close(reader: io.BufferedReader, cap: int) -> bytes:
+    """The body of an answer without a length: up to the end of the connection, or `ResponseTooLarge`."""
+    body = bytearray()
+    while True:
+        chunk = reader.read1(min(_READ_CHUNK, cap + 1 - len(body)))
         if not chunk:
             return bytes(body)
         body += chunk
