@@ -247,7 +247,10 @@ def test_stdout_stays_clean_when_the_collector_is_unreachable(collector: Collect
         mw = MoesifMiddleware({{"APPLICATION_ID": "x", "SPOOL_DIR": {spool_dir!r},
                                "BASE_URI": {collector.base_uri!r}, "FLUSH_INTERVAL": 0.01, "RETRY_MAX_WAIT": 0.1}})
         mw.update_user({{"user_id": "kept"}})
-        import time; time.sleep(1.0)
+        import time
+        deadline = time.monotonic() + 30  # until the shipper has tried (its start takes seconds on a busy machine)
+        while mw.stats()["last_error"] is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         mw.close(0.5)
     """)
     assert result.returncode == 0, result.stderr
