@@ -38,7 +38,9 @@ class Codec:
         self._cipher: Any = _multi_fernet(keys) if keys else None
 
     def encode(self, body: Any) -> bytes:
-        data = to_json_bytes(body)
+        """`body` as stored: compact JSON (`to_json_bytes`), or as it is when it is bytes already (a packed
+        capture record, rawrecord.py); encrypted when a key is set."""
+        data = body if isinstance(body, bytes) else to_json_bytes(body)
         return self._cipher.encrypt(data) if self._cipher is not None else data
 
     def decode(self, data: bytes) -> Any:

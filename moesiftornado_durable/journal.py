@@ -41,7 +41,7 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from . import spooldir
 from .errors import SpoolUnavailableError
-from .kinds import COMPANY, EVENT, SUBSCRIPTION, USER
+from .kinds import CAPTURE, COMPANY, EVENT, SUBSCRIPTION, USER
 
 logger = logging.getLogger("moesiftornado_durable")
 
@@ -62,7 +62,7 @@ _HEADER_V1 = struct.Struct("<2sBBIId")  # format 1: magic, 1, kind, length, crc3
 _CHECKED_V1 = struct.Struct("<d")
 _PREFIXES = (_MAGIC + b"\x01", _MAGIC + b"\x02")  # what a frame of a known format starts with
 MAX_PAYLOAD = 64 * 1024 * 1024  # a length beyond this is damage, not a record
-KIND_CODES = {EVENT: 1, USER: 2, COMPANY: 3, SUBSCRIPTION: 4}  # the kind byte of a frame
+KIND_CODES = {EVENT: 1, USER: 2, COMPANY: 3, SUBSCRIPTION: 4, CAPTURE: 5}  # the kind byte of a frame
 KIND_NAMES = {code: name for name, code in KIND_CODES.items()}
 
 

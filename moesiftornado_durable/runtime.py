@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Tuple, Union
 
 from . import locks, outgoing, spooldir
 from .codec import Codec, UndecryptableError
@@ -97,8 +97,9 @@ class _Runtime:
         self.fetcher.start()
         self.rules_fetcher.start()
 
-    def put(self, record: Dict[str, Any], kind: str) -> int:
-        """Store one record; returns its sequence number for `on_synced` (0 where there is none)."""
+    def put(self, record: Union[Dict[str, Any], bytes], kind: str) -> int:
+        """Store one record (bytes: a packed capture record, kind CAPTURE, SHIPPER 'process' only); returns
+        its sequence number for `on_synced` (0 where there is none)."""
         raise NotImplementedError
 
     def on_synced(self, sequence: int, callback: Callable[[bool], None]) -> None:
@@ -158,7 +159,7 @@ class _ThreadRuntime(_Runtime):
         self.flusher.start()
         self.start_fetchers()
 
-    def put(self, record: Dict[str, Any], kind: str) -> int:
+    def put(self, record: Union[Dict[str, Any], bytes], kind: str) -> int:
         self.spool.put(record, kind)
         return 0
 
@@ -241,7 +242,7 @@ class _ProcessRuntime(_Runtime):
             self.lock = locks.lock_free_slot(self.config.spool_dir, INTAKE)
         return self.lock.slot
 
-    def put(self, record: Dict[str, Any], kind: str) -> int:
+    def put(self, record: Union[Dict[str, Any], bytes], kind: str) -> int:
         data = self.codec.encode(record)
         max_bytes = self.config.spool_max_bytes
         if max_bytes is not None and self.config.when_full == "drop_newest":

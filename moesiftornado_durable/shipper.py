@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from . import audit, locks, proctitle, spooldir
+from . import audit, eventbuild, locks, proctitle, spooldir
 from .codec import Codec
 from .config import Config
 from .errors import ConfigError
@@ -90,8 +90,9 @@ def journal_reader(spool: Spool) -> JournalReader:
     def writer_alive(slot: int) -> bool:
         return bool(locks.owner(directory, slot, INTAKE)[1])
 
-    return JournalReader(directory, writer_alive, spool.ingest, spool.journal_offsets, spool.forget_segment,
-                         spool.fold)
+    # capture records are built into their events on the way in (eventbuild.py): the spool sees events only
+    return JournalReader(directory, writer_alive, eventbuild.building(spool.ingest, spool.codec), spool.journal_offsets,
+                         spool.forget_segment, spool.fold)
 
 
 class Shipper:
