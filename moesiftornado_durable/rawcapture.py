@@ -48,11 +48,12 @@ def splits(config: Config) -> bool:
 
 
 def capture_steps(handler: Handler, config: Config, finished_at: float, sampler: Sampler,
-                  unsent_body: bytes = b"") -> Steps:
+                  unsent_body: bytes = b"", *, every_body: bool = False) -> Steps:
     """capture.capture_steps for a config that `splits`: the same callables in the same order, the same
     sampling, ending in an `Outcome` whose `packed` is the record (or, for a request that needs the app's
-    full capture, exactly what capture.capture_steps gives)."""
-    bodies = _raw_bodies(handler, config, unsent_body)
+    full capture, exactly what capture.capture_steps gives). `every_body` packs every request whatever its
+    bodies (the build handles them all; the tests compare it with the full capture)."""
+    bodies = _raw_bodies(handler, config, unsent_body, every_body)
     if bodies is None:
         return (yield from capture.capture_steps(handler, config, finished_at, sampler.weight_for, unsent_body))
     if config.skip is not None:
@@ -114,15 +115,18 @@ def capture_steps(handler: Handler, config: Config, finished_at: float, sampler:
         return Outcome(build_event(raw))
 
 
-def _raw_bodies(handler: Handler, config: Config, unsent_body: bytes) -> Optional[Tuple[Body, Body, Optional[str]]]:
+def _raw_bodies(handler: Handler, config: Config, unsent_body: bytes,
+                every_body: bool = False) -> Optional[Tuple[Body, Body, Optional[str]]]:
     """(request body, response body, the response's Content-Encoding) as read, or None when the request
     needs the app's full capture: a body over MAX_BODY_BYTES or Content-Encoded (to be decoded, maybe left
     out, counted and logged here), or bodies large enough together to be measured against Moesif's limit."""
     if not config.log_body:
         return NO_BODY, NO_BODY, None
-    limit = min(config.max_body_bytes, _MEASURED_FROM)
+    if every_body:
+        return _every_body(handler, config, unsent_body)
     request = handler.request
     request_body = request.body or b""
+    limit = min(config.max_body_bytes, _MEASURED_FROM)
     if len(request_body) > limit or (request_body and request.headers.get("Content-Encoding", "").strip().lower()
                                      not in _IDENTITY):
         return None
@@ -139,6 +143,16 @@ def _raw_bodies(handler: Handler, config: Config, unsent_body: bytes) -> Optiona
     if isinstance(response_body, bytes) and len(request_body) + len(response_body) > limit:
         return None
     return request_body, response_body, encoding
+
+
+def _every_body(handler: Handler, config: Config, unsent_body: bytes) -> Tuple[Body, Body, Optional[str]]:
+    """The bodies as capture.capture_steps reads them, whatever they need."""
+    request = handler.request
+    request_body = request.body or b""
+    captured: Optional[ResponseBodyCapture] = getattr(request, _CAPTURE_ATTRIBUTE, None)
+    if captured is not None:
+        return request_body, captured.body(unsent_body), captured.content_encoding
+    return request_body, unsent_body or NO_BODY, None
 
 
 def _header_lists(headers: Any) -> Dict[str, List[str]]:

@@ -73,7 +73,7 @@ class PackedCapture(bytes):
 def pack(raw: RawCapture) -> PackedCapture:
     """The record's bytes. Raises TypeError when a field is not what orjson writes (the caller builds the
     event itself then)."""
-    fields = orjson.dumps(raw[:18])
+    fields = orjson.dumps((*raw[:17], tuple(raw.settings)))  # orjson writes no named tuple
     request_body, response_body, metadata = raw.request_body, raw.response_body, raw.metadata
     packed = PackedCapture(b"".join((
         _HEAD.pack(TAG, len(fields), _length(request_body), _length(response_body),
