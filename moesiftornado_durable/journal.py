@@ -1,6 +1,6 @@
 """The intake journal: how `log_event` makes a record durable with one `write()`, off the SQLite path.
 
-Each app process appends its records to its own segment files, ``intake-<slot>-<seq>.jnl2`` in SPOOL_DIR
+Each app process appends its records to its own segment files, ``intake-<slot>-<seq>.jnl3`` in SPOOL_DIR
 (the slot is the one `locks` gave the process, so the slot lock also says whether the writer lives).
 A record is one frame, written with a single ``os.write``: once it returns, the bytes are in the page
 cache and survive a crash of the process. A power cut is bounded by the writer's syncer thread, never
@@ -22,6 +22,9 @@ spool stores it: JSON, or a Fernet token). Format 1 (what earlier builds wrote: 
 CRC-32 of spooled_at + payload, spooled_at; no header check), in ``.jnl`` segments, is still read, so
 segments left on disk by an older build are spooled after an upgrade; the new name keeps format-2
 segments away from an older build's shipper (during a rolling upgrade), which would take them for damage.
+Segments are named ``.jnl3`` since they may hold `kinds.CAPTURE` records (a request's raw parts, which the
+shipper builds into events): a shipper of a build that wrote ``.jnl2`` would take that kind for damage, so it
+leaves them to a shipper of this build; ``.jnl2`` segments (no such records) are still read.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from .kinds import CAPTURE, COMPANY, EVENT, SUBSCRIPTION, USER
 logger = logging.getLogger("moesiftornado_durable")
 
 INTAKE = "intake"  # the lock-file prefix of journal slots: intake-<slot>.lock
-SEGMENT_PATTERN = re.compile(r"^intake-(\d+)-(\d+)\.jnl2?$")  # .jnl: format 1, from earlier builds
+SEGMENT_PATTERN = re.compile(r"^intake-(\d+)-(\d+)\.jnl[23]?$")  # .jnl: format 1, .jnl2: no capture records
 SYNC_INTERVAL = 0.1  # SPOOL_SYNC 'normal': a written record is fdatasynced at most this long (s) after
 SYNC_MODES = ("normal", "full", "audit")  # 'full' and 'audit' sync as soon as records are waiting
 SEGMENT_BYTES = 4 * 1024 * 1024  # a writer starts a new segment past this; the reader deletes ingested ones
@@ -67,7 +70,7 @@ KIND_NAMES = {code: name for name, code in KIND_CODES.items()}
 
 
 def segment_name(slot: int, seq: int) -> str:
-    return f"intake-{slot}-{seq:08d}.jnl2"
+    return f"intake-{slot}-{seq:08d}.jnl3"
 
 
 def segments(directory: str) -> List[Tuple[int, int, str]]:

@@ -330,3 +330,39 @@ def test_a_damaged_capture_record_is_logged_and_kept(caplog: Any) -> None:
     assert (kind, data) == (EVENT, b"MC\x01\x00\x00")
     assert "could not build the event" in caplog.text
 
+
+
+def test_segments_with_capture_records_are_kept_from_an_earlier_builds_shipper(tmp_path: Any) -> None:
+    """An earlier build's shipper (segments `.jnl` or `.jnl2`) would take a capture record for damage: this
+    build's segments have a name it does not read, and this build still reads the earlier `.jnl2` ones."""
+    import re
+
+    from moesiftornado_durable.journal import JournalWriter
+    from moesiftornado_durable.locks import SHIPPER_SLOT, spool_path
+    from moesiftornado_durable.rawrecord import NO_BODY, RawCapture, Settings, pack
+    from moesiftornado_durable.shipper import journal_reader
+    from moesiftornado_durable.spool import open_spool
+
+    directory = str(tmp_path)
+    earlier = JournalWriter(directory, 0)  # an earlier build's segment: an event, in a .jnl2 segment
+    earlier.append(EVENT, Codec().encode({"transaction_id": "from-jnl2", "request": {}}), 1.0)
+    earlier.close()
+    os.rename(earlier.path, earlier.path[:-len(".jnl3")] + ".jnl2")
+    writer = JournalWriter(directory, 1)
+    raw = RawCapture(1.5, 2.5, "GET", "http://h/p", "::1", 200, {"Host": ["h"]}, {}, None, None, None, False, None,
+                     None, 1, "from-jnl3", None, Settings(1000, ("Authorization",), "sub"), b"", NO_BODY, None)
+    writer.append(CAPTURE, pack(raw), 2.0)
+    writer.close()
+    names = sorted(os.listdir(directory))
+    earlier_pattern = re.compile(r"^intake-(\d+)-(\d+)\.jnl2?$")  # what an earlier build's shipper reads
+    assert [name for name in names if name.endswith(".jnl3") and not earlier_pattern.match(name)] == \
+        [os.path.basename(writer.path)]
+    spool = open_spool(spool_path(directory, SHIPPER_SLOT))
+    try:
+        assert journal_reader(spool).ingest() == 2
+        events = [item.body for item in spool.read_ready(10)]
+    finally:
+        spool.close()
+    assert [event["transaction_id"] for event in events] == ["from-jnl2", "from-jnl3"]
+    assert events[1]["request"] == {"time": "1970-01-01T00:00:01.500000", "uri": "http://h/p", "verb": "GET",
+                                    "api_version": None, "ip_address": "::1", "headers": {"Host": "h"}}
