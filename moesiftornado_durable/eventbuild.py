@@ -27,7 +27,7 @@ from . import codec
 from .codec import Codec, JSONReady, RawJSON, UndecryptableError
 from .config import MOESIF_MAX_EVENT_BYTES
 from .kinds import CAPTURE, EVENT
-from .rawrecord import NO_BODY, RawCapture, unpack
+from .rawrecord import NO_BODY, TAG, RawCapture, unpack
 
 logger = logging.getLogger("moesiftornado_durable")
 
@@ -453,24 +453,36 @@ def build_rows(rows: Sequence[Row], coder: Codec) -> List[Row]:
     """Journal rows as the spool stores them: each `CAPTURE` record built into its event and encoded (and
     encrypted) by `coder`; every other row as it is.
 
-    A record no key opens is stored as an event that is undecryptable, as one the app encoded would be
-    (the spool counts it and keeps it until a key opens it). One that cannot be read or built (damage the
-    journal's checks missed, or a bug) is logged with the bytes kept as an event, never dropped."""
+    An event is encrypted with the key that opened its record (`Codec.reseal`): as if the app had written
+    it. A record no key opens is stored as it is, as an event the spool sets aside as undecryptable until a
+    key opens it; the spool then builds it as it claims it (`built`). One that cannot be read or built
+    (damage the journal's checks missed, or a bug) is logged and stored as it is, never dropped: Moesif
+    refuses it, alone, into dead letters."""
     if not any(kind == CAPTURE for kind, _, _ in rows):
         return list(rows)
-    built: List[Row] = []
+    stored: List[Row] = []
     for kind, data, spooled_at in rows:
         if kind == CAPTURE:
             try:
-                data = coder.encode(build_event(unpack(coder.decrypt(data))))
+                data = coder.reseal(data, built)
             except UndecryptableError:
                 pass
             except Exception:
                 logger.exception("moesiftornado_durable shipper: could not build the event of a journaled capture "
                                  "record; it is spooled as it was")
             kind = EVENT
-        built.append((kind, data, spooled_at))
-    return built
+        stored.append((kind, data, spooled_at))
+    return stored
+
+
+def built(plain: bytes) -> bytes:
+    """The event's JSON bytes, from the decrypted bytes of a capture record (raises ValueError if it is not one)."""
+    return codec.to_json_bytes(build_event(unpack(plain)))
+
+
+def is_capture_record(plain: bytes) -> bool:
+    """True for the decrypted bytes of a capture record (kept undecryptable in a spool, say)."""
+    return plain[:len(TAG)] == TAG
 
 
 def building(commit: Callable[[List[Row], str, int], None], coder: Codec) -> Callable[[List[Row], str, int], None]:

@@ -317,12 +317,49 @@ def test_masks_and_the_thread_mode_keep_the_full_capture_in_the_app(
     assert rawcapture.splits(Config.from_dict({"APPLICATION_ID": "x", "SPOOL_DIR": spool_dir}))
 
 
-def test_a_capture_record_no_key_opens_is_stored_as_an_undecryptable_event() -> None:
+def a_record(transaction_id: str = "tx-1") -> bytes:
+    from moesiftornado_durable.rawrecord import NO_BODY, RawCapture, Settings, pack
+
+    return pack(RawCapture(1.5, 2.5, "POST", "http://h/p", "10.0.0.1", 201, {"Host": ["h"]}, {}, None, None,
+                           "u-1", True, None, None, 1, transaction_id, None, Settings(1000, ("Authorization",), "sub"),
+                           b'{"a": 1}', NO_BODY, None))
+
+
+def test_a_built_event_keeps_the_key_its_record_was_written_with() -> None:
     from cryptography.fernet import Fernet
 
-    sealed = Codec([Fernet.generate_key()]).encode(b"MC\x01whatever")
-    assert build_rows([(CAPTURE, sealed, 2.0), ("user", b"{}", 3.0)], Codec([Fernet.generate_key()])) == [
-        (EVENT, sealed, 2.0), ("user", b"{}", 3.0)]
+    old, new = Fernet.generate_key(), Fernet.generate_key()
+    [(kind, data, _)] = build_rows([(CAPTURE, Codec([old]).encode(a_record()), 1.0)], Codec([new, old]))
+    assert kind == EVENT and Codec([old]).decode(data)["transaction_id"] == "tx-1"
+    [(kind, data, _)] = build_rows([(CAPTURE, a_record(), 1.0)], Codec([new, old]))  # written without a key
+    assert json.loads(data)["request"]["body"] == {"a": 1}
+
+
+def test_a_capture_record_no_key_opens_is_kept_and_built_once_a_key_opens_it(tmp_path: Any) -> None:
+    """As an event encrypted with a key the shipper lacks (a rotation under way): set aside, untouched, and
+    sent once a shipper with the key claims it, built then."""
+    from cryptography.fernet import Fernet
+
+    from moesiftornado_durable.eventbuild import built
+    from moesiftornado_durable.spool import open_spool
+
+    key, other = Fernet.generate_key(), Fernet.generate_key()
+    sealed = Codec([key]).encode(a_record())
+    rows = build_rows([(CAPTURE, sealed, 2.0), ("user", b'{"user_id": "u"}', 3.0)], Codec([other]))
+    assert rows == [(EVENT, sealed, 2.0), ("user", b'{"user_id": "u"}', 3.0)]
+    path = str(tmp_path / "shipper.db")
+    spool = open_spool(path, codec=Codec([other]))
+    try:
+        spool.ingest(rows, "intake-1-00000001.jnl3", 100)
+        assert spool.claim(10) == [] and spool.stats().undecryptable == 1
+    finally:
+        spool.close()
+    spool = open_spool(path, codec=Codec([other, key]))
+    try:
+        [item] = spool.claim(10)
+    finally:
+        spool.close()
+    assert item.json == built(a_record()) and item.body["transaction_id"] == "tx-1"
 
 
 def test_a_damaged_capture_record_is_logged_and_kept(caplog: Any) -> None:
