@@ -33,8 +33,8 @@ from .capture import (
 from .codec import RawJSON
 from .config import Config, Handler
 from .eventbuild import _MEASURED_FROM, build_event, client_ip_of, joined, user_from_headers
-from .rawrecord import NO_BODY, Body, RawCapture, Settings, pack
-from .sampling import Sampler
+from .rawrecord import NO_BODY, Body, RawCapture, Settings, pack_parts
+from .sampling import FULL_RATE, AppConfig, Sampler
 
 _IDENTITY = ("", "identity")
 
@@ -88,31 +88,38 @@ def capture_steps(handler: Handler, config: Config, finished_at: float, sampler:
     url, method, remote_ip, status = request.full_url(), request.method, request.remote_ip, handler.get_status()
     app_config = sampler.config
     resolved = app_config.reads_events  # sampling looks at the event: resolve here what it reads
-    if resolved:
+    if not resolved and app_config.sample_rate >= FULL_RATE:
+        weight: Optional[int] = 1  # what sampling gives every event under such a config
+    elif resolved:
         headers = joined(request_headers)
         user_id = user_id or user_from_headers(headers, config.authorization_header_names,
                                                config.authorization_user_id_field)
-        view = {"request": {"verb": method, "uri": url, "ip_address": client_ip_of(headers, remote_ip)},
-                "response": {"status": status}, "user_id": user_id, "company_id": company_id}
-    else:
-        view = {"user_id": None, "company_id": None}  # what sampling reads of an event under such a config
-    try:
-        weight = sampler.weight_under(app_config, view)
-    except Exception:  # a sampling bug must not lose the event: keep it unsampled
-        logger.exception("sampling failed; the event is kept")
-        weight = 1
+        weight = _weight(sampler, app_config, {
+            "request": {"verb": method, "uri": url, "ip_address": client_ip_of(headers, remote_ip)},
+            "response": {"status": status}, "user_id": user_id, "company_id": company_id})
+    else:  # what sampling reads of an event under such a config
+        weight = _weight(sampler, app_config, {"user_id": None, "company_id": None})
     if weight is None:
         return Outcome(None, "sampled_out")
     metadata = results.get("GET_METADATA")
-    raw = RawCapture(
-        started_at, finished_at, method, url, remote_ip, status, request_headers, response_headers, bodies[2],
-        api_version, user_id, resolved, company_id, session_token, weight, transaction_id, blocked_by,
-        Settings(config.max_body_bytes, config.authorization_header_names, config.authorization_user_id_field),
-        bodies[0], bodies[1], None if metadata is None else RawJSON.of(metadata, depth=1).json)
+    metadata_json = None if metadata is None else RawJSON.of(metadata, depth=1).json
+    fields = (started_at, finished_at, method, url, remote_ip, status, request_headers, response_headers, bodies[2],
+              api_version, user_id, resolved, company_id, session_token, weight, transaction_id, blocked_by,
+              (config.max_body_bytes, config.authorization_header_names, config.authorization_user_id_field))
     try:
-        return Outcome(None, packed=pack(raw))
+        return Outcome(None, packed=pack_parts(fields, bodies[0], bodies[1], metadata_json))
     except TypeError:  # a value orjson does not write (a lone surrogate, an object): build the event here
-        return Outcome(build_event(raw))
+        return Outcome(build_event(RawCapture(*fields[:17], Settings(*fields[17]), bodies[0], bodies[1],
+                                              metadata_json)))
+
+
+def _weight(sampler: Sampler, app_config: AppConfig, view: Dict[str, Any]) -> Optional[int]:
+    """`sampler`'s weight for an event that reads as `view` under `app_config`; 1 if sampling fails."""
+    try:
+        return sampler.weight_under(app_config, view)
+    except Exception:  # a sampling bug must not lose the event: keep it unsampled
+        logger.exception("sampling failed; the event is kept")
+        return 1
 
 
 def _raw_bodies(handler: Handler, config: Config, unsent_body: bytes,

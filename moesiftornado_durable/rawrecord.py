@@ -15,7 +15,7 @@ orjson of one array beats any framing written field by field in Python (see docs
 from __future__ import annotations
 
 import struct
-from typing import Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import orjson
 
@@ -73,16 +73,22 @@ class PackedCapture(bytes):
 def pack(raw: RawCapture) -> PackedCapture:
     """The record's bytes. Raises TypeError when a field is not what orjson writes (the caller builds the
     event itself then)."""
-    fields = orjson.dumps((*raw[:17], tuple(raw.settings)))  # orjson writes no named tuple
-    request_body, response_body, metadata = raw.request_body, raw.response_body, raw.metadata
+    return pack_parts((*raw[:17], tuple(raw.settings)), raw.request_body, raw.response_body, raw.metadata)
+
+
+def pack_parts(fields: Tuple[Any, ...], request_body: Body, response_body: Body,
+               metadata: Optional[bytes]) -> PackedCapture:
+    """`pack` from `RawCapture`'s first 18 fields as a plain tuple (the settings too: orjson writes no named
+    tuple) and the three byte sections; what the IOLoop calls, without making the named tuples."""
+    head = orjson.dumps(fields)
     packed = PackedCapture(b"".join((
-        _HEAD.pack(TAG, len(fields), _length(request_body), _length(response_body),
+        _HEAD.pack(TAG, len(head), _length(request_body), _length(response_body),
                    ABSENT if metadata is None else len(metadata)),
-        fields,
+        head,
         request_body if type(request_body) is bytes else b"",
         response_body if type(response_body) is bytes else b"",
         metadata or b"")))
-    packed.transaction_id = raw.transaction_id
+    packed.transaction_id = fields[15]
     return packed
 
 
