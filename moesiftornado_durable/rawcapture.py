@@ -53,7 +53,8 @@ def capture_steps(handler: Handler, config: Config, finished_at: float, sampler:
     sampling, ending in an `Outcome` whose `packed` is the record (or, for a request that needs the app's
     full capture, exactly what capture.capture_steps gives). `every_body` packs every request whatever its
     bodies (the build handles them all; the tests compare it with the full capture)."""
-    bodies = _raw_bodies(handler, config, unsent_body, every_body)
+    request_headers = _header_lists(handler.request.headers)
+    bodies = _raw_bodies(handler, config, request_headers, unsent_body, every_body)
     if bodies is None:
         return (yield from capture.capture_steps(handler, config, finished_at, sampler.weight_for, unsent_body))
     if config.skip is not None:
@@ -62,7 +63,6 @@ def capture_steps(handler: Handler, config: Config, finished_at: float, sampler:
             return Outcome(None, "skipped")
     request = handler.request
     started_at = finished_at - request.request_time()
-    request_headers = _header_lists(request.headers)
     response_headers = _header_lists(getattr(handler, "_headers", None))
     transaction_id = new_transaction_id()
     blocked_by = getattr(handler, BLOCKED_BY_ATTRIBUTE, None)
@@ -122,7 +122,7 @@ def _weight(sampler: Sampler, app_config: AppConfig, view: Dict[str, Any]) -> Op
         return 1
 
 
-def _raw_bodies(handler: Handler, config: Config, unsent_body: bytes,
+def _raw_bodies(handler: Handler, config: Config, request_headers: Dict[str, List[str]], unsent_body: bytes,
                 every_body: bool = False) -> Optional[Tuple[Body, Body, Optional[str]]]:
     """(request body, response body, the response's Content-Encoding) as read, or None when the request
     needs the app's full capture: a body over MAX_BODY_BYTES or Content-Encoded (to be decoded, maybe left
@@ -134,8 +134,8 @@ def _raw_bodies(handler: Handler, config: Config, unsent_body: bytes,
     request = handler.request
     request_body = request.body or b""
     limit = min(config.max_body_bytes, _MEASURED_FROM)
-    if len(request_body) > limit or (request_body and request.headers.get("Content-Encoding", "").strip().lower()
-                                     not in _IDENTITY):
+    if len(request_body) > limit or (request_body and ", ".join(request_headers.get("Content-Encoding", ()))
+                                     .strip().lower() not in _IDENTITY):
         return None
     captured: Optional[ResponseBodyCapture] = getattr(request, _CAPTURE_ATTRIBUTE, None)
     response_body: Body = NO_BODY
