@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
+import orjson
+
 from . import capture
 from .capture import (
     _CAPTURE_ATTRIBUTE,
@@ -61,9 +63,11 @@ def capture_steps(handler: Handler, config: Config, finished_at: float, sampler:
         [skip] = yield [("SKIP", config.skip, handler)]
         if skip and skip is not RAISED:
             return Outcome(None, "skipped")
-    request = handler.request
-    started_at = finished_at - request.request_time()
-    response_headers = _header_lists(getattr(handler, "_headers", None))
+    request = handler.request  # everything read before the callables run, which may be awaited: then the
+    started_at = finished_at - request.request_time()  # response may go on changing (strict mode's last flush)
+    url, method, remote_ip, status = request.full_url(), request.method, request.remote_ip, handler.get_status()
+    request_part, request_copy = _snapshot(request_headers)
+    response_part, response_copy = _snapshot(_header_lists(getattr(handler, "_headers", None)))
     transaction_id = new_transaction_id()
     blocked_by = getattr(handler, BLOCKED_BY_ATTRIBUTE, None)
     functions = (
@@ -85,7 +89,6 @@ def capture_steps(handler: Handler, config: Config, finished_at: float, sampler:
     user_id = _as_text("IDENTIFY_USER", results.get("IDENTIFY_USER"))
     company_id = _as_text("IDENTIFY_COMPANY", results.get("IDENTIFY_COMPANY"))
     session_token = _as_text("GET_SESSION_TOKEN", results.get("GET_SESSION_TOKEN"))
-    url, method, remote_ip, status = request.full_url(), request.method, request.remote_ip, handler.get_status()
     app_config = sampler.config
     resolved = app_config.reads_events  # sampling looks at the event: resolve here what it reads
     if not resolved and app_config.sample_rate >= FULL_RATE:
@@ -103,14 +106,31 @@ def capture_steps(handler: Handler, config: Config, finished_at: float, sampler:
         return Outcome(None, "sampled_out")
     metadata = results.get("GET_METADATA")
     metadata_json = None if metadata is None else RawJSON.of(metadata, depth=1).json
-    fields = (started_at, finished_at, method, url, remote_ip, status, request_headers, response_headers, bodies[2],
+    fields = (started_at, finished_at, method, url, remote_ip, status, request_part, response_part, bodies[2],
               api_version, user_id, resolved, company_id, session_token, weight, transaction_id, blocked_by,
               (config.max_body_bytes, config.authorization_header_names, config.authorization_user_id_field))
     try:
         return Outcome(None, packed=pack_parts(fields, bodies[0], bodies[1], metadata_json))
     except TypeError:  # a value orjson does not write (a lone surrogate, an object): build the event here
-        return Outcome(build_event(RawCapture(*fields[:17], Settings(*fields[17]), bodies[0], bodies[1],
-                                              metadata_json)))
+        return Outcome(build_event(RawCapture(
+            started_at, finished_at, method, url, remote_ip, status, _as_dict(request_copy), _as_dict(response_copy),
+            bodies[2], api_version, user_id, resolved, company_id, session_token, weight, transaction_id, blocked_by,
+            Settings(*fields[17]), bodies[0], bodies[1], metadata_json)))
+
+
+def _snapshot(headers: Dict[str, List[str]]) -> Tuple[Any, Any]:
+    """(what the record holds of `headers`, as they are now: their JSON, an `orjson.Fragment`; the same to
+    build the event from here, its bytes) -- or a copy for both when orjson refuses a value."""
+    try:
+        data = orjson.dumps(headers)
+    except TypeError:
+        copy = {name: list(values) for name, values in headers.items()}
+        return copy, copy
+    return orjson.Fragment(data), data
+
+
+def _as_dict(copy: Any) -> Dict[str, List[str]]:
+    return copy if isinstance(copy, dict) else orjson.loads(copy)
 
 
 def _weight(sampler: Sampler, app_config: AppConfig, view: Dict[str, Any]) -> Optional[int]:

@@ -403,3 +403,41 @@ def test_segments_with_capture_records_are_kept_from_an_earlier_builds_shipper(t
     assert [event["transaction_id"] for event in events] == ["from-jnl2", "from-jnl3"]
     assert events[1]["request"] == {"time": "1970-01-01T00:00:01.500000", "uri": "http://h/p", "verb": "GET",
                                     "api_version": None, "ip_address": "::1", "headers": {"Host": "h"}}
+
+
+def test_headers_are_read_before_an_async_callable_is_awaited(make_middleware: Any, collector: Collector) -> None:
+    """Strict mode captures before the last flush, which may still change the response's headers (gzip): with
+    an async callable awaited meanwhile, the record holds the headers as they were when capture began, as
+    the full capture's event does."""
+    import asyncio
+
+    from moesiftornado_durable import SpoolBeforeSendMixin
+
+    class Strict(SpoolBeforeSendMixin, EchoHandler):
+        pass
+
+    async def identify_user(handler: Any) -> str:
+        await asyncio.sleep(0.05)
+        return "async-user"
+
+    events = []
+    for masks in ([], ["x-not-sent"]):  # the split, then the app's full capture (a mask turns it on)
+        middleware = make_middleware(IDENTIFY_USER=identify_user, RESPONSE_HEADER_MASKS=masks)
+        assert rawcapture.splits(middleware.config) == (not masks)
+        app = middleware.attach(tornado.web.Application([(r"/.*", Strict)], log_function=middleware.log_event,
+                                                        compress_response=True))
+        with serve(app) as url:
+            call(url, "POST", "/echo", b'{"k": "%s"}' % (b"v" * 3000,),
+                 (("Content-Type", "application/json"), ("Accept-Encoding", "gzip")))
+            assert wait_until(lambda m=middleware: m.stats()["spooled"] == 1, 5)  # the awaited capture is done
+        assert middleware.flush(10), middleware.stats()
+        assert wait_until(lambda: len(collector.events) == len(events) + 1, 5)
+        events.append(collector.events[-1])
+        middleware.close(2)
+    split, full = events
+    assert split["user_id"] == full["user_id"] == "async-user"
+    for event in events:
+        del event["response"]["headers"]["Date"]  # the two requests may fall in different seconds
+    assert split["response"]["headers"] == full["response"]["headers"]
+    assert "Content-Encoding" not in split["response"]["headers"]
+    assert split["response"]["body"] == full["response"]["body"] == {"k": "v" * 3000}
