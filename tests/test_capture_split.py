@@ -80,14 +80,16 @@ def call(url: str, method: str, path: str, body: Optional[bytes] = None,
     """One request with exactly these header lines (repeated names kept), on a connection of its own."""
     host, port = url.rsplit("/", 1)[-1].split(":")
     connection = RawConnection(host, int(port), timeout=5)
-    connection.putrequest(method, path, skip_accept_encoding=True)
-    for name, value in headers:
-        connection.putheader(name, value)
-    if body is not None:
-        connection.putheader("Content-Length", str(len(body)))
-    connection.endheaders(body)
-    connection.getresponse().read()
-    connection.close()
+    try:
+        connection.putrequest(method, path, skip_accept_encoding=True)
+        for name, value in headers:
+            connection.putheader(name, value)
+        if body is not None:
+            connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
+        connection.getresponse().read()
+    finally:
+        connection.close()
 
 
 JSON = b'{"order": {"id": 7, "price": 9.99, "big": 12345678901234567890123, "tags": ["a", "\\u00e9"]}}'
