@@ -353,7 +353,8 @@ def join_headers(headers: Optional[HTTPHeaders]) -> Dict[str, str]:
         for name, value in headers.get_all():
             pairs[name] = f"{pairs[name]}, {value}" if name in pairs else str(value)
         return pairs
-    return joined(by_name)
+    return {name: str(values[0]) if len(values) == 1 else ", ".join(map(str, values))  # as eventbuild.joined
+            for name, values in by_name.items() if values}
 
 
 
