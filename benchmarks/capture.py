@@ -8,8 +8,12 @@ is then captured again and again in this process, which is what `log_event` does
 
 - naive: ``json.dumps(capture_event(...))``: every value plain, the json module writes the whole event
   (the baseline pipeline.py uses);
-- current: ``Codec().encode(capture_steps(...) outcome)``: the middleware's path (bodies parsed and
-  written once by orjson, the event written by orjson).
+- full: ``Codec().encode(capture_steps(...) outcome)``: the app's full capture (with masks, MASK_EVENT_MODEL,
+  SHIPPER 'thread'; bodies parsed and written once by orjson, the event written by orjson);
+- split: ``Codec().encode(rawcapture.capture_steps(...) outcome)``: the middleware's default path on the
+  IOLoop (the request's raw parts packed; rawrecord.py);
+- build (shipper): what the shipper then does with that record at ingest (``eventbuild.build_rows``: the
+  event built and encoded), off the IOLoop.
 
 Then the steps of the current path, each alone. p50 and p99 are the medians over rounds of each round's
 percentile of single calls (wall clock, perf_counter); "CPU" is this thread's CPU time per call, the
@@ -41,7 +45,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from conftest import serve  # noqa: E402
 from pipeline import BODY, OrderHandler  # noqa: E402  # the same 1.5 KB event as pipeline.py's log_event rows
 
-from moesiftornado_durable import capture  # noqa: E402
+from moesiftornado_durable import capture, rawcapture  # noqa: E402
 from moesiftornado_durable.capture import (  # noqa: E402
     body_capture_transform,
     capture_event,
@@ -51,6 +55,9 @@ from moesiftornado_durable.capture import (  # noqa: E402
 )
 from moesiftornado_durable.codec import Codec, to_json_bytes  # noqa: E402
 from moesiftornado_durable.config import Config  # noqa: E402
+from moesiftornado_durable.eventbuild import build_rows  # noqa: E402
+from moesiftornado_durable.kinds import CAPTURE  # noqa: E402
+from moesiftornado_durable.sampling import Sampler  # noqa: E402
 
 
 def finished_handler(config: Config) -> Any:
@@ -114,12 +121,25 @@ def main() -> int:
     def current() -> bytes:
         return encode(run_sync(capture_steps(handler, config, now)).event)
 
+    sampler = Sampler()
+
+    def split() -> bytes:
+        return encode(run_sync(rawcapture.capture_steps(handler, config, now, sampler)).packed)
+
+    elapsed = handler.request.request_time()  # Tornado's clock still runs after finish: one start time for all
+    handler.request.request_time = lambda: elapsed
+    record = split()
+
+    def build() -> bytes:
+        return build_rows([(CAPTURE, record, now)], Codec())[0][1]
+
+    assert build() == current()[:-38] + build()[-38:], "the shipper builds what the app would (transaction id aside)"
     event_bytes = len(current())
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"orjson {orjson.__version__}, event {event_bytes} bytes, "
           f"{'quick' if args.quick else 'full'} run ({rounds} rounds of {calls} calls)", flush=True)
 
-    modes: Dict[str, Callable[[], Any]] = {"naive": naive, "current": current}
+    modes: Dict[str, Callable[[], Any]] = {"naive": naive, "current": current, "split": split, "build": build}
     totals = run(modes, calls, rounds)
 
     raw = handler.request.body
@@ -143,12 +163,14 @@ def main() -> int:
     base = totals["naive"]
     print("| capture + serialize, µs per call | p50 | p99 | CPU | ratio to naive (p50, CPU) |")
     print("|---|---|---|---|---|")
-    labels = {"naive": "naive: json.dumps(capture_event(...))", "current": "current: capture_steps + Codec.encode"}
+    labels = {"naive": "naive: json.dumps(capture_event(...))", "current": "full: capture_steps + Codec.encode",
+              "split": "split, on the IOLoop: rawcapture.capture_steps + Codec.encode (the default)",
+              "build": "split, in the shipper: build_rows (event built + encoded)"}
     for name, figures in totals.items():
         print(f"| {labels[name]} | {figures['p50']:.1f} | {figures['p99']:.1f} | {figures['cpu']:.1f} | "
               f"{figures['p50'] / base['p50']:.2f}, {figures['cpu'] / base['cpu']:.2f} |")
     print()
-    print("| step (current code), µs per call | p50 | p99 | CPU |")
+    print("| step (full capture), µs per call | p50 | p99 | CPU |")
     print("|---|---|---|---|")
     for name, figures in parts.items():
         print(f"| {name} | {figures['p50']:.1f} | {figures['p99']:.1f} | {figures['cpu']:.1f} |")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import json.encoder
 import re
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import orjson
 
@@ -35,14 +35,35 @@ class Codec:
     """Encodes records for the spool and decodes them back."""
 
     def __init__(self, keys: Sequence[KeyInput] = ()) -> None:
-        self._cipher: Any = _multi_fernet(keys) if keys else None
+        self._fernets: List[Any] = _fernets(keys) if keys else []  # one per key, the newest first
+        self._cipher: Any = _multi_fernet(self._fernets) if keys else None
 
     def encode(self, body: Any) -> bytes:
-        data = to_json_bytes(body)
+        """`body` as stored: compact JSON (`to_json_bytes`), or as it is when it is bytes already (a packed
+        capture record, rawrecord.py); encrypted when a key is set."""
+        data = body if isinstance(body, bytes) else to_json_bytes(body)
         return self._cipher.encrypt(data) if self._cipher is not None else data
 
     def decode(self, data: bytes) -> Any:
         return json.loads(self.decrypt(data))
+
+    def reseal(self, data: bytes, change: Callable[[bytes], bytes]) -> bytes:
+        """`data` decrypted, rewritten by `change`, and encrypted again with the key that opened it (plain
+        stays plain): a record keeps the key it was written with, as if it had been written changed.
+        Raises `UndecryptableError` as `decrypt` does."""
+        if not is_encrypted(data):
+            return change(bytes(data))
+        if self._cipher is None:
+            raise UndecryptableError("the record is encrypted and no SPOOL_ENCRYPTION_KEY is set")
+        from cryptography.fernet import InvalidToken
+
+        for fernet in self._fernets:  # in MultiFernet's order
+            try:
+                plain = fernet.decrypt(bytes(data))
+            except InvalidToken:
+                continue
+            return bytes(fernet.encrypt(change(plain)))
+        raise UndecryptableError("none of the SPOOL_ENCRYPTION_KEY keys opens the record")
 
     def decrypt(self, data: bytes) -> bytes:
         """The record's JSON bytes (decrypted if it was encrypted), not parsed."""
@@ -220,9 +241,15 @@ def is_encrypted(data: Optional[bytes]) -> bool:
     return data is not None and bytes(data[:6]) == _FERNET_PREFIX
 
 
-def _multi_fernet(keys: Sequence[KeyInput]) -> Any:
+def _multi_fernet(fernets: List[Any]) -> Any:
+    from cryptography.fernet import MultiFernet
+
+    return MultiFernet(fernets)
+
+
+def _fernets(keys: Sequence[KeyInput]) -> List[Any]:
     try:
-        from cryptography.fernet import Fernet, MultiFernet
+        from cryptography.fernet import Fernet
     except ImportError:
         raise ConfigError("SPOOL_ENCRYPTION_KEY", "needs the 'cryptography' package: "
                           "pip install 'moesiftornado-durable[encryption]'") from None
@@ -233,4 +260,4 @@ def _multi_fernet(keys: Sequence[KeyInput]) -> Any:
         except (ValueError, TypeError):
             raise ConfigError("SPOOL_ENCRYPTION_KEY", f"key #{position + 1} is not a Fernet key "
                               "(32 url-safe base64-encoded bytes, as Fernet.generate_key() makes)") from None
-    return MultiFernet(fernets)
+    return fernets

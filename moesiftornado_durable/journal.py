@@ -1,6 +1,6 @@
 """The intake journal: how `log_event` makes a record durable with one `write()`, off the SQLite path.
 
-Each app process appends its records to its own segment files, ``intake-<slot>-<seq>.jnl2`` in SPOOL_DIR
+Each app process appends its records to its own segment files, ``intake-<slot>-<seq>.jnl3`` in SPOOL_DIR
 (the slot is the one `locks` gave the process, so the slot lock also says whether the writer lives).
 A record is one frame, written with a single ``os.write``: once it returns, the bytes are in the page
 cache and survive a crash of the process. A power cut is bounded by the writer's syncer thread, never
@@ -23,6 +23,9 @@ spool stores it: JSON, or a Fernet token). Format 1 (what earlier builds wrote: 
 CRC-32 of spooled_at + payload, spooled_at; no header check), in ``.jnl`` segments, is still read, so
 segments left on disk by an older build are spooled after an upgrade; the new name keeps format-2
 segments away from an older build's shipper (during a rolling upgrade), which would take them for damage.
+Segments are named ``.jnl3`` since they may hold `kinds.CAPTURE` records (a request's raw parts, which the
+shipper builds into events): a shipper of a build that wrote ``.jnl2`` would take that kind for damage, so it
+leaves them to a shipper of this build; ``.jnl2`` segments (no such records) are still read.
 """
 
 from __future__ import annotations
@@ -42,12 +45,12 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from . import spooldir
 from .errors import SpoolUnavailableError
-from .kinds import COMPANY, EVENT, SUBSCRIPTION, USER
+from .kinds import CAPTURE, COMPANY, EVENT, SUBSCRIPTION, USER
 
 logger = logging.getLogger("moesiftornado_durable")
 
 INTAKE = "intake"  # the lock-file prefix of journal slots: intake-<slot>.lock
-SEGMENT_PATTERN = re.compile(r"^intake-(\d+)-(\d+)\.jnl2?$")  # .jnl: format 1, from earlier builds
+SEGMENT_PATTERN = re.compile(r"^intake-(\d+)-(\d+)\.jnl[23]?$")  # .jnl: format 1, .jnl2: no capture records
 SYNC_INTERVAL = 0.05  # seconds: a round starts this long after the oldest unsynced record was written, at the latest
 SYNC_WINDOW = 0.2  # seconds: what SPOOL_SYNC 'normal' promises; a round that ends later than this is counted late
 RESCUE_LATE = 0.07  # seconds: an append finding the syncer this late (past SYNC_INTERVAL) syncs in its place
@@ -66,12 +69,12 @@ _HEADER_V1 = struct.Struct("<2sBBIId")  # format 1: magic, 1, kind, length, crc3
 _CHECKED_V1 = struct.Struct("<d")
 _PREFIXES = (_MAGIC + b"\x01", _MAGIC + b"\x02")  # what a frame of a known format starts with
 MAX_PAYLOAD = 64 * 1024 * 1024  # a length beyond this is damage, not a record
-KIND_CODES = {EVENT: 1, USER: 2, COMPANY: 3, SUBSCRIPTION: 4}  # the kind byte of a frame
+KIND_CODES = {EVENT: 1, USER: 2, COMPANY: 3, SUBSCRIPTION: 4, CAPTURE: 5}  # the kind byte of a frame
 KIND_NAMES = {code: name for name, code in KIND_CODES.items()}
 
 
 def segment_name(slot: int, seq: int) -> str:
-    return f"intake-{slot}-{seq:08d}.jnl2"
+    return f"intake-{slot}-{seq:08d}.jnl3"
 
 
 def segments(directory: str) -> List[Tuple[int, int, str]]:

@@ -9,4 +9,6 @@ EVENT = "event"
 USER = "user"
 COMPANY = "company"
 SUBSCRIPTION = "subscription"
-KINDS = (EVENT, USER, COMPANY, SUBSCRIPTION)
+KINDS = (EVENT, USER, COMPANY, SUBSCRIPTION)  # what the spool stores and the sender sends
+# A request's raw parts (rawrecord.py), journaled by log_event; the shipper builds the event before spooling it.
+CAPTURE = "capture"

@@ -20,7 +20,7 @@ from . import spooldir
 
 SPOOL_PATTERN = re.compile(r"^spool-(\d+)\.db$")
 SHIPPER_SLOT = -1  # the shipper's spool (``shipper.db``, locked through ``shipper.lock``), one per SPOOL_DIR
-_JOURNAL_PATTERN = re.compile(r"^intake-\d+-\d+\.jnl2?$")
+_JOURNAL_PATTERN = re.compile(r"^intake-\d+-\d+\.jnl[23]?$")
 
 
 def spool_path(directory: str, slot: int) -> str:

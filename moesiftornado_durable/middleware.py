@@ -19,9 +19,9 @@ import os
 import sqlite3
 import time
 import weakref
-from typing import Any, Callable, Counter, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Counter, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
-from . import hook, outgoing
+from . import hook, outgoing, rawcapture
 from .capture import (
     Outcome,
     ResponseBodyCapture,
@@ -36,7 +36,7 @@ from .config import Config, Handler
 from .errors import SpoolFullError, SpoolUnavailableError, is_disk_full
 from .holdback import Holdback
 from .hook import SETTINGS_KEY, ExecuteHook, Governor
-from .kinds import COMPANY, EVENT, SUBSCRIPTION, USER
+from .kinds import CAPTURE, COMPANY, EVENT, SUBSCRIPTION, USER
 from .lost import ERROR_LOG_INTERVAL, REFUSED, ErrorLog, LostRecords
 from .profiles import COMPANY_FIELDS, SUBSCRIPTION_FIELDS, USER_FIELDS, normalize_profile, normalize_profiles
 from .runtime import _REGISTRY, DEFAULT_CLOSE_TIMEOUT, IDLE_CLOSE_AFTER, _Runtime
@@ -71,6 +71,7 @@ class MoesifMiddleware(ExecuteHook):
             logger.setLevel(logging.DEBUG)
         self.counters: Counter[str] = collections.Counter()
         self._body_capture = body_capture_transform(self.config.max_body_bytes)
+        self._split = rawcapture.splits(self.config)  # the shipper builds the events (rawcapture.py)
         self._attached: weakref.WeakSet[Any] = weakref.WeakSet()
         self._share: Optional[weakref.finalize] = None  # set while this middleware holds `_pipeline`
         self._pipeline = _REGISTRY.acquire(self)
@@ -129,7 +130,11 @@ class MoesifMiddleware(ExecuteHook):
         try:
             finished_at = time.time()
             self.attach(handler.application)
-            steps = capture_steps(handler, self.config, finished_at, self._pipeline.sampler.weight_for, unsent_body)
+            sampler = self._pipeline.sampler
+            if self._split:
+                steps = rawcapture.capture_steps(handler, self.config, finished_at, sampler, unsent_body)
+            else:
+                steps = capture_steps(handler, self.config, finished_at, sampler.weight_for, unsent_body)
             return self._driver.advance(steps, None)
         except Exception:
             self._drop("capture_error", "could not capture the request")
@@ -145,7 +150,10 @@ class MoesifMiddleware(ExecuteHook):
             self._drop("capture_error", "could not capture an outgoing call")
 
     def _finish(self, outcome: Outcome) -> Optional[int]:
-        """Spool the captured event: its sequence number (0 when there is none to spool), None if dropped."""
+        """Spool the captured event (or its raw parts, for the shipper to build): its sequence number (0 when
+        there is none to spool), None if dropped."""
+        if outcome.packed is not None:
+            return self._spool_record(outcome.packed, CAPTURE)
         if outcome.event is None:
             self.counters[outcome.dropped or "skipped"] += 1
             return 0
@@ -280,7 +288,7 @@ class MoesifMiddleware(ExecuteHook):
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _spool_record(self, record: Dict[str, Any], kind: str) -> Optional[int]:
+    def _spool_record(self, record: Union[Dict[str, Any], bytes], kind: str) -> Optional[int]:
         """Spool one record: its sequence number (`_Runtime.put`), or None (counted and logged) if it could not be."""
         runtime = self._runtime_here()
         if runtime is None:
@@ -332,13 +340,17 @@ class MoesifMiddleware(ExecuteHook):
         self._user_error_log[option] = (now, 0)
         log_user_error(option, f" ({suppressed} more failures not logged since the last report)" if suppressed else "")
 
-    def _drop(self, reason: str, message: str, record: Optional[Dict[str, Any]] = None, kind: str = EVENT,
-              audit_reason: Optional[str] = None) -> None:
+    def _drop(self, reason: str, message: str, record: Union[Dict[str, Any], bytes, None] = None,
+              kind: str = EVENT, audit_reason: Optional[str] = None) -> None:
         """A record that was not spooled: count it, log it (with the traceback, at most every few seconds)
         and, with `audit_reason`, audit it (`LostRecords.record_lost`)."""
-        transaction_id = (record or {}).get("transaction_id")
+        if isinstance(record, dict) or record is None:
+            transaction_id, name = (record or {}).get("transaction_id"), record_id(record)
+        else:  # a packed capture record (rawrecord.PackedCapture)
+            transaction_id = name = getattr(record, "transaction_id", "?")
+            kind = EVENT
         self._lost.record_lost(reason, 1, f"{message} (transaction_id={transaction_id})", kind=kind,
-                               record_ids=[record_id(record)] if record is not None and audit_reason else (),
+                               record_ids=[name] if record is not None and audit_reason else (),
                                audit_reason=audit_reason)
 
 

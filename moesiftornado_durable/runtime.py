@@ -125,8 +125,9 @@ class _Runtime:
             self.lock = locks.lock_free_slot(self.config.spool_dir, INTAKE)
         return self.lock.slot
 
-    def put(self, record: Dict[str, Any], kind: str) -> int:
-        """Journal one record; returns its sequence number for `on_synced`. With SPOOL_MAX_BYTES and
+    def put(self, record: Union[Dict[str, Any], bytes], kind: str) -> int:
+        """Journal one record (bytes: a packed capture record, kind CAPTURE, whose event the shipper builds);
+        returns its sequence number for `on_synced`. With SPOOL_MAX_BYTES and
         WHEN_FULL 'drop_newest', refuses it (`SpoolFullError`) when the spool, as the shipper last told
         (it tells each change), plus what this process wrote since, would pass the bound."""
         data = self.codec.encode(record)

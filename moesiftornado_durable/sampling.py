@@ -100,6 +100,12 @@ class AppConfig:
             etag=etag,
         )
 
+    @property
+    def reads_events(self) -> bool:
+        """True when `rate_for` depends on the event (regex rules, user or company rates); else every event
+        gets `sample_rate`."""
+        return bool(self.regex_rules or self.user_sample_rate or self.company_sample_rate)
+
     def rate_for(self, event: Event) -> float:
         """The sampling rate (0-100) for `event`: regex rule, then user, then company, then global."""
         for rule in self.regex_rules:
@@ -181,7 +187,11 @@ class Sampler:
 
     def weight_for(self, event: Event) -> Optional[int]:
         """None to drop `event`; else the weight it stands for (1 when not sampled)."""
-        rate = self.config.rate_for(event)
+        return self.weight_under(self.config, event)
+
+    def weight_under(self, config: AppConfig, event: Event) -> Optional[int]:
+        """`weight_for` under `config` (a caller that read `self.config` once, to look at it first)."""
+        rate = config.rate_for(event)
         if rate >= FULL_RATE:
             return 1
         if self._draw() * FULL_RATE >= rate:

@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from . import audit, locks, proctitle, spooldir
+from . import audit, eventbuild, locks, proctitle, spooldir
 from .channel import TEMPORARY_PREFIX, ChannelServer, FlushRequest
 from .codec import Codec
 from .config import Config
@@ -74,8 +74,9 @@ def journal_reader(spool: Spool) -> JournalReader:
     def writer_alive(slot: int) -> bool:
         return bool(locks.owner(directory, slot, INTAKE)[1])
 
-    return JournalReader(directory, writer_alive, spool.ingest, spool.journal_offsets, spool.forget_segment,
-                         spool.fold)
+    # capture records are built into their events on the way in (eventbuild.py): the spool sees events only
+    return JournalReader(directory, writer_alive, eventbuild.building(spool.ingest, spool.codec), spool.journal_offsets,
+                         spool.forget_segment, spool.fold)
 
 
 class Shipper:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 from persistqueue import SQLiteAckQueue
 from persistqueue.sqlackqueue import AckStatus
 
-from . import audit, pagescan, spooldir
+from . import audit, eventbuild, pagescan, spooldir
 from .codec import Codec, UndecryptableError, to_json_bytes
 from .errors import SpoolFullError, is_disk_full
 from .kinds import COMPANY, EVENT, KINDS, SUBSCRIPTION, USER  # noqa: F401 (re-exported: older imports)
@@ -361,9 +361,13 @@ class Spool:
         unreadable: List[int] = []
         for row_id, data, spooled_at in rows:
             try:
-                claimed.append(SpooledItem(row_id, kind, self._codec.decrypt(data), spooled_at))
+                plain = self._codec.decrypt(data)
             except UndecryptableError:
                 unreadable.append(row_id)
+                continue
+            if kind == EVENT and eventbuild.is_capture_record(plain):  # no key opened it at ingest: build it now
+                plain = _built_late(plain)
+            claimed.append(SpooledItem(row_id, kind, plain, spooled_at))
         return claimed, unreadable
 
     def ack(self, ids: Sequence[int]) -> None:
@@ -1125,6 +1129,16 @@ def _salvaged_record(values: Tuple[pagescan.Value, ...]) -> Optional[Tuple[str, 
         return None
     stored = data.encode("utf-8") if isinstance(data, str) else data
     return kind, stored, None if spooled_at is None else float(spooled_at), was_dead
+
+
+def _built_late(plain: bytes) -> bytes:
+    """The event of a capture record that was spooled as it was (`eventbuild.build_rows`); the record itself
+    if it cannot be built (logged: Moesif refuses it, alone, into dead letters)."""
+    try:
+        return eventbuild.built(plain)
+    except Exception:
+        logger.exception("could not build the event of a spooled capture record; it is sent as it is")
+        return plain
 
 
 def record_id(body: Any) -> str:

@@ -30,7 +30,7 @@ _IDENTITY_VERSION = 1
 _MAX_IDENTITY_BYTES = 4096
 # Names of the files this library creates in SPOOL_DIR: a symbolic link at one of them was planted.
 _OUR_SUFFIXES = (".lock", ".db", ".db-wal", ".db-shm", ".db-journal", ".db-mark", ".db-reserve", ".jnl", ".jnl2",
-                 ".damaged", ".json", ".tmp")
+                 ".jnl3", ".damaged", ".json", ".tmp")
 _OUR_NAMES = ("flush-request", "shipper.sock")  # flush-request: what older builds touched
 
 

@@ -17,6 +17,7 @@ from conftest import AppProcess, children_of, iter_records, wait_until
 
 from moesiftornado_durable.journal import segments
 from moesiftornado_durable.locks import slots, spool_path
+from moesiftornado_durable.rawrecord import unpack
 from moesiftornado_durable.testing import Collector
 
 
@@ -49,6 +50,8 @@ def spooled_transaction_ids(spool_dir: str, status: str = "status < 5") -> Set[s
         for _, _, segment in segments(spool_dir):
             found.update(json.loads(data)["transaction_id"] for kind, data, _ in iter_records(segment)
                          if kind == "event")
+            found.update(unpack(data).transaction_id for kind, data, _ in iter_records(segment)
+                         if kind == "capture")  # a request's raw parts: the shipper builds the event
     return found
 
 

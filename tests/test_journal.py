@@ -230,8 +230,9 @@ def test_segments_in_the_old_format_are_still_read_even_with_a_damaged_length(tm
     writer = JournalWriter(directory, 0)  # the upgraded app writes format 2 into a segment of its own
     writer.append("event", record(300), 2000.0)
     writer.close()
-    # named so that an earlier build's shipper (`\.jnl$`), still running in a rolling upgrade, leaves it alone
-    assert writer.path.endswith(".jnl2") and len(segments(directory)) == 3
+    # named so that an earlier build's shipper (`\.jnl$`, `\.jnl2?$`), still running in a rolling upgrade,
+    # leaves it alone
+    assert writer.path.endswith(".jnl3") and len(segments(directory)) == 3
     numbers, counters = ingest_all(directory)
     assert numbers == [n for n in range(301) if n != 150]
     assert damaged_segments(directory) == ["intake-0-00000002.jnl.damaged"]
