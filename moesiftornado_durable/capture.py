@@ -119,18 +119,7 @@ def capture_steps(handler: Handler, config: Config, finished_at: float,
             return Outcome(None, "skipped")
     fast = prepared and prepared_form(config)
     event, bodies = _snapshot(handler, config, finished_at, unsent_body, fast)
-    functions = (
-        ("API_VERSION", config.api_version if callable(config.api_version) else None),
-        ("IDENTIFY_USER", config.identify_user),
-        ("IDENTIFY_COMPANY", config.identify_company),
-        ("GET_SESSION_TOKEN", config.get_session_token),
-        ("GET_METADATA", config.get_metadata),
-    )
-    calls = [(option, function, handler) for option, function in functions if function is not None]
-    results: Dict[str, Any] = {}
-    if calls:
-        answers = yield calls
-        results = {call[0]: (None if answer is RAISED else answer) for call, answer in zip(calls, answers)}
+    results = yield from identity_steps(handler, config)
     if callable(config.api_version):
         event["request"]["api_version"] = _as_text("API_VERSION", results.get("API_VERSION"))
     event["user_id"] = _as_text("IDENTIFY_USER", results.get("IDENTIFY_USER")) or user_from_authorization(
@@ -139,6 +128,23 @@ def capture_steps(handler: Handler, config: Config, finished_at: float,
     event["session_token"] = _as_text("GET_SESSION_TOKEN", results.get("GET_SESSION_TOKEN"))
     event["metadata"] = results.get("GET_METADATA")
     return (yield from finish_steps(event, bodies, config, weight_for, fast))
+
+
+def identity_steps(handler: Any, config: Config) -> Generator[List[UserCall], List[Any], Dict[str, Any]]:
+    """Yield API_VERSION (when a callable), IDENTIFY_USER, IDENTIFY_COMPANY, GET_SESSION_TOKEN and
+    GET_METADATA as one group of calls, each once; return their answers by option (None for one that raised)."""
+    functions = (
+        ("API_VERSION", config.api_version if callable(config.api_version) else None),
+        ("IDENTIFY_USER", config.identify_user),
+        ("IDENTIFY_COMPANY", config.identify_company),
+        ("GET_SESSION_TOKEN", config.get_session_token),
+        ("GET_METADATA", config.get_metadata),
+    )
+    calls = [(option, function, handler) for option, function in functions if function is not None]
+    if not calls:
+        return {}
+    answers = yield calls
+    return {call[0]: (None if answer is RAISED else answer) for call, answer in zip(calls, answers)}
 
 
 def finish_steps(event: Event, bodies: List[_Body], config: Config, weight_for: Optional[WeightFor],

@@ -70,18 +70,7 @@ def capture_steps(handler: Handler, config: Config, finished_at: float, sampler:
     response_part, response_copy = _snapshot(_header_lists(getattr(handler, "_headers", None)))
     transaction_id = new_transaction_id()
     blocked_by = getattr(handler, BLOCKED_BY_ATTRIBUTE, None)
-    functions = (
-        ("API_VERSION", config.api_version if callable(config.api_version) else None),
-        ("IDENTIFY_USER", config.identify_user),
-        ("IDENTIFY_COMPANY", config.identify_company),
-        ("GET_SESSION_TOKEN", config.get_session_token),
-        ("GET_METADATA", config.get_metadata),
-    )
-    calls = [(option, function, handler) for option, function in functions if function is not None]
-    results: Dict[str, Any] = {}
-    if calls:
-        answers = yield calls
-        results = {call[0]: (None if answer is RAISED else answer) for call, answer in zip(calls, answers)}
+    results = yield from capture.identity_steps(handler, config)
     if callable(config.api_version):
         api_version = _as_text("API_VERSION", results.get("API_VERSION"))
     else:

@@ -21,7 +21,7 @@ import tornado.web
 from moesiftornado_durable import MoesifMiddleware
 from moesiftornado_durable.journal import read_frames, segments
 from moesiftornado_durable.locks import SHIPPER_SLOT, spool_path
-from moesiftornado_durable.spool import SpoolView, directory_stats
+from moesiftornado_durable.spool import Spool, SpoolView, directory_stats
 from moesiftornado_durable.testing import Collector
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -244,3 +244,11 @@ def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:
         for item in items:
             if item.get_closest_marker("lazyfs") is not None:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def spool_with_events(path: str, count: int, prefix: str = "d") -> Spool:
+    """A spool file at `path` holding `count` small events, transaction ids `<prefix>-0`, `<prefix>-1`, ..."""
+    spool = Spool(path)
+    spool.put_many(("event", {"transaction_id": f"{prefix}-{n}", "request": {"uri": f"http://x/{n}"}}, time.time())
+                   for n in range(count))
+    return spool

@@ -15,7 +15,7 @@ from typing import Any, Callable, Counter, Dict, Iterator, List
 import pytest
 import requests
 import tornado.web
-from conftest import ingestion_requests, serve, shipper_spool, wait_until
+from conftest import ingestion_requests, serve, shipper_spool, spool_with_events, wait_until
 from moesifapi.models import CompanyModel, UserModel
 
 from moesiftornado_durable import MoesifMiddleware
@@ -354,13 +354,6 @@ def test_a_partial_batch_waits_its_flush_interval_even_across_an_orphan_scan(
 # -- Courier.drain: the replay's path, over one or several connections -----------------------------
 
 
-def spool_of(path: str, count: int) -> Spool:
-    spool = Spool(path)
-    spool.put_many(("event", {"transaction_id": f"d-{n}", "request": {"uri": f"http://x/{n}"}}, time.time())
-                   for n in range(count))
-    return spool
-
-
 @pytest.fixture
 def courier_for() -> Iterator[Callable[[Collector], Courier]]:
     """Couriers that give a batch up after one failed attempt (so a failure ends the drain at once)."""
@@ -379,7 +372,7 @@ def courier_for() -> Iterator[Callable[[Collector], Courier]]:
 def test_drain_delivers_each_event_once_and_empties_the_spool(
     collector: Collector, tmp_path: Any, connections: int, courier_for: Callable[[Collector], Courier]
 ) -> None:
-    spool = spool_of(str(tmp_path / "spool-0.db"), 2_000)
+    spool = spool_with_events(str(tmp_path / "spool-0.db"), 2_000)
     courier = courier_for(collector)
     reported: List[int] = []
     outcome = courier.drain(spool, 75, threading.Event(), on_batch=reported.append, connections=connections)
@@ -393,7 +386,7 @@ def test_drain_delivers_each_event_once_and_empties_the_spool(
 def test_drain_over_several_connections_has_batches_in_flight_at_once(
     collector: Collector, tmp_path: Any, courier_for: Callable[[Collector], Courier]
 ) -> None:
-    spool = spool_of(str(tmp_path / "spool-0.db"), 40)
+    spool = spool_with_events(str(tmp_path / "spool-0.db"), 40)
     collector.stall(0.5, times=4)
     started = time.monotonic()
     assert courier_for(collector).drain(spool, 10, threading.Event(), connections=4) is Outcome.DELIVERED
@@ -405,7 +398,7 @@ def test_drain_over_several_connections_has_batches_in_flight_at_once(
 def test_drain_over_several_connections_stops_at_max_records(
     collector: Collector, tmp_path: Any, courier_for: Callable[[Collector], Courier]
 ) -> None:
-    spool = spool_of(str(tmp_path / "spool-0.db"), 1_000)
+    spool = spool_with_events(str(tmp_path / "spool-0.db"), 1_000)
     courier = courier_for(collector)
     assert courier.drain(spool, 50, threading.Event(), max_records=230, connections=3) is Outcome.DELIVERED
     assert len(collector.transaction_ids()) == 230 and courier.counters["sent"] == 230
@@ -416,7 +409,7 @@ def test_drain_over_several_connections_stops_at_max_records(
 def test_a_failed_batch_among_several_connections_stays_in_the_spool_and_nothing_is_lost(
     collector: Collector, tmp_path: Any, courier_for: Callable[[Collector], Courier]
 ) -> None:
-    spool = spool_of(str(tmp_path / "spool-0.db"), 1_000)
+    spool = spool_with_events(str(tmp_path / "spool-0.db"), 1_000)
     collector.stall(0.2, times=3)  # three batches in flight...
     collector.respond_with(503)  # ...when the fourth fails
     outcome = courier_for(collector).drain(spool, 50, threading.Event(), connections=4)
@@ -433,7 +426,7 @@ def test_a_failed_batch_among_several_connections_stays_in_the_spool_and_nothing
 def test_an_error_in_a_drain_thread_is_raised_by_drain(
     collector: Collector, tmp_path: Any, courier_for: Callable[[Collector], Courier]
 ) -> None:
-    spool = spool_of(str(tmp_path / "spool-0.db"), 500)
+    spool = spool_with_events(str(tmp_path / "spool-0.db"), 500)
 
     def broken_progress(count: int) -> None:
         raise ValueError("progress display broke")
@@ -447,7 +440,7 @@ def test_an_error_in_a_drain_thread_is_raised_by_drain(
 def test_drain_refuses_zero_connections(
     collector: Collector, tmp_path: Any, courier_for: Callable[[Collector], Courier]
 ) -> None:
-    spool = spool_of(str(tmp_path / "spool-0.db"), 1)
+    spool = spool_with_events(str(tmp_path / "spool-0.db"), 1)
     with pytest.raises(ValueError, match="connections"):
         courier_for(collector).drain(spool, 50, threading.Event(), connections=0)
     spool.close()
@@ -457,7 +450,7 @@ def test_a_400_on_a_batch_is_narrowed_down_to_the_one_damaged_event(
     collector: Collector, tmp_path: Any, courier_for: Callable[[Collector], Courier]
 ) -> None:
     path = str(tmp_path / "spool-0.db")
-    spool_of(path, 25).close()
+    spool_with_events(path, 25).close()
     # fold the WAL in, so the record's bytes sit in the file's pages
     with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -485,7 +478,7 @@ def test_a_400_on_a_batch_is_narrowed_down_to_the_one_damaged_event(
 def test_an_unfixable_400_dead_letters_every_event_of_the_batch_in_at_most_2n_minus_1_requests(
     collector: Collector, tmp_path: Any, courier_for: Callable[[Collector], Courier]
 ) -> None:
-    spool = spool_of(str(tmp_path / "spool-0.db"), 6)
+    spool = spool_with_events(str(tmp_path / "spool-0.db"), 6)
     collector.respond_with(422, times=None)
     try:
         assert courier_for(collector).deliver(spool, "event", spool.claim(6)) is Outcome.DEAD_LETTERED

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from typing import Any, Iterator, List, Optional, Tuple
 
 import pytest
+from conftest import spool_with_events
 
 from moesiftornado_durable.errors import RetryableError
 from moesiftornado_durable.flusher import Courier, Outcome
@@ -239,13 +239,6 @@ def test_a_line_break_in_a_header_is_refused_before_anything_is_sent(scripted: A
     assert server.requests == []
 
 
-def spooled(path: str, count: int) -> Spool:
-    spool = Spool(path)
-    spool.put_many(("event", {"transaction_id": f"o-{n}", "request": {"uri": f"http://x/{n}"}}, time.time())
-                   for n in range(count))
-    return spool
-
-
 @pytest.fixture
 def courier(collector: Collector) -> Iterator[Courier]:
     sender = Sender(collector.base_uri, "test-app-id", timeout=5.0)
@@ -259,7 +252,7 @@ def in_flight_ids(spool: Spool) -> List[str]:
 
 def test_a_batch_delivered_with_ack_later_is_acked_during_the_next_send(
         collector: Collector, courier: Courier, tmp_path: Any) -> None:
-    spool = spooled(str(tmp_path / "spool-0.db"), 50)
+    spool = spool_with_events(str(tmp_path / "spool-0.db"), 50, "o")
     try:
         first = spool.claim(25)
         assert courier.deliver(spool, "event", first, ack_later=True) is Outcome.DELIVERED
@@ -277,7 +270,7 @@ def test_a_batch_delivered_with_ack_later_is_acked_during_the_next_send(
 
 def test_a_failed_send_still_acks_the_batch_delivered_before_it(collector: Collector, courier: Courier,
                                                                  tmp_path: Any) -> None:
-    spool = spooled(str(tmp_path / "spool-0.db"), 50)
+    spool = spool_with_events(str(tmp_path / "spool-0.db"), 50, "o")
     try:
         assert courier.deliver(spool, "event", spool.claim(25), ack_later=True) is Outcome.DELIVERED
         collector.go_down()  # the next request is refused before it is written: no request to overlap the ack with
