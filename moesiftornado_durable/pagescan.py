@@ -149,27 +149,34 @@ def _committed_frames(wal_path: str) -> Tuple[Dict[int, int], Optional[int], int
     the last commit frame: what SQLite itself would read back.
     """
     try:
-        with open(wal_path, "rb") as wal:
-            data = wal.read()
+        with open(wal_path, "rb") as wal:  # frame by frame: a WAL may be far larger than memory allows
+            return _frames_of(wal)
     except OSError:
         return {}, None, 0
-    if len(data) < 32:
+
+
+def _frames_of(wal: BinaryIO) -> Tuple[Dict[int, int], Optional[int], int]:
+    header = wal.read(32)
+    if len(header) < 32:
         return {}, None, 0
-    magic, _, page_size, _, salt1, salt2 = struct.unpack(">IIIIII", data[:24])
-    if not wal_header_ok(data[:32]) or not _valid_page_size(page_size):
+    magic, _, page_size, _, salt1, salt2 = struct.unpack(">IIIIII", header[:24])
+    if not wal_header_ok(header) or not _valid_page_size(page_size):
         return {}, None, 0
     order = ">" if magic & 1 else "<"
-    checksum = _checksum(order, data[:24], (0, 0))
+    checksum = _checksum(order, header[:24], (0, 0))
     committed: Dict[int, int] = {}
     pending: Dict[int, int] = {}
     declared = 0
     offset = 32
-    while offset + 24 + page_size <= len(data):
-        number, commit, frame_salt1, frame_salt2, sum1, sum2 = struct.unpack(">IIIIII", data[offset:offset + 24])
+    while True:
+        frame = wal.read(24 + page_size)
+        if len(frame) < 24 + page_size:
+            break
+        number, commit, frame_salt1, frame_salt2, sum1, sum2 = struct.unpack(">IIIIII", frame[:24])
         if (frame_salt1, frame_salt2) != (salt1, salt2):
             break
-        checksum = _checksum(order, data[offset:offset + 8], checksum)
-        checksum = _checksum(order, data[offset + 24:offset + 24 + page_size], checksum)
+        checksum = _checksum(order, frame[:8], checksum)
+        checksum = _checksum(order, frame[24:], checksum)
         if checksum != (sum1, sum2):
             break
         pending[number] = offset + 24

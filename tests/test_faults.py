@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, List
@@ -18,7 +19,7 @@ import pytest
 import requests
 from conftest import AppProcess, shipper_spool, wait_until
 
-from moesiftornado_durable import MoesifMiddleware, locks
+from moesiftornado_durable import MoesifMiddleware, locks, pagescan
 from moesiftornado_durable.journal import segments
 from moesiftornado_durable.locks import SHIPPER_SLOT, spool_path
 from moesiftornado_durable.shipper import shipper_running
@@ -420,6 +421,32 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert sorted(Counter(ids).values())[-1] == 1  # none twice
     assert {f"w-{n}" for n in range(10)} | {f"w-{n}" for n in range(600, 700)} <= set(ids)  # the WAL's records
     assert set(ids) <= {f"w-{n}" for n in range(700)}
+
+
+def test_salvage_reads_a_large_wal_frame_by_frame_not_whole(tmp_path: Any) -> None:
+    """A 14 MB WAL a killed process left: the scan finds every row of it while holding far less than the WAL
+    in memory (a WAL can be larger than the machine's memory; it was read whole)."""
+    path = str(tmp_path / "spool-0.db")
+    code = f"""
+import os, signal, sqlite3
+conn = sqlite3.connect({path!r}, isolation_level=None)
+conn.execute("PRAGMA journal_mode=WAL"); conn.execute("PRAGMA wal_autocheckpoint=0")
+conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, data BLOB)")
+conn.execute("BEGIN")
+conn.executemany("INSERT INTO t (data) VALUES (?)", ((os.urandom(3000),) for _ in range(3_400)))
+conn.execute("COMMIT")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode != 0
+    assert os.path.getsize(path + "-wal") > 14_000_000
+    tracemalloc.start()
+    try:
+        rows = sum(1 for _ in pagescan.scan(path, pagescan.Census()))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert rows >= 3_400  # the table's rows (and the schema's)
+    assert peak < 4_000_000, f"{peak:,} bytes at the peak"
 
 
 def test_salvage_into_a_full_disk_says_so_and_keeps_what_it_copied(tmp_path: Any, capsys: Any) -> None:
