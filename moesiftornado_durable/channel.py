@@ -3,7 +3,8 @@
 A Unix stream socket in SPOOL_DIR, served by whoever holds the shipper lock (`ChannelServer`, on a thread
 of the shipper), carrying newline-delimited JSON both ways:
 
-- shipper → app, whenever they change: ``{"figures": {...}}`` (delivery counters, last error, whether
+- shipper → app, when they change, at most every `FIGURES_INTERVAL` (the last change always goes out, and
+  at once before a flush's answer): ``{"figures": {...}}`` (delivery counters, last error, whether
   delivery is failing, the spool's live bytes for SPOOL_MAX_BYTES, the config ETag and rules tag seen
   on accepted batches, and ``folded``: how far each journal segment is in the spool's main file, so a
   writer may delete its segment);
@@ -40,6 +41,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional
 
 from .lost import ErrorLog
@@ -52,6 +54,10 @@ TEMPORARY_PREFIX = ".shipper-sock-"  # the socket's name between bind and rename
 _MAX_LINE = 1 << 20  # a message is a few KB at most: a peer sending more is cut off
 _SEND_TIMEOUT = 2.0  # seconds the shipper waits for one client to take a message before dropping it
 RECONNECT_INTERVAL = 0.2  # seconds between an app's attempts to reach a shipper that is not (yet) there
+# Seconds between two figure messages at most: the counters change on every delivered batch, and each message
+# wakes every app's channel thread, which then takes the GIL from its IOLoop. A flush's answer never waits.
+FIGURES_INTERVAL = 0.1
+_SELECT_TIMEOUT = 1.0  # seconds the server looks again on its own (a change nobody poked about)
 
 
 def _address(dirfd: int, name: str) -> str:
@@ -113,10 +119,13 @@ class FlushRequest:
 class ChannelServer:
     """The shipper's side: accepts app processes, pushes `figures()` when they change, and answers each
     flush once `flushed(request)` says it is done. Runs on its own thread; `poke()` (from any thread)
-    makes it look again at once."""
+    makes it look again at once. Figures go out at most every `figures_interval` seconds of `clock`: a
+    change within the interval goes out when it ends (the latest figures then), or at once before a
+    flush's answer."""
 
     def __init__(self, directory: str, figures: Callable[[], Dict[str, Any]],
-                 flushed: Callable[[FlushRequest], bool], on_flush: Callable[[], None]) -> None:
+                 flushed: Callable[[FlushRequest], bool], on_flush: Callable[[], None],
+                 figures_interval: float = FIGURES_INTERVAL, clock: Callable[[], float] = time.monotonic) -> None:
         self._directory = directory
         self._figures = figures
         self._flushed = flushed
@@ -131,6 +140,10 @@ class ChannelServer:
         self._clients: Dict[socket.socket, _Lines] = {}
         self._pending: List[FlushRequest] = []
         self._published: Optional[Dict[str, Any]] = None
+        self._figures_interval = figures_interval
+        self._clock = clock
+        self._published_at = -float("inf")
+        self._publish_due: Optional[float] = None  # a look at the figures waits for the interval to end
         self._stopped = False
         self._errors = ErrorLog()  # a persistent failure (a damaged spool) logs every few seconds, not per look
         self._worker = ProcessThread("moesif-durable-channel-server", self._run)
@@ -193,7 +206,7 @@ class ChannelServer:
     def _run(self) -> None:
         while not self._stopped:
             try:
-                for key, _ in self._selector.select(timeout=1.0):
+                for key, _ in self._selector.select(timeout=self._select_timeout()):
                     sock = key.fileobj
                     if sock is self._listener:
                         self._accept()
@@ -244,11 +257,23 @@ class ChannelServer:
             elif "flush" in message:
                 self._send(client, {"flushed": message["flush"], "ok": False})
 
-    def _publish(self, force: bool = False) -> None:
-        figures = self._figures()
-        if figures == self._published and not force:
+    def _select_timeout(self) -> float:
+        if self._publish_due is None:
+            return _SELECT_TIMEOUT
+        return min(_SELECT_TIMEOUT, max(0.0, self._publish_due - self._clock()))
+
+    def _publish(self, at_once: bool = False) -> None:
+        """Send the figures to every client if they changed; within `figures_interval` of the last message
+        (unless `at_once`), only note that a look is due when the interval ends."""
+        now = self._clock()
+        if not at_once and now - self._published_at < self._figures_interval:
+            self._publish_due = self._published_at + self._figures_interval
             return
-        self._published = figures
+        self._publish_due = None
+        figures = self._figures()
+        if figures == self._published:
+            return
+        self._published, self._published_at = figures, now
         for client in list(self._clients):
             self._send(client, {"figures": figures})
 
@@ -259,7 +284,7 @@ class ChannelServer:
         if not done:
             return
         self._pending = [request for request in self._pending if request not in done]
-        self._publish()  # the figures of what was just delivered go out before the answer
+        self._publish(at_once=True)  # the figures of what was just delivered go out before the answer
         for request in done:
             if request.client in self._clients:
                 self._send(request.client, {"flushed": request.ident, "ok": True})

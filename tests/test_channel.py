@@ -16,7 +16,7 @@ import pytest
 from conftest import wait_until
 
 from moesiftornado_durable import MoesifMiddleware, locks
-from moesiftornado_durable.channel import ChannelClient
+from moesiftornado_durable.channel import ChannelClient, ChannelServer
 from moesiftornado_durable.spool import Spool
 from moesiftornado_durable.testing import Collector
 
@@ -191,6 +191,51 @@ def test_the_shipper_pushes_its_figures_to_every_client_as_they_change(
         assert all(figures["pid"] == seen[-1]["pid"] for figures in seen)  # one shipper told them all
     finally:
         listener.close()
+
+
+def test_figures_go_out_at_most_once_per_interval_the_last_change_when_it_ends_and_at_once_before_a_flush(
+    tmp_path: Any
+) -> None:
+    """Each figures message wakes every app's channel thread (which takes the GIL from its IOLoop), and the
+    counters change on every delivered batch: changes within `figures_interval` are held back, the latest
+    goes out when the interval ends, and a flush's answer is preceded by the current figures at once. The
+    server's clock is the test's: it stands still until the test moves it, and each of its readings is a
+    look the server took."""
+    directory = str(tmp_path)
+    os.chmod(directory, 0o700)
+    now = [1000.0]
+    looked = threading.Event()
+
+    def clock() -> float:
+        looked.set()
+        return now[0]
+
+    current: Dict[str, Any] = {"n": 0}
+    server = ChannelServer(directory, lambda: dict(current), lambda request: True, lambda: None,
+                           figures_interval=0.1, clock=clock)
+    server.start()
+    seen: List[int] = []
+    client = ChannelClient(directory, lambda figures: seen.append(figures["n"]))
+    client.start()
+    try:
+        assert wait_until(lambda: client.connected and seen, timeout=20)
+        for n in range(1, 6):  # five changes, each looked at, the clock within the interval
+            current["n"] = n
+            looked.clear()
+            server.poke()
+            assert looked.wait(20)
+        looked.clear()
+        assert looked.wait(20)  # a look after the last change's: its messages, if any, are on the stream
+        now[0] += 0.1
+        server.poke()
+        assert wait_until(lambda: seen[-1] == 5, timeout=20)
+        assert [n for i, n in enumerate(seen) if i == 0 or seen[i - 1] != n] == [0, 5]  # nothing in between
+        current["n"] = 6  # within the new interval: only a flush's answer sends it now
+        assert client.flush({}, timeout=20)
+        assert client.figures["n"] == 6
+    finally:
+        client.close()
+        server.close()
 
 
 def test_the_in_process_host_does_not_ship_while_another_process_does_and_takes_over_after(

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -37,6 +38,18 @@ def spool_events(middleware: MoesifMiddleware, events: List[dict]) -> None:
     """Spool events through the middleware's own spool, as log_event does after capture."""
     for body in events:
         middleware._spool_record(body, "event")
+
+
+@contextlib.contextmanager
+def shipper_held_still(spool_dir: str) -> Iterator[None]:
+    """SIGSTOP the shipper process of `spool_dir` (once it runs) for the block, SIGCONT after."""
+    assert wait_until(lambda: locks.owner(spool_dir, SHIPPER_SLOT)[1], timeout=20)
+    pid = locks.owner(spool_dir, SHIPPER_SLOT)[0]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 # -- 413 -------------------------------------------------------------------------------------------
@@ -117,7 +130,10 @@ def test_spool_max_bytes_drop_oldest_evicts_waiting_events(
     collector.go_down()
     middleware = make_middleware(SPOOL_MAX_BYTES=20_000, WHEN_FULL="drop_oldest", SHIPPER=shipper)
     with caplog.at_level(logging.ERROR, logger="moesiftornado_durable"):
-        spool_events(middleware, [event(n, padding=900) for n in range(40)])
+        # A shipper process is held still while the 40 are written, so it ingests them in one look: between two
+        # looks its flusher may claim the records spooled so far, and a record in flight is never evicted.
+        with shipper_held_still(middleware.config.spool_dir) if shipper == "process" else contextlib.nullcontext():
+            spool_events(middleware, [event(n, padding=900) for n in range(40)])
         # the shipper evicts as it spools the journal: within a moment
         assert wait_until(lambda: middleware.stats().get("dropped_oldest", 0) > 0 and
                           middleware.stats()["ready"] + middleware.stats()["in_flight"] +
