@@ -643,6 +643,7 @@ class Collector:
             raise ValueError(f"port must be an int from 0 to 65535, not {port!r}")
         self._host = host
         self._port = port
+        self._held: Optional[socket.socket] = None  # the port, bound but not listening, while down
         self._application_id = application_id
         self._recorder = _Recorder()
         self._faults = _FaultQueue()
@@ -750,11 +751,36 @@ class Collector:
         if self._thread is None or self._stopped.is_set():
             raise RuntimeError("the Collector is not running (start() it; a stopped one cannot come back)")
 
+    def _family(self) -> socket.AddressFamily:
+        return socket.AF_INET6 if ":" in self._host else socket.AF_INET  # "localhost": IPv4 only
+
     def _bind(self) -> List[socket.socket]:
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET  # "localhost": IPv4 only
-        sockets = tornado.netutil.bind_sockets(self._port, self._host, family=family, backlog=_BACKLOG)
+        held, self._held = self._held, None
+        if held is not None:  # the port kept while down: listen on it again
+            held.setblocking(False)
+            held.listen(_BACKLOG)
+            return [held]
+        sockets = tornado.netutil.bind_sockets(self._port, self._host, family=self._family(), backlog=_BACKLOG)
         self._port = int(sockets[0].getsockname()[1])
         return sockets
+
+    def _hold_port(self) -> None:
+        """While down, keep the port bound but not listening: connections are refused, as from a server that
+        is down, and no other program can take the port before ``come_up`` (seen in CI: "Address already in
+        use"). If it cannot be held, ``come_up`` binds it afresh."""
+        sock = socket.socket(self._family(), socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(socket.getaddrinfo(self._host, self._port, self._family(), socket.SOCK_STREAM)[0][4])
+        except OSError:
+            sock.close()
+            return
+        self._held = sock
+
+    def _release_port(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
 
     def _on_loop(self, function: Callable[..., None], *args: Any) -> None:
         """Run ``function(*args)`` on the collector's IOLoop thread and wait for it (its exception is raised)."""
@@ -809,6 +835,7 @@ class Collector:
         ready.set_result(None)
         await self._stop_requested.wait()
         self._end_period()
+        self._release_port()
         deadline = time.monotonic() + _DRAIN_TIMEOUT  # let woken stalls and writes finish
         while self._serving and time.monotonic() < deadline:
             await tornado.gen.sleep(0.01)
@@ -822,6 +849,8 @@ class Collector:
         """``go_down``, leaving the connection ``spare`` open (to answer the control request that asked for it)."""
         self._downtime_token += 1
         self._end_period(spare)
+        if self._held is None:
+            self._hold_port()
         logger.info("collector down on port %d%s", self._port,
                     "" if for_seconds is None else f" for {for_seconds:.3g}s")
         if for_seconds is not None:

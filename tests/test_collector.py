@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gzip
 import json
 import math
@@ -440,6 +441,23 @@ def test_go_down_refuses_connections_and_come_up_reuses_the_port(collector: Coll
     assert collector.is_up and collector.port == port
     assert post(session, collector, "/v1/events", event("after")).status_code == 201
     assert collector.transaction_ids() == ["before", "after"]
+
+
+def test_while_down_no_other_program_can_take_the_port(collector: Collector, session: requests.Session) -> None:
+    """A port freed while down could be taken by another test's listener or a client's ephemeral port, and
+    come_up then failed with "Address already in use" (CI, Python 3.13): the collector keeps it while down."""
+    collector.go_down()
+    squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        with pytest.raises(OSError) as taken:
+            squatter.bind(("127.0.0.1", collector.port))
+        assert taken.value.errno == errno.EADDRINUSE
+    finally:
+        squatter.close()
+    with pytest.raises(requests.ConnectionError):  # and it still refuses connections, as a server that is down
+        post(session, collector, "/v1/events", event("during"))
+    collector.come_up()
+    assert post(session, collector, "/v1/events", event("after")).status_code == 201
 
 
 # ---- control over HTTP ------------------------------------------------------------------------------------------
