@@ -42,9 +42,9 @@ _IDENTITY = ("", "identity")
 
 
 def splits(config: Config) -> bool:
-    """True when the shipper may build this config's events: no mask must be applied before the disk (in
-    either SHIPPER mode: both journal, and the shipper's code builds the events, in its process or threads)."""
-    return (config.mask_event_model is None and not config.request_header_masks
+    """True when the shipper may build this config's events: no mask must be applied before the disk, and
+    a shipper process (not SHIPPER 'thread') ingests the journal."""
+    return (config.shipper == "process" and config.mask_event_model is None and not config.request_header_masks
             and not config.response_header_masks and not config.request_body_masks
             and not config.response_body_masks)
 

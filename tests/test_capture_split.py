@@ -225,14 +225,12 @@ def journal_kinds(spool_dir: str) -> List[str]:
     return [kind for _, _, path in segments(spool_dir) for kind, _, _ in iter_records(path, finished=False)]
 
 
-@pytest.mark.parametrize("shipper", ["process", "thread"])
 def test_log_event_journals_raw_parts_and_the_collector_gets_the_full_captures_events(
-    make_middleware: Any, collector: Collector, spool_dir: str, shipper: str
+    make_middleware: Any, collector: Collector, spool_dir: str
 ) -> None:
-    """End to end, through the journal, the shipper (a process, or threads of the app) and the collector: each
-    event Moesif gets is the one the app's full capture makes of the same request (the transaction id and the
-    times aside)."""
-    middleware = make_middleware(SHIPPER=shipper, **OPTIONS)
+    """End to end, through the journal, the shipper and the collector: each event Moesif gets is the one the
+    app's full capture makes of the same request (the transaction id and the times aside)."""
+    middleware = make_middleware(**OPTIONS)
     expected: List[Dict[str, Any]] = []
 
     def log_function(handler: Any) -> None:
@@ -307,8 +305,8 @@ def test_app_processes_with_different_capture_options_share_one_shipper(
 
 @pytest.mark.parametrize("option", [{"REQUEST_BODY_MASKS": ["card"]}, {"RESPONSE_HEADER_MASKS": ["set-cookie"]},
                                     {"REQUEST_HEADER_MASKS": ["authorization"]}, {"RESPONSE_BODY_MASKS": ["x"]},
-                                    {"MASK_EVENT_MODEL": lambda event: event}])
-def test_masks_keep_the_full_capture_in_the_app(
+                                    {"MASK_EVENT_MODEL": lambda event: event}, {"SHIPPER": "thread"}])
+def test_masks_and_the_thread_mode_keep_the_full_capture_in_the_app(
     make_middleware: Any, collector: Collector, spool_dir: str, option: Dict[str, Any]
 ) -> None:
     middleware = make_middleware(**option)
