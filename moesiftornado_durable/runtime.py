@@ -129,7 +129,7 @@ class _Runtime:
         """Journal one record (bytes: a packed capture record, kind CAPTURE, whose event the shipper builds);
         returns its sequence number for `on_synced`. With SPOOL_MAX_BYTES and
         WHEN_FULL 'drop_newest', refuses it (`SpoolFullError`) when the spool, as the shipper last told
-        (it tells each change), plus what this process wrote since, would pass the bound."""
+        (at most every 100 ms), plus what this process wrote since, would pass the bound."""
         data = self.codec.encode(record)
         max_bytes = self.config.spool_max_bytes
         if max_bytes is not None and self.config.when_full == "drop_newest":
