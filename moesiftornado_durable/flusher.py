@@ -46,8 +46,9 @@ _ORPHAN_EVENTS_PER_SCAN = 5_000  # then back to our own spool, so our own events
 SPLIT_ON_STATUSES = frozenset({400, 422})  # a rejection that may be one bad record's: narrowed down, as 413 is
 
 
-class _AgedDuringRetries(Exception):
-    """An event of the batch passed EVENT_MAX_AGE while the batch waited to be retried: not sent again as is."""
+class _ChangedDuringBackoff(Exception):
+    """While the batch waited to be retried, an event passed EVENT_MAX_AGE or WHEN_FULL 'drop_oldest'
+    evicted records of it: not sent again as is."""
 
 
 class Outcome(enum.Enum):
@@ -55,6 +56,7 @@ class Outcome(enum.Enum):
 
     DELIVERED = "delivered"
     DEAD_LETTERED = "dead_lettered"
+    EVICTED = "evicted"  # WHEN_FULL 'drop_oldest' took every record of it while it waited out a backoff
     RETURNED = "returned"  # not delivered (stopping, or the policy gave up): back in the ready queue
 
 
@@ -106,8 +108,10 @@ class Courier:
                 return Outcome.DEAD_LETTERED
         ids = [item.id for item in batch]
         try:
-            self._send_with_retries(sender or self._sender, kind, batch)
-        except _AgedDuringRetries:
+            self._send_with_retries(spool, sender or self._sender, kind, batch)
+        except _ChangedDuringBackoff:
+            if not batch:
+                return Outcome.EVICTED
             return self.deliver(spool, kind, batch, sender, ack_later)  # expires the aged events, sends the rest
         except (ShutdownRequested, RetryableError):
             spool.nack(ids)
@@ -281,16 +285,23 @@ class Courier:
                 with self._lock:
                     on_batch(len(batch))
 
-    def _send_with_retries(self, sender: Sender, kind: str, batch: List[SpooledItem]) -> None:
+    def _send_with_retries(self, spool: Spool, sender: Sender, kind: str, batch: List[SpooledItem]) -> None:
+        """Send `batch` under the retry policy; between attempts its records may be evicted (`Spool.back_off`),
+        and then `batch` is left holding the ones still spooled."""
         attempts = [0]
+        ids = [item.id for item in batch]
         try:
-            self._policy(self._send, sender, kind, batch, attempts)
+            self._policy(self._send, spool, sender, kind, batch, attempts)
         finally:
+            spool.resume(ids)
             self._count("retries", max(0, attempts[0] - 1))
 
-    def _send(self, sender: Sender, kind: str, batch: List[SpooledItem], attempts: List[int]) -> None:
-        if attempts[0] and self._has_aged(kind, batch):
-            raise _AgedDuringRetries()  # not retryable: the policy lets it through to `deliver`
+    def _send(self, spool: Spool, sender: Sender, kind: str, batch: List[SpooledItem], attempts: List[int]) -> None:
+        if attempts[0]:
+            kept = spool.resume([item.id for item in batch])
+            if len(kept) < len(batch) or self._has_aged(kind, batch):
+                batch[:] = [item for item in batch if item.id in kept]
+                raise _ChangedDuringBackoff()  # not retryable: the policy lets it through to `deliver`
         attempts[0] += 1
         self._count("send_attempts", 1)
         try:
@@ -299,6 +310,7 @@ class Courier:
             self.failing = True
             self.last_error, self.last_error_at = exc, time.time()
             self.record_acks()  # the earlier batches' acks this request did not get to carry: not through a backoff
+            spool.back_off([item.id for item in batch])
             self._on_progress()
             raise
         for header, callback in self._tag_callbacks if kind == EVENT else ():

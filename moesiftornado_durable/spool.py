@@ -217,6 +217,7 @@ class Spool:
         self._max_bytes = max_bytes
         self._when_full = when_full
         self._on_evict = on_evict if on_evict is not None else LostRecords().evicted  # counts, logs, audits
+        self._backing_off: Set[int] = set()  # claimed, but their batch waits out a backoff (see `back_off`)
         self._closed = False
         self._close_lock = threading.Lock()
         try:  # a damaged file fails here: its connections must not outlive this failed open
@@ -245,7 +246,7 @@ class Spool:
         """Commit one record to disk; returns its id once SQLite has committed it.
 
         At SPOOL_MAX_BYTES, 'drop_newest' refuses this record (`SpoolFullError`); 'drop_oldest' deletes the
-        oldest ready records to make room and reports their ids through `on_evict`.
+        oldest waiting records to make room and reports their ids through `on_evict`.
         """
         data = self._codec.encode(body)
         if self._max_bytes is not None and self._live_bytes + len(data) > self._max_bytes:
@@ -273,25 +274,45 @@ class Spool:
         return self._codec
 
     def _evict_oldest(self, needed: int) -> None:
-        """Delete the oldest ready records until `needed` more bytes fit; report their ids."""
+        """Delete the oldest waiting records until `needed` more bytes fit; report their ids. Waiting means
+        ready, or claimed by a batch that waits out a backoff; a batch on the wire is left alone."""
         assert self._max_bytes is not None
         evicted: List[str] = []
+        after = 0
         with self._queue.tran_lock, self._conn() as conn:
             while self._live_bytes + needed > self._max_bytes:
                 rows = conn.execute(
-                    f"SELECT {self._key}, data FROM {self._table} WHERE status < {_READY_BELOW} "
-                    f"ORDER BY {self._key} LIMIT 100"
+                    f"SELECT {self._key}, data, status FROM {self._table} WHERE status <= {_IN_FLIGHT} "
+                    f"AND {self._key} > ? ORDER BY {self._key} LIMIT 100", (after,)
                 ).fetchall()
                 if not rows:
-                    break  # everything left is in flight: let this one in rather than block
-                for row_id, data in rows:
+                    break  # everything left is on the wire: let this one in rather than block
+                after = rows[-1][0]
+                for row_id, data, status in rows:
+                    if status == _IN_FLIGHT and row_id not in self._backing_off:
+                        continue
                     conn.execute(f"DELETE FROM {self._table} WHERE {self._key} = ?", (row_id,))
+                    self._backing_off.discard(row_id)
                     self._grow(-len(data))
                     evicted.append(self._record_id(data))
                     if self._live_bytes + needed <= self._max_bytes:
                         break
         if evicted:
             self._on_evict(evicted)
+
+    def back_off(self, ids: Sequence[int]) -> None:
+        """The claimed batch of `ids` failed and waits before its next attempt. Until `resume`, WHEN_FULL
+        'drop_oldest' may evict its records like ready ones: through a long outage they are the oldest, and
+        the oldest are what the user chose to lose."""
+        with self._queue.tran_lock:
+            self._backing_off.update(ids)
+
+    def resume(self, ids: Sequence[int]) -> Set[int]:
+        """The batch of `ids` is about to be sent again: the ones still spooled (not evicted since `back_off`)."""
+        with self._queue.tran_lock:
+            kept = self._backing_off.intersection(ids)
+            self._backing_off.difference_update(ids)
+            return kept
 
     def claim(self, limit: int, kind: str = EVENT) -> List[SpooledItem]:
         """Take up to `limit` of the oldest ready records of `kind` and mark them in flight, in one transaction.
@@ -416,6 +437,8 @@ class Spool:
 
     def nack(self, ids: Sequence[int]) -> None:
         """Not delivered: make the rows ready again, keeping their place in the queue."""
+        with self._queue.tran_lock:
+            self._backing_off.difference_update(ids)
         self._execute_many(
             f"UPDATE {self._table} SET status = {AckStatus.ready} WHERE {self._key} = ?", [(i,) for i in ids]
         )

@@ -521,6 +521,34 @@ def test_events_that_pass_event_max_age_while_their_batch_is_retried_are_dead_le
         spool.close()
 
 
+def test_records_evicted_while_their_batch_waits_out_a_backoff_are_not_sent(collector: Collector,
+                                                                          tmp_path: Any) -> None:
+    """WHEN_FULL 'drop_oldest' may take records from a batch that failed and waits to be retried; the next
+    attempt sends only the records still spooled, so none is both delivered and audited as dropped."""
+    evicted: List[str] = []
+    spool = Spool(str(tmp_path / "spool-0.db"), max_bytes=2_000, when_full="drop_oldest", on_evict=evicted.extend)
+    spool.put_many([("event", {"transaction_id": f"e-{n}", "padding": "p" * 200}, time.time()) for n in range(6)])
+    batch = spool.claim(6)
+
+    def newer_records_arrive(seconds: float) -> None:  # the backoff: the spool fills up meanwhile
+        for n in range(4):
+            spool.put({"transaction_id": f"n-{seconds}-{n}", "padding": "p" * 200})
+
+    sender = Sender(collector.base_uri, "test-app-id", timeout=2.0)
+    courier = Courier(sender, delivery_policy(threading.Event(), max_wait=0.2, sleep=newer_records_arrive))
+    collector.respond_with(503, times=1)
+    try:
+        assert courier.deliver(spool, "event", batch) is Outcome.DELIVERED
+        assert evicted and set(evicted) < {f"e-{n}" for n in range(6)}  # the oldest: from the waiting batch
+        sent = collector.transaction_ids()
+        assert sorted(sent + evicted) == sorted(f"e-{n}" for n in range(6))  # each either sent or dropped
+        assert courier.counters["send_attempts"] == 2
+        assert spool.stats().in_flight == 0
+    finally:
+        sender.close()
+        spool.close()
+
+
 # ---- hostile collectors: redirects, trickles, huge answers (the whole pipeline, shipper process included) ----------
 
 

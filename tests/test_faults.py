@@ -154,16 +154,22 @@ def test_records_evicted_when_full_are_counted_logged_and_audited_as_one(
     logs: Callable[[], List[str]], shipper: str
 ) -> None:
     """One `record_lost` for every eviction, in either mode: the counter, the audit trail (one record per
-    id) and the ERROR log, which names the ids it dropped (the shipper's log used not to)."""
-    collector.go_down()
-    middleware = make_middleware(SPOOL_MAX_BYTES=20_000, WHEN_FULL="drop_oldest", SHIPPER=shipper)
+    id) and the ERROR log, which names the ids it dropped (the shipper's log used not to). The oldest go
+    even when the flusher holds them in a batch that waits out a backoff (CI once saw them kept and
+    newer ones evicted: the batch was protected as if it were on the wire)."""
+    collector.respond_with(503, times=None, headers={"Retry-After": "30"})
+    middleware = make_middleware(SPOOL_MAX_BYTES=20_000, WHEN_FULL="drop_oldest", SHIPPER=shipper,
+                                 RETRY_MAX_WAIT=30.0)
 
     def evicted() -> List[str]:
         return [r.transaction_id for r in caplog.records
                 if r.name == "moesiftornado_durable.audit" and "drop_oldest" in r.reason]
 
     with caplog.at_level(logging.INFO, logger="moesiftornado_durable.audit"):
-        spool_events(middleware, [event(n, padding=900) for n in range(40)])
+        spool_events(middleware, [event(n, padding=900) for n in range(5)])
+        assert wait_until(lambda: middleware.stats()["last_error"] is not None and
+                          middleware.stats()["in_flight"] > 0, timeout=10)  # a batch now waits out 30 s
+        spool_events(middleware, [event(n, padding=900) for n in range(5, 40)])
         assert wait_until(lambda: middleware.stats().get("dropped_oldest", 0) > 0 and
                           len(evicted()) == middleware.stats()["dropped_oldest"] and
                           middleware.stats()["ready"] + middleware.stats()["in_flight"] +
