@@ -54,6 +54,7 @@ SEGMENT_PATTERN = re.compile(r"^intake-(\d+)-(\d+)\.jnl[23]?$")  # .jnl: format 
 SYNC_INTERVAL = 0.05  # seconds: a round starts this long after the oldest unsynced record was written, at the latest
 SYNC_WINDOW = 0.2  # seconds: what SPOOL_SYNC 'normal' promises; a round that ends later than this is counted late
 RESCUE_LATE = 0.07  # seconds: an append finding the syncer this late (past SYNC_INTERVAL) syncs in its place
+SLOW_WRITE = 0.1  # seconds: a journal write() that takes longer is counted and logged (the file system stalled it)
 SYNC_MODES = ("normal", "full", "audit")  # 'full' syncs as soon as records wait; 'audit' when a response waits
 _LATE_LOG_INTERVAL = 60.0  # seconds between two warnings about late rounds
 SEGMENT_BYTES = 4 * 1024 * 1024  # a writer starts a new segment past this; the reader deletes ingested ones
@@ -113,10 +114,16 @@ class JournalWriter:
     written (a deadline from the record's time, not from when the syncer woke), at once in 'full' mode
     or when `on_synced` waits. A machine too busy to run the syncer thread in time (it needs a core and
     the GIL) does not stretch the window: an append that finds the oldest waiting record `RESCUE_LATE`
-    past its deadline, and no round under way, runs the round itself (`rescues`), an ``fdatasync`` on
-    the caller's thread that only such a machine pays. A failed sync is counted (`sync_failures`),
-    logged, and reported to `on_synced` callbacks as False; a round that ends more than `SYNC_WINDOW`
-    after its oldest record (a machine too busy, or a slow disk) is counted (`late_syncs`) and logged.
+    past its deadline runs the round itself (`rescues`), an ``fdatasync`` on the caller's thread that
+    only such a machine pays; if the syncer's own round is under way but stuck (the thread descheduled
+    after it took its records, or its ``fdatasync`` slow), the append syncs the open segment through a
+    duplicate descriptor without taking the round, so the records it covers are durable while the
+    syncer's bookkeeping waits for its own round. A failed sync is counted (`sync_failures`), logged,
+    and reported to `on_synced` callbacks as False; a round that ends more than `SYNC_WINDOW` after its
+    oldest record (a machine too busy, or a slow disk) is counted (`late_syncs`) and logged (once a
+    minute, and whenever it is the latest so far). A ``write()`` that takes longer than `SLOW_WRITE`
+    is counted (`slow_writes`) and logged the same way: while it is stalled the syncer cannot take
+    the records written before it, so a power cut then may lose more than the window.
 
     A segment deleted under the writer (SPOOL_DIR removed while the app runs) would swallow every later
     write unseen, so each append checks the open file's link count (one ``fstat``); on a deleted segment
@@ -155,9 +162,12 @@ class JournalWriter:
         self.syncs = 0  # sync rounds done
         self.sync_failures = 0  # sync rounds whose fsync failed: their records may not survive a power cut
         self.late_syncs = 0  # rounds that ended more than SYNC_WINDOW after their oldest record was written
-        self.rescues = 0  # rounds `append` ran itself because the syncer thread was RESCUE_LATE late
+        self.rescues = 0  # syncs `append` ran itself because the syncer thread was RESCUE_LATE late
+        self.slow_writes = 0  # write() calls that took longer than SLOW_WRITE
         self._in_round = False  # a round (the syncer's or a rescue) is between taking its records and finishing
-        self._late_logged = -_LATE_LOG_INTERVAL
+        self._rescued_at = 0.0  # monotonic start of the last sync of a stuck round's successor records
+        self._late_logged = self._slow_logged = -_LATE_LOG_INTERVAL
+        self._worst_late = self._worst_write = 0.0  # the latest round and the slowest write logged so far
         self.pid = os.getpid()
 
     def append(self, kind: str, payload: bytes, spooled_at: float) -> int:
@@ -179,16 +189,25 @@ class JournalWriter:
                 self._oldest = time.monotonic()
             if first or self._to_sync[-1] != self._fd:
                 self._to_sync.append(self._fd)
-            rescue = None
+            rescue = stuck = None
             if self._syncer is None:
                 self._start_syncer()
             elif first or self._eager:
                 self._changed.notify()
-            if not first and not self._in_round and time.monotonic() - self._oldest > self._rescue_after:
-                rescue = self._take_round()  # the syncer has not run for too long: this thread syncs instead
-                self.rescues += 1
+            if not first and time.monotonic() - max(self._oldest, self._rescued_at) > self._rescue_after:
+                self.rescues += 1  # the syncer has not run for too long: this thread syncs instead
+                if not self._in_round:
+                    rescue = self._take_round()
+                else:  # its round is stuck: sync what came after it, leaving the bookkeeping to it
+                    self._rescued_at = time.monotonic()
+                    stuck = os.dup(self._fd)
         if rescue is not None:
             self._do_round(*rescue, [])
+        elif stuck is not None:
+            try:
+                self._sync([stuck], directory_dirty=True)  # the round may have taken a new segment's name
+            finally:
+                _close(stuck)
         return sequence
 
     def on_synced(self, sequence: int, callback: Callable[[bool], None]) -> None:
@@ -209,6 +228,7 @@ class JournalWriter:
     def _write(self, data: bytes) -> None:
         fd = self._fd
         assert fd is not None
+        started = time.monotonic()
         try:
             written = os.write(fd, data)
             while written < len(data):  # a short write: only on a nearly full disk or a signal
@@ -217,6 +237,20 @@ class JournalWriter:
             self._abandon_segment()  # its tail may be torn: the next record starts a clean segment
             raise
         self.size += len(data)
+        took = time.monotonic() - started
+        if took > SLOW_WRITE:
+            self._slow_write(took)
+
+    def _slow_write(self, took: float) -> None:
+        """Count (and log, at most once a minute or when it is the slowest yet) a write() the file system held
+        `took` seconds: meanwhile the syncer could not take the records written before it."""
+        self.slow_writes += 1
+        now = time.monotonic()
+        if now - self._slow_logged >= _LATE_LOG_INTERVAL or took > self._worst_write:
+            self._slow_logged, self._worst_write = now, max(took, self._worst_write)
+            logger.warning("moesiftornado_durable: a journal write took %.0f ms (the file system held it); the "
+                           "records written before it could not be synced meanwhile; slow writes so far: %d",
+                           took * 1000, self.slow_writes)
 
     def _start_segment(self) -> None:
         try:
@@ -332,16 +366,17 @@ class JournalWriter:
                 self._changed.wait()
 
     def _check_late(self, waited: float, took: float) -> None:
-        """Count (and log, at most once a minute) a round that made its oldest record durable later than
-        SPOOL_SYNC 'normal' promises: it started `waited` seconds after the record was written (the interval,
-        and a busy machine's delay in running this thread) and its syncs took `took` seconds (the disk)."""
+        """Count (and log, at most once a minute or when it is the latest yet) a round that made its oldest
+        record durable later than SPOOL_SYNC 'normal' promises: it started `waited` seconds after the record
+        was written (the interval, and a busy machine's delay in running this thread) and its syncs took
+        `took` seconds (the disk)."""
         age = waited + took
         if age <= SYNC_WINDOW:
             return
         self.late_syncs += 1
         now = time.monotonic()
-        if now - self._late_logged >= _LATE_LOG_INTERVAL:
-            self._late_logged = now
+        if now - self._late_logged >= _LATE_LOG_INTERVAL or age > self._worst_late:
+            self._late_logged, self._worst_late = now, max(age, self._worst_late)
             logger.warning("moesiftornado_durable: a journal sync made records durable %.0f ms after they were "
                            "written, later than the %.0f ms a power cut may take: it started after %.0f ms (the "
                            "interval is %.0f ms; more means a machine too busy to run the syncer thread) and the "

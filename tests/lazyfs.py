@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import IO, Any, Iterable, List, Optional
+from typing import IO, Any, Iterable, Iterator, List, Optional
 
 DEFAULT_BINARY = "/tmp/lazyfs-bin/lazyfs"
 MOUNT_TIMEOUT = 15.0
@@ -96,6 +96,24 @@ class LazyFS:
     def alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @contextlib.contextmanager
+    def stalled(self) -> Iterator[None]:
+        """Hold every operation on the mount for the block (LazyFS itself SIGSTOPped): a file system that
+        stalls, as a busy FUSE daemon or a congested disk does. Nothing under the mount may be touched
+        from the thread that runs the block."""
+        assert self._process is not None
+        pid = self._process.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + MOUNT_TIMEOUT
+            while not _all_threads_stopped(pid):  # a thread still running may answer one more request
+                if time.monotonic() > deadline:
+                    raise RuntimeError("LazyFS did not stop")
+                time.sleep(0.005)
+            yield
+        finally:
+            os.kill(self._process.pid, signal.SIGCONT)
+
     def __exit__(self, *exc: Any) -> None:
         if self._process is not None and self._process.poll() is not None:
             print(f"LazyFS exited on its own (status {self._process.returncode})", file=sys.stderr)
@@ -167,3 +185,11 @@ class LazyFS:
                     if not got:  # no writer has the FIFO open right now
                         time.sleep(0.01)
                     answer += got
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{task}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+                return False
+    return True

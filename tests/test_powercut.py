@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import http.client
+import logging
 import os
 import threading
 import time
@@ -56,6 +57,66 @@ def test_the_syncer_makes_every_record_survive_a_cut_rotations_included(lazyfs: 
         lazyfs.clear_cache()  # the power cut (this process is the only writer, and it is idle)
         assert len(segments(directory)) >= 9
         assert records_in(directory) == payloads
+    finally:
+        writer.close()
+
+
+def test_appends_sync_in_place_of_a_syncer_stuck_in_its_round(lazyfs: LazyFS) -> None:
+    """The syncer thread took its round and was then not run (a loaded machine can deschedule one thread for
+    seconds; here it waits on an event, the one way to hold a single thread of a process): the appends that
+    find the records after it waiting past the rescue deadline sync the segment themselves, so a cut loses
+    none of them. (Before, a round under way blocked every rescue until it ended.)"""
+    directory = os.path.join(lazyfs.mount, "journal")
+    os.makedirs(directory, mode=0o700)
+    writer = JournalWriter(directory, 1, "normal")
+    held = threading.Event()
+    do_round = writer._do_round
+
+    def round_held_on_the_syncer_thread(*args: Any) -> None:
+        if threading.current_thread() is writer._syncer:
+            held.wait(30)
+        do_round(*args)
+
+    writer._do_round = round_held_on_the_syncer_thread  # type: ignore[method-assign]
+    try:
+        payloads = [b'{"n": %d}' % n for n in range(40)]
+        writer.append("event", payloads[0], time.time())
+        deadline = time.monotonic() + 10
+        while not writer._in_round:  # the syncer took the first record, and is held
+            assert time.monotonic() < deadline, "the syncer did not start its round"
+            time.sleep(0.01)
+        for payload in payloads[1:-1]:
+            writer.append("event", payload, time.time())
+            time.sleep(0.01)
+        time.sleep(0.2)  # the records after the held round wait past the rescue deadline
+        writer.append("event", payloads[-1], time.time())  # ... and this append syncs them all
+        assert writer.rescues >= 1 and writer.syncs >= 1 and writer._in_round
+        lazyfs.clear_cache()  # the power cut, with the syncer's round still held
+        assert records_in(directory) == payloads
+    finally:
+        held.set()
+        writer.close()
+
+
+def test_a_write_the_file_system_holds_is_counted_and_logged(lazyfs: LazyFS, caplog: Any) -> None:
+    """While a write() is held, the syncer cannot take the records written before it: a power cut then may
+    lose more than the window, so such a write is counted and logged (the power-cut benchmark reports it)."""
+    directory = os.path.join(lazyfs.mount, "journal")
+    os.makedirs(directory, mode=0o700)
+    writer = JournalWriter(directory, 1, "normal")
+    try:
+        writer.append("event", b'{"n": 0}', time.time())
+        with caplog.at_level(logging.WARNING, logger="moesiftornado_durable"):
+            calling = threading.Event()
+            appending = threading.Thread(target=lambda: (calling.set(), writer.append("event", b'{"n": 1}', 0.0)))
+            with lazyfs.stalled():
+                appending.start()
+                assert calling.wait(10)
+                appending.join(0.5)  # held by the file system
+                assert appending.is_alive()
+            appending.join(10)
+        assert not appending.is_alive() and writer.slow_writes == 1
+        assert any("a journal write took" in r.getMessage() for r in caplog.records)
     finally:
         writer.close()
 
