@@ -16,15 +16,19 @@ Each run (one per mode: the default options, and SPOOL_SYNC 'audit'):
 - the collector (in this process) is, for each cut in turn, down (everything waits in the spool), up (the
   shipper delivers: acks delete rows, drained spools are scrubbed: VACUUM and checkpoint, spooled journal
   segments are deleted), rejecting every batch with 400 (batches split and dead-lettered); every tenth
-  cut, up while the shipper's spool, damaged on purpose before the start, is quarantined (renamed aside for
-  `salvage`; the cut comes 0.05-0.6 s after the app serves, around the rename; its records must be kept);
+  cut, up while the shipper's spool, damaged on purpose before the start (its header zeroed), is quarantined
+  (renamed aside for `salvage`; the cut comes 0.05-0.6 s after the app serves, around the rename);
 - after a seeded random time the power is cut: every process with a file under the mount is frozen
   (SIGSTOP), LazyFS drops what was not synced, they are SIGKILLed; the app is started again on the
   same SPOOL_DIR, and the next cut comes;
 - at the end LazyFS is unmounted, the collector is healthy, and an app instance on the disk underneath (what
-  the last cut left) delivers everything (bounded wait) and stops.
+  the last cut left) delivers everything (bounded wait) and stops;
+- every quarantined spool file is then salvaged as an operator would (`moesiftornado_durable.spool.salvage`,
+  into a spool of its own): only the records salvage really gives back count as kept, and it must give back
+  every record the damaged spool held (read just before the damage).
 
-An answered request's event is kept if it reached the collector or is in a spool's dead-letter table. A
+An answered request's event is kept if it reached the collector, is in a spool's dead-letter table, or was
+salvaged from a quarantined spool. A
 lost one is "older" if its response was received more than WINDOW (200 ms) before the cut, else "within".
 The exit status is 2 if LazyFS itself crashed (no verdict), 1 when the contract is broken: in the default
 mode a lost event older than WINDOW, in audit mode any lost event; or a request logged under two
@@ -63,7 +67,7 @@ from lazyfs import LazyFS, unavailable  # noqa: E402
 
 from moesiftornado_durable.journal import segments  # noqa: E402
 from moesiftornado_durable.locks import SHIPPER_SLOT, slots, spool_path  # noqa: E402
-from moesiftornado_durable.spool import TABLE, SpoolView, directory_stats  # noqa: E402
+from moesiftornado_durable.spool import TABLE, Spool, SpoolView, directory_stats, salvage  # noqa: E402
 from moesiftornado_durable.testing import Collector  # noqa: E402
 
 WINDOW = 0.200  # seconds: the default mode may lose the events answered this long before a cut, no older one
@@ -108,7 +112,8 @@ class Result:
     logged_twice: int = 0
     wrong: int = 0
     cuts: List[Cut] = dataclasses.field(default_factory=list)
-    set_aside: Set[str] = dataclasses.field(default_factory=set)  # records of damaged spools (quarantined)
+    held_aside: Set[str] = dataclasses.field(default_factory=set)  # records the damaged spools held (read before)
+    salvaged: Set[str] = dataclasses.field(default_factory=set)  # records salvage gave back from the quarantined files
     damaged: int = 0
     quarantined: int = 0
     drained: bool = False
@@ -122,6 +127,9 @@ class Result:
         reasons = []
         if self.quarantined < self.damaged:
             reasons.append(f"{self.damaged} spool(s) damaged, only {self.quarantined} kept aside after the cuts")
+        if self.held_aside - self.salvaged:
+            reasons.append(f"salvage gave back {len(self.held_aside & self.salvaged)} of the {len(self.held_aside)} "
+                           f"records the damaged spools held")
         if self.lost_older:
             reasons.append(f"{len(self.lost_older)} event(s) answered more than {WINDOW * 1000:.0f} ms before a cut "
                            f"lost, e.g. {self.lost_older[:3]}")
@@ -229,7 +237,7 @@ def run_mode(mode: str, profile: Profile, seed: int, workdir: str, body_bytes: i
                     set_scenario(collector, scenario)
                     uptime = rng.uniform(*profile.uptime)
                     if scenario == "quarantine" and os.path.exists(spool_path(spool_dir, SHIPPER_SLOT)):
-                        result.set_aside |= _damage_spool(spool_dir)
+                        result.held_aside |= _damage_spool(spool_dir)
                         result.damaged += 1
                         uptime = rng.uniform(*QUARANTINE_UPTIME)
                     app = AppProcess(spool_dir, collector.base_uri, workdir, output=log, **options)
@@ -267,9 +275,9 @@ def run_mode(mode: str, profile: Profile, seed: int, workdir: str, body_bytes: i
     aside = [name for name in os.listdir(spool_dir) if name.startswith("shipper.db.corrupt-") and
              not name.endswith(("-wal", "-shm"))]
     result.quarantined = len(aside)
-    if len(aside) < result.damaged:
-        result.set_aside = set()  # a damaged spool was not kept aside: its records count as lost
-    _analyse(result, load, events, dead | result.set_aside)
+    for name in sorted(aside):
+        result.salvaged |= _salvage(os.path.join(spool_dir, name), workdir, mode)
+    _analyse(result, load, events, dead | result.salvaged)
     result.dead_lettered = len(dead)
     if result.failed:
         print(f"  {mode}: spool kept in {spool_dir}", file=sys.stderr)
@@ -279,7 +287,7 @@ def run_mode(mode: str, profile: Profile, seed: int, workdir: str, body_bytes: i
 
 def _damage_spool(spool_dir: str) -> Set[str]:
     """Damage the shipper's spool (the app is down) so the next shipper quarantines it; returns the n of the
-    records it holds, which the quarantine must keep aside (for `salvage`)."""
+    records it holds, which `salvage` must give back from the quarantined file (`_salvage`)."""
     path = spool_path(spool_dir, SHIPPER_SLOT)
     held: Set[str] = set()
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
@@ -298,6 +306,20 @@ def _damage_spool(spool_dir: str) -> Set[str]:
     finally:
         os.close(fd)
     return held
+
+
+def _salvage(path: str, workdir: str, mode: str) -> Set[str]:
+    """Salvage the quarantined spool file `path` as an operator would, into a new spool under `workdir`; the n
+    of every record it gave back. Its report goes to stderr."""
+    into = Spool(os.path.join(tempfile.mkdtemp(prefix="salvaged-", dir=workdir), "salvaged.db"))
+    try:
+        report = salvage(path, into)
+        found = {n for n in (_n_of(record["body"] or {}) for record in into.records()) if n is not None}
+    finally:
+        into.close()
+    print(f"  {mode}: salvage of {os.path.basename(path)}: {report.copied} record(s) back; unreadable: "
+          f"{report.unreadable()}", file=sys.stderr, flush=True)
+    return found
 
 
 def waiting(spool_dir: str) -> int:
@@ -391,8 +413,8 @@ def print_table(results: List[Result]) -> None:
         ("requests answered", lambda r: f"{r.answered:,} ({r.answered / max(r.serving_seconds, 1e-9):,.0f}/s)"),
         ("events delivered (distinct requests)", lambda r: f"{r.delivered:,}"),
         ("dead-lettered (kept in the spool)", lambda r: f"{r.dead_lettered:,}"),
-        ("damaged spools quarantined around a cut / their records kept aside",
-         lambda r: f"{r.quarantined} of {r.damaged} / {len(r.set_aside):,}"),
+        ("damaged spools quarantined around a cut / their records salvage gave back, of those they held",
+         lambda r: f"{r.quarantined} of {r.damaged} / {len(r.held_aside & r.salvaged):,} of {len(r.held_aside):,}"),
         (f"lost, answered > {WINDOW * 1000:.0f} ms before a cut (must be 0)", lambda r: f"{len(r.lost_older)}"),
         (f"lost, answered ≤ {WINDOW * 1000:.0f} ms before a cut (audit: must be 0)", lambda r: f"{len(r.lost_within)}"),
         ("oldest lost event: answered this many ms before its cut", worst),

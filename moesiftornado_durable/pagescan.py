@@ -5,7 +5,8 @@ hides every row below it, although those rows sit intact in their leaf pages. Th
 page of the file instead (with the newest committed version of each page from the WAL, if there is
 one), parses each table-leaf page's cells (following overflow chains), and says which pages it could
 not read. It knows the file format only (sqlite.org/fileformat2.html), not our tables: telling the
-rows apart is the caller's job. Nothing is written; the file is read once, page by page.
+rows apart is the caller's job. Nothing is written; the file is read once, page by page (plus a sample of
+it, when the header that gives the page size is damaged: `find_page_size`).
 
 The sqlite3 shell's `.recover` does the same job, but needs the `sqlite_dbpage` table, which Debian's
 sqlite3 3.40 lacks ("SQL logic error" on any file), and Python's sqlite3 module has no recover API.
@@ -24,7 +25,10 @@ Value = Union[None, int, float, bytes, str]
 _MAGIC = b"SQLite format 3\x00"
 _TABLE_LEAF, _TABLE_INTERIOR, _INDEX_LEAF, _INDEX_INTERIOR = 0x0D, 0x05, 0x0A, 0x02
 _WAL_MAGICS = (0x377F0682, 0x377F0683)  # checksums little-endian, big-endian
-_DEFAULT_PAGE_SIZE = 4096
+_DEFAULT_PAGE_SIZE = 4096  # SQLite's own default: assumed only when neither header, WAL nor pages tell
+_PAGE_SIZES = tuple(1 << shift for shift in range(9, 17))  # every page size SQLite allows: 512 ... 65536
+_CHUNK = 1 << 16  # the largest page size: a chunk at a multiple of it starts a page at every size
+_SAMPLE_CHUNKS = 256  # chunks read to find the page size: at most 16 MiB, spread over the whole file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +45,9 @@ class Census:
     """What a scan read and what it could not: the honest half of a salvage report."""
 
     page_size: int = 0
+    page_size_from: str = "header"  # "header", "wal", "pages" (found by `find_page_size`) or "default" (assumed)
+    btree_pages_found: int = 0  # with "pages": pages of the sample that parse as b-tree pages at that size
+    pages_sampled: int = 0  # with "pages": how many pages of that size the sample held
     pages_declared: int = 0  # the header's page count (0 when the header is unreadable)
     pages_present: int = 0  # pages read whole from the file or the WAL
     pages_missing: int = 0  # pages the header (or the WAL's last commit) declares that neither holds whole
@@ -101,8 +108,12 @@ class _Pages:
         self._wal: Dict[int, Tuple[str, int]] = {}
         self._wal_file: Optional[BinaryIO] = None
         wal_pages, wal_page_size, wal_declared = _committed_frames(wal_path)
-        if page_size is None:
-            page_size = wal_page_size or _DEFAULT_PAGE_SIZE
+        if page_size is None and wal_page_size is not None:
+            page_size, census.page_size_from = wal_page_size, "wal"
+        elif page_size is None:
+            found = find_page_size(file, size)
+            page_size, census.btree_pages_found, census.pages_sampled = found
+            census.page_size_from = "pages" if census.btree_pages_found else "default"
         elif wal_page_size not in (None, page_size):
             wal_pages = {}  # a WAL of another database: ignore it
         self.page_size = page_size
@@ -128,6 +139,59 @@ class _Pages:
             self._file.seek((number - 1) * self.page_size)
             data = self._file.read(self.page_size)
         return data if len(data) == self.page_size else None
+
+
+def find_page_size(file: BinaryIO, size: int) -> Tuple[int, int, int]:
+    """The page size of a database file whose header is unreadable, found from its pages: (page size, pages of
+    the sample that parse as b-tree pages at that size, pages of that size in the sample).
+
+    Every size SQLite allows is tried on a sample of the file (up to `_SAMPLE_CHUNKS` chunks of 64 KiB spread
+    over it, so a large file costs at most 16 MiB read; each chunk starts a page at every size), and the size
+    under which the most pages parse as b-tree pages wins. That is sound because a b-tree page keeps its cell
+    content at its end: a real page parses at its own size and at larger ones (its cell pointers still fit),
+    hardly ever at a smaller one (its pointers, or its first freeblock, point past the smaller page), and a
+    larger size sees only every second, fourth... of the real pages' starts. So the true size has the most;
+    on a tie the smallest wins. The header check (`_looks_like_btree_page`) is strict enough that record bytes
+    almost never pass it. With no page parsing at any size, SQLite's default is assumed (0 pages found).
+    """
+    chunks = -(-size // _CHUNK)
+    picked = range(chunks) if chunks <= _SAMPLE_CHUNKS else sorted({i * chunks // _SAMPLE_CHUNKS
+                                                                   for i in range(_SAMPLE_CHUNKS)})
+    found = dict.fromkeys(_PAGE_SIZES, 0)
+    sampled = dict.fromkeys(_PAGE_SIZES, 0)
+    for index in picked:
+        file.seek(index * _CHUNK)
+        chunk = file.read(_CHUNK)
+        for page_size in _PAGE_SIZES:
+            for at in range(0, len(chunk) - page_size + 1, page_size):
+                sampled[page_size] += 1
+                start = 100 if index == 0 and at == 0 else 0  # page 1 holds the (damaged) file header first
+                found[page_size] += _looks_like_btree_page(chunk, at, start, page_size)
+    best = max(_PAGE_SIZES, key=lambda page_size: (found[page_size], -page_size))
+    if not found[best]:
+        return _DEFAULT_PAGE_SIZE, 0, sampled[_DEFAULT_PAGE_SIZE]
+    return best, found[best], sampled[best]
+
+
+def _looks_like_btree_page(data: bytes, at: int, start: int, page_size: int) -> bool:
+    """True if `data[at:at + page_size]` reads as a b-tree page of `page_size` bytes (its header at `start`):
+    a b-tree page type, a cell content area and every cell pointer inside the page, a first freeblock (if any)
+    in the content area, and at most 60 fragmented bytes (the file format's limit)."""
+    head = at + start
+    kind = data[head]
+    if kind not in (_TABLE_LEAF, _TABLE_INTERIOR, _INDEX_LEAF, _INDEX_INTERIOR):
+        return False
+    freeblock, cells, content, fragmented = struct.unpack_from(">HHHB", data, head + 1)
+    content = content or 65536
+    pointers = start + (12 if kind in (_TABLE_INTERIOR, _INDEX_INTERIOR) else 8)
+    if not pointers + 2 * cells <= content <= page_size or fragmented > 60:
+        return False
+    if freeblock and not content <= freeblock <= page_size - 4:
+        return False
+    if not cells:
+        return True
+    offsets = struct.unpack_from(f">{cells}H", data, at + pointers)
+    return min(offsets) >= content and max(offsets) <= page_size - 4
 
 
 def _page_size(raw: bytes) -> Optional[int]:

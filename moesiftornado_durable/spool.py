@@ -1078,7 +1078,7 @@ class SalvageReport:
         census = self.census
         parts = []
         if census.header_damaged:
-            parts.append(f"the file's header is damaged (pages read as {census.page_size} bytes)")
+            parts.append(f"the file's header is damaged ({_page_size_found(census)})")
         if census.pages_missing:
             parts.append(f"{census.pages_missing} of {census.pages_present + census.pages_missing} pages "
                          f"missing, the file cut short ({census.pages_missing * census.page_size} bytes; how many "
@@ -1092,6 +1092,16 @@ class SalvageReport:
         if census.damaged_cells or self.damaged:
             parts.append(f"{census.damaged_cells + self.damaged} damaged record(s)")
         return "; ".join(parts) or "nothing"
+
+
+def _page_size_found(census: pagescan.Census) -> str:
+    """How the page size of a file whose header is damaged was found, in words."""
+    if census.page_size_from == "wal":
+        return f"page size {census.page_size} taken from its WAL"
+    if census.page_size_from == "pages":
+        return (f"page size {census.page_size} found from its pages: {census.btree_pages_found} of "
+                f"{census.pages_sampled} pages sampled parse as b-tree pages at that size, more than at any other")
+    return f"no page parses as a b-tree page at any page size; pages read as {census.page_size} bytes"
 
 
 def salvage(source: str, into: Spool) -> SalvageReport:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import pytest
 import requests
-from conftest import AppProcess, children_of, wait_until
+from conftest import AppProcess, children_of, spool_with_events, wait_until
 from cryptography.fernet import Fernet
 
 from moesiftornado_durable import locks
@@ -26,7 +26,7 @@ from moesiftornado_durable.journal import JournalWriter
 from moesiftornado_durable.kinds import EVENT
 from moesiftornado_durable.locks import spool_path
 from moesiftornado_durable.shipper import journal_reader, shipper_running
-from moesiftornado_durable.spool import Spool, directory_stats
+from moesiftornado_durable.spool import PAGE_SIZE, Spool, directory_stats
 from moesiftornado_durable.testing import Collector
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -491,6 +491,42 @@ def test_salvage_puts_large_records_back_together_from_their_overflow_pages(tmp_
     assert 20 <= len(records) < 60, out  # the first half of the file: about half of them
     assert all(record["body"] == put[record["body"]["transaction_id"]] for record in records)  # whole again
     assert f"salvaged {len(records)} record(s)" in out
+
+
+@pytest.mark.parametrize("page_size", [PAGE_SIZE, 512, 1024, 2048, 4096, 16384, 32768, 65536])
+def test_salvage_of_a_spool_whose_header_is_zeroed_finds_its_page_size_and_copies_every_record(
+    tmp_path: Any, capsys: Any, page_size: int
+) -> None:
+    damaged = tmp_path / "shipper.db"
+    if page_size != PAGE_SIZE:  # a file made before the spool opened it keeps its page size (older releases: 4096)
+        with contextlib.closing(sqlite3.connect(str(damaged))) as older:
+            older.execute(f"PRAGMA page_size={page_size}")
+            older.execute("PRAGMA journal_mode=WAL")
+    spool = spool_with_events(str(damaged), 1_500, prefix="z")
+    spool.dead_letter([7, 8, 9], 400, "rejected")  # rows of the other table come back too
+    spool.close()
+    with contextlib.closing(sqlite3.connect(damaged)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == page_size
+    conn.close()
+    with open(damaged, "r+b") as f:  # as the power-cut run found it: the header zeroed, every page intact
+        f.write(b"\0" * 100)
+    wal = str(damaged) + "-wal"
+    assert not os.path.exists(wal) or os.path.getsize(wal) == 0  # no WAL to take the page size from
+    before = damaged.read_bytes()
+
+    assert main(["salvage", str(damaged), "--spool-dir", str(tmp_path / "rescued")]) == 0
+    out = capsys.readouterr().out
+    assert f"page size {page_size} found from its pages" in out, out
+    assert "salvaged 1500 record(s) (3 of them dead letters, now ready again)" in out, out
+    assert "unreadable" in out and "damaged record" not in out and "page(s) unreadable" not in out, out
+    assert damaged.read_bytes() == before  # the source is never changed
+    rescued = Spool(spool_path(str(tmp_path / "rescued"), 0))
+    try:
+        ids = [record["body"]["transaction_id"] for record in rescued.records()]
+    finally:
+        rescued.close()
+    assert sorted(ids) == sorted(f"z-{n}" for n in range(1_500))  # every record, each once
 
 
 # -- the collector command ------------------------------------------------------------------------

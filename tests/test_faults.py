@@ -24,7 +24,7 @@ from moesiftornado_durable import MoesifMiddleware, locks, pagescan
 from moesiftornado_durable.journal import segments
 from moesiftornado_durable.locks import SHIPPER_SLOT, spool_path
 from moesiftornado_durable.shipper import shipper_running
-from moesiftornado_durable.spool import Spool, directory_stats, open_spool
+from moesiftornado_durable.spool import PAGE_SIZE, Spool, directory_stats, open_spool
 from moesiftornado_durable.testing import Collector
 
 
@@ -443,6 +443,40 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert sorted(Counter(ids).values())[-1] == 1  # none twice
     assert {f"w-{n}" for n in range(10)} | {f"w-{n}" for n in range(600, 700)} <= set(ids)  # the WAL's records
     assert set(ids) <= {f"w-{n}" for n in range(700)}
+
+
+def test_salvage_of_a_killed_spool_whose_header_is_zeroed_takes_the_page_size_from_its_wal(
+    spool_dir: str, tmp_path: Any, capsys: Any
+) -> None:
+    """The database file's header zeroed, a WAL a killed process left beside it: the WAL's header gives the
+    page size (before any guess from the pages), the report says so, and every record comes back once."""
+    os.makedirs(spool_dir, exist_ok=True)
+    path = spool_path(spool_dir, 0)
+    code = f"""
+import os, signal, time
+from moesiftornado_durable.spool import Spool
+spool = Spool({path!r})
+spool.put_many(("event", {{"transaction_id": "z-%d" % n}}, time.time()) for n in range(300))
+spool._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")  # these are in the database file
+spool.put_many(("event", {{"transaction_id": "z-%d" % n}}, time.time()) for n in range(300, 400))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True).returncode != 0
+    assert os.path.getsize(path + "-wal") > 0
+    with open(path, "r+b") as f:
+        f.write(b"\0" * 100)
+    from moesiftornado_durable.cli import main
+
+    assert main(["salvage", path, "--spool-dir", str(tmp_path / "rescued")]) == 0
+    out = capsys.readouterr().out
+    assert f"page size {PAGE_SIZE} taken from its WAL" in out and "salvaged 400 record(s)" in out, out
+    rescued = Spool(spool_path(str(tmp_path / "rescued"), 0))
+    try:
+        ids = [record["body"]["transaction_id"] for record in rescued.records()]
+    finally:
+        rescued.close()
+    assert sorted(ids) == sorted(f"z-{n}" for n in range(400))
 
 
 def test_salvage_reads_a_large_wal_frame_by_frame_not_whole(tmp_path: Any) -> None:
