@@ -16,7 +16,7 @@ Each run (one per mode: the default options, and SPOOL_SYNC 'audit'):
 - the collector (in this process) is, for each cut in turn, down (everything waits in the spool), up (the
   shipper delivers: acks delete rows, drained spools are scrubbed: VACUUM and checkpoint, spooled journal
   segments are deleted), rejecting every batch with 400 (batches split and dead-lettered); every tenth
-  cut, up while the shipper's spool, damaged on purpose before the start (its header zeroed), is quarantined
+  cut (and the last of a run of fewer than ten, so --quick has one), up while the shipper's spool, damaged on purpose before the start (its header zeroed), is quarantined
   (renamed aside for `salvage`; the cut comes 0.05-0.6 s after the app serves, around the rename);
 - after a seeded random time the power is cut: every process with a file under the mount is frozen
   (SIGSTOP), LazyFS drops what was not synced, they are SIGKILLed; the app is started again on the
@@ -78,6 +78,7 @@ MODES = {"default": {}, "audit": {"SPOOL_SYNC": "audit"}}
 HOG = "import time\nend = time.monotonic() + 3600\nwhile time.monotonic() < end:\n    pass\n"  # --cpu-load, bounded
 LATE_SYNC_LOGGED = re.compile(r"a journal sync made records durable (\d+) ms after .*? it started after (\d+) ms "
                               r".*? the fdatasync took (\d+) ms")  # JournalWriter's warning about a late round
+SLOW_WRITE_LOGGED = re.compile(r"a journal write took (\d+) ms")  # JournalWriter's warning about a held write()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +122,7 @@ class Result:
     wall: float = 0.0
     load_averages: List[float] = dataclasses.field(default_factory=list)  # the 1-minute load average at each cut
     late_logged: List[str] = dataclasses.field(default_factory=list)  # the late journal syncs the app instances logged
+    slow_writes_logged: List[int] = dataclasses.field(default_factory=list)  # ms of each held write() logged
 
     @property
     def failed(self) -> List[str]:
@@ -233,7 +235,8 @@ def run_mode(mode: str, profile: Profile, seed: int, workdir: str, body_bytes: i
             with LazyFS(os.path.join(workdir, f"lazyfs-{mode}"), log) as fs:
                 spool_dir = os.path.join(fs.mount, "spool")
                 for index in range(profile.cuts):
-                    scenario = "quarantine" if index % 10 == 9 else SCENARIOS[index % 3]
+                    last = index == profile.cuts - 1
+                    scenario = "quarantine" if index % 10 == 9 or (last and profile.cuts < 10) else SCENARIOS[index % 3]
                     set_scenario(collector, scenario)
                     uptime = rng.uniform(*profile.uptime)
                     if scenario == "quarantine" and os.path.exists(spool_path(spool_dir, SHIPPER_SLOT)):
@@ -392,12 +395,15 @@ def _analyse(result: Result, load: Load, events: List[Dict[str, Any]], dead: Set
         (result.lost_older if age > WINDOW else result.lost_within).append((n, round(age, 3)))
 
 
-def _late_syncs_logged(path: str, start: int) -> List[str]:
-    """The late journal syncs logged in the log from byte `start` (one warning per app instance and minute:
-    `JournalWriter` rate-limits it), each as "<age> = <waited to start> + <fdatasync>" in ms."""
+def _late_syncs_logged(path: str, start: int) -> Tuple[List[str], List[int]]:
+    """The late journal syncs and the held journal writes logged in the log from byte `start` (`JournalWriter`
+    logs each app instance's first, then each new worst, and at most one a minute besides): the syncs as
+    "<age> = <waited to start> + <fdatasync>", the writes as how long each was held, in ms."""
     with open(path, encoding="utf-8", errors="replace") as f:
         f.seek(start)
-        return [f"{m.group(1)} = {m.group(2)} + {m.group(3)}" for m in LATE_SYNC_LOGGED.finditer(f.read())]
+        text = f.read()
+    return ([f"{m.group(1)} = {m.group(2)} + {m.group(3)}" for m in LATE_SYNC_LOGGED.finditer(text)],
+            [int(m.group(1)) for m in SLOW_WRITE_LOGGED.finditer(text)])
 
 
 def print_table(results: List[Result]) -> None:
@@ -419,8 +425,10 @@ def print_table(results: List[Result]) -> None:
         (f"lost, answered ≤ {WINDOW * 1000:.0f} ms before a cut (audit: must be 0)", lambda r: f"{len(r.lost_within)}"),
         ("oldest lost event: answered this many ms before its cut", worst),
         ("duplicates (resent after a cut, same transaction_id)", lambda r: f"{r.duplicates:,}"),
-        ("app instances that logged a late journal sync (> 200 ms after its oldest record)",
-         lambda r: f"{len(r.late_logged)} of {len(r.cuts) + 1}"),
+        ("late journal syncs logged (> 200 ms after the oldest record; per app instance the first and each new worst)",
+         lambda r: f"{len(r.late_logged)} in {len(r.cuts) + 1} instances"),
+        ("journal writes held > 100 ms by the file system, logged (same rule), longest ms",
+         lambda r: f"{len(r.slow_writes_logged)}, {max(r.slow_writes_logged)}" if r.slow_writes_logged else "0"),
         ("load average (1 min) at the cuts, min-max",
          lambda r: f"{min(r.load_averages):.1f}-{max(r.load_averages):.1f}" if r.load_averages else "-"),
         ("wall time, s", lambda r: f"{r.wall:.0f}"),
@@ -463,7 +471,7 @@ def main() -> int:
                     print(f"powercut: {mode}: {exc}; no verdict (the app log is in {workdir})", file=sys.stderr)
                     return 2
                 log.flush()
-                result.late_logged = _late_syncs_logged(log.name, log_start)
+                result.late_logged, result.slow_writes_logged = _late_syncs_logged(log.name, log_start)
                 results.append(result)
     finally:
         for hog in hogs:
