@@ -16,8 +16,9 @@ Each run (one per mode: the default options, and SPOOL_SYNC 'audit'):
 - the collector (in this process) is, for each cut in turn, down (everything waits in the spool), up (the
   shipper delivers: acks delete rows, drained spools are scrubbed: VACUUM and checkpoint, spooled journal
   segments are deleted), rejecting every batch with 400 (batches split and dead-lettered); every tenth
-  cut (and the last of a run of fewer than ten, so --quick has one), up while the shipper's spool, damaged on purpose before the start (its header zeroed), is quarantined
-  (renamed aside for `salvage`; the cut comes 0.05-0.6 s after the app serves, around the rename);
+  cut (and the last of a run of fewer than ten, so --quick has one), up while the shipper's spool, damaged
+  on purpose before the start (its header zeroed), is quarantined (renamed aside for
+  `salvage`; the cut comes 0.05-0.6 s after the app serves, around the rename);
 - after a seeded random time the power is cut: every process with a file under the mount is frozen
   (SIGSTOP), LazyFS drops what was not synced, they are SIGKILLed; the app is started again on the
   same SPOOL_DIR, and the next cut comes;
@@ -39,6 +40,7 @@ allowed and counted.
 from __future__ import annotations
 
 import argparse
+import calendar
 import contextlib
 import dataclasses
 import http.client
@@ -78,7 +80,8 @@ MODES = {"default": {}, "audit": {"SPOOL_SYNC": "audit"}}
 HOG = "import time\nend = time.monotonic() + 3600\nwhile time.monotonic() < end:\n    pass\n"  # --cpu-load, bounded
 LATE_SYNC_LOGGED = re.compile(r"a journal sync made records durable (\d+) ms after .*? it started after (\d+) ms "
                               r".*? the fdatasync took (\d+) ms")  # JournalWriter's warning about a late round
-SLOW_WRITE_LOGGED = re.compile(r"a journal write took (\d+) ms")  # JournalWriter's warning about a held write()
+STALL_LOGGED = re.compile(r"has held a journal (write|fdatasync) for (\d+) ms \(pid (\d+), since ([0-9T:.-]+)Z\)")
+STALL_ENDED = re.compile(r"the held journal (write|fdatasync) returned after \d+ ms or more \(pid (\d+)\)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +102,17 @@ class Cut:
     port: int
     started: float
     killed: List[int]
+    app_pid: int
+
+
+@dataclasses.dataclass
+class Stall:
+    """A journal write or fdatasync the file system held, as an app instance logged it (`JournalWriter`)."""
+    pid: int
+    call: str
+    since: float  # wall clock
+    longest_ms: int
+    ended: bool  # its return was logged: it was not under way at the cut
 
 
 @dataclasses.dataclass
@@ -109,6 +123,7 @@ class Result:
     dead_lettered: int = 0
     lost_older: List[Tuple[str, float]] = dataclasses.field(default_factory=list)  # (n, seconds before the cut)
     lost_within: List[Tuple[str, float]] = dataclasses.field(default_factory=list)
+    lost_in_stall: List[Tuple[str, float]] = dataclasses.field(default_factory=list)  # older, held by a stall
     duplicates: int = 0
     logged_twice: int = 0
     wrong: int = 0
@@ -122,7 +137,7 @@ class Result:
     wall: float = 0.0
     load_averages: List[float] = dataclasses.field(default_factory=list)  # the 1-minute load average at each cut
     late_logged: List[str] = dataclasses.field(default_factory=list)  # the late journal syncs the app instances logged
-    slow_writes_logged: List[int] = dataclasses.field(default_factory=list)  # ms of each held write() logged
+    stalls: List[Stall] = dataclasses.field(default_factory=list)  # the file-system stalls the app instances logged
 
     @property
     def failed(self) -> List[str]:
@@ -135,8 +150,9 @@ class Result:
         if self.lost_older:
             reasons.append(f"{len(self.lost_older)} event(s) answered more than {WINDOW * 1000:.0f} ms before a cut "
                            f"lost, e.g. {self.lost_older[:3]}")
-        if self.mode == "audit" and self.lost_within:
-            reasons.append(f"{len(self.lost_within)} answered event(s) lost in audit mode, e.g. {self.lost_within[:3]}")
+        if self.mode == "audit" and self.lost_within + self.lost_in_stall:
+            lost = self.lost_within + self.lost_in_stall
+            reasons.append(f"{len(lost)} answered event(s) lost in audit mode, e.g. {lost[:3]}")
         if self.logged_twice:
             reasons.append(f"{self.logged_twice} request(s) logged under two transaction ids")
         if self.wrong:
@@ -226,6 +242,7 @@ def run_mode(mode: str, profile: Profile, seed: int, workdir: str, body_bytes: i
     LazyFS staying up."""
     result = Result(mode)
     started = time.monotonic()
+    log_start = log.tell()
     rng = random.Random(f"{seed}:{mode}")
     options = MODES[mode]
     load = Load(body_bytes)
@@ -255,8 +272,8 @@ def run_mode(mode: str, profile: Profile, seed: int, workdir: str, body_bytes: i
                     load.target(None)
                     result.serving_seconds += at - serving_from
                     app.kill()  # reaps it (already SIGKILLed)
+                    result.cuts.append(Cut(at, scenario, port, serving_from, killed, app.process.pid))
                     app = None
-                    result.cuts.append(Cut(at, scenario, port, serving_from, killed))
                     result.load_averages.append(os.getloadavg()[0])
                     print(f"  {mode}: cut {index + 1}/{profile.cuts} ({scenario}) after {at - serving_from:.2f} s, "
                           f"{len(killed)} process(es)", file=sys.stderr, flush=True)
@@ -280,6 +297,8 @@ def run_mode(mode: str, profile: Profile, seed: int, workdir: str, body_bytes: i
     result.quarantined = len(aside)
     for name in sorted(aside):
         result.salvaged |= _salvage(os.path.join(spool_dir, name), workdir, mode)
+    log.flush()
+    result.late_logged, result.stalls = _logged(log.name, log_start)
     _analyse(result, load, events, dead | result.salvaged)
     result.dead_lettered = len(dead)
     if result.failed:
@@ -386,24 +405,52 @@ def _analyse(result: Result, load: Load, events: List[Dict[str, Any]], dead: Set
     result.dead_lettered = len(dead)
     result.wrong = load.wrong
     result.answered = len(load.answered)
+    wall = time.time() - time.monotonic()  # monotonic to wall clock, for the stalls the apps logged
     for n, port, received in load.answered:
         if n in ids or n in dead:
             continue
         # the cut of the instance that answered (a port may be used again by a later instance)
         cut = [c for c in result.cuts if c.port == port and c.started <= received][-1]
         age = max(0.0, cut.at - received)  # an answer read while the SIGSTOPs were sent: 0
-        (result.lost_older if age > WINDOW else result.lost_within).append((n, round(age, 3)))
+        if age <= WINDOW:
+            result.lost_within.append((n, round(age, 3)))
+        elif any(stall.pid == cut.app_pid and not stall.ended and received + wall >= stall.since - WINDOW
+                 for stall in result.stalls):
+            result.lost_in_stall.append((n, round(age, 3)))  # its sync was held by the file system until the cut
+        else:
+            result.lost_older.append((n, round(age, 3)))
 
 
-def _late_syncs_logged(path: str, start: int) -> Tuple[List[str], List[int]]:
-    """The late journal syncs and the held journal writes logged in the log from byte `start` (`JournalWriter`
-    logs each app instance's first, then each new worst, and at most one a minute besides): the syncs as
-    "<age> = <waited to start> + <fdatasync>", the writes as how long each was held, in ms."""
+def _stalls_logged(text: str) -> List[Stall]:
+    """The file-system stalls in the app log, each marked ended once its instance logged its return."""
+    stalls: List[Stall] = []
+    events = sorted([(m.start(), "held", m) for m in STALL_LOGGED.finditer(text)] +
+                    [(m.start(), "ended", m) for m in STALL_ENDED.finditer(text)], key=lambda e: e[0])
+    for _, what, m in events:
+        if what == "held":
+            call, held_ms, pid, since = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+            started = calendar.timegm(time.strptime(since[:19], "%Y-%m-%dT%H:%M:%S")) + float(since[19:] or 0)
+            open_ = [s for s in stalls if s.pid == pid and s.call == call and not s.ended]
+            if open_ and abs(open_[-1].since - started) < 0.01:  # the same stall, logged again as it lasts
+                open_[-1].longest_ms = max(open_[-1].longest_ms, held_ms)
+            else:
+                stalls.append(Stall(pid, call, started, held_ms, False))
+        else:
+            for stall in stalls:
+                if stall.pid == int(m.group(2)) and stall.call == m.group(1):
+                    stall.ended = True
+    return stalls
+
+
+def _logged(path: str, start: int) -> Tuple[List[str], List[Stall]]:
+    """The late journal syncs (`JournalWriter` logs each app instance's first, then each new worst, and at most
+    one a minute besides; as "<age> = <waited to start> + <fdatasync>" in ms) and the file-system stalls logged
+    in the log from byte `start`."""
     with open(path, encoding="utf-8", errors="replace") as f:
         f.seek(start)
         text = f.read()
-    return ([f"{m.group(1)} = {m.group(2)} + {m.group(3)}" for m in LATE_SYNC_LOGGED.finditer(text)],
-            [int(m.group(1)) for m in SLOW_WRITE_LOGGED.finditer(text)])
+    late = [f"{m.group(1)} = {m.group(2)} + {m.group(3)}" for m in LATE_SYNC_LOGGED.finditer(text)]
+    return late, _stalls_logged(text)
 
 
 def print_table(results: List[Result]) -> None:
@@ -422,13 +469,17 @@ def print_table(results: List[Result]) -> None:
         ("damaged spools quarantined around a cut / their records salvage gave back, of those they held",
          lambda r: f"{r.quarantined} of {r.damaged} / {len(r.held_aside & r.salvaged):,} of {len(r.held_aside):,}"),
         (f"lost, answered > {WINDOW * 1000:.0f} ms before a cut (must be 0)", lambda r: f"{len(r.lost_older)}"),
+        (f"lost, answered > {WINDOW * 1000:.0f} ms before a cut while a file-system stall the app logged held "
+         "its sync until the cut (the window runs from the stall's end)", lambda r: f"{len(r.lost_in_stall)}"),
         (f"lost, answered ≤ {WINDOW * 1000:.0f} ms before a cut (audit: must be 0)", lambda r: f"{len(r.lost_within)}"),
         ("oldest lost event: answered this many ms before its cut", worst),
         ("duplicates (resent after a cut, same transaction_id)", lambda r: f"{r.duplicates:,}"),
         ("late journal syncs logged (> 200 ms after the oldest record; per app instance the first and each new worst)",
          lambda r: f"{len(r.late_logged)} in {len(r.cuts) + 1} instances"),
-        ("journal writes held > 100 ms by the file system, logged (same rule), longest ms",
-         lambda r: f"{len(r.slow_writes_logged)}, {max(r.slow_writes_logged)}" if r.slow_writes_logged else "0"),
+        ("file-system stalls the app instances logged (a journal write or fdatasync held > 100 ms) / under way at "
+         "a cut / longest logged, ms",
+         lambda r: (f"{len(r.stalls)} / {sum(not s.ended for s in r.stalls)} / {max(s.longest_ms for s in r.stalls)}"
+                    if r.stalls else "0")),
         ("load average (1 min) at the cuts, min-max",
          lambda r: f"{min(r.load_averages):.1f}-{max(r.load_averages):.1f}" if r.load_averages else "-"),
         ("wall time, s", lambda r: f"{r.wall:.0f}"),
@@ -464,14 +515,12 @@ def main() -> int:
     try:
         with open(os.path.join(workdir, "apps.log"), "w") as log:
             for mode in (MODES if args.mode == "both" else (args.mode,)):
-                log_start = log.tell()
                 try:
                     result = run_mode(mode, profile, args.seed, workdir, args.body_bytes, log)
                 except LazyFSCrashed as exc:
                     print(f"powercut: {mode}: {exc}; no verdict (the app log is in {workdir})", file=sys.stderr)
                     return 2
                 log.flush()
-                result.late_logged, result.slow_writes_logged = _late_syncs_logged(log.name, log_start)
                 results.append(result)
     finally:
         for hog in hogs:

@@ -54,7 +54,9 @@ SEGMENT_PATTERN = re.compile(r"^intake-(\d+)-(\d+)\.jnl[23]?$")  # .jnl: format 
 SYNC_INTERVAL = 0.05  # seconds: a round starts this long after the oldest unsynced record was written, at the latest
 SYNC_WINDOW = 0.2  # seconds: what SPOOL_SYNC 'normal' promises; a round that ends later than this is counted late
 RESCUE_LATE = 0.07  # seconds: an append finding the syncer this late (past SYNC_INTERVAL) syncs in its place
-SLOW_WRITE = 0.1  # seconds: a journal write() that takes longer is counted and logged (the file system stalled it)
+STALL = 0.1  # seconds: a journal write() or fdatasync held longer is a stall of the file system, counted and logged
+_STALL_TICK = 0.05  # seconds between two looks of the stall watch
+_STALL_LOG_INTERVAL = 1.0  # seconds: a stall is logged once it passes STALL, or past this if one was just logged
 SYNC_MODES = ("normal", "full", "audit")  # 'full' syncs as soon as records wait; 'audit' when a response waits
 _LATE_LOG_INTERVAL = 60.0  # seconds between two warnings about late rounds
 SEGMENT_BYTES = 4 * 1024 * 1024  # a writer starts a new segment past this; the reader deletes ingested ones
@@ -121,9 +123,12 @@ class JournalWriter:
     syncer's bookkeeping waits for its own round. A failed sync is counted (`sync_failures`), logged,
     and reported to `on_synced` callbacks as False; a round that ends more than `SYNC_WINDOW` after its
     oldest record (a machine too busy, or a slow disk) is counted (`late_syncs`) and logged (once a
-    minute, and whenever it is the latest so far). A ``write()`` that takes longer than `SLOW_WRITE`
-    is counted (`slow_writes`) and logged the same way: while it is stalled the syncer cannot take
-    the records written before it, so a power cut then may lose more than the window.
+    minute, and whenever it is the latest so far). A file system that holds a ``write()`` or an
+    ``fdatasync`` (a FUSE daemon busy with another file's fsync, a congested disk) holds the records
+    written before it: nothing can make them durable until it returns (on FUSE, not even another sync),
+    so a power cut during such a stall may take more than the window. A watch thread reports each stall
+    past `STALL` while it lasts (`stalls`, a WARNING with its start, and one when it returns), so a cut
+    in the middle of one leaves a trace.
 
     A segment deleted under the writer (SPOOL_DIR removed while the app runs) would swallow every later
     write unseen, so each append checks the open file's link count (one ``fstat``); on a deleted segment
@@ -163,11 +168,13 @@ class JournalWriter:
         self.sync_failures = 0  # sync rounds whose fsync failed: their records may not survive a power cut
         self.late_syncs = 0  # rounds that ended more than SYNC_WINDOW after their oldest record was written
         self.rescues = 0  # syncs `append` ran itself because the syncer thread was RESCUE_LATE late
-        self.slow_writes = 0  # write() calls that took longer than SLOW_WRITE
+        self.stalls = 0  # write() or fdatasync calls the file system held longer than STALL
+        self._writing_since = self._syncing_since = 0.0  # monotonic start of the call under way; 0.0: none
+        self._watch_stop = threading.Event()
         self._in_round = False  # a round (the syncer's or a rescue) is between taking its records and finishing
         self._rescued_at = 0.0  # monotonic start of the last sync of a stuck round's successor records
-        self._late_logged = self._slow_logged = -_LATE_LOG_INTERVAL
-        self._worst_late = self._worst_write = 0.0  # the latest round and the slowest write logged so far
+        self._late_logged = -_LATE_LOG_INTERVAL
+        self._worst_late = 0.0  # the latest round logged so far
         self.pid = os.getpid()
 
     def append(self, kind: str, payload: bytes, spooled_at: float) -> int:
@@ -198,7 +205,7 @@ class JournalWriter:
                 self.rescues += 1  # the syncer has not run for too long: this thread syncs instead
                 if not self._in_round:
                     rescue = self._take_round()
-                else:  # its round is stuck: sync what came after it, leaving the bookkeeping to it
+                elif not self._syncing_since:  # its round is stuck before its sync: sync what came after it
                     self._rescued_at = time.monotonic()
                     stuck = os.dup(self._fd)
         if rescue is not None:
@@ -228,7 +235,7 @@ class JournalWriter:
     def _write(self, data: bytes) -> None:
         fd = self._fd
         assert fd is not None
-        started = time.monotonic()
+        self._writing_since = time.monotonic()
         try:
             written = os.write(fd, data)
             while written < len(data):  # a short write: only on a nearly full disk or a signal
@@ -236,21 +243,9 @@ class JournalWriter:
         except OSError:
             self._abandon_segment()  # its tail may be torn: the next record starts a clean segment
             raise
+        finally:
+            self._writing_since = 0.0
         self.size += len(data)
-        took = time.monotonic() - started
-        if took > SLOW_WRITE:
-            self._slow_write(took)
-
-    def _slow_write(self, took: float) -> None:
-        """Count (and log, at most once a minute or when it is the slowest yet) a write() the file system held
-        `took` seconds: meanwhile the syncer could not take the records written before it."""
-        self.slow_writes += 1
-        now = time.monotonic()
-        if now - self._slow_logged >= _LATE_LOG_INTERVAL or took > self._worst_write:
-            self._slow_logged, self._worst_write = now, max(took, self._worst_write)
-            logger.warning("moesiftornado_durable: a journal write took %.0f ms (the file system held it); the "
-                           "records written before it could not be synced meanwhile; slow writes so far: %d",
-                           took * 1000, self.slow_writes)
 
     def _start_segment(self) -> None:
         try:
@@ -301,6 +296,34 @@ class JournalWriter:
     def _start_syncer(self) -> None:
         self._syncer = threading.Thread(target=self._sync_loop, daemon=True, name="moesif-durable-journal-sync")
         self._syncer.start()
+        threading.Thread(target=self._watch_stalls, daemon=True, name="moesif-durable-journal-watch").start()
+
+    def _watch_stalls(self) -> None:
+        """The watch thread: report a write() or fdatasync the file system holds past `STALL`, while it is held
+        (neither the syncer nor the IOLoop can: each may be the one held), and when it returns. It reads two
+        timestamps the callers set around those calls, without a lock."""
+        reported = {"write": 0.0, "fdatasync": 0.0}  # the start of the held call reported, per kind
+        logged_at = -_STALL_LOG_INTERVAL
+        while not self._watch_stop.wait(_STALL_TICK):
+            now = time.monotonic()
+            for call, since in (("write", self._writing_since), ("fdatasync", self._syncing_since)):
+                if reported[call] and since != reported[call]:
+                    logger.warning("moesiftornado_durable: the held journal %s returned after %.0f ms or more "
+                                   "(pid %d)", call, (now - reported[call]) * 1000, os.getpid())
+                    reported[call] = 0.0
+                held = now - since if since else 0.0
+                if held <= STALL or since == reported[call]:
+                    continue
+                if held < _STALL_LOG_INTERVAL and now - logged_at < _STALL_LOG_INTERVAL:
+                    continue  # one was just logged: this one is, if it lasts
+                if not reported[call]:
+                    self.stalls += 1
+                reported[call], logged_at = since, now
+                logger.warning("moesiftornado_durable: the file system has held a journal %s for %.0f ms (pid %d, "
+                               "since %s): the records written before it are not durable until it returns, so a "
+                               "power cut now may take more than the %.0f ms window; stalls so far: %d", call,
+                               held * 1000, os.getpid(), _wall_clock(time.time() - held), SYNC_WINDOW * 1000,
+                               self.stalls)
 
     def _sync_loop(self) -> None:
         """The syncer thread: a round whenever one is due (`_wait_for_round`); exits on `close` once
@@ -384,6 +407,7 @@ class JournalWriter:
                            waited * 1000, self._sync_interval * 1000, took * 1000, self.late_syncs)
 
     def _sync(self, descriptors: List[int], directory_dirty: bool) -> bool:
+        self._syncing_since = time.monotonic()
         try:
             if directory_dirty:
                 spooldir.fsync_directory(self.directory)  # a new segment's name, before the records in it count
@@ -395,6 +419,8 @@ class JournalWriter:
                          "last sync may not survive a power cut; sync failures so far: %d", self.path, exc,
                          self.sync_failures)
             return False
+        finally:
+            self._syncing_since = 0.0
         self.syncs += 1
         return True
 
@@ -436,10 +462,16 @@ class JournalWriter:
             syncer = self._syncer
         if syncer is not None:
             syncer.join(timeout)
+        self._watch_stop.set()
         with self._lock:
             waiters, self._waiters = self._waiters, []
         for _, callback in waiters:
             _call(callback, False)
+
+
+def _wall_clock(at: float) -> str:
+    """`at` (seconds since the epoch) as UTC with milliseconds, as the stall warnings give it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z"
 
 
 def _close(fd: int) -> None:

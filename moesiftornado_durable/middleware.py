@@ -247,8 +247,8 @@ class MoesifMiddleware(ExecuteHook):
         unmaskable, event_too_large), audit_refused (SPOOL_SYNC 'audit': responses refused with 503 because
         their event could not be stored), journal_sync_failures (this process's journal fdatasyncs that
         failed), journal_late_syncs (this process's journal syncs that made records durable later than the
-        200 ms a power cut may take by default: an overloaded machine or a slow disk), journal_slow_writes
-        (this process's journal writes the file system held more than 100 ms), ready, in_flight,
+        200 ms a power cut may take by default: an overloaded machine or a slow disk), journal_stalls
+        (this process's journal writes and syncs the file system held more than 100 ms), ready, in_flight,
         dead_letter, undecryptable, oldest_age (seconds), spool_bytes,
         last_error and last_error_at (the last delivery error), spool_failing (a write to the spool failed
         in the last minute, or the spool cannot be read) and spool_error; lost_wal once the shipper found

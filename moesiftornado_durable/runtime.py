@@ -161,7 +161,7 @@ class _Runtime:
         delivery["shipper_running"] = shipper_running(self.config.spool_dir)
         delivery["journal_sync_failures"] = self.writer.sync_failures  # this process's; see JournalWriter
         delivery["journal_late_syncs"] = self.writer.late_syncs  # this process's rounds later than 200 ms
-        delivery["journal_slow_writes"] = self.writer.slow_writes  # this process's write() calls held > 100 ms
+        delivery["journal_stalls"] = self.writer.stalls  # this process's writes/syncs the file system held > 100 ms
         # the shipper serves the whole directory: its spool and the orphans it adopts
         return delivery, directory_stats(self.config.spool_dir)
 
