@@ -135,6 +135,18 @@ def test_header_and_body_field_conditions(governed: Any) -> None:
     assert CALLS == {"prepare": 3, "get": 1, "post": 2}
 
 
+def test_client_ip_condition_uses_the_address_the_event_records(governed: Any, collector: Collector) -> None:
+    middleware, app = governed([regex_rule("bad-net", [("request.ip", r"^203\.0\.113\.")])])
+    with serve(app) as base:
+        assert request(base, "/items", headers={"X-Forwarded-For": "203.0.113.9"})[0] == 403
+        assert request(base, "/items", headers={"X-Forwarded-For": "198.51.100.4"})[0] == 200
+        assert request(base, "/items")[0] == 200  # 127.0.0.1, the peer address
+    assert CALLS == {"prepare": 2, "get": 2}
+    events = events_by_uri(collector, middleware, 3)
+    assert sorted((e["request"]["ip_address"], str(e.get("blocked_by"))) for e in events) == \
+        [("127.0.0.1", "None"), ("198.51.100.4", "None"), ("203.0.113.9", "bad-net")]
+
+
 def test_or_of_condition_groups_and_a_list_body(governed: Any) -> None:
     listed = [{"code": "blocked"}, "{{reason}}"]
     _, app = governed([regex_rule("either", [("request.route", "^/login$")], [("request.headers.x-ban", "1")],
@@ -348,6 +360,26 @@ def test_rules_apply_only_to_the_middlewares_application(governed: Any) -> None:
         assert request(base, "/items")[0] == 403
         assert request(other_base, "/items")[0] == 200
     assert CALLS == {"prepare": 1, "get": 1}
+
+
+def test_attach_applies_rules_to_an_app_whose_own_log_function_calls_log_event(
+    governed: Any, collector: Collector
+) -> None:
+    middleware, _ = governed([regex_rule("items", [("request.route", "^/items$")], status=451)])
+    logged: List[int] = []
+
+    def own_log_function(handler: tornado.web.RequestHandler) -> None:
+        logged.append(handler.get_status())
+        middleware.log_event(handler)
+
+    app = middleware.attach(tornado.web.Application(ROUTES, log_function=own_log_function))
+    with serve(app) as base:
+        status, _, body = request(base, "/items")
+        assert request(base, "/login")[0] == 200
+    assert (status, json.loads(body)) == (451, {"error": "blocked by items"})
+    assert CALLS == {"prepare": 1, "get": 1} and sorted(logged) == [200, 451]
+    events = events_by_uri(collector, middleware, 2)
+    assert sorted(str(event.get("blocked_by")) for event in events) == ["None", "items"]
 
 
 def test_thread_mode_applies_rules_too(governed: Any, collector: Collector) -> None:
