@@ -299,26 +299,30 @@ class JournalWriter:
         threading.Thread(target=self._watch_stalls, daemon=True, name="moesif-durable-journal-watch").start()
 
     def _watch_stalls(self) -> None:
-        """The watch thread: report a write() or fdatasync the file system holds past `STALL`, while it is held
-        (neither the syncer nor the IOLoop can: each may be the one held), and when it returns. It reads two
-        timestamps the callers set around those calls, without a lock."""
-        reported = {"write": 0.0, "fdatasync": 0.0}  # the start of the held call reported, per kind
+        """The watch thread: count and report a write() or fdatasync the file system holds past `STALL`, while it
+        is held (neither the syncer nor the IOLoop can: each may be the one held), and when it returns. It reads
+        two timestamps the callers set around those calls, without a lock. A stall within `_STALL_LOG_INTERVAL`
+        of the last one logged is logged only if it lasts that long (a file system stalling over and over)."""
+        counted = {"write": 0.0, "fdatasync": 0.0}  # per kind, the start of the held call counted; 0.0: none
+        logged = {"write": False, "fdatasync": False}
         logged_at = -_STALL_LOG_INTERVAL
         while not self._watch_stop.wait(_STALL_TICK):
             now = time.monotonic()
             for call, since in (("write", self._writing_since), ("fdatasync", self._syncing_since)):
-                if reported[call] and since != reported[call]:
-                    logger.warning("moesiftornado_durable: the held journal %s returned after %.0f ms or more "
-                                   "(pid %d)", call, (now - reported[call]) * 1000, os.getpid())
-                    reported[call] = 0.0
+                if counted[call] and since != counted[call]:  # the held call returned
+                    if logged[call]:
+                        logger.warning("moesiftornado_durable: the held journal %s returned after %.0f ms or more "
+                                       "(pid %d)", call, (now - counted[call]) * 1000, os.getpid())
+                    counted[call], logged[call] = 0.0, False
                 held = now - since if since else 0.0
-                if held <= STALL or since == reported[call]:
+                if held <= STALL:
                     continue
-                if held < _STALL_LOG_INTERVAL and now - logged_at < _STALL_LOG_INTERVAL:
-                    continue  # one was just logged: this one is, if it lasts
-                if not reported[call]:
+                if since != counted[call]:
+                    counted[call] = since
                     self.stalls += 1
-                reported[call], logged_at = since, now
+                if logged[call] or (held < _STALL_LOG_INTERVAL and now - logged_at < _STALL_LOG_INTERVAL):
+                    continue
+                logged[call], logged_at = True, now
                 logger.warning("moesiftornado_durable: the file system has held a journal %s for %.0f ms (pid %d, "
                                "since %s): the records written before it are not durable until it returns, so a "
                                "power cut now may take more than the %.0f ms window; stalls so far: %d", call,

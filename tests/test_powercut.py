@@ -107,7 +107,9 @@ def test_a_write_the_file_system_holds_is_reported_while_it_is_held(lazyfs: Lazy
     os.makedirs(directory, mode=0o700)
     writer = JournalWriter(directory, 1, "normal")
     try:
-        writer.append("event", b'{"n": 0}', time.time())
+        synced = threading.Event()
+        writer.on_synced(writer.append("event", b'{"n": 0}', time.time()), lambda ok: synced.set())
+        assert synced.wait(10)  # the syncer is idle now: the only call the stall holds is the write below
 
         def stall_logs() -> List[str]:
             return [r.getMessage() for r in caplog.records if "journal write" in r.getMessage()]
