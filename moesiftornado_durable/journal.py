@@ -117,10 +117,11 @@ class JournalWriter:
     or when `on_synced` waits. A machine too busy to run the syncer thread in time (it needs a core and
     the GIL) does not stretch the window: an append that finds the oldest waiting record `RESCUE_LATE`
     past its deadline runs the round itself (`rescues`), an ``fdatasync`` on the caller's thread that
-    only such a machine pays; if the syncer's own round is under way but stuck (the thread descheduled
-    after it took its records, or its ``fdatasync`` slow), the append syncs the open segment through a
-    duplicate descriptor without taking the round, so the records it covers are durable while the
-    syncer's bookkeeping waits for its own round. A failed sync is counted (`sync_failures`), logged,
+    only such a machine pays; if the syncer's own round is under way but stuck before its sync (the
+    thread descheduled after it took its records), the append syncs the open segment through a duplicate
+    descriptor without taking the round, so the records it covers are durable while the syncer's
+    bookkeeping waits for its own round (not while the round is inside its ``fdatasync``: a second sync
+    waits for the same disk, and would only hold the IOLoop). A failed sync is counted (`sync_failures`), logged,
     and reported to `on_synced` callbacks as False; a round that ends more than `SYNC_WINDOW` after its
     oldest record (a machine too busy, or a slow disk) is counted (`late_syncs`) and logged (once a
     minute, and whenever it is the latest so far). A file system that holds a ``write()`` or an
