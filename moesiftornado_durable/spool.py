@@ -308,7 +308,8 @@ class Spool:
             self._backing_off.update(ids)
 
     def resume(self, ids: Sequence[int]) -> Set[int]:
-        """The batch of `ids` is about to be sent again: the ones still spooled (not evicted since `back_off`)."""
+        """The batch of `ids` is sent again, or done with (the courier calls this on every way out of its retries):
+        the ones still spooled (not evicted since `back_off`)."""
         with self._queue.tran_lock:
             kept = self._backing_off.intersection(ids)
             self._backing_off.difference_update(ids)
@@ -437,8 +438,6 @@ class Spool:
 
     def nack(self, ids: Sequence[int]) -> None:
         """Not delivered: make the rows ready again, keeping their place in the queue."""
-        with self._queue.tran_lock:
-            self._backing_off.difference_update(ids)
         self._execute_many(
             f"UPDATE {self._table} SET status = {AckStatus.ready} WHERE {self._key} = ?", [(i,) for i in ids]
         )
