@@ -43,7 +43,7 @@ setup(
         "fast": ["orjson>=3.9"],
         # names the shipper process in ps/top by its SPOOL_DIR (without it: only the short name, on Linux)
         "proctitle": ["setproctitle>=1.3"],
-        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "ruff>=0.4", "mypy>=1.8", "types-requests",
+        "test": ["pytest>=7.3", "pytest-xdist>=3", "hypothesis>=6", "ruff>=0.4", "mypy>=1.8", "types-requests",
                  "cryptography>=41",
                  "setproctitle>=1.3"],
     },
