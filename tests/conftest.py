@@ -207,6 +207,14 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
     return predicate()
 
 
+def wait_logged(middleware: MoesifMiddleware, count: int, timeout: float = 10.0) -> None:
+    """Wait until `middleware` has spooled `count` records, e.g. one event per request a test made. Tornado
+    calls log_function (`log_event`) after the response's last bytes went out, on the IOLoop's thread: a
+    client can read its answer before the event is written, and a `flush()` waits only for what was written
+    before it was called."""
+    assert wait_until(lambda: middleware.stats()["spooled"] == count, timeout), middleware.stats()
+
+
 def iter_records(path: str, offset: int = 0, finished: bool = True) -> Iterator[Tuple[str, bytes, float]]:
     """Every intact (kind, payload, spooled_at) record of one journal segment from `offset`."""
     while True:
