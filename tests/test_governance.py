@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 import tornado.web
-from conftest import serve, wait_until
+from conftest import serve, wait_logged, wait_until
 
 from moesiftornado_durable import MoesifMiddleware
 from moesiftornado_durable.governance import Cohorts, RequestView, RuleSet, evaluate
@@ -197,7 +197,7 @@ def test_user_rules_matching_and_not_matching(governed: Any, identify: Any) -> N
         assert request(base, "/items", headers={"X-User": "u-vip"})[0] == 200  # in vip-only's cohort: not applied
         assert request(base, "/items", headers={"X-User": "u-other"})[0] == 402  # not in vip-only's cohort
         assert request(base, "/items")[0] == 200  # unidentified: neither rule applies to them
-        assert wait_until(lambda: middleware.stats()["spooled"] == 4, 10)  # async captures finish on this loop
+        wait_logged(middleware, 4)  # async captures finish on this loop
     assert CALLS == {"prepare": 2, "get": 2}
 
 
@@ -319,6 +319,7 @@ def test_new_rules_are_fetched_when_the_app_config_changes(governed: Any, collec
     collector.app_config = {"sample_rate": 100, "user_rules": {}}  # a batch response carries its new etag
     with serve(app) as base:
         assert request(base, "/login")[0] == 200
+        wait_logged(middleware, 1)  # what the flush below waits for
         assert middleware.flush(10)
         assert wait_until(lambda: middleware.stats()["rules_tag"] == collector.rules_tag, 10)
         assert request(base, "/items")[0] == 403
@@ -331,6 +332,7 @@ def test_new_rules_are_fetched_when_a_batch_carries_a_new_rules_tag(governed: An
     collector.set_rules([regex_rule("later", [("request.route", "^/items$")])])  # the app config stays the same
     with serve(app) as base:
         assert request(base, "/login")[0] == 200
+        wait_logged(middleware, 1)  # what the flush below waits for
         assert middleware.flush(10)  # the batch response carries the new X-Moesif-Rules-Tag
         assert wait_until(lambda: middleware.stats()["rules_tag"] == collector.rules_tag, 10)
         assert request(base, "/items")[0] == 403
