@@ -6,7 +6,6 @@ import contextlib
 import os
 import signal
 import sqlite3
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, List, Set
@@ -164,7 +163,8 @@ def test_forked_children_sigkilled_and_restarted_deliver_every_event_once(
     assert hit(app.url, 200, workers=8) == [200] * 200
     first_children = children_of(app.process.pid)
     assert len(first_children) == 2
-    time.sleep(0.2)  # past the response/log_function gap
+    # Tornado logs a request just after answering it: kill once all are logged (none delivered: it is down)
+    assert wait_until(lambda: len(spooled_transaction_ids(spool_dir)) == 200, timeout=10)
     for child in first_children:
         os.kill(child, signal.SIGKILL)  # tornado.process restarts each one
     assert wait_until(lambda: len(set(children_of(app.process.pid)) - set(first_children)) == 2, timeout=20)
@@ -187,7 +187,8 @@ def test_an_orphan_spool_is_drained_by_a_live_process(
     doomed = app_processes(spool_dir, collector.base_uri, SHIPPER=shipper)
     survivor = app_processes(spool_dir, collector.base_uri, SHIPPER=shipper)  # shares the SPOOL_DIR, own slot
     assert hit(doomed.url, 60) == [200] * 60
-    time.sleep(0.2)  # past the response/log_function gap
+    # Tornado logs a request just after answering it: kill once all are logged (none delivered: it is down)
+    assert wait_until(lambda: len(spooled_transaction_ids(spool_dir)) == 60, timeout=10)
     doomed.kill()  # its journal or spool file is now an orphan (and in 'process' mode its shipper is gone too)
     assert segments(spool_dir) != [] or len(spooled_transaction_ids(spool_dir)) == 60
     collector.come_up()
