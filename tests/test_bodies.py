@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List
 import pytest
 import requests
 import tornado.web
-from conftest import serve, wait_until
+from conftest import serve, wait_logged
 from test_capture import ROUTES, get, post
 
 from moesiftornado_durable import ConfigError, MoesifMiddleware
@@ -96,7 +96,7 @@ def test_masked_values_never_reach_the_spool_files(make_middleware: Any, collect
     with serve(app) as url:
         requests.post(url + "/secret", json=SECRETS, headers=REQUEST_HEADERS, timeout=5)
         requests.post(url + "/secret", data=gzipped, headers={"Content-Encoding": "gzip"}, timeout=5)
-    assert wait_until(lambda: middleware.stats()["spooled"] == 2, timeout=5)  # log_event runs after the answer
+    wait_logged(middleware, 2)
     raw = b""
     for path in glob.glob(spool_dir + "/*"):  # every file: journals, spool files, their WAL
         with open(path, "rb") as f:
@@ -274,7 +274,7 @@ def test_a_body_masks_cannot_see_into_never_reaches_disk_or_moesif(make_middlewa
     with serve(app) as url:
         assert requests.post(url + "/quiet", data=body, headers={"Content-Type": "application/json"},
                              timeout=5).status_code == 200
-    assert wait_until(lambda: middleware.stats()["spooled"] == 1, timeout=5)
+    wait_logged(middleware, 1)
     raw = spool_bytes(spool_dir)
     assert b"ada" in raw or b"REQUEST_BODY_MASKS" in raw  # the search does find the event
     assert not holds_secret(raw)

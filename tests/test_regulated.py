@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List
 import pytest
 import requests
 import tornado.web
-from conftest import serve, shipper_spool, wait_until, waiting
+from conftest import serve, shipper_spool, wait_logged, wait_until, waiting
 from cryptography.fernet import Fernet
 
 from moesiftornado_durable import ConfigError, HealthHandler, MetricsHandler, MoesifMiddleware
@@ -260,7 +260,7 @@ def test_metrics_handler_serves_prometheus_text(
                                   log_function=middleware.log_event)
     with serve(app) as url:
         requests.post(url + "/echo", json={"a": 1}, timeout=5)
-        assert wait_until(lambda: middleware.stats()["spooled"] == 1, timeout=5)  # log_event runs after the answer
+        wait_logged(middleware, 1)
         assert middleware.flush(10)
         answer = requests.get(url + "/metrics", timeout=5)
     assert answer.status_code == 200 and answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
