@@ -84,7 +84,8 @@ def main() -> int:
             with app_process(spool_dir, collector.base_uri) as (app, url):
                 say(f"example app started (pid {app.pid})", url)
                 say("1. collector up: 20 requests answered", str(serve(url, 0, 20)))
-                wait_for(lambda: len(collector.events) >= 20, 10)
+                # delivered and acked: nothing of step 1 is left to count as waiting in step 2
+                wait_for(lambda: len(collector.events) >= 20 and waiting(spool_dir) == 0, 10)
                 say("   events at the collector", str(len(collector.events)))
 
                 collector.go_down()
