@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import re
@@ -63,6 +64,9 @@ SEGMENT_BYTES = 4 * 1024 * 1024  # a writer starts a new segment past this; the 
 DAMAGED_SUFFIX = ".damaged"  # a segment with damage before intact frames is kept as <segment>.damaged
 _ROTATE_SHARE = 16  # ... or once 1/16 of it is in the spool: a record is not kept twice for long (a tight disk)
 _MIN_CHUNK_BYTES = 16 * 1024  # the reader's smallest commit, after commits failed (a full disk)
+_CHUNK_SHARE_OF_FREE_SPACE = 16  # ... and at most 1/16 of the free space: the spool must keep room to fold its WAL
+FREE_FLOOR = 1024 * 1024  # bytes of the disk the journals leave to the spool (`JournalWriter._check_room`)
+_ROOM_CHECK_BYTES = 64 * 1024  # with room to spare, a writer looks at the free space once per this many bytes
 _MAGIC = b"MJ"
 _FORMAT = 2
 _HEADER = struct.Struct("<2sBBIdI")  # magic, format 2, kind, payload length, spooled_at, crc32(payload)
@@ -176,6 +180,7 @@ class JournalWriter:
         self._rescued_at = 0.0  # monotonic start of the last sync of a stuck round's successor records
         self._late_logged = -_LATE_LOG_INTERVAL
         self._worst_late = 0.0  # the latest round logged so far
+        self._room_check_bytes = 0  # bytes to append before the free space is looked at again
         self.pid = os.getpid()
 
     def append(self, kind: str, payload: bytes, spooled_at: float) -> int:
@@ -183,6 +188,7 @@ class JournalWriter:
         power cut once the syncer's next round is done. Returns its sequence number (for `on_synced`)."""
         data = frame(kind, payload, spooled_at)
         with self._lock:
+            self._check_room(len(data))
             if self._fd is None or self.size >= self._segment_bytes:
                 self._start_segment()
             self._write(data)
@@ -232,6 +238,20 @@ class JournalWriter:
                 self._changed.notify()
                 return
         callback(ok)
+
+    def _check_room(self, size: int) -> None:
+        """Refuse a record that would eat into the FREE_FLOOR left to the spool, as a full disk would
+        (ENOSPC: counted and logged by the caller). Journal records past it could not be spooled: ingesting,
+        folding the WAL and deleting delivered records all need room, and a spool without it stops for good.
+        The free space is looked at once per `_ROOM_CHECK_BYTES` appended, and at each record near the floor."""
+        self._room_check_bytes -= size
+        if self._room_check_bytes > 0:
+            return
+        spare = spooldir.free_bytes(self.directory, default=FREE_FLOOR + _ROOM_CHECK_BYTES * 4) - FREE_FLOOR - size
+        if spare < 0:
+            raise OSError(errno.ENOSPC, f"the journals leave the last {FREE_FLOOR} bytes of the disk of "
+                          f"{self.directory} to the spool")
+        self._room_check_bytes = min(_ROOM_CHECK_BYTES, spare // 4)
 
     def _write(self, data: bytes) -> None:
         fd = self._fd
@@ -667,7 +687,7 @@ class JournalReader:
             offset = offsets.get(name, 0)
             while budget > 0:
                 try:
-                    chunk = read_frames(path, offset, min(self._chunk_bytes, budget), finished)
+                    chunk = read_frames(path, offset, min(self._chunk_bytes, budget, self._room()), finished)
                 except FileNotFoundError:
                     break
                 progressed = chunk.end != offset  # past records, or past damage only
@@ -697,6 +717,12 @@ class JournalReader:
             if budget <= 0:
                 break
         return moved
+
+    def _room(self) -> int:
+        """The most one commit may take: a commit needs about twice its bytes (the WAL, then the database
+        file), and the spool must keep room to fold its WAL, or it could never write again."""
+        free = spooldir.free_bytes(self.directory, default=self._max_chunk_bytes * _CHUNK_SHARE_OF_FREE_SPACE)
+        return max(_MIN_CHUNK_BYTES, free // _CHUNK_SHARE_OF_FREE_SPACE)
 
     def _keep_damaged_aside(self, path: str) -> None:
         """Damage before intact frames is not a torn last write: keep the segment aside (`keep_aside`)

@@ -35,6 +35,7 @@ from .codec import Codec, UndecryptableError, to_json_bytes
 from .errors import SpoolFullError, is_disk_full
 from .kinds import COMPANY, EVENT, KINDS, SUBSCRIPTION, USER  # noqa: F401 (re-exported: older imports)
 from .lost import LostRecords
+from .spooldir import free_bytes
 
 logger = logging.getLogger("moesiftornado_durable")
 
@@ -274,31 +275,47 @@ class Spool:
         return self._codec
 
     def _evict_oldest(self, needed: int) -> None:
-        """Delete the oldest waiting records until `needed` more bytes fit; report their ids. Waiting means
-        ready, or claimed by a batch that waits out a backoff; a batch on the wire is left alone."""
+        """Delete the oldest waiting records until `needed` more bytes fit; report their ids."""
         assert self._max_bytes is not None
-        evicted: List[str] = []
-        after = 0
-        with self._queue.tran_lock, self._conn() as conn:
-            while self._live_bytes + needed > self._max_bytes:
-                rows = conn.execute(
-                    f"SELECT {self._key}, data, status FROM {self._table} WHERE status <= {_IN_FLIGHT} "
-                    f"AND {self._key} > ? ORDER BY {self._key} LIMIT 100", (after,)
-                ).fetchall()
-                if not rows:
-                    break  # everything left is on the wire: let this one in rather than block
-                after = rows[-1][0]
-                for row_id, data, status in rows:
-                    if status == _IN_FLIGHT and row_id not in self._backing_off:
-                        continue
-                    conn.execute(f"DELETE FROM {self._table} WHERE {self._key} = ?", (row_id,))
-                    self._backing_off.discard(row_id)
-                    self._grow(-len(data))
-                    evicted.append(self._record_id(data))
-                    if self._live_bytes + needed <= self._max_bytes:
-                        break
+        with self._queue.tran_lock:
+            with self._conn() as conn:
+                evicted = self._delete_oldest(conn, self._live_bytes + needed - self._max_bytes)
+            self._forget_evicted(evicted)
+        self._report_evicted(evicted)
+
+    def _delete_oldest(self, conn: sqlite3.Connection, excess: int) -> List[Tuple[int, int, str]]:
+        """In `conn`'s open transaction, delete the oldest waiting records until `excess` bytes are freed;
+        returns (row id, bytes, record id) of each. Waiting means ready, or claimed by a batch that waits out
+        a backoff; a batch on the wire is left alone (when it is all that is left, the spool stays over)."""
+        deleted: List[Tuple[int, int, str]] = []
+        freed = after = 0
+        while freed < excess:
+            rows = conn.execute(
+                f"SELECT {self._key}, data, status FROM {self._table} WHERE status <= {_IN_FLIGHT} "
+                f"AND {self._key} > ? ORDER BY {self._key} LIMIT 100", (after,)
+            ).fetchall()
+            if not rows:
+                break
+            after = rows[-1][0]
+            for row_id, data, status in rows:
+                if status == _IN_FLIGHT and row_id not in self._backing_off:
+                    continue
+                conn.execute(f"DELETE FROM {self._table} WHERE {self._key} = ?", (row_id,))
+                deleted.append((row_id, len(data), self._record_id(data)))
+                freed += len(data)
+                if freed >= excess:
+                    break
+        return deleted
+
+    def _forget_evicted(self, evicted: List[Tuple[int, int, str]]) -> None:
+        """Once their deletion is committed (under the transaction lock): their bytes and backoffs go."""
+        for row_id, _, _ in evicted:
+            self._backing_off.discard(row_id)
+        self._grow(-sum(size for _, size, _ in evicted))
+
+    def _report_evicted(self, evicted: List[Tuple[int, int, str]]) -> None:
         if evicted:
-            self._on_evict(evicted)
+            self._on_evict([name for _, _, name in evicted])
 
     def back_off(self, ids: Sequence[int]) -> None:
         """The claimed batch of `ids` failed and waits before its next attempt. Until `resume`, WHEN_FULL
@@ -343,8 +360,10 @@ class Spool:
                         conn.execute(f"UPDATE {self._table} SET status = {status} WHERE {self._key} IN ({marks})",
                                      chunk)
                 conn.commit()
-            except BaseException:
+            except BaseException as exc:
                 conn.rollback()
+                if isinstance(exc, sqlite3.OperationalError) and is_disk_full(exc):
+                    self._release_reserve()  # claiming is the first step of a delivery, which gives space back
                 raise
         if unreadable:
             logger.error("%d spooled record(s) in %s cannot be decrypted with the configured "
@@ -605,22 +624,28 @@ class Spool:
         WHEN_FULL 'drop_oldest' the oldest waiting records make room.
         """
         added = sum(len(data) for _, data, _ in rows)
+        evicted: List[Tuple[int, int, str]] = []
         try:
-            with self._queue.tran_lock, self._conn() as conn:
-                conn.executemany(f"INSERT INTO {self._table} (data, timestamp, status, kind) VALUES (?, ?, 0, ?)",
-                                 [(data, spooled_at, kind) for kind, data, spooled_at in rows])
-                conn.execute("INSERT OR REPLACE INTO journal_offsets (segment, offset) VALUES (?, ?)",
-                             (segment, offset))
-                last_id = self._last_id(conn)
+            with self._queue.tran_lock:
+                with self._conn() as conn:
+                    conn.executemany(f"INSERT INTO {self._table} (data, timestamp, status, kind) VALUES (?, ?, 0, ?)",
+                                     [(data, spooled_at, kind) for kind, data, spooled_at in rows])
+                    conn.execute("INSERT OR REPLACE INTO journal_offsets (segment, offset) VALUES (?, ?)",
+                                 (segment, offset))
+                    last_id = self._last_id(conn)
+                    if self._max_bytes is not None and self._when_full == "drop_oldest":
+                        # the oldest make room in this same transaction: were the rows committed first, the
+                        # flusher could claim the oldest in between, and the newest would be evicted instead
+                        evicted = self._delete_oldest(conn, self._live_bytes + added - self._max_bytes)
+                self._forget_evicted(evicted)
         except sqlite3.OperationalError as exc:
             self._after_failed_commit(exc)
             raise
         self._write_mark(last_id)
         self._committed_since_fold = True
         self._grow(added)
+        self._report_evicted(evicted)
         self._keep_wal_small(WAL_CHECK_COMMITS)
-        if self._max_bytes is not None and self._when_full == "drop_oldest" and self._live_bytes > self._max_bytes:
-            self._evict_oldest(0)  # the newest stay
         if rows:
             self.wake()
 
@@ -1218,15 +1243,6 @@ def _set_aside_damaged_wal(path: str) -> None:
         return
     logger.error("spool file %s has a WAL SQLite will discard (damaged header); its commits are lost to SQLite, "
                  "a copy is kept as %s; records still in the intake journals are spooled again", path, aside)
-
-
-def free_bytes(directory: str, default: int) -> int:
-    """Bytes an unprivileged writer may still use on the file system of `directory` (`default` if unknown)."""
-    try:
-        found = os.statvfs(directory)
-    except OSError:
-        return default
-    return found.f_bavail * found.f_frsize
 
 
 def reserve_space(spool_path: str) -> bool:

@@ -201,6 +201,15 @@ def _write_identity(directory: str, path: str, application_id: str, base_uri: st
     return identity
 
 
+def free_bytes(directory: str, default: int) -> int:
+    """Bytes an unprivileged writer may still use on the file system of `directory` (`default` if unknown)."""
+    try:
+        found = os.statvfs(directory)
+    except OSError:
+        return default
+    return found.f_bavail * found.f_frsize
+
+
 def fsync_directory(directory: str) -> None:
     """fsync `directory`, so the names created, renamed or removed in it survive a power cut."""
     fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)

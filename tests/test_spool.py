@@ -9,7 +9,7 @@ import sqlite3
 import stat
 import threading
 import time
-from typing import Any
+from typing import Any, List
 
 import pytest
 
@@ -305,3 +305,34 @@ def test_a_spool_keeping_many_records_is_not_vacuumed(spool: Spool, monkeypatch:
     assert spool.scrub()
     assert spool.bytes_on_disk() > 1024 * 1024  # the free pages stay, for the next backlog to reuse
     assert spool.stats().dead_letter == 100
+
+
+
+class _ClaimingAfterCommit(Spool):
+    """A spool whose flusher claims a batch (and keeps it on the wire) the moment an ingest's rows are
+    committed: the worst moment for WHEN_FULL 'drop_oldest'."""
+
+    claimed: List[Any] = []
+
+    def _write_mark(self, last_id: int) -> None:  # the first step after an ingest's commit
+        super()._write_mark(last_id)
+        self.claimed = self.claim(25)
+
+
+def test_drop_oldest_at_ingest_evicts_the_oldest_even_if_a_flusher_claims_right_after_the_commit(
+        tmp_path: Any) -> None:
+    """Ingest commits journal rows and evicts for them in one transaction, so a claim right after the commit
+    takes the oldest survivors. Were the eviction a second transaction, that claim would put the oldest on the
+    wire, out of reach, and the newest would be evicted instead."""
+    evicted: List[str] = []
+    spool = _ClaimingAfterCommit(str(tmp_path / "spool-0.db"), max_bytes=20_000, when_full="drop_oldest",
+                                 on_evict=evicted.extend)
+    try:
+        rows = [(EVENT, spool.codec.encode({"transaction_id": f"e-{n}", "padding": "p" * 900}), time.time())
+                for n in range(40)]
+        spool.ingest(rows, "intake-0-1.jnl", 1)
+        assert evicted and evicted == [f"e-{n}" for n in range(len(evicted))], evicted  # the oldest
+        assert json.loads(spool.claimed[0].json)["transaction_id"] == f"e-{len(evicted)}"
+        assert spool.live_bytes <= 20_000
+    finally:
+        spool.close()
