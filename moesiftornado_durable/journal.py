@@ -247,7 +247,11 @@ class JournalWriter:
         self._room_check_bytes -= size
         if self._room_check_bytes > 0:
             return
-        spare = spooldir.free_bytes(self.directory, default=FREE_FLOOR + _ROOM_CHECK_BYTES * 4) - FREE_FLOOR - size
+        free = spooldir.reported_free_bytes(self.directory)
+        if free is None:  # the file system does not say: no floor, look again later
+            self._room_check_bytes = _ROOM_CHECK_BYTES
+            return
+        spare = free - FREE_FLOOR - size
         if spare < 0:
             raise OSError(errno.ENOSPC, f"the journals leave the last {FREE_FLOOR} bytes of the disk of "
                           f"{self.directory} to the spool")
@@ -721,7 +725,9 @@ class JournalReader:
     def _room(self) -> int:
         """The most one commit may take: a commit needs about twice its bytes (the WAL, then the database
         file), and the spool must keep room to fold its WAL, or it could never write again."""
-        free = spooldir.free_bytes(self.directory, default=self._max_chunk_bytes * _CHUNK_SHARE_OF_FREE_SPACE)
+        free = spooldir.reported_free_bytes(self.directory)
+        if free is None:  # the file system does not say
+            return self._max_chunk_bytes
         return max(_MIN_CHUNK_BYTES, free // _CHUNK_SHARE_OF_FREE_SPACE)
 
     def _keep_damaged_aside(self, path: str) -> None:

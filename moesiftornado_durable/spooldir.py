@@ -210,6 +210,16 @@ def free_bytes(directory: str, default: int) -> int:
     return found.f_bavail * found.f_frsize
 
 
+def reported_free_bytes(directory: str) -> Optional[int]:
+    """Like `free_bytes`, but None where the file system does not say: statvfs fails, or reports no size at
+    all (some FUSE file systems, LazyFS among them, answer zeros)."""
+    try:
+        found = os.statvfs(directory)
+    except OSError:
+        return None
+    return found.f_bavail * found.f_frsize if found.f_blocks else None
+
+
 def fsync_directory(directory: str) -> None:
     """fsync `directory`, so the names created, renamed or removed in it survive a power cut."""
     fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
