@@ -18,7 +18,7 @@ import tornado.ioloop
 import tornado.netutil
 import tornado.web
 
-from moesiftornado_durable import MoesifMiddleware
+from moesiftornado_durable import MoesifMiddleware, locks
 from moesiftornado_durable.journal import read_frames, segments
 from moesiftornado_durable.locks import SHIPPER_SLOT, spool_path
 from moesiftornado_durable.spool import Spool, SpoolView, directory_stats
@@ -213,6 +213,21 @@ def wait_logged(middleware: MoesifMiddleware, count: int, timeout: float = 10.0)
     client can read its answer before the event is written, and a `flush()` waits only for what was written
     before it was called."""
     assert wait_until(lambda: middleware.stats()["spooled"] == count, timeout), middleware.stats()
+
+
+def shipper_pid(spool_dir: str, timeout: float = 20.0) -> int:
+    """The pid of the live shipper of `spool_dir`, once one holds its lock. A shipper writes its pid into the
+    lock file just after taking the lock: a look in between finds the lock held and no pid yet."""
+    found: List[int] = []
+
+    def named() -> bool:
+        pid, live = locks.owner(spool_dir, SHIPPER_SLOT)
+        if live and pid is not None:
+            found.append(pid)
+        return bool(found)
+
+    assert wait_until(named, timeout)
+    return found[0]
 
 
 def iter_records(path: str, offset: int = 0, finished: bool = True) -> Iterator[Tuple[str, bytes, float]]:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, List
 
 import pytest
 import requests
-from conftest import AppProcess, shipper_spool, wait_until
+from conftest import AppProcess, shipper_pid, shipper_spool, wait_until
 
 from moesiftornado_durable import MoesifMiddleware, locks, pagescan
 from moesiftornado_durable.journal import segments
@@ -43,8 +43,7 @@ def spool_events(middleware: MoesifMiddleware, events: List[dict]) -> None:
 @contextlib.contextmanager
 def shipper_held_still(spool_dir: str) -> Iterator[None]:
     """SIGSTOP the shipper process of `spool_dir` (once it runs) for the block, SIGCONT after."""
-    assert wait_until(lambda: locks.owner(spool_dir, SHIPPER_SLOT)[1], timeout=20)
-    pid = locks.owner(spool_dir, SHIPPER_SLOT)[0]
+    pid = shipper_pid(spool_dir)
     os.kill(pid, signal.SIGSTOP)
     try:
         yield

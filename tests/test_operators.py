@@ -9,7 +9,7 @@ import sys
 import textwrap
 from typing import Any, Callable, Dict
 
-from conftest import wait_until
+from conftest import shipper_pid, wait_until
 from test_cli import APP_ID, REPO, assert_once, cli, dead_process_spool
 
 from moesiftornado_durable import MoesifMiddleware, locks
@@ -23,11 +23,6 @@ def _proc(pid: int, name: str) -> str:
         return f.read().replace(b"\0", b" ").decode().strip()
 
 
-def _shipper_pid(spool_dir: str) -> int:
-    assert wait_until(lambda: locks.owner(spool_dir, locks.SHIPPER_SLOT)[1], timeout=20)
-    return locks.owner(spool_dir, locks.SHIPPER_SLOT)[0]
-
-
 # -- the shipper's name ----------------------------------------------------------------------------------
 
 
@@ -38,7 +33,7 @@ def test_the_shipper_a_middleware_starts_shows_its_spool_dir_in_ps(
     middleware.update_user({"user_id": "u-1"})
     assert middleware.flush(20)
     assert [user["user_id"] for user in collector.users] == ["u-1"]
-    pid = _shipper_pid(spool_dir)
+    pid = shipper_pid(spool_dir)
     assert wait_until(lambda: _proc(pid, "cmdline") == f"moesiftornado-durable shipper {spool_dir}", timeout=10), \
         _proc(pid, "cmdline")
     assert "a-secret-application-id" not in _proc(pid, "cmdline")
@@ -56,7 +51,7 @@ def test_without_setproctitle_the_shipper_gets_a_short_name(collector: Collector
         assert shipper.stdin is not None
         shipper.stdin.write(json.dumps({"options": options, "parent": os.getpid()}))
         shipper.stdin.close()
-        assert _shipper_pid(spool_dir) == shipper.pid
+        assert shipper_pid(spool_dir) == shipper.pid
         assert wait_until(lambda: _proc(shipper.pid, "comm") == "moesif-shipper", timeout=10), \
             _proc(shipper.pid, "comm")
     finally:
@@ -72,7 +67,7 @@ def test_the_ship_command_is_named_and_hides_an_application_id_given_in_argv(
                                 "--application-id", APP_ID, "--base-uri", collector.base_uri], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert _shipper_pid(spool_dir) == service.pid
+        assert shipper_pid(spool_dir) == service.pid
         cmdline = _proc(service.pid, "cmdline")
         assert cmdline == f"moesiftornado-durable shipper {os.path.realpath(spool_dir)}"
         assert APP_ID not in cmdline
