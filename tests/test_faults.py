@@ -249,7 +249,9 @@ def test_after_a_full_disk_with_a_spool_in_use_spooling_resumes_and_every_drop_i
     """The shipper has spooled events (its WAL in use) when another file takes the last free bytes: new
     events are dropped and counted; once that file is gone, the next events are spooled and delivered,
     and the dropped count is exactly what never reached the collector."""
-    with tiny_filesystem(str(tmp_path / "small")) as mount:
+    # 4 MB: the 150 events logged once the disk is freed must fit beside the 250 before them with a MiB to
+    # spare, which the journals leave to the spool (FREE_FLOOR); on 2 MB the last one was refused once (CI)
+    with tiny_filesystem(str(tmp_path / "small"), size="4m") as mount:
         spool_dir = os.path.join(mount, "spool")
         collector.go_down()
         middleware = MoesifMiddleware({"APPLICATION_ID": "x", "SPOOL_DIR": spool_dir, "BASE_URI": collector.base_uri,
