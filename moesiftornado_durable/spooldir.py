@@ -201,23 +201,24 @@ def _write_identity(directory: str, path: str, application_id: str, base_uri: st
     return identity
 
 
+def _statvfs(directory: str) -> Optional[os.statvfs_result]:
+    try:
+        return os.statvfs(directory)
+    except OSError:
+        return None
+
+
 def free_bytes(directory: str, default: int) -> int:
     """Bytes an unprivileged writer may still use on the file system of `directory` (`default` if unknown)."""
-    try:
-        found = os.statvfs(directory)
-    except OSError:
-        return default
-    return found.f_bavail * found.f_frsize
+    found = _statvfs(directory)
+    return default if found is None else found.f_bavail * found.f_frsize
 
 
 def reported_free_bytes(directory: str) -> Optional[int]:
     """Like `free_bytes`, but None where the file system does not say: statvfs fails, or reports no size at
     all (some FUSE file systems, LazyFS among them, answer zeros)."""
-    try:
-        found = os.statvfs(directory)
-    except OSError:
-        return None
-    return found.f_bavail * found.f_frsize if found.f_blocks else None
+    found = _statvfs(directory)
+    return found.f_bavail * found.f_frsize if found is not None and found.f_blocks else None
 
 
 def fsync_directory(directory: str) -> None:
